@@ -1,0 +1,211 @@
+//! The front end of optc: a logos lexer, a lalrpop grammar and the AST with byte spans.
+//!
+//! [`parse`] turns source text into an [`ast::File`] and a list of [`Diagnostic`]s. The parser
+//! recovers at statement boundaries, so one run reports several syntax errors.
+
+pub mod ast;
+pub mod diag;
+pub mod lexer;
+
+#[allow(clippy::all, missing_debug_implementations, unused_qualifications)]
+mod grammar {
+    lalrpop_util::lalrpop_mod!(pub grammar);
+    pub use self::grammar::*;
+}
+
+pub use diag::{Diagnostic, Label, Severity};
+
+use ast::{BinOp, Expr, ExprKind, Span};
+use lalrpop_util::ParseError;
+use lexer::{LexError, Tok};
+
+/// Builds a binary expression spanning both operands (used by the grammar).
+pub(crate) fn binary(op: BinOp, a: Expr, b: Expr) -> Expr {
+    let span = a.span.to(b.span);
+    Expr {
+        kind: ExprKind::Binary(op, Box::new(a), Box::new(b)),
+        span,
+    }
+}
+
+/// Parses a rule file. Returns the AST (absent only when the parser could not recover) and the
+/// diagnostics, in source order. The AST may contain `Error` nodes where statements failed to parse.
+pub fn parse(src: &str) -> (Option<ast::File>, Vec<Diagnostic>) {
+    let (tokens, lex_errors) = lexer::lex(src);
+    let mut diags: Vec<Diagnostic> = lex_errors
+        .iter()
+        .map(|e| {
+            let span = Span::new(e.span.0, e.span.1);
+            let text = &src[e.span.0..e.span.1];
+            Diagnostic::error(
+                "E0001",
+                format!("unexpected character{} `{text}`", if text.chars().count() > 1 { "s" } else { "" }),
+                span,
+                "not part of the language",
+            )
+        })
+        .collect();
+    let mut recovered = Vec::new();
+    let result = grammar::FileParser::new().parse(&mut recovered, tokens.into_iter().map(Ok::<_, LexError>));
+    for r in recovered {
+        diags.push(parse_error(src, r.error));
+    }
+    let file = match result {
+        Ok(file) => Some(file),
+        Err(e) => {
+            diags.push(parse_error(src, e));
+            None
+        }
+    };
+    diags.sort_by_key(|d| (d.primary.span.start, d.primary.span.end));
+    (file, diags)
+}
+
+/// Parses a single expression (used by the CLI for `--set name=expr` and by tests).
+pub fn parse_expr(src: &str) -> Result<Expr, Vec<Diagnostic>> {
+    let (tokens, lex_errors) = lexer::lex(src);
+    if let Some(e) = lex_errors.first() {
+        let span = Span::new(e.span.0, e.span.1);
+        return Err(vec![Diagnostic::error("E0001", "unexpected character", span, "not part of the language")]);
+    }
+    let mut recovered = Vec::new();
+    let result = grammar::ExprParser::new().parse(&mut recovered, tokens.into_iter().map(Ok::<_, LexError>));
+    let mut diags: Vec<Diagnostic> = recovered.into_iter().map(|r| parse_error(src, r.error)).collect();
+    match result {
+        Ok(e) if diags.is_empty() => Ok(e),
+        Ok(_) => Err(diags),
+        Err(e) => {
+            diags.push(parse_error(src, e));
+            Err(diags)
+        }
+    }
+}
+
+fn describe_expected(expected: &[String]) -> Option<String> {
+    let mut names: Vec<String> = expected
+        .iter()
+        .map(|e| match e.as_str() {
+            "ident" => "a name".to_string(),
+            "num" => "a number".to_string(),
+            "doc" => "a doc comment".to_string(),
+            other => format!("`{}`", other.trim_matches('"')),
+        })
+        .collect();
+    names.dedup();
+    match names.len() {
+        0 => None,
+        1 => Some(format!("expected {}", names[0])),
+        n if n <= 8 => Some(format!("expected one of {}", names.join(", "))),
+        _ => None,
+    }
+}
+
+fn parse_error(src: &str, e: ParseError<usize, Tok, LexError>) -> Diagnostic {
+    match e {
+        ParseError::InvalidToken { location } => Diagnostic::error(
+            "E0001",
+            "invalid token",
+            Span::new(location, location + 1),
+            "not part of the language",
+        ),
+        ParseError::UnrecognizedEof { location, expected } => {
+            let at = location.min(src.len());
+            let d = Diagnostic::error(
+                "E0003",
+                "unexpected end of file",
+                Span::new(at, at),
+                "the file ends here",
+            );
+            match describe_expected(&expected) {
+                Some(h) => d.with_help(h),
+                None => d,
+            }
+        }
+        ParseError::UnrecognizedToken {
+            token: (l, tok, r),
+            expected,
+        } => {
+            let d = Diagnostic::error(
+                "E0002",
+                format!("unexpected {tok}"),
+                Span::new(l, r),
+                match &tok {
+                    Tok::Doc(_) => "doc comments document a rule or a hyperparameter; use `//` here".to_string(),
+                    _ => "not expected here".to_string(),
+                },
+            );
+            match describe_expected(&expected) {
+                Some(h) => d.with_help(h),
+                None => d,
+            }
+        }
+        ParseError::ExtraToken { token: (l, tok, r) } => {
+            Diagnostic::error("E0002", format!("unexpected {tok}"), Span::new(l, r), "not expected here")
+        }
+        ParseError::User { error } => Diagnostic::error(
+            "E0001",
+            "unexpected character",
+            Span::new(error.span.0, error.span.1),
+            "not part of the language",
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ast::*;
+
+    fn rule(src: &str) -> Rule {
+        let (file, diags) = parse(src);
+        assert!(diags.is_empty(), "{diags:?}");
+        file.unwrap().rules.into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn parses_a_rule_with_docs_hypers_decls_and_statements() {
+        let r = rule("/// Plain SGD.\nrule sgd(\n /// step size\n lr = 1e-3,) {\n param theta\n input g\n theta = theta - lr * g\n}");
+        assert_eq!(r.doc, vec!["Plain SGD."]);
+        assert_eq!(r.name.name, "sgd");
+        assert_eq!(r.hypers.len(), 1);
+        assert_eq!(r.hypers[0].doc, vec!["step size"]);
+        assert_eq!(r.body.len(), 3);
+        assert!(matches!(&r.body[2], Item::Stmt(Stmt { kind: StmtKind::Assign(n, _), .. }) if n.name == "theta"));
+    }
+
+    #[test]
+    fn power_binds_tighter_than_unary_minus_and_is_right_associative() {
+        let e = parse_expr("-a^b^c").unwrap();
+        let ExprKind::Unary(UnOp::Neg, inner) = e.kind else { panic!("{e:?}") };
+        let ExprKind::Binary(BinOp::Pow, a, rest) = inner.kind else { panic!() };
+        assert_eq!(a.kind, ExprKind::Name("a".into()));
+        assert!(matches!(rest.kind, ExprKind::Binary(BinOp::Pow, _, _)));
+        let e = parse_expr("2^-1").unwrap();
+        assert!(matches!(e.kind, ExprKind::Binary(BinOp::Pow, _, _)));
+    }
+
+    #[test]
+    fn spans_are_byte_offsets() {
+        let e = parse_expr("a + foo(b, 2)").unwrap();
+        assert_eq!(e.span, Span::new(0, 13));
+        let ExprKind::Binary(_, _, call) = e.kind else { panic!() };
+        assert_eq!(call.span, Span::new(4, 13));
+    }
+
+    #[test]
+    fn recovers_and_reports_several_errors() {
+        let src = "rule r(lr = 1) {\n param theta\n let a = * 2\n theta = theta - lr\n let b = )\n}";
+        let (file, diags) = parse(src);
+        assert!(file.is_some());
+        assert_eq!(diags.len(), 2, "{diags:?}");
+        assert!(diags.iter().all(|d| d.code == "E0002"));
+        assert_eq!(&src[diags[0].primary.span.start..diags[0].primary.span.end], "*");
+    }
+
+    #[test]
+    fn if_statements_and_expressions() {
+        let r = rule("rule r() { param x\n if t == 1 { x = 0 } else if t > 3 { x = 1 } else { x = if x > 0 { x } else { -x } } }");
+        let Item::Stmt(Stmt { kind: StmtKind::If { els, .. }, .. }) = &r.body[1] else { panic!() };
+        assert!(matches!(els[0].kind, StmtKind::If { .. }));
+    }
+}
