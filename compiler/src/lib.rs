@@ -1,1 +1,81 @@
+//! The optc compiler: checking, the IR, its passes and the backends.
+//!
+//! ```text
+//! source ─lex/parse─▶ AST ─lower (check)─▶ IR ─passes─▶ kernels ─▶ interpreter (reference)
+//! ```
+//! [`compile`] runs the whole pipeline over a source file. It does no I/O and contains no unsafe code.
 
+pub mod backend;
+pub mod ir;
+pub mod lower;
+pub mod ops;
+pub mod passes;
+pub mod print;
+
+pub use optc_grammar::{ast, Diagnostic, Label, Severity};
+
+/// The result of compiling a source file.
+#[derive(Debug)]
+pub struct Compilation {
+    /// The parsed file (absent when the parser could not recover).
+    pub ast: Option<ast::File>,
+    /// The compiled rules, in source order (only when there is no error).
+    pub programs: Vec<ir::Program>,
+    /// Errors and warnings, in source order.
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl Compilation {
+    /// Whether any diagnostic is an error.
+    pub fn has_errors(&self) -> bool {
+        self.diagnostics.iter().any(|d| d.is_error())
+    }
+}
+
+/// Observes the program after each pass (for `--emit ir`).
+pub type PassObserver<'a> = &'a mut dyn FnMut(&str, &ir::Program);
+
+/// Compiles every rule of a source file through the whole pipeline.
+pub fn compile(src: &str) -> Compilation {
+    compile_with(src, &mut |_, _| {})
+}
+
+/// Compiles, calling `observe` with the program after lowering (`"lower"`) and after each pass.
+pub fn compile_with(src: &str, observe: PassObserver<'_>) -> Compilation {
+    let (file, mut diagnostics) = optc_grammar::parse(src);
+    let mut programs = Vec::new();
+    if let Some(file) = &file {
+        let mut names: std::collections::HashMap<&str, ast::Span> = std::collections::HashMap::new();
+        if file.rules.is_empty() && diagnostics.is_empty() {
+            diagnostics.push(Diagnostic::error("E0310", "no rule in this file", ast::Span::new(0, 0), "the file starts here").with_help("write `rule NAME(hyper = value, ...) { ... }`"));
+        }
+        let parse_ok = !diagnostics.iter().any(|d| d.is_error());
+        for rule in &file.rules {
+            if let Some(prev) = names.insert(&rule.name.name, rule.name.span) {
+                diagnostics.push(
+                    Diagnostic::error("E0102", format!("rule `{}` is defined twice", rule.name.name), rule.name.span, "defined again here")
+                        .with_label(prev, "first defined here"),
+                );
+            }
+            let lowered = lower::lower_rule(rule);
+            diagnostics.extend(lowered.diagnostics);
+            if let (Some(mut p), true) = (lowered.program, parse_ok) {
+                observe("lower", &p);
+                for (name, pass) in passes::PIPELINE {
+                    pass(&mut p);
+                    observe(name, &p);
+                }
+                programs.push(p);
+            }
+        }
+    }
+    diagnostics.sort_by_key(|d| (d.primary.span.start, d.primary.span.end));
+    if diagnostics.iter().any(|d| d.is_error()) {
+        programs.clear();
+    }
+    Compilation {
+        ast: file,
+        programs,
+        diagnostics,
+    }
+}

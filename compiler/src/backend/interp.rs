@@ -1,0 +1,206 @@
+//! The reference interpreter: runs a program's kernels over host buffers, in f32 or f64.
+//!
+//! Semantics every backend must follow:
+//! - scalars and per-tensor scalars are computed in f64 on the host, then rounded once to the
+//!   buffer precision where a kernel reads them;
+//! - per-element arithmetic happens in the buffer precision, one operation at a time, with the
+//!   meanings of [`crate::ops`];
+//! - a reduction accumulates in f64, tensor after tensor, element after element; `max` of an empty
+//!   group is 0 and any NaN makes it NaN;
+//! - within a kernel, every element's loads happen before its stores, so updates are in place.
+
+use crate::ir::{BufRole, Kernel, Kind, Node, NodeId, Program, ReduceOp, Ty};
+use crate::ops::{binary_f64, unary_f64, Float};
+use std::collections::HashMap;
+
+/// Elements evaluated at a time.
+const CHUNK: usize = 1024;
+
+/// Buffers of one rule: `bufs[buffer][tensor]` is the flat data of that tensor. Params come first
+/// (buffer `i` is the param of space `i`), so the tensor lengths of each space are those of its param.
+pub type Buffers<T> = Vec<Vec<Vec<T>>>;
+
+/// The host-side values of one step.
+#[derive(Debug, Clone)]
+pub struct StepEnv<'a> {
+    /// Hyperparameter values, in declaration order (booleans as 0/1).
+    pub hypers: &'a [f64],
+    /// The step counter (1 on the first step).
+    pub t: f64,
+    /// Scalar state values at the start of the step.
+    pub scalar_states: &'a [f64],
+    /// Scalar input values.
+    pub scalar_inputs: &'a [f64],
+}
+
+/// One step in progress: reduction results and memoized scalars.
+#[derive(Debug)]
+pub struct StepRun<'p> {
+    prog: &'p Program,
+    variant: usize,
+    reductions: HashMap<NodeId, Vec<f64>>,
+    memo: HashMap<(NodeId, usize), f64>,
+    lens: Vec<Vec<usize>>,
+}
+
+impl<'p> StepRun<'p> {
+    /// Starts a step. `first` selects the first-step variant. `lens[space][tensor]` are the tensor lengths.
+    pub fn new(prog: &'p Program, first: bool, lens: Vec<Vec<usize>>) -> Self {
+        StepRun {
+            prog,
+            variant: if first { 0 } else { 1 },
+            reductions: HashMap::new(),
+            memo: HashMap::new(),
+            lens,
+        }
+    }
+
+    /// Evaluates a scalar (tensor index ignored) or per-tensor node on the host, in f64.
+    pub fn scalar(&mut self, env: &StepEnv<'_>, id: NodeId, tensor: usize) -> f64 {
+        let tensor = if self.prog.graph.kind(id) == Kind::Scalar { 0 } else { tensor };
+        if let Some(&v) = self.memo.get(&(id, tensor)) {
+            return v;
+        }
+        let v = match self.prog.graph.node(id) {
+            Node::Const(b) => f64::from_bits(b),
+            Node::Bool(b) => f64::from(u8::from(b)),
+            Node::Hyper(h) => env.hypers[h as usize],
+            Node::Step => env.t,
+            Node::ScalarState(i) => env.scalar_states[i as usize],
+            Node::ScalarInput(i) => env.scalar_inputs[i as usize],
+            Node::Numel { space, per_tensor } => {
+                let lens = &self.lens[space as usize];
+                if per_tensor {
+                    lens[tensor] as f64
+                } else {
+                    lens.iter().sum::<usize>() as f64
+                }
+            }
+            Node::Splat(_, a) => self.scalar(env, a, tensor),
+            Node::Unary(op, a) => unary_f64(op, self.scalar(env, a, tensor)),
+            Node::Binary(op, a, b) => {
+                let (a, b) = (self.scalar(env, a, tensor), self.scalar(env, b, tensor));
+                binary_f64(op, a, b)
+            }
+            Node::Select(c, a, b) => {
+                if self.scalar(env, c, tensor) != 0.0 {
+                    self.scalar(env, a, tensor)
+                } else {
+                    self.scalar(env, b, tensor)
+                }
+            }
+            Node::Reduce { per_tensor, .. } => {
+                let r = self.reductions.get(&id).expect("a reduction is computed in an earlier phase than its uses");
+                if per_tensor {
+                    r[tensor]
+                } else {
+                    r[0]
+                }
+            }
+            Node::Load { .. } => unreachable!("per-element node evaluated as a scalar"),
+        };
+        self.memo.insert((id, tensor), v);
+        v
+    }
+
+    /// Runs every phase of stage `k` over the buffers.
+    pub fn run_stage<T: Float>(&mut self, env: &StepEnv<'_>, k: usize, bufs: &mut Buffers<T>) {
+        let prog = self.prog;
+        for phase in &prog.variants[self.variant].stages[k].phases {
+            for kernel in &phase.kernels {
+                self.run_kernel(env, kernel, bufs);
+            }
+        }
+    }
+
+    /// The new scalar-state values at the end of the step (`states` holds the old ones).
+    pub fn scalar_updates(&mut self, env: &StepEnv<'_>) -> Vec<f64> {
+        let mut out = env.scalar_states.to_vec();
+        for &(i, n) in &self.prog.variants[self.variant].scalar_updates {
+            out[i as usize] = self.scalar(env, n, 0);
+        }
+        out
+    }
+
+    fn run_kernel<T: Float>(&mut self, env: &StepEnv<'_>, kernel: &Kernel, bufs: &mut Buffers<T>) {
+        let prog = self.prog;
+        let g = &prog.graph;
+        let ntensors = self.lens[kernel.space as usize].len();
+        let slot: HashMap<NodeId, usize> = kernel.body.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+        let mut partial: Vec<Vec<f64>> = kernel
+            .reductions
+            .iter()
+            .map(|&(r, _)| match g.node(r) {
+                Node::Reduce { per_tensor: true, .. } => vec![0.0; ntensors],
+                _ => vec![0.0],
+            })
+            .collect();
+        for j in 0..ntensors {
+            let uniforms: HashMap<NodeId, T> = kernel.uniforms.iter().map(|&u| (u, T::from_f64(self.scalar(env, u, j)))).collect();
+            let operand = |n: NodeId, cols: &[Vec<T>], i: usize| -> T {
+                match slot.get(&n) {
+                    Some(&s) => cols[s][i],
+                    None => uniforms[&n],
+                }
+            };
+            let len = self.lens[kernel.space as usize][j];
+            let mut cols: Vec<Vec<T>> = vec![Vec::with_capacity(CHUNK); kernel.body.len()];
+            let mut start = 0;
+            while start < len {
+                let end = (start + CHUNK).min(len);
+                for (s, &n) in kernel.body.iter().enumerate() {
+                    let mut col = std::mem::take(&mut cols[s]);
+                    col.clear();
+                    match g.node(n) {
+                        Node::Load { buf, .. } => col.extend_from_slice(&bufs[buf as usize][j][start..end]),
+                        Node::Splat(_, a) => col.extend((0..end - start).map(|i| operand(a, &cols, i))),
+                        Node::Unary(op, a) => col.extend((0..end - start).map(|i| T::unary(op, operand(a, &cols, i)))),
+                        Node::Binary(op, a, b) => {
+                            col.extend((0..end - start).map(|i| T::binary(op, operand(a, &cols, i), operand(b, &cols, i))))
+                        }
+                        Node::Select(c, a, b) => col.extend((0..end - start).map(|i| {
+                            if operand(c, &cols, i).to_f64() != 0.0 {
+                                operand(a, &cols, i)
+                            } else {
+                                operand(b, &cols, i)
+                            }
+                        })),
+                        other => unreachable!("{other:?} is not per element"),
+                    }
+                    cols[s] = col;
+                }
+                for (ri, &(r, a)) in kernel.reductions.iter().enumerate() {
+                    let Node::Reduce { op, per_tensor, .. } = g.node(r) else { continue };
+                    let acc = &mut partial[ri][if per_tensor { j } else { 0 }];
+                    for i in 0..end - start {
+                        let v = operand(a, &cols, i).to_f64();
+                        *acc = match op {
+                            ReduceOp::Sum => *acc + v,
+                            ReduceOp::Max => {
+                                if acc.is_nan() || v.is_nan() {
+                                    f64::NAN
+                                } else {
+                                    acc.max(v)
+                                }
+                            }
+                        };
+                    }
+                }
+                for &(b, v) in &kernel.stores {
+                    debug_assert!(prog.info.buffers[b as usize].role != BufRole::Input);
+                    let vals: Vec<T> = (0..end - start).map(|i| operand(v, &cols, i)).collect();
+                    bufs[b as usize][j][start..end].copy_from_slice(&vals);
+                }
+                start = end;
+            }
+        }
+        for (ri, &(r, _)) in kernel.reductions.iter().enumerate() {
+            self.reductions.insert(r, std::mem::take(&mut partial[ri]));
+        }
+    }
+}
+
+/// Whether a node is a boolean (for callers printing values).
+pub fn is_bool(p: &Program, id: NodeId) -> bool {
+    p.graph.ty(id) == Ty::Bool
+}

@@ -1,0 +1,4 @@
+//! Backends that execute a compiled [`crate::ir::Program`]. The reference interpreter is the
+//! oracle every other backend is tested against.
+
+pub mod interp;

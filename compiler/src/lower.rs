@@ -1,0 +1,1295 @@
+//! Checking and lowering: AST → [`Program`].
+//!
+//! The checker resolves names, infers each value's type and kind, and rejects what cannot be
+//! compiled, with a diagnostic at the exact span. Lowering runs twice per rule — once for the first
+//! step (`t = 1`, state initializers applied) and once for every later step — and writes each
+//! statement into the graph in SSA form: an assignment replaces a buffer's current value, a
+//! statement `if` merges the two branches with selects, and the final value of each changed buffer
+//! becomes a store at the end of its stage. Diagnostics come from the later-steps lowering (the
+//! first-step lowering adds only the initializers).
+
+use crate::ir::{self, BinOp, BufId, BufInfo, BufRole, HyperInfo, Kind, Node, NodeId, ReduceOp, RuleInfo, Ty, UnOp};
+use optc_grammar::ast::{self, DeclKind, ExprKind, Span, StmtKind, TypeAnn};
+use optc_grammar::Diagnostic;
+use std::collections::{HashMap, HashSet};
+
+/// Builtin elementwise functions of one argument.
+const UNARY_FNS: &[(&str, UnOp)] = &[
+    ("sqrt", UnOp::Sqrt),
+    ("rsqrt", UnOp::Rsqrt),
+    ("abs", UnOp::Abs),
+    ("sign", UnOp::Sign),
+    ("exp", UnOp::Exp),
+    ("log", UnOp::Log),
+    ("log1p", UnOp::Log1p),
+    ("expm1", UnOp::Expm1),
+    ("sigmoid", UnOp::Sigmoid),
+    ("tanh", UnOp::Tanh),
+    ("floor", UnOp::Floor),
+    ("ceil", UnOp::Ceil),
+    ("round", UnOp::Round),
+];
+const BINARY_FNS: &[(&str, BinOp)] = &[("min", BinOp::Min), ("max", BinOp::Max), ("pow", BinOp::Pow)];
+/// Reductions: name, number of per-element arguments.
+const REDUCTIONS: &[(&str, usize)] = &[
+    ("sum", 1),
+    ("mean", 1),
+    ("norm", 1),
+    ("sqnorm", 1),
+    ("dot", 2),
+    ("max_abs", 1),
+    ("numel", 1),
+];
+
+/// Every function name, for "did you mean".
+fn function_names() -> Vec<String> {
+    let mut v: Vec<String> = UNARY_FNS.iter().map(|f| f.0.to_string()).collect();
+    v.extend(BINARY_FNS.iter().map(|f| f.0.to_string()));
+    v.push("clamp".into());
+    for (r, _) in REDUCTIONS {
+        v.push(r.to_string());
+        v.push(format!("tensor_{r}"));
+    }
+    v
+}
+
+/// Edit distance, for suggestions.
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, &cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// The closest candidate to `name`, if close enough to be a likely typo.
+pub(crate) fn suggest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let limit = (name.chars().count() / 3).max(1);
+    candidates
+        .into_iter()
+        .filter(|c| *c != name)
+        .map(|c| (levenshtein(name, c), c))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, c)| (*d, *c))
+        .map(|(_, c)| c)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Sym {
+    Hyper(u16),
+    Buf(BufId),
+    ScalarState(u16),
+    ScalarInput(u16),
+}
+
+#[derive(Debug, Clone)]
+struct LetBinding {
+    node: NodeId,
+    stage: u16,
+    span: Span,
+    used: bool,
+}
+
+/// Where a name was declared, and what it is.
+#[derive(Debug, Clone)]
+struct Declared {
+    sym: Sym,
+    span: Span,
+    used: bool,
+    assigned: bool,
+}
+
+/// Per-rule checking state shared by both lowerings.
+struct Checker<'a> {
+    rule: &'a ast::Rule,
+    info: RuleInfo,
+    names: HashMap<String, Declared>,
+    /// Declaration order of names, for messages and initializer ordering.
+    order: Vec<String>,
+    /// Initializers of per-element states (by buffer) and scalar states.
+    buf_init: HashMap<BufId, &'a ast::Expr>,
+    scalar_init: Vec<Option<&'a ast::Expr>>,
+    /// The stage where each state is first used.
+    home: HashMap<String, usize>,
+    /// Statements, grouped into stages.
+    stages: Vec<(String, Vec<&'a ast::Stmt>)>,
+    /// Spans of `out` statements by output buffer.
+    out_spans: HashMap<BufId, Span>,
+    diags: Vec<Diagnostic>,
+}
+
+/// Result of checking one rule.
+#[derive(Debug)]
+pub struct Lowered {
+    /// The program, when the rule has no errors.
+    pub program: Option<ir::Program>,
+    /// Errors and warnings.
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// Checks and lowers one rule.
+pub fn lower_rule(rule: &ast::Rule) -> Lowered {
+    let mut ck = Checker {
+        rule,
+        info: RuleInfo {
+            name: rule.name.name.clone(),
+            doc: rule.doc.join("\n"),
+            hypers: Vec::new(),
+            spaces: Vec::new(),
+            buffers: Vec::new(),
+            scalar_states: Vec::new(),
+            scalar_inputs: Vec::new(),
+            stages: Vec::new(),
+        },
+        names: HashMap::new(),
+        order: Vec::new(),
+        buf_init: HashMap::new(),
+        scalar_init: Vec::new(),
+        home: HashMap::new(),
+        stages: Vec::new(),
+        out_spans: HashMap::new(),
+        diags: Vec::new(),
+    };
+    ck.declare_hypers();
+    ck.declare_body();
+    if ck.diags.iter().any(|d| d.is_error()) {
+        return Lowered {
+            program: None,
+            diagnostics: ck.diags,
+        };
+    }
+    ck.find_homes();
+    let mut graph = ir::Graph::new(false);
+    let later = Lowerer::run(&mut ck, &mut graph, false, true);
+    if ck.diags.iter().any(|d| d.is_error()) {
+        return Lowered {
+            program: None,
+            diagnostics: ck.diags,
+        };
+    }
+    let first = Lowerer::run(&mut ck, &mut graph, true, false);
+    ck.usage_warnings();
+    let program = ir::Program {
+        info: ck.info,
+        graph,
+        variants: [first, later],
+    };
+    ck.diags.sort_by_key(|d| (d.primary.span.start, d.primary.span.end));
+    Lowered {
+        program: if ck.diags.iter().any(|d| d.is_error()) { None } else { Some(program) },
+        diagnostics: ck.diags,
+    }
+}
+
+/// Evaluates a constant expression (a hyperparameter default).
+fn const_eval(e: &ast::Expr) -> Result<(f64, Ty), Diagnostic> {
+    let num = |e: &ast::Expr| -> Result<f64, Diagnostic> {
+        match const_eval(e)? {
+            (v, Ty::Num) => Ok(v),
+            (_, Ty::Bool) => Err(Diagnostic::error("E0201", "expected a number, found a boolean", e.span, "a boolean")),
+        }
+    };
+    Ok(match &e.kind {
+        ExprKind::Num(v) => (*v, Ty::Num),
+        ExprKind::Bool(b) => (f64::from(u8::from(*b)), Ty::Bool),
+        ExprKind::Unary(ast::UnOp::Neg, a) => (-num(a)?, Ty::Num),
+        ExprKind::Binary(op, a, b) if matches!(op, ast::BinOp::Add | ast::BinOp::Sub | ast::BinOp::Mul | ast::BinOp::Div | ast::BinOp::Pow) => {
+            let (a, b) = (num(a)?, num(b)?);
+            let v = match op {
+                ast::BinOp::Add => a + b,
+                ast::BinOp::Sub => a - b,
+                ast::BinOp::Mul => a * b,
+                ast::BinOp::Div => a / b,
+                _ => a.powf(b),
+            };
+            (v, Ty::Num)
+        }
+        ExprKind::Call(f, args) if args.len() == 1 && UNARY_FNS.iter().any(|u| u.0 == f.name) => {
+            let op = UNARY_FNS.iter().find(|u| u.0 == f.name).map(|u| u.1).unwrap_or(UnOp::Abs);
+            (crate::ops::unary_f64(op, num(&args[0])?), Ty::Num)
+        }
+        _ => {
+            return Err(Diagnostic::error(
+                "E0306",
+                "a hyperparameter default must be a constant",
+                e.span,
+                "not a constant",
+            )
+            .with_help("write a number, `true`/`false`, or arithmetic on numbers such as `1/3`"))
+        }
+    })
+}
+
+impl<'a> Checker<'a> {
+    fn error(&mut self, d: Diagnostic) {
+        self.diags.push(d);
+    }
+
+    fn declare(&mut self, ident: &ast::Ident, sym: Sym) -> bool {
+        if let Some(prev) = self.names.get(&ident.name) {
+            let prev_span = prev.span;
+            self.error(
+                Diagnostic::error(
+                    "E0102",
+                    format!("`{}` is declared twice", ident.name),
+                    ident.span,
+                    "declared again here",
+                )
+                .with_label(prev_span, "first declared here"),
+            );
+            return false;
+        }
+        self.names.insert(
+            ident.name.clone(),
+            Declared {
+                sym,
+                span: ident.span,
+                used: false,
+                assigned: false,
+            },
+        );
+        self.order.push(ident.name.clone());
+        true
+    }
+
+    fn declare_hypers(&mut self) {
+        for h in &self.rule.hypers {
+            let (default, ty) = match const_eval(&h.default) {
+                Ok(v) => v,
+                Err(d) => {
+                    self.error(d);
+                    (0.0, Ty::Num)
+                }
+            };
+            if !default.is_finite() {
+                self.error(Diagnostic::error(
+                    "E0312",
+                    format!("the default of `{}` is not a finite number", h.name.name),
+                    h.default.span,
+                    format!("evaluates to {default}"),
+                ));
+            }
+            let id = self.info.hypers.len() as u16;
+            if self.declare(&h.name, Sym::Hyper(id)) {
+                self.info.hypers.push(HyperInfo {
+                    name: h.name.name.clone(),
+                    ty,
+                    default,
+                    doc: h.doc.join("\n"),
+                });
+            }
+        }
+    }
+
+    fn declare_body(&mut self) {
+        let rule = self.rule;
+        // Declarations first, params before everything else so annotations can name them.
+        let mut seen_stmt: Option<Span> = None;
+        let mut decls = Vec::new();
+        for item in &rule.body {
+            match item {
+                ast::Item::Decl(d) => {
+                    if let Some(s) = seen_stmt {
+                        self.error(
+                            Diagnostic::error(
+                                "E0301",
+                                format!("`{}` declaration after a statement", d.kind.keyword()),
+                                d.span,
+                                "declared here",
+                            )
+                            .with_label(s, "the first statement")
+                            .with_help("move declarations to the top of the rule body"),
+                        );
+                    }
+                    decls.push(d);
+                }
+                ast::Item::Stmt(s) => {
+                    seen_stmt.get_or_insert(s.span);
+                }
+                ast::Item::Stage(s) => {
+                    seen_stmt.get_or_insert(s.span);
+                }
+            }
+        }
+        for d in decls.iter().filter(|d| d.kind == DeclKind::Param) {
+            for e in &d.entries {
+                if e.ty.is_some() || e.init.is_some() {
+                    let span = e.init.as_ref().map(|i| i.span).or(match &e.ty {
+                        Some(TypeAnn::Scalar(s)) => Some(*s),
+                        Some(TypeAnn::Space(i)) => Some(i.span),
+                        None => None,
+                    });
+                    self.error(
+                        Diagnostic::error("E0305", "a param takes no type or initializer", span.unwrap_or(e.name.span), "not allowed here")
+                            .with_note("the host owns params and gives their values"),
+                    );
+                }
+                let id = self.info.buffers.len() as BufId;
+                if self.declare(&e.name, Sym::Buf(id)) {
+                    self.info.spaces.push(e.name.name.clone());
+                    self.info.buffers.push(BufInfo {
+                        name: e.name.name.clone(),
+                        role: BufRole::Param,
+                        space: (self.info.spaces.len() - 1) as u16,
+                    });
+                }
+            }
+        }
+        if self.info.spaces.is_empty() {
+            self.error(
+                Diagnostic::error("E0303", format!("rule `{}` has no param", rule.name.name), rule.name.span, "this rule")
+                    .with_help("declare the parameter the rule updates, e.g. `param theta`"),
+            );
+            return;
+        }
+        for d in decls.iter().filter(|d| d.kind != DeclKind::Param) {
+            for e in &d.entries {
+                self.declare_entry(d.kind, e);
+            }
+        }
+        // Statements or stages, not both.
+        let stmts: Vec<&ast::Stmt> = rule
+            .body
+            .iter()
+            .filter_map(|i| if let ast::Item::Stmt(s) = i { Some(s) } else { None })
+            .collect();
+        let stages: Vec<&ast::Stage> = rule
+            .body
+            .iter()
+            .filter_map(|i| if let ast::Item::Stage(s) = i { Some(s) } else { None })
+            .collect();
+        if !stages.is_empty() {
+            if let Some(s) = stmts.first() {
+                self.error(
+                    Diagnostic::error("E0302", "statements outside a stage in a rule with stages", s.span, "outside any stage")
+                        .with_label(stages[0].name.span, "the rule has stages")
+                        .with_help("put every statement in a `stage`"),
+                );
+            }
+            let mut seen: HashMap<&str, Span> = HashMap::new();
+            for s in &stages {
+                if let Some(prev) = seen.insert(&s.name.name, s.name.span) {
+                    self.error(
+                        Diagnostic::error("E0102", format!("stage `{}` is declared twice", s.name.name), s.name.span, "declared again here")
+                            .with_label(prev, "first declared here"),
+                    );
+                }
+                self.stages.push((s.name.name.clone(), s.body.iter().collect()));
+            }
+        } else {
+            self.stages.push(("step".to_string(), stmts));
+        }
+        self.info.stages = self.stages.iter().map(|s| s.0.clone()).collect();
+    }
+
+    /// The space an annotation names.
+    fn space_of(&mut self, ident: &ast::Ident) -> Option<u16> {
+        if let Some(i) = self.info.spaces.iter().position(|s| *s == ident.name) {
+            return Some(i as u16);
+        }
+        let mut d = Diagnostic::error("E0307", format!("`{}` is not a param", ident.name), ident.span, "expected the name of a param or `scalar`");
+        if let Some(s) = suggest(&ident.name, self.info.spaces.iter().map(|s| s.as_str())) {
+            d = d.with_help(format!("did you mean `{s}`?"));
+        } else {
+            d = d.with_note(format!("the params are: {}", self.info.spaces.join(", ")));
+        }
+        self.error(d);
+        None
+    }
+
+    /// The space an unannotated per-element declaration belongs to.
+    fn default_space(&mut self, e: &ast::DeclEntry, kind: DeclKind) -> Option<u16> {
+        if let Some(init) = &e.init {
+            let mut found = None;
+            visit_names(init, &mut |n, _| {
+                if found.is_none() {
+                    if let Some(Declared { sym: Sym::Buf(b), .. }) = self.names.get(n) {
+                        found = Some(self.info.buffers[*b as usize].space);
+                    }
+                }
+            });
+            if found.is_some() {
+                return found;
+            }
+        }
+        if self.info.spaces.len() == 1 {
+            return Some(0);
+        }
+        self.error(
+            Diagnostic::error(
+                "E0304",
+                format!("which param is `{}` shaped like?", e.name.name),
+                e.name.span,
+                "the rule has several params",
+            )
+            .with_help(format!("write `{} {}: {}`", kind.keyword(), e.name.name, self.info.spaces[0])),
+        );
+        None
+    }
+
+    fn declare_entry(&mut self, kind: DeclKind, e: &'a ast::DeclEntry) {
+        let scalar = matches!(e.ty, Some(TypeAnn::Scalar(_)));
+        match kind {
+            DeclKind::Input => {
+                if let Some(init) = &e.init {
+                    self.error(
+                        Diagnostic::error("E0305", "an input takes no initializer", init.span, "not allowed here")
+                            .with_note("the host gives every input's value at every step"),
+                    );
+                }
+                if scalar {
+                    let id = self.info.scalar_inputs.len() as u16;
+                    if self.declare(&e.name, Sym::ScalarInput(id)) {
+                        self.info.scalar_inputs.push(e.name.name.clone());
+                    }
+                    return;
+                }
+            }
+            DeclKind::State => {
+                if scalar {
+                    let id = self.info.scalar_states.len() as u16;
+                    if self.declare(&e.name, Sym::ScalarState(id)) {
+                        self.info.scalar_states.push(e.name.name.clone());
+                        self.scalar_init.push(e.init.as_ref());
+                    }
+                    return;
+                }
+            }
+            DeclKind::Param => unreachable!("params are declared first"),
+        }
+        let space = match &e.ty {
+            Some(TypeAnn::Space(i)) => self.space_of(i),
+            _ => self.default_space(e, kind),
+        };
+        let Some(space) = space else { return };
+        let id = self.info.buffers.len() as BufId;
+        if self.declare(&e.name, Sym::Buf(id)) {
+            self.info.buffers.push(BufInfo {
+                name: e.name.name.clone(),
+                role: if kind == DeclKind::Input { BufRole::Input } else { BufRole::State },
+                space,
+            });
+            if let Some(init) = &e.init {
+                self.buf_init.insert(id, init);
+            }
+        }
+    }
+
+    /// The first stage that mentions each state (directly, or through another state's initializer).
+    fn find_homes(&mut self) {
+        for (k, (_, stmts)) in self.stages.iter().enumerate() {
+            let mut names = HashSet::new();
+            for s in stmts {
+                visit_stmt_names(s, &mut |n| {
+                    names.insert(n.to_string());
+                });
+            }
+            for n in names {
+                self.home.entry(n).or_insert(k);
+            }
+        }
+    }
+
+    fn usage_warnings(&mut self) {
+        let mut warns = Vec::new();
+        for name in &self.order {
+            let d = &self.names[name];
+            let w = match d.sym {
+                Sym::Hyper(_) if !d.used => Some(("W0004", format!("hyperparameter `{name}` is never used"))),
+                Sym::ScalarInput(_) if !d.used => Some(("W0004", format!("input `{name}` is never used"))),
+                Sym::ScalarState(_) if !d.used => Some(("W0003", format!("state `{name}` is never read"))),
+                Sym::Buf(b) => match self.info.buffers[b as usize].role {
+                    BufRole::Param if !d.assigned => Some(("W0002", format!("param `{name}` is never assigned"))),
+                    BufRole::Input if !d.used => Some(("W0004", format!("input `{name}` is never used"))),
+                    BufRole::State if !d.used => Some(("W0003", format!("state `{name}` is never read"))),
+                    _ => None,
+                },
+                _ => None,
+            };
+            if let Some((code, msg)) = w {
+                let mut diag = Diagnostic::error(code, msg, d.span, "declared here");
+                diag.severity = optc_grammar::Severity::Warning;
+                warns.push(diag);
+            }
+        }
+        self.diags.extend(warns);
+    }
+}
+
+fn visit_names(e: &ast::Expr, f: &mut impl FnMut(&str, Span)) {
+    match &e.kind {
+        ExprKind::Name(n) => f(n, e.span),
+        ExprKind::Unary(_, a) => visit_names(a, f),
+        ExprKind::Binary(_, a, b) => {
+            visit_names(a, f);
+            visit_names(b, f);
+        }
+        ExprKind::If(c, a, b) => {
+            visit_names(c, f);
+            visit_names(a, f);
+            visit_names(b, f);
+        }
+        ExprKind::Call(_, args) => args.iter().for_each(|a| visit_names(a, f)),
+        ExprKind::Num(_) | ExprKind::Bool(_) | ExprKind::Step | ExprKind::Error => {}
+    }
+}
+
+fn visit_stmt_names(s: &ast::Stmt, f: &mut impl FnMut(&str)) {
+    match &s.kind {
+        StmtKind::Let(_, e) | StmtKind::Out(_, e) => visit_names(e, &mut |n, _| f(n)),
+        StmtKind::Assign(n, e) => {
+            f(&n.name);
+            visit_names(e, &mut |n, _| f(n));
+        }
+        StmtKind::If { cond, then, els } => {
+            visit_names(cond, &mut |n, _| f(n));
+            then.iter().chain(els).for_each(|s| visit_stmt_names(s, f));
+        }
+        StmtKind::Error => {}
+    }
+}
+
+/// One lowering of the step (first step or later steps).
+struct Lowerer<'c, 'a> {
+    ck: &'c mut Checker<'a>,
+    graph: &'c mut ir::Graph,
+    first: bool,
+    report: bool,
+    stage: u16,
+    /// Current value of each buffer (params, states, outputs).
+    bufs: Vec<Option<NodeId>>,
+    /// Current value of each scalar state.
+    scalars: Vec<NodeId>,
+    scopes: Vec<Vec<(String, LetBinding)>>,
+    /// Set while lowering an initializer: only names declared before this one are visible.
+    init_of: Option<usize>,
+}
+
+impl<'c, 'a> Lowerer<'c, 'a> {
+    fn run(ck: &'c mut Checker<'a>, graph: &'c mut ir::Graph, first: bool, report: bool) -> ir::Variant {
+        let nbuf = ck.info.buffers.len();
+        let mut lw = Lowerer {
+            ck,
+            graph,
+            first,
+            report,
+            stage: 0,
+            bufs: vec![None; nbuf],
+            scalars: Vec::new(),
+            scopes: vec![Vec::new()],
+            init_of: None,
+        };
+        let mut variant = ir::Variant::default();
+        let nstages = lw.ck.stages.len();
+        let mut scalar_start = Vec::new();
+        for k in 0..nstages {
+            lw.stage = k as u16;
+            let starts = lw.start_stage(k);
+            if k == 0 {
+                for i in 0..lw.ck.info.scalar_states.len() {
+                    let v = match (first, lw.ck.scalar_init[i]) {
+                        (true, Some(init)) => lw.lower_init(init, i),
+                        (true, None) => lw.add(Node::num(0.0)),
+                        (false, _) => lw.add(Node::ScalarState(i as u16)),
+                    };
+                    lw.scalars.push(v);
+                }
+                scalar_start = lw.scalars.clone();
+                if first {
+                    // The initial value of a scalar state is stored even if no statement changes it.
+                    scalar_start = (0..lw.scalars.len()).map(|i| lw.add(Node::ScalarState(i as u16))).collect();
+                }
+            }
+            let stmts = lw.ck.stages[k].1.clone();
+            for s in stmts {
+                lw.stmt(s);
+            }
+            let mut stage = ir::Stage::default();
+            for b in 0..lw.bufs.len() {
+                if let Some(v) = lw.bufs[b] {
+                    if Some(v) != starts.get(b).copied().flatten() {
+                        stage.stores.push((b as BufId, v));
+                    }
+                }
+            }
+            variant.stages.push(stage);
+            // Per-element lets do not survive their stage; scalar ones do (checked on use).
+        }
+        for (i, &v) in lw.scalars.iter().enumerate() {
+            if scalar_start.get(i) != Some(&v) {
+                variant.scalar_updates.push((i as u16, v));
+            }
+        }
+        if lw.report {
+            let top = std::mem::take(&mut lw.scopes[0]);
+            lw.warn_unused(top);
+        }
+        variant
+    }
+
+    fn add(&mut self, node: Node) -> NodeId {
+        self.graph.add(node, &self.ck.info)
+    }
+
+    fn error(&mut self, d: Diagnostic) {
+        if self.report {
+            self.ck.error(d);
+        }
+    }
+
+    /// Sets every buffer to its value at the start of stage `k`; returns the load nodes, so the
+    /// end of the stage can tell which buffers changed.
+    fn start_stage(&mut self, k: usize) -> Vec<Option<NodeId>> {
+        let mut starts = vec![None; self.bufs.len()];
+        for b in 0..self.bufs.len() {
+            let info = &self.ck.info.buffers[b];
+            match info.role {
+                BufRole::Param | BufRole::State => {
+                    let load = self.add(Node::Load {
+                        buf: b as BufId,
+                        gen: k as u16,
+                    });
+                    starts[b] = Some(load);
+                    self.bufs[b] = Some(load);
+                }
+                BufRole::Output => self.bufs[b] = None,
+                BufRole::Input => {}
+            }
+        }
+        if self.first {
+            // States first used in this stage start from their initializers.
+            for b in 0..self.bufs.len() {
+                let info = &self.ck.info.buffers[b];
+                if info.role == BufRole::State && self.ck.home.get(&info.name) == Some(&k) {
+                    let v = match self.ck.buf_init.get(&(b as BufId)).copied() {
+                        Some(init) => {
+                            let pos = self.ck.order.iter().position(|n| *n == info.name).unwrap_or(0);
+                            self.lower_init(init, pos)
+                        }
+                        None => self.add(Node::num(0.0)),
+                    };
+                    let v = self.fit_to_buffer(v, b as BufId, None);
+                    self.bufs[b] = Some(v);
+                }
+            }
+        }
+        starts
+    }
+
+    /// Lowers an initializer, seeing only names declared before position `pos`.
+    fn lower_init(&mut self, init: &ast::Expr, pos: usize) -> NodeId {
+        let scopes = std::mem::replace(&mut self.scopes, vec![Vec::new()]);
+        let saved = self.init_of.replace(pos);
+        let v = self.expr(init).unwrap_or_else(|| self.add(Node::num(0.0)));
+        self.init_of = saved;
+        self.scopes = scopes;
+        v
+    }
+
+    /// Makes `v` storable in buffer `b`: broadcasts scalars, rejects other spaces and booleans.
+    fn fit_to_buffer(&mut self, v: NodeId, b: BufId, at: Option<Span>) -> NodeId {
+        let space = self.ck.info.buffers[b as usize].space;
+        let name = self.ck.info.buffers[b as usize].name.clone();
+        if self.graph.ty(v) == Ty::Bool {
+            if let Some(span) = at {
+                self.error(Diagnostic::error("E0201", format!("`{name}` holds numbers, but this is a boolean"), span, "a boolean"));
+            }
+            return v;
+        }
+        match self.graph.kind(v) {
+            Kind::Element(s) if s == space => v,
+            Kind::Scalar => self.add(Node::Splat(space, v)),
+            Kind::Tensor(s) if s == space => self.add(Node::Splat(space, v)),
+            Kind::Element(s) | Kind::Tensor(s) => {
+                if let Some(span) = at {
+                    let (a, b2) = (self.ck.info.spaces[space as usize].clone(), self.ck.info.spaces[s as usize].clone());
+                    self.error(
+                        Diagnostic::error("E0203", format!("`{name}` is shaped like `{a}`, but this value is shaped like `{b2}`"), span, format!("shaped like `{b2}`"))
+                            .with_note("values of different params have different sizes and cannot be mixed"),
+                    );
+                }
+                v
+            }
+        }
+    }
+
+    fn lookup_let(&mut self, name: &str) -> Option<&mut LetBinding> {
+        self.scopes
+            .iter_mut()
+            .rev()
+            .flat_map(|s| s.iter_mut().rev())
+            .find(|(n, _)| n == name)
+            .map(|(_, b)| b)
+    }
+
+    fn warn_unused(&mut self, scope: Vec<(String, LetBinding)>) {
+        if !self.report {
+            return;
+        }
+        for (name, b) in scope {
+            if !b.used && !name.starts_with('_') {
+                let mut d = Diagnostic::error("W0001", format!("`{name}` is never used"), b.span, "defined here")
+                    .with_help(format!("remove it, or name it `_{name}`"));
+                d.severity = optc_grammar::Severity::Warning;
+                self.ck.diags.push(d);
+            }
+        }
+    }
+
+    fn all_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.scopes.iter().flatten().map(|(n, _)| n.clone()).collect();
+        v.extend(self.ck.names.keys().cloned());
+        v
+    }
+
+    fn unknown_name(&mut self, name: &str, span: Span) {
+        let names = self.all_names();
+        let mut d = Diagnostic::error("E0101", format!("unknown name `{name}`"), span, "not declared");
+        if let Some(s) = suggest(name, names.iter().map(|s| s.as_str())) {
+            d = d.with_help(format!("did you mean `{s}`?"));
+        } else {
+            d = d.with_help("declare it as a hyperparameter, `param`, `input` or `state`, or define it with `let`");
+        }
+        self.error(d);
+    }
+
+    fn name(&mut self, name: &str, span: Span) -> Option<NodeId> {
+        let stage = self.stage;
+        if self.init_of.is_none() {
+            if let Some(b) = self.lookup_let(name) {
+                b.used = true;
+                let (node, bstage, bspan) = (b.node, b.stage, b.span);
+                if bstage != stage && matches!(self.graph.kind(node), Kind::Element(_)) {
+                    self.error(
+                        Diagnostic::error("E0207", format!("per-element value `{name}` is from an earlier stage"), span, "used here")
+                            .with_label(bspan, "defined here, in an earlier stage")
+                            .with_help("per-element values do not outlive their stage; keep it in a `state` instead"),
+                    );
+                    return None;
+                }
+                return Some(node);
+            }
+        }
+        let Some(decl) = self.ck.names.get_mut(name) else {
+            self.unknown_name(name, span);
+            return None;
+        };
+        decl.used = true;
+        let (sym, dspan) = (decl.sym, decl.span);
+        if let Some(pos) = self.init_of {
+            let at = self.ck.order.iter().position(|n| n == name).unwrap_or(usize::MAX);
+            let is_state = matches!(sym, Sym::ScalarState(_)) || matches!(sym, Sym::Buf(b) if self.ck.info.buffers[b as usize].role == BufRole::State);
+            if is_state && at >= pos {
+                let me = self.ck.order[pos].clone();
+                self.error(
+                    Diagnostic::error("E0314", format!("the initializer of `{me}` reads `{name}`, which is declared after it or is itself"), span, "read here")
+                        .with_label(dspan, "declared here")
+                        .with_help("an initializer may read hyperparameters, `t`, params, inputs and states declared before it"),
+                );
+                return None;
+            }
+        }
+        Some(match sym {
+            Sym::Hyper(h) => self.add(Node::Hyper(h)),
+            Sym::ScalarInput(i) => self.add(Node::ScalarInput(i)),
+            Sym::ScalarState(i) => match self.scalars.get(i as usize) {
+                Some(&v) => v,
+                None => {
+                    // Another scalar state's initializer reads this one before it is set.
+                    self.add(Node::ScalarState(i))
+                }
+            },
+            Sym::Buf(b) => match self.ck.info.buffers[b as usize].role {
+                BufRole::Input => self.add(Node::Load { buf: b, gen: 0 }),
+                BufRole::Param | BufRole::State => self.bufs[b as usize].expect("set at stage start"),
+                BufRole::Output => {
+                    self.error(
+                        Diagnostic::error("E0209", format!("output `{name}` cannot be read"), span, "read here")
+                            .with_note("outputs are written for the host; keep the value in a `let` or a `state` to read it"),
+                    );
+                    return None;
+                }
+            },
+        })
+    }
+
+    fn expect_num(&mut self, v: NodeId, span: Span, what: &str) -> Option<NodeId> {
+        if self.graph.ty(v) == Ty::Num {
+            Some(v)
+        } else {
+            self.error(
+                Diagnostic::error("E0201", format!("{what} needs a number, found a boolean"), span, "a boolean")
+                    .with_help("use `if c { a } else { b }` to turn a condition into a number"),
+            );
+            None
+        }
+    }
+
+    fn expect_bool(&mut self, v: NodeId, span: Span, what: &str) -> Option<NodeId> {
+        if self.graph.ty(v) == Ty::Bool {
+            Some(v)
+        } else {
+            self.error(
+                Diagnostic::error("E0201", format!("{what} needs a boolean, found a number"), span, "a number")
+                    .with_help("compare it, e.g. `x > 0`"),
+            );
+            None
+        }
+    }
+
+    fn kind_name(&self, k: Kind) -> String {
+        match k {
+            Kind::Scalar => "a scalar".into(),
+            Kind::Tensor(s) => format!("per tensor of `{}`", self.ck.info.spaces[s as usize]),
+            Kind::Element(s) => format!("per element of `{}`", self.ck.info.spaces[s as usize]),
+        }
+    }
+
+    /// Checks that values can be combined elementwise.
+    fn join(&mut self, parts: &[(NodeId, Span)]) -> bool {
+        let mut acc = Kind::Scalar;
+        let mut acc_span = parts[0].1;
+        for &(v, span) in parts {
+            let k = self.graph.kind(v);
+            match acc.join(k) {
+                Some(j) => {
+                    if j != acc && k != Kind::Scalar {
+                        acc_span = span;
+                    }
+                    acc = j;
+                }
+                None => {
+                    let (ka, kb) = (self.kind_name(acc), self.kind_name(k));
+                    self.error(
+                        Diagnostic::error("E0203", "values of different params cannot be mixed", span, format!("this is {kb}"))
+                            .with_label(acc_span, format!("this is {ka}"))
+                            .with_note("each param has its own size; combine them through reductions such as `dot` or `norm`"),
+                    );
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn expr(&mut self, e: &ast::Expr) -> Option<NodeId> {
+        match &e.kind {
+            ExprKind::Num(v) => {
+                if !v.is_finite() {
+                    self.error(Diagnostic::error("E0312", "number literal out of range", e.span, "too large for a 64-bit float"));
+                    return None;
+                }
+                Some(self.add(Node::num(*v)))
+            }
+            ExprKind::Bool(b) => Some(self.add(Node::Bool(*b))),
+            ExprKind::Step => Some(if self.first { self.add(Node::num(1.0)) } else { self.add(Node::Step) }),
+            ExprKind::Name(n) => self.name(n, e.span),
+            ExprKind::Error => None,
+            ExprKind::Unary(op, a) => {
+                let v = self.expr(a)?;
+                match op {
+                    ast::UnOp::Neg => {
+                        let v = self.expect_num(v, a.span, "`-`")?;
+                        Some(self.add(Node::Unary(UnOp::Neg, v)))
+                    }
+                    ast::UnOp::Not => {
+                        let v = self.expect_bool(v, a.span, "`!`")?;
+                        Some(self.add(Node::Unary(UnOp::Not, v)))
+                    }
+                }
+            }
+            ExprKind::Binary(op, a, b) => {
+                let va = self.expr(a);
+                let vb = self.expr(b);
+                let (va, vb) = (va?, vb?);
+                let what = format!("`{}`", op.symbol());
+                let irop = match op {
+                    ast::BinOp::Add => BinOp::Add,
+                    ast::BinOp::Sub => BinOp::Sub,
+                    ast::BinOp::Mul => BinOp::Mul,
+                    ast::BinOp::Div => BinOp::Div,
+                    ast::BinOp::Rem => BinOp::Rem,
+                    ast::BinOp::Pow => BinOp::Pow,
+                    ast::BinOp::Eq => BinOp::Eq,
+                    ast::BinOp::Ne => BinOp::Ne,
+                    ast::BinOp::Lt => BinOp::Lt,
+                    ast::BinOp::Le => BinOp::Le,
+                    ast::BinOp::Gt => BinOp::Gt,
+                    ast::BinOp::Ge => BinOp::Ge,
+                    ast::BinOp::And => BinOp::And,
+                    ast::BinOp::Or => BinOp::Or,
+                };
+                if matches!(irop, BinOp::And | BinOp::Or) {
+                    let a2 = self.expect_bool(va, a.span, &what);
+                    let b2 = self.expect_bool(vb, b.span, &what);
+                    let (va, vb) = (a2?, b2?);
+                    if !self.join(&[(va, a.span), (vb, b.span)]) {
+                        return None;
+                    }
+                    return Some(self.add(Node::Binary(irop, va, vb)));
+                }
+                let a2 = self.expect_num(va, a.span, &what);
+                let b2 = self.expect_num(vb, b.span, &what);
+                let (va, vb) = (a2?, b2?);
+                if !self.join(&[(va, a.span), (vb, b.span)]) {
+                    return None;
+                }
+                Some(self.add(Node::Binary(irop, va, vb)))
+            }
+            ExprKind::If(c, a, b) => {
+                let vc = self.expr(c);
+                let va = self.expr(a);
+                let vb = self.expr(b);
+                let vc = self.expect_bool(vc?, c.span, "an `if` condition")?;
+                let (va, vb) = (va?, vb?);
+                if self.graph.ty(va) != self.graph.ty(vb) {
+                    self.error(
+                        Diagnostic::error("E0201", "the branches of `if` have different types", b.span, "this branch")
+                            .with_label(a.span, "the other branch"),
+                    );
+                    return None;
+                }
+                if !self.join(&[(vc, c.span), (va, a.span), (vb, b.span)]) {
+                    return None;
+                }
+                Some(self.add(Node::Select(vc, va, vb)))
+            }
+            ExprKind::Call(f, args) => self.call(f, args, e.span),
+        }
+    }
+
+    fn arity(&mut self, f: &ast::Ident, args: &[ast::Expr], n: usize, span: Span) -> bool {
+        if args.len() == n {
+            return true;
+        }
+        self.error(Diagnostic::error(
+            "E0105",
+            format!("`{}` takes {n} argument{}, but {} {} given", f.name, if n == 1 { "" } else { "s" }, args.len(), if args.len() == 1 { "was" } else { "were" }),
+            span,
+            format!("expected {n}"),
+        ));
+        false
+    }
+
+    fn call(&mut self, f: &ast::Ident, args: &[ast::Expr], span: Span) -> Option<NodeId> {
+        let name = f.name.as_str();
+        if let Some(&(_, op)) = UNARY_FNS.iter().find(|u| u.0 == name) {
+            if !self.arity(f, args, 1, span) {
+                return None;
+            }
+            let v = self.expr(&args[0])?;
+            let v = self.expect_num(v, args[0].span, &format!("`{name}`"))?;
+            return Some(self.add(Node::Unary(op, v)));
+        }
+        if let Some(&(_, op)) = BINARY_FNS.iter().find(|u| u.0 == name) {
+            if !self.arity(f, args, 2, span) {
+                return None;
+            }
+            return self.num_args(args, name).map(|v| self.add(Node::Binary(op, v[0], v[1])));
+        }
+        if name == "clamp" {
+            if !self.arity(f, args, 3, span) {
+                return None;
+            }
+            let v = self.num_args(args, name)?;
+            let lo = self.add(Node::Binary(BinOp::Max, v[0], v[1]));
+            return Some(self.add(Node::Binary(BinOp::Min, lo, v[2])));
+        }
+        let (per_tensor, base) = match name.strip_prefix("tensor_") {
+            Some(b) => (true, b),
+            None => (false, name),
+        };
+        if let Some(&(_, n)) = REDUCTIONS.iter().find(|r| r.0 == base) {
+            if !self.arity(f, args, n, span) {
+                return None;
+            }
+            let v = self.num_args(args, name)?;
+            for (i, &a) in v.iter().enumerate() {
+                if !matches!(self.graph.kind(a), Kind::Element(_)) {
+                    let k = self.kind_name(self.graph.kind(a));
+                    self.error(
+                        Diagnostic::error("E0204", format!("`{name}` reduces a per-element value, but this is {k}"), args[i].span, "not per element")
+                            .with_help("reductions run over the elements of a param, an input or a state"),
+                    );
+                    return None;
+                }
+            }
+            let space = self.graph.kind(v[0]).space().unwrap_or(0);
+            let add = |s: &mut Self, n| s.add(n);
+            let red = |s: &mut Self, op, arg| s.add(Node::Reduce { op, per_tensor, arg });
+            return Some(match base {
+                "sum" => red(self, ReduceOp::Sum, v[0]),
+                "sqnorm" | "norm" => {
+                    let sq = add(self, Node::Binary(BinOp::Mul, v[0], v[0]));
+                    let s = red(self, ReduceOp::Sum, sq);
+                    if base == "norm" {
+                        add(self, Node::Unary(UnOp::Sqrt, s))
+                    } else {
+                        s
+                    }
+                }
+                "dot" => {
+                    let p = add(self, Node::Binary(BinOp::Mul, v[0], v[1]));
+                    red(self, ReduceOp::Sum, p)
+                }
+                "max_abs" => {
+                    let a = add(self, Node::Unary(UnOp::Abs, v[0]));
+                    red(self, ReduceOp::Max, a)
+                }
+                "mean" => {
+                    let s = red(self, ReduceOp::Sum, v[0]);
+                    let n = add(self, Node::Numel { space, per_tensor });
+                    add(self, Node::Binary(BinOp::Div, s, n))
+                }
+                _ => add(self, Node::Numel { space, per_tensor }),
+            });
+        }
+        let names = function_names();
+        let mut d = Diagnostic::error("E0104", format!("unknown function `{name}`"), f.span, "not a function");
+        if let Some(s) = suggest(name, names.iter().map(|s| s.as_str())) {
+            d = d.with_help(format!("did you mean `{s}`?"));
+        } else {
+            d = d.with_note("see docs/LANGUAGE.md for the functions and reductions");
+        }
+        self.error(d);
+        None
+    }
+
+    fn num_args(&mut self, args: &[ast::Expr], name: &str) -> Option<Vec<NodeId>> {
+        let vals: Vec<Option<NodeId>> = args.iter().map(|a| self.expr(a)).collect();
+        let mut out = Vec::new();
+        for (v, a) in vals.into_iter().zip(args) {
+            out.push(self.expect_num(v?, a.span, &format!("`{name}`"))?);
+        }
+        let parts: Vec<(NodeId, Span)> = out.iter().copied().zip(args.iter().map(|a| a.span)).collect();
+        if !self.join(&parts) {
+            return None;
+        }
+        Some(out)
+    }
+
+    fn stmts(&mut self, stmts: &[ast::Stmt]) {
+        self.scopes.push(Vec::new());
+        for s in stmts {
+            self.stmt(s);
+        }
+        let scope = self.scopes.pop().unwrap_or_default();
+        self.warn_unused(scope);
+    }
+
+    fn stmt(&mut self, s: &ast::Stmt) {
+        match &s.kind {
+            StmtKind::Error => {}
+            StmtKind::Let(n, e) => {
+                if let Some(d) = self.ck.names.get(&n.name) {
+                    let what = match d.sym {
+                        Sym::Hyper(_) => "a hyperparameter",
+                        Sym::ScalarInput(_) => "an input",
+                        Sym::ScalarState(_) => "a state",
+                        Sym::Buf(b) => match self.ck.info.buffers[b as usize].role {
+                            BufRole::Param => "a param",
+                            BufRole::Input => "an input",
+                            BufRole::State => "a state",
+                            BufRole::Output => "an output",
+                        },
+                    };
+                    let dspan = d.span;
+                    self.error(
+                        Diagnostic::error("E0102", format!("`let {}` would hide {what} of the same name", n.name), n.span, "defined here")
+                            .with_label(dspan, "declared here")
+                            .with_help(format!("assign it with `{} = ...`, or choose another name", n.name)),
+                    );
+                    return;
+                }
+                let Some(v) = self.expr(e) else {
+                    // Bind a placeholder so later uses do not report a second, confusing error.
+                    let v = self.add(Node::num(0.0));
+                    let b = LetBinding { node: v, stage: self.stage, span: n.span, used: true };
+                    self.scopes.last_mut().expect("scope").push((n.name.clone(), b));
+                    return;
+                };
+                let b = LetBinding {
+                    node: v,
+                    stage: self.stage,
+                    span: n.span,
+                    used: false,
+                };
+                self.scopes.last_mut().expect("scope").push((n.name.clone(), b));
+            }
+            StmtKind::Assign(n, e) => self.assign(n, e),
+            StmtKind::Out(n, e) => self.out(n, e, s.span),
+            StmtKind::If { cond, then, els } => {
+                let Some(c) = self.expr(cond) else {
+                    self.stmts(then);
+                    self.stmts(els);
+                    return;
+                };
+                let c = self.expect_bool(c, cond.span, "an `if` statement");
+                let (bufs0, scalars0) = (self.bufs.clone(), self.scalars.clone());
+                self.stmts(then);
+                let (mut bufs_t, scalars_t) = (std::mem::replace(&mut self.bufs, bufs0), std::mem::replace(&mut self.scalars, scalars0));
+                self.stmts(els);
+                // An `out` in one branch may have created a buffer the other branch lacks.
+                let n = bufs_t.len().max(self.bufs.len());
+                bufs_t.resize(n, None);
+                self.bufs.resize(n, None);
+                let Some(c) = c else { return };
+                let ck = self.graph.kind(c);
+                for b in 0..self.bufs.len() {
+                    let (t, f) = (bufs_t[b], self.bufs[b]);
+                    if t == f {
+                        continue;
+                    }
+                    let info = self.ck.info.buffers[b].clone();
+                    if info.role == BufRole::Output {
+                        self.error(
+                            Diagnostic::error("E0208", format!("`out {}` inside an `if`", info.name), s.span, "this `if`")
+                                .with_help(format!("write `out {} = if c {{ a }} else {{ b }}` instead", info.name)),
+                        );
+                        continue;
+                    }
+                    let (Some(t), Some(f)) = (t, f) else { continue };
+                    if let Some(cs) = ck.space() {
+                        if cs != info.space {
+                            self.error(
+                                Diagnostic::error("E0203", format!("this condition is {}, but it guards `{}`, shaped like `{}`", self.kind_name(ck), info.name, self.ck.info.spaces[info.space as usize]), cond.span, "the condition"),
+                            );
+                            continue;
+                        }
+                    }
+                    let v = self.add(Node::Select(c, t, f));
+                    self.bufs[b] = Some(v);
+                }
+                for i in 0..self.scalars.len() {
+                    let (t, f) = (scalars_t[i], self.scalars[i]);
+                    if t == f {
+                        continue;
+                    }
+                    if ck != Kind::Scalar {
+                        let name = self.ck.info.scalar_states[i].clone();
+                        self.error(
+                            Diagnostic::error("E0205", format!("scalar state `{name}` is assigned under a condition that is {}", self.kind_name(ck)), cond.span, "not a scalar")
+                                .with_note("a scalar state has one value; a per-element condition would give it one per element"),
+                        );
+                        continue;
+                    }
+                    let v = self.add(Node::Select(c, t, f));
+                    self.scalars[i] = v;
+                }
+            }
+        }
+    }
+
+    fn assign(&mut self, n: &ast::Ident, e: &ast::Expr) {
+        let v = self.expr(e);
+        if let Some(b) = self.lookup_let(&n.name) {
+            let bspan = b.span;
+            self.error(
+                Diagnostic::error("E0103", format!("cannot assign to `{}`, a `let`", n.name), n.span, "assigned here")
+                    .with_label(bspan, "defined here")
+                    .with_help(format!("define a new value with `let {} = ...`, or declare it as a `state`", n.name)),
+            );
+            return;
+        }
+        let Some(decl) = self.ck.names.get_mut(&n.name) else {
+            self.unknown_name(&n.name, n.span);
+            return;
+        };
+        decl.assigned = true;
+        let (sym, dspan) = (decl.sym, decl.span);
+        let cannot = |what: &str| {
+            Diagnostic::error("E0103", format!("cannot assign to {what} `{}`", n.name), n.span, "assigned here").with_label(dspan, "declared here")
+        };
+        match sym {
+            Sym::Hyper(_) => self.error(cannot("hyperparameter").with_help(format!("use `let` for a value derived from `{}`", n.name))),
+            Sym::ScalarInput(_) => self.error(cannot("input").with_note("inputs come from the host and are read-only")),
+            Sym::ScalarState(i) => {
+                let Some(v) = v else { return };
+                let Some(v) = self.expect_num(v, e.span, "a scalar state") else { return };
+                let k = self.graph.kind(v);
+                if k != Kind::Scalar {
+                    self.error(
+                        Diagnostic::error("E0202", format!("scalar state `{}` cannot hold a value that is {}", n.name, self.kind_name(k)), e.span, "not a scalar")
+                            .with_help("reduce it first, e.g. with `sum`, `mean` or `norm`"),
+                    );
+                    return;
+                }
+                self.scalars[i as usize] = v;
+            }
+            Sym::Buf(b) => match self.ck.info.buffers[b as usize].role {
+                BufRole::Input => self.error(cannot("input").with_note("inputs come from the host and are read-only; use `let` for a modified copy")),
+                BufRole::Output => self.error(cannot("output").with_help(format!("write it with `out {} = ...`", n.name))),
+                BufRole::Param | BufRole::State => {
+                    let Some(v) = v else { return };
+                    let v = self.fit_to_buffer(v, b, Some(e.span));
+                    self.bufs[b as usize] = Some(v);
+                }
+            },
+        }
+    }
+
+    fn out(&mut self, n: &ast::Ident, e: &ast::Expr, span: Span) {
+        let v = self.expr(e);
+        if let Some(b) = self.ck.info.buffer(&n.name) {
+            if self.ck.info.buffers[b as usize].role == BufRole::Output {
+                if self.report {
+                    if let Some(prev) = self.ck.out_spans.get(&b).copied() {
+                        if prev != span {
+                            self.error(
+                                Diagnostic::error("E0102", format!("output `{}` is written twice", n.name), n.span, "written again here")
+                                    .with_label(prev, "first written here"),
+                            );
+                            return;
+                        }
+                    }
+                }
+                if let Some(v) = v {
+                    let v = self.fit_to_buffer(v, b, Some(e.span));
+                    self.bufs[b as usize] = Some(v);
+                }
+                return;
+            }
+        }
+        if let Some(d) = self.ck.names.get(&n.name) {
+            let dspan = d.span;
+            self.error(
+                Diagnostic::error("E0102", format!("`out {}` would hide a name declared in the rule", n.name), n.span, "here").with_label(dspan, "declared here"),
+            );
+            return;
+        }
+        let Some(v) = v else { return };
+        let Some(v) = self.expect_num(v, e.span, "an output") else { return };
+        let space = match self.graph.kind(v) {
+            Kind::Element(s) => s,
+            k => {
+                self.error(
+                    Diagnostic::error("E0206", format!("an output is per element, but this value is {}", self.kind_name(k)), e.span, "not per element")
+                        .with_note("outputs are buffers shaped like a param"),
+                );
+                return;
+            }
+        };
+        let b = self.ck.info.buffers.len() as BufId;
+        self.ck.info.buffers.push(BufInfo {
+            name: n.name.clone(),
+            role: BufRole::Output,
+            space,
+        });
+        self.ck.names.insert(
+            n.name.clone(),
+            Declared {
+                sym: Sym::Buf(b),
+                span: n.span,
+                used: true,
+                assigned: true,
+            },
+        );
+        self.ck.out_spans.insert(b, span);
+        self.bufs.push(Some(v));
+    }
+}
