@@ -56,11 +56,20 @@ fn kind_text(p: &Program, id: NodeId) -> String {
 }
 
 fn reachable(p: &Program, roots: impl IntoIterator<Item = NodeId>) -> BTreeSet<NodeId> {
+    walk(p, roots, true)
+}
+
+/// Nodes under `roots`; `into_reductions: false` stops at reductions (their arguments belong to
+/// the kernel that accumulates them, not to the reader of the result).
+fn walk(p: &Program, roots: impl IntoIterator<Item = NodeId>, into_reductions: bool) -> BTreeSet<NodeId> {
     let mut seen = BTreeSet::new();
     let mut stack: Vec<NodeId> = roots.into_iter().collect();
     while let Some(n) = stack.pop() {
         if seen.insert(n) {
-            stack.extend(p.graph.node(n).children());
+            let node = p.graph.node(n);
+            if into_reductions || !matches!(node, Node::Reduce { .. }) {
+                stack.extend(node.children());
+            }
         }
     }
     seen
@@ -113,7 +122,7 @@ pub fn graph(p: &Program) -> String {
         }
         if !v.scalar_updates.is_empty() {
             let _ = writeln!(out, "  end of step:");
-            lines(&mut out, p, &reachable(p, v.scalar_updates.iter().map(|s| s.1)), "    ");
+            lines(&mut out, p, &walk(p, v.scalar_updates.iter().map(|s| s.1), false), "    ");
             for &(i, n) in &v.scalar_updates {
                 let _ = writeln!(out, "    state {} = {n}", p.info.scalar_states[i as usize]);
             }
@@ -132,7 +141,7 @@ pub fn kernels(p: &Program) -> String {
             for (pi, ph) in s.phases.iter().enumerate() {
                 for kern in &ph.kernels {
                     let _ = writeln!(out, "    phase {pi}, kernel over {}:", space(p, kern.space));
-                    let uni = reachable(p, kern.uniforms.iter().copied());
+                    let uni = walk(p, kern.uniforms.iter().copied(), false);
                     if !uni.is_empty() {
                         let _ = writeln!(out, "      uniforms:");
                         lines(&mut out, p, &uni, "        ");
@@ -156,7 +165,7 @@ pub fn kernels(p: &Program) -> String {
         }
         if !v.scalar_updates.is_empty() {
             let _ = writeln!(out, "  end of step:");
-            lines(&mut out, p, &reachable(p, v.scalar_updates.iter().map(|s| s.1)), "    ");
+            lines(&mut out, p, &walk(p, v.scalar_updates.iter().map(|s| s.1), false), "    ");
             for &(i, n) in &v.scalar_updates {
                 let _ = writeln!(out, "    state {} = {n}", p.info.scalar_states[i as usize]);
             }

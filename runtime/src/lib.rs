@@ -1,1 +1,387 @@
+//! The optc runtime: owns a compiled rule's buffers, optimizer state, scalar state, step counter
+//! and hyperparameter values, and runs its stages over the host's tensors.
+//!
+//! Every call checks its inputs first and returns an [`Error`] without touching any parameter or
+//! state; a stage that starts always completes.
 
+use optc_compiler::backend::interp::{Buffers, StepEnv, StepRun};
+use optc_compiler::ir::{BufRole, Kind, Node, NodeId, Program, Ty};
+use optc_compiler::ops::Float;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+/// What can go wrong when driving a rule.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum Error {
+    /// A hyperparameter name the rule does not declare.
+    #[error("rule `{rule}` has no hyperparameter `{name}` (it has: {known})")]
+    UnknownHyper {
+        /// The rule.
+        rule: String,
+        /// The name given.
+        name: String,
+        /// The names it has.
+        known: String,
+    },
+    /// A value that is not finite, or not 0/1 for a boolean.
+    #[error("bad value {value} for hyperparameter `{name}`: {why}")]
+    BadHyper {
+        /// The hyperparameter.
+        name: String,
+        /// The value given.
+        value: f64,
+        /// Why it is rejected.
+        why: &'static str,
+    },
+    /// The tensors of a space do not match what the optimizer was built with.
+    #[error("{what}: expected {expected} elements, got {got}")]
+    Length {
+        /// Which buffer and tensor.
+        what: String,
+        /// Elements expected.
+        expected: usize,
+        /// Elements given.
+        got: usize,
+    },
+    /// An input the stage reads was not given.
+    #[error("stage `{stage}` of rule `{rule}` needs input `{name}`")]
+    MissingInput {
+        /// The rule.
+        rule: String,
+        /// The stage.
+        stage: String,
+        /// The input.
+        name: String,
+    },
+    /// A name given as input that the rule does not declare as an input.
+    #[error("rule `{rule}` has no input `{name}`")]
+    UnknownInput {
+        /// The rule.
+        rule: String,
+        /// The name given.
+        name: String,
+    },
+    /// Stages must run in order.
+    #[error("stage {got} run out of order: the next stage is {expected} (`{name}`)")]
+    StageOrder {
+        /// The stage expected next.
+        expected: usize,
+        /// Its name.
+        name: String,
+        /// The stage asked for.
+        got: usize,
+    },
+    /// Params given at construction are not one list per param of the rule.
+    #[error("rule `{rule}` has {expected} param(s), got tensors for {got}")]
+    Spaces {
+        /// The rule.
+        rule: String,
+        /// Params it has.
+        expected: usize,
+        /// Lists given.
+        got: usize,
+    },
+}
+
+/// Inputs of one stage: per-element inputs by name (one array per tensor) and scalar inputs by name.
+#[derive(Debug, Clone)]
+pub struct Inputs<'a, T> {
+    /// Per-element inputs.
+    pub tensors: HashMap<String, Vec<&'a [T]>>,
+    /// Scalar inputs.
+    pub scalars: HashMap<String, f64>,
+}
+
+impl<T> Default for Inputs<'_, T> {
+    fn default() -> Self {
+        Inputs {
+            tensors: HashMap::new(),
+            scalars: HashMap::new(),
+        }
+    }
+}
+
+impl<'a, T> Inputs<'a, T> {
+    /// Adds a per-element input.
+    pub fn tensor(mut self, name: &str, data: Vec<&'a [T]>) -> Self {
+        self.tensors.insert(name.to_string(), data);
+        self
+    }
+    /// Adds a scalar input.
+    pub fn scalar(mut self, name: &str, v: f64) -> Self {
+        self.scalars.insert(name.to_string(), v);
+        self
+    }
+}
+
+/// What each stage reads from the host.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StageNeeds {
+    /// Per-element inputs (buffer ids).
+    pub tensors: BTreeSet<u16>,
+    /// Scalar inputs (indices).
+    pub scalars: BTreeSet<u16>,
+}
+
+/// A rule bound to a set of tensors: parameters, state, step counter and hyperparameters.
+#[derive(Debug, Clone)]
+pub struct Optimizer<T: Float> {
+    program: Arc<Program>,
+    hypers: Vec<f64>,
+    /// Completed steps.
+    steps: u64,
+    scalar_states: Vec<f64>,
+    bufs: Buffers<T>,
+    lens: Vec<Vec<usize>>,
+    /// Stage to run next (0 between steps).
+    next_stage: usize,
+    pending: HashMap<NodeId, Vec<f64>>,
+    pending_scalars: HashMap<u16, f64>,
+    needs: [Vec<StageNeeds>; 2],
+}
+
+fn needs_of(p: &Program, variant: usize) -> Vec<StageNeeds> {
+    let v = &p.variants[variant];
+    let mut out = Vec::new();
+    for (k, s) in v.stages.iter().enumerate() {
+        let mut n = StageNeeds::default();
+        let mut roots: Vec<NodeId> = Vec::new();
+        for ph in &s.phases {
+            for kern in &ph.kernels {
+                roots.extend(kern.body.iter().copied());
+                roots.extend(kern.uniforms.iter().copied());
+            }
+        }
+        if k + 1 == v.stages.len() {
+            roots.extend(v.scalar_updates.iter().map(|u| u.1));
+        }
+        let mut seen = BTreeSet::new();
+        while let Some(id) = roots.pop() {
+            if !seen.insert(id) {
+                continue;
+            }
+            match p.graph.node(id) {
+                Node::Load { buf, .. } if p.info.buffers[buf as usize].role == BufRole::Input => {
+                    n.tensors.insert(buf);
+                }
+                Node::ScalarInput(i) => {
+                    n.scalars.insert(i);
+                }
+                // A reduction's argument was read by the stage that computed it.
+                Node::Reduce { .. } => {}
+                node => roots.extend(node.children()),
+            }
+        }
+        out.push(n);
+    }
+    out
+}
+
+impl<T: Float + Default> Optimizer<T> {
+    /// Binds a compiled rule to tensors: `params[space]` lists the initial values of each tensor of
+    /// that param. States start zero-filled; hyperparameters at their defaults.
+    pub fn new(program: Arc<Program>, params: Vec<Vec<Vec<T>>>) -> Result<Self, Error> {
+        let info = &program.info;
+        if params.len() != info.spaces.len() {
+            return Err(Error::Spaces {
+                rule: info.name.clone(),
+                expected: info.spaces.len(),
+                got: params.len(),
+            });
+        }
+        let lens: Vec<Vec<usize>> = params.iter().map(|ts| ts.iter().map(|t| t.len()).collect()).collect();
+        let mut params = params.into_iter();
+        let bufs = info
+            .buffers
+            .iter()
+            .map(|b| match b.role {
+                BufRole::Param => params.next().unwrap_or_default(),
+                BufRole::Input => Vec::new(),
+                _ => lens[b.space as usize].iter().map(|&n| vec![T::default(); n]).collect(),
+            })
+            .collect();
+        let needs = [needs_of(&program, 0), needs_of(&program, 1)];
+        Ok(Optimizer {
+            hypers: info.hypers.iter().map(|h| h.default).collect(),
+            scalar_states: vec![0.0; info.scalar_states.len()],
+            steps: 0,
+            bufs,
+            lens,
+            next_stage: 0,
+            pending: HashMap::new(),
+            pending_scalars: HashMap::new(),
+            needs,
+            program,
+        })
+    }
+
+    /// The compiled rule.
+    pub fn program(&self) -> &Program {
+        &self.program
+    }
+
+    /// Completed steps.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Sets a hyperparameter (booleans as 0/1).
+    pub fn set_hyper(&mut self, name: &str, value: f64) -> Result<(), Error> {
+        let info = &self.program.info;
+        let Some(h) = info.hyper(name) else {
+            return Err(Error::UnknownHyper {
+                rule: info.name.clone(),
+                name: name.to_string(),
+                known: info.hypers.iter().map(|h| h.name.as_str()).collect::<Vec<_>>().join(", "),
+            });
+        };
+        if !value.is_finite() {
+            return Err(Error::BadHyper {
+                name: name.to_string(),
+                value,
+                why: "not a finite number",
+            });
+        }
+        if info.hypers[h].ty == Ty::Bool && value != 0.0 && value != 1.0 {
+            return Err(Error::BadHyper {
+                name: name.to_string(),
+                value,
+                why: "a boolean is true (1) or false (0)",
+            });
+        }
+        self.hypers[h] = value;
+        Ok(())
+    }
+
+    /// Current value of a hyperparameter.
+    pub fn hyper(&self, name: &str) -> Option<f64> {
+        self.program.info.hyper(name).map(|h| self.hypers[h])
+    }
+
+    /// The tensors of a per-element buffer (param, state or output) by name.
+    pub fn buffer(&self, name: &str) -> Option<&[Vec<T>]> {
+        let b = self.program.info.buffer(name)?;
+        Some(&self.bufs[b as usize])
+    }
+
+    /// A scalar state by name.
+    pub fn scalar_state(&self, name: &str) -> Option<f64> {
+        let i = self.program.info.scalar_states.iter().position(|s| s == name)?;
+        Some(self.scalar_states[i])
+    }
+
+    /// The tensors of param `space`.
+    pub fn params(&self, space: usize) -> &[Vec<T>] {
+        &self.bufs[space]
+    }
+
+    /// What stage `k` reads from the host in the coming step.
+    pub fn stage_needs(&self, k: usize) -> &StageNeeds {
+        &self.needs[usize::from(self.steps > 0)][k]
+    }
+
+    /// Runs a whole step (every stage, with the same inputs).
+    pub fn step(&mut self, inputs: &Inputs<'_, T>) -> Result<(), Error> {
+        for k in self.next_stage..self.program.info.stages.len() {
+            self.run_stage(k, inputs)?;
+        }
+        Ok(())
+    }
+
+    /// Runs stage `k` of the current step. Inputs the stage does not read are ignored; names the
+    /// rule does not declare are errors.
+    pub fn run_stage(&mut self, k: usize, inputs: &Inputs<'_, T>) -> Result<(), Error> {
+        let prog = Arc::clone(&self.program);
+        let info = &prog.info;
+        if k != self.next_stage {
+            return Err(Error::StageOrder {
+                expected: self.next_stage,
+                name: info.stages[self.next_stage].clone(),
+                got: k,
+            });
+        }
+        for name in inputs.tensors.keys() {
+            if !matches!(info.buffer(name).map(|b| info.buffers[b as usize].role), Some(BufRole::Input)) {
+                return Err(Error::UnknownInput { rule: info.name.clone(), name: name.clone() });
+            }
+        }
+        for name in inputs.scalars.keys() {
+            if !info.scalar_inputs.contains(name) {
+                return Err(Error::UnknownInput { rule: info.name.clone(), name: name.clone() });
+            }
+        }
+        let needs = self.stage_needs(k).clone();
+        let missing = |name: &str| Error::MissingInput {
+            rule: info.name.clone(),
+            stage: info.stages[k].clone(),
+            name: name.to_string(),
+        };
+        let mut scalars = self.pending_scalars.clone();
+        for (i, name) in info.scalar_inputs.iter().enumerate() {
+            if let Some(&v) = inputs.scalars.get(name) {
+                scalars.insert(i as u16, v);
+            }
+        }
+        for &i in &needs.scalars {
+            if !scalars.contains_key(&i) {
+                return Err(missing(&info.scalar_inputs[i as usize]));
+            }
+        }
+        for &b in &needs.tensors {
+            let bi = &info.buffers[b as usize];
+            let Some(data) = inputs.tensors.get(&bi.name) else {
+                return Err(missing(&bi.name));
+            };
+            let lens = &self.lens[bi.space as usize];
+            if data.len() != lens.len() {
+                return Err(Error::Length {
+                    what: format!("input `{}` (number of tensors)", bi.name),
+                    expected: lens.len(),
+                    got: data.len(),
+                });
+            }
+            for (j, (d, &n)) in data.iter().zip(lens).enumerate() {
+                if d.len() != n {
+                    return Err(Error::Length {
+                        what: format!("input `{}`, tensor {j}", bi.name),
+                        expected: n,
+                        got: d.len(),
+                    });
+                }
+            }
+        }
+        // Everything checked: from here on the stage runs to completion.
+        for &b in &needs.tensors {
+            let name = &info.buffers[b as usize].name;
+            self.bufs[b as usize] = inputs.tensors[name].iter().map(|d| d.to_vec()).collect();
+        }
+        let scalar_inputs: Vec<f64> = (0..info.scalar_inputs.len()).map(|i| scalars.get(&(i as u16)).copied().unwrap_or(0.0)).collect();
+        let env = StepEnv {
+            hypers: &self.hypers,
+            t: (self.steps + 1) as f64,
+            scalar_states: &self.scalar_states,
+            scalar_inputs: &scalar_inputs,
+        };
+        let mut run = StepRun::new(&prog, self.steps == 0, self.lens.clone()).with_reductions(std::mem::take(&mut self.pending));
+        run.run_stage(&env, k, &mut self.bufs);
+        if k + 1 == info.stages.len() {
+            self.scalar_states = run.scalar_updates(&env);
+            self.steps += 1;
+            self.next_stage = 0;
+            self.pending_scalars.clear();
+        } else {
+            self.pending = run.take_reductions();
+            self.pending_scalars = scalars;
+            self.next_stage = k + 1;
+        }
+        for &b in &needs.tensors {
+            self.bufs[b as usize] = Vec::new();
+        }
+        Ok(())
+    }
+}
+
+/// Whether a node is computed per element (re-exported for hosts inspecting programs).
+pub fn is_per_element(p: &Program, id: NodeId) -> bool {
+    matches!(p.graph.kind(id), Kind::Element(_))
+}

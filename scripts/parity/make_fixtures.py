@@ -27,13 +27,14 @@ import importlib.metadata
 import inspect
 import json
 import os
+import struct
 import sys
 import zlib
 
 import numpy as np
 import torch
 import pytorch_optimizer as po
-from safetensors.torch import save_file
+from safetensors import safe_open
 
 T = 30
 SHAPES: dict[str, tuple[int, ...]] = {
@@ -42,6 +43,7 @@ SHAPES: dict[str, tuple[int, ...]] = {
     "w2": (7, 3),
     "w3": (4, 4, 2),
     "w4": (131,),
+    "w5": (16, 16),  # |w5| ~ 16 > 10: LAMB's weight-norm clamp is active
 }
 
 # rule name -> (reference class, forced constructor kwargs that are not optc hyperparameters)
@@ -61,6 +63,15 @@ RULES = {
     "adabelief": (po.AdaBelief, {}),
     "adan": (po.Adan, {}),
     "diffgrad": (po.DiffGrad, {}),
+}
+
+# Options of pytorch_optimizer classes that are not named constructor arguments but are read from
+# the param group (passed through **kwargs) and that the rules carry.
+EXTRA_KWARGS = {
+    "lion": ("cautious",),
+    "lamb": ("adam_debias",),
+    "adabelief": ("adam_debias",),
+    "diffgrad": ("adam_debias",),
 }
 
 # (case name, rule, optc hyperparameters). betas are split into beta1, beta2, beta3.
@@ -133,6 +144,7 @@ CASES: list[tuple[str, str, dict]] = [
     ("lion_coupled_wd_maximize", "lion",
      {"lr": 1e-3, "weight_decay": 0.1, "weight_decouple": False, "maximize": True}),
     ("lion_fixed_decay", "lion", {"lr": 1e-3, "weight_decay": 0.01, "fixed_decay": True}),
+    ("lion_cautious_wd", "lion", {"lr": 1e-3, "weight_decay": 0.1, "cautious": True}),
     # --- pytorch_optimizer.Lamb
     ("lamb_default", "lamb", {}),
     ("lamb_coupled_wd_prenorm", "lamb",
@@ -144,17 +156,19 @@ CASES: list[tuple[str, str, dict]] = [
     ("lamb_rectify_sgd_adam", "lamb",
      {"lr": 0.01, "rectify": True, "degenerated_to_sgd": True, "adam": True,
       "n_sma_threshold": 6}),
+    ("lamb_adam_debias", "lamb", {"lr": 0.01, "weight_decay": 0.01, "adam_debias": True}),
     # --- pytorch_optimizer.AdaBelief
     ("adabelief_default", "adabelief", {}),
     ("adabelief_coupled_wd_amsbound", "adabelief",
      {"lr": 0.01, "beta1": 0.8, "beta2": 0.99, "eps": 1e-8, "weight_decay": 0.05,
       "weight_decouple": False, "ams_bound": True}),
     ("adabelief_decoupled_fixed_maximize", "adabelief",
-     {"lr": 0.01, "weight_decay": 0.01, "fixed_decay": True, "maximize": True}),
+     {"lr": 0.01, "eps": 1e-4, "weight_decay": 0.01, "fixed_decay": True, "maximize": True}),
     ("adabelief_rectify", "adabelief", {"lr": 0.01, "rectify": True}),
     ("adabelief_rectify_nosgd_amsbound", "adabelief",
      {"lr": 0.01, "rectify": True, "degenerated_to_sgd": False, "n_sma_threshold": 6,
       "ams_bound": True}),
+    ("adabelief_adam_debias", "adabelief", {"lr": 0.01, "beta2": 0.99, "adam_debias": True}),
     # --- pytorch_optimizer.Adan
     ("adan_default", "adan", {}),
     ("adan_clip_prox_wd", "adan",
@@ -172,6 +186,7 @@ CASES: list[tuple[str, str, dict]] = [
     ("diffgrad_rectify", "diffgrad", {"lr": 0.01, "rectify": True}),
     ("diffgrad_rectify_nosgd", "diffgrad",
      {"lr": 0.01, "rectify": True, "degenerated_to_sgd": False}),
+    ("diffgrad_adam_debias", "diffgrad", {"lr": 0.01, "beta2": 0.99, "adam_debias": True}),
 ]
 
 
@@ -190,7 +205,7 @@ def ctor_kwargs(rule: str, hyper: dict) -> dict:
     for k, v in hyper.items():
         if k in ("beta1", "beta2", "beta3"):
             continue
-        if k not in sig:
+        if k not in sig and k not in EXTRA_KWARGS.get(rule, ()):
             raise KeyError(f"{cls.__name__} has no argument {k!r}")
         kw[k] = v
     kw.update(forced)
@@ -199,7 +214,7 @@ def ctor_kwargs(rule: str, hyper: dict) -> dict:
         if k in sig:
             kw[k] = False
     order = list(sig)
-    return dict(sorted(kw.items(), key=lambda kv: order.index(kv[0])))
+    return dict(sorted(kw.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
 
 def reference_string(rule: str, kw: dict) -> str:
@@ -239,9 +254,9 @@ def make_case(name: str, rule: str, hyper: dict) -> tuple[dict, dict]:
 
     tensors = {}
     for k in SHAPES:
-        tensors[f"param.{k}"] = torch.from_numpy(init[k])
-        tensors[f"input.g.{k}"] = torch.from_numpy(grads[k])
-        tensors[f"expected.{k}"] = torch.from_numpy(expected[k])
+        tensors[f"param.{k}"] = init[k]
+        tensors[f"input.g.{k}"] = grads[k]
+        tensors[f"expected.{k}"] = expected[k]
     meta = {
         "rule": rule,
         "hyper": json.dumps(hyper, sort_keys=True),
@@ -251,6 +266,32 @@ def make_case(name: str, rule: str, hyper: dict) -> tuple[dict, dict]:
         "pytorch_optimizer_version": importlib.metadata.version("pytorch-optimizer"),
     }
     return tensors, meta
+
+
+def save_stable(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str]) -> None:
+    """Write a safetensors file byte-for-byte reproducibly (safetensors.save_file orders the
+    metadata map differently from run to run): metadata and tensors in sorted order, f32
+    little-endian, header padded with spaces to a multiple of 8 bytes as the format asks."""
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name], dtype="<f4")
+        b = a.tobytes()
+        header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [offset, offset + len(b)]}
+        blobs.append(b)
+        offset += len(b)
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for b in blobs:
+            f.write(b)
+    # read it back with the safetensors library itself
+    with safe_open(path, "np") as f:
+        assert f.metadata() == metadata
+        for name in tensors:
+            assert np.array_equal(f.get_tensor(name), tensors[name])
 
 
 def main() -> int:
@@ -271,7 +312,7 @@ def main() -> int:
             continue
         tensors, meta = make_case(name, rule, hyper)
         path = os.path.join(args.out, f"{name}.safetensors")
-        save_file(tensors, path, metadata=meta)
+        save_stable(tensors, path, meta)
         print(f"{name:40s} {meta['reference']}")
     return 0
 

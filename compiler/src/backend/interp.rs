@@ -55,6 +55,17 @@ impl<'p> StepRun<'p> {
         }
     }
 
+    /// Reduction results computed so far, to carry into the next stage of the same step.
+    pub fn take_reductions(&mut self) -> HashMap<NodeId, Vec<f64>> {
+        std::mem::take(&mut self.reductions)
+    }
+
+    /// Restores reduction results of earlier stages of the same step.
+    pub fn with_reductions(mut self, reductions: HashMap<NodeId, Vec<f64>>) -> Self {
+        self.reductions = reductions;
+        self
+    }
+
     /// Evaluates a scalar (tensor index ignored) or per-tensor node on the host, in f64.
     pub fn scalar(&mut self, env: &StepEnv<'_>, id: NodeId, tensor: usize) -> f64 {
         let tensor = if self.prog.graph.kind(id) == Kind::Scalar { 0 } else { tensor };

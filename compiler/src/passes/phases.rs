@@ -96,7 +96,13 @@ fn plan_stage(p: &mut Program, vi: usize, k: usize, mine: HashSet<NodeId>) {
             reds.push((r, arg, ph));
         }
     }
-    let final_of: HashMap<NodeId, BufId> = stores.iter().map(|&(b, v)| (v, b)).collect();
+    // Stored values that later phases reload. A plain load of another buffer is not one of them:
+    // that buffer still holds the value (or the conflict loop below delays its store).
+    let final_of: HashMap<NodeId, BufId> = stores
+        .iter()
+        .filter(|&&(_, v)| !matches!(sp.p.graph.node(v), Node::Load { .. }))
+        .map(|&(b, v)| (v, b))
+        .collect();
     let stored: HashSet<BufId> = stores.iter().map(|&(b, _)| b).collect();
     let p = sp.p;
     // Delay stores until no later phase needs the old value.
