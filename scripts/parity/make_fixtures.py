@@ -16,7 +16,9 @@ and the metadata (all strings)
 
 The references are used exactly as a user would: an optimizer over f32 torch parameters,
 p.grad set before each step(), the plain single-tensor path (foreach=False, fused=False
-where the constructor has those options). Run with the project's venv:
+where the constructor has those options). Tensors w0..w5 have awkward shapes; initial values and
+gradients come from a NumPy generator seeded with crc32(case name), the gradient scale varying per
+step. The files are byte-for-byte reproducible. Run with the project's venv:
 
     .venv/bin/python scripts/parity/make_fixtures.py [--out tests/parity/fixtures] [--only CASE...]
 """
