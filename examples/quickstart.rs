@@ -20,6 +20,13 @@ rule signum(lr = 0.01, momentum = 0.9) {
     theta = theta - lr * sign(m)
 }";
 
+/// A rule under trial: its name, compiled program and hyperparameter settings.
+type Trial = (
+    String,
+    optc::compiler::ir::Program,
+    Vec<(&'static str, f64)>,
+);
+
 struct Data {
     x: Vec<[f32; 30]>,
     y: Vec<f32>,
@@ -31,7 +38,10 @@ fn load() -> Data {
     let mut x = Vec::new();
     let mut y = Vec::new();
     for line in lines.filter(|l| !l.trim().is_empty()) {
-        let vals: Vec<f32> = line.split(',').map(|v| v.trim().parse().expect("a number")).collect();
+        let vals: Vec<f32> = line
+            .split(',')
+            .map(|v| v.trim().parse().expect("a number"))
+            .collect();
         let mut row = [0f32; 30];
         row.copy_from_slice(&vals[..30]);
         x.push(row);
@@ -41,7 +51,9 @@ fn load() -> Data {
     for j in 0..30 {
         let n = x.len() as f32;
         let mean = x.iter().map(|r| r[j]).sum::<f32>() / n;
-        let std = (x.iter().map(|r| (r[j] - mean).powi(2)).sum::<f32>() / n).sqrt().max(1e-12);
+        let std = (x.iter().map(|r| (r[j] - mean).powi(2)).sum::<f32>() / n)
+            .sqrt()
+            .max(1e-12);
         for r in &mut x {
             r[j] = (r[j] - mean) / std;
         }
@@ -68,7 +80,7 @@ fn loss_and_grad(d: &Data, w: &[f32], b: f32) -> (f32, f32, Vec<f32>, f32) {
 
 fn main() {
     let data = load();
-    let mut rules: Vec<(String, optc::compiler::ir::Program, Vec<(&str, f64)>)> = Vec::new();
+    let mut rules: Vec<Trial> = Vec::new();
     for (name, sets) in [
         ("sgd", vec![("lr", 0.5), ("momentum", 0.9)]),
         ("adam", vec![("lr", 0.05)]),
@@ -77,22 +89,34 @@ fn main() {
     ] {
         let start = std::time::Instant::now();
         let p = optc::stdlib_rule(name).expect("a standard-library rule");
-        println!("compiled {name:<9} in {:>6.2} ms", start.elapsed().as_secs_f64() * 1e3);
+        println!(
+            "compiled {name:<9} in {:>6.2} ms",
+            start.elapsed().as_secs_f64() * 1e3
+        );
         rules.push((name.to_string(), p, sets));
     }
     let p = optc::compile_rule(MY_RULE).unwrap_or_else(|e| panic!("{e}"));
     rules.push(("signum (inline)".to_string(), p, vec![("lr", 0.01)]));
 
-    println!("\nlogistic regression, {} samples x 30 features, full batch, {EPOCHS} epochs", data.x.len());
+    println!(
+        "\nlogistic regression, {} samples x 30 features, full batch, {EPOCHS} epochs",
+        data.x.len()
+    );
     let mut header = format!("{:>6}", "epoch");
     for (name, _, _) in &rules {
         header.push_str(&format!("  {:>17}", name));
     }
-    println!("{header}\n{:>6}{}", "", "  loss / accuracy  ".repeat(rules.len()));
+    println!(
+        "{header}\n{:>6}{}",
+        "",
+        "  loss / accuracy  ".repeat(rules.len())
+    );
     let mut opts: Vec<Optimizer<f32>> = rules
         .iter()
         .map(|(_, p, sets)| {
-            let mut o = Optimizer::new(Arc::new(p.clone()), vec![vec![vec![0.0; 30], vec![0.0; 1]]]).expect("bind");
+            let mut o =
+                Optimizer::new(Arc::new(p.clone()), vec![vec![vec![0.0; 30], vec![0.0; 1]]])
+                    .expect("bind");
             for (k, v) in sets {
                 o.set_hyper(k, *v).expect("hyperparameter");
             }
@@ -104,7 +128,8 @@ fn main() {
         for opt in &mut opts {
             let (w, b) = (opt.params(0)[0].clone(), opt.params(0)[1][0]);
             let (loss, acc, gw, gb) = loss_and_grad(&data, &w, b);
-            opt.step(&Inputs::default().tensor("g", vec![&gw, &[gb]])).expect("step");
+            opt.step(&Inputs::default().tensor("g", vec![&gw, &[gb]]))
+                .expect("step");
             row.push_str(&format!("  {loss:>8.4} / {:>5.1}%", acc * 100.0));
         }
         if epoch <= 3 || epoch % 10 == 0 {

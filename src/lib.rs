@@ -25,7 +25,11 @@ use ariadne::{Config, Label, Report, ReportKind, Source};
 pub fn render(diags: &[Diagnostic], src: &str, file: &str, color: bool) -> String {
     let mut out = Vec::new();
     for d in diags {
-        let kind = if d.is_error() { ReportKind::Error } else { ReportKind::Warning };
+        let kind = if d.is_error() {
+            ReportKind::Error
+        } else {
+            ReportKind::Warning
+        };
         let range = |s: optc_grammar::ast::Span| {
             let end = s.end.min(src.len());
             (file.to_string(), s.start.min(end)..end)
@@ -34,9 +38,17 @@ pub fn render(diags: &[Diagnostic], src: &str, file: &str, color: bool) -> Strin
             .with_config(Config::default().with_color(color))
             .with_code(d.code)
             .with_message(&d.message)
-            .with_label(Label::new(range(d.primary.span)).with_message(&d.primary.message).with_order(0));
+            .with_label(
+                Label::new(range(d.primary.span))
+                    .with_message(&d.primary.message)
+                    .with_order(0),
+            );
         for (i, l) in d.secondary.iter().enumerate() {
-            r = r.with_label(Label::new(range(l.span)).with_message(&l.message).with_order(i as i32 + 1));
+            r = r.with_label(
+                Label::new(range(l.span))
+                    .with_message(&l.message)
+                    .with_order(i as i32 + 1),
+            );
         }
         for n in &d.notes {
             r = r.with_note(n);
@@ -44,7 +56,9 @@ pub fn render(diags: &[Diagnostic], src: &str, file: &str, color: bool) -> Strin
         if let Some(h) = &d.help {
             r = r.with_help(h);
         }
-        let _ = r.finish().write((file.to_string(), Source::from(src)), &mut out);
+        let _ = r
+            .finish()
+            .write((file.to_string(), Source::from(src)), &mut out);
     }
     String::from_utf8_lossy(&out).into_owned()
 }

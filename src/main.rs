@@ -13,7 +13,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 #[derive(Parser, Debug)]
-#[command(name = "optc", version, about = "A compiler for optimizer update rules")]
+#[command(
+    name = "optc",
+    version,
+    about = "A compiler for optimizer update rules"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -105,7 +109,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Check { files } => check(&files),
-        Cmd::Compile { rule, emit, rule_name } => compile_cmd(&rule, rule_name.as_deref(), emit),
+        Cmd::Compile {
+            rule,
+            emit,
+            rule_name,
+        } => compile_cmd(&rule, rule_name.as_deref(), emit),
         Cmd::Run(args) => run(&args),
         Cmd::List => list(),
         Cmd::Doc { name } => doc(&name),
@@ -129,7 +137,8 @@ fn color() -> bool {
 fn load_source(rule: &str) -> Result<(String, String), Fail> {
     let path = Path::new(rule);
     if path.exists() {
-        let src = std::fs::read_to_string(path).map_err(|e| Fail(format!("error: cannot read `{rule}`: {e}")))?;
+        let src = std::fs::read_to_string(path)
+            .map_err(|e| Fail(format!("error: cannot read `{rule}`: {e}")))?;
         return Ok((rule.to_string(), src));
     }
     if let Some(src) = stdlib::source(rule) {
@@ -143,7 +152,9 @@ fn load_source(rule: &str) -> Result<(String, String), Fail> {
 }
 
 fn closest<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
-    candidates.filter(|c| strsim(name, c) <= (name.len() / 3).max(1)).min_by_key(|c| strsim(name, c))
+    candidates
+        .filter(|c| strsim(name, c) <= (name.len() / 3).max(1))
+        .min_by_key(|c| strsim(name, c))
 }
 
 fn strsim(a: &str, b: &str) -> usize {
@@ -152,7 +163,9 @@ fn strsim(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1; b.len() + 1];
         for (j, &cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+            cur[j + 1] = (prev[j] + usize::from(ca != cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
         }
         prev = cur;
     }
@@ -172,7 +185,15 @@ fn check(files: &[String]) -> Result<(), Fail> {
             eprintln!("{name}: {errors} error(s), {warnings} warning(s)");
         } else {
             let rules: Vec<&str> = c.programs.iter().map(|p| p.info.name.as_str()).collect();
-            println!("{name}: ok ({}){}", rules.join(", "), if warnings > 0 { format!(", {warnings} warning(s)") } else { String::new() });
+            println!(
+                "{name}: ok ({}){}",
+                rules.join(", "),
+                if warnings > 0 {
+                    format!(", {warnings} warning(s)")
+                } else {
+                    String::new()
+                }
+            );
         }
     }
     if failed {
@@ -191,11 +212,17 @@ fn compile_one(rule: &str, rule_name: Option<&str>) -> Result<(Program, String, 
     }
     let mut programs = c.programs;
     let idx = match rule_name {
-        Some(r) => programs.iter().position(|p| p.info.name == r).ok_or_else(|| Fail(format!("error: `{name}` has no rule `{r}`")))?,
+        Some(r) => programs
+            .iter()
+            .position(|p| p.info.name == r)
+            .ok_or_else(|| Fail(format!("error: `{name}` has no rule `{r}`")))?,
         None if programs.len() == 1 => 0,
         None => {
             let names: Vec<&str> = programs.iter().map(|p| p.info.name.as_str()).collect();
-            return Err(Fail(format!("error: `{name}` has several rules ({}); choose one with --rule", names.join(", "))));
+            return Err(Fail(format!(
+                "error: `{name}` has several rules ({}); choose one with --rule",
+                names.join(", ")
+            )));
         }
     };
     Ok((programs.swap_remove(idx), name, src))
@@ -215,7 +242,11 @@ fn compile_cmd(rule: &str, rule_name: Option<&str>, emit: Emit) -> Result<(), Fa
             let mut dumps = Vec::new();
             let c = compiler::compile_with(&src, &mut |pass, p| {
                 if rule_name.is_none_or(|r| r == p.info.name) {
-                    let body = if pass == "phases" || pass == "hoist" { compiler::print::kernels(p) } else { compiler::print::graph(p) };
+                    let body = if pass == "phases" || pass == "hoist" {
+                        compiler::print::kernels(p)
+                    } else {
+                        compiler::print::graph(p)
+                    };
                     dumps.push(format!("== {} after {pass} ==\n{body}", p.info.name));
                 }
             });
@@ -226,7 +257,11 @@ fn compile_cmd(rule: &str, rule_name: Option<&str>, emit: Emit) -> Result<(), Fa
         }
         Emit::Kernels => {
             let (p, _, _) = compile_one(rule, rule_name)?;
-            print!("{}{}", compiler::print::interface(&p), compiler::print::kernels(&p));
+            print!(
+                "{}{}",
+                compiler::print::interface(&p),
+                compiler::print::kernels(&p)
+            );
         }
     }
     Ok(())
@@ -234,7 +269,11 @@ fn compile_cmd(rule: &str, rule_name: Option<&str>, emit: Emit) -> Result<(), Fa
 
 fn list() -> Result<(), Fail> {
     for (name, src) in stdlib::RULES {
-        let first = optc::grammar::parse(src).0.and_then(|f| f.rules.into_iter().next()).and_then(|r| r.doc.into_iter().next()).unwrap_or_default();
+        let first = optc::grammar::parse(src)
+            .0
+            .and_then(|f| f.rules.into_iter().next())
+            .and_then(|r| r.doc.into_iter().next())
+            .unwrap_or_default();
         println!("{name:<18} {first}");
     }
     Ok(())
@@ -256,14 +295,41 @@ fn doc(name: &str) -> Result<(), Fail> {
     }
     println!("hyperparameters:");
     for h in &i.hypers {
-        let default = if h.ty == Ty::Bool { (h.default != 0.0).to_string() } else { format!("{}", h.default) };
-        println!("  {:<24} = {:<10} {}", h.name, default, h.doc.replace('\n', " "));
+        let default = if h.ty == Ty::Bool {
+            (h.default != 0.0).to_string()
+        } else {
+            format!("{}", h.default)
+        };
+        println!(
+            "  {:<24} = {:<10} {}",
+            h.name,
+            default,
+            h.doc.replace('\n', " ")
+        );
     }
-    for (role, title) in [(BufRole::Param, "params"), (BufRole::Input, "inputs"), (BufRole::State, "state"), (BufRole::Output, "outputs")] {
-        let names: Vec<String> = i.buffers.iter().filter(|b| b.role == role).map(|b| b.name.clone()).collect();
+    for (role, title) in [
+        (BufRole::Param, "params"),
+        (BufRole::Input, "inputs"),
+        (BufRole::State, "state"),
+        (BufRole::Output, "outputs"),
+    ] {
+        let names: Vec<String> = i
+            .buffers
+            .iter()
+            .filter(|b| b.role == role)
+            .map(|b| b.name.clone())
+            .collect();
         let extra: Vec<String> = match role {
-            BufRole::Input => i.scalar_inputs.iter().map(|s| format!("{s} (scalar)")).collect(),
-            BufRole::State => i.scalar_states.iter().map(|s| format!("{s} (scalar)")).collect(),
+            BufRole::Input => i
+                .scalar_inputs
+                .iter()
+                .map(|s| format!("{s} (scalar)"))
+                .collect(),
+            BufRole::State => i
+                .scalar_states
+                .iter()
+                .map(|s| format!("{s} (scalar)"))
+                .collect(),
             _ => Vec::new(),
         };
         let all: Vec<String> = names.into_iter().chain(extra).collect();
@@ -278,6 +344,11 @@ fn doc(name: &str) -> Result<(), Fail> {
     Ok(())
 }
 
+/// A parameter tensor: name, shape, data.
+type NamedTensor<T> = (String, Vec<usize>, Vec<T>);
+/// A tensor's shape and data.
+type Shaped = (Vec<usize>, Vec<f64>);
+
 /// Tensors of a safetensors file, converted to f64, by name.
 struct TensorFile {
     tensors: BTreeMap<String, (Vec<usize>, Vec<f64>)>,
@@ -285,12 +356,24 @@ struct TensorFile {
 }
 
 fn read_tensors(path: &Path) -> Result<TensorFile, Fail> {
-    let bytes = std::fs::read(path).map_err(|e| Fail(format!("error: cannot read `{}`: {e}", path.display())))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| Fail(format!("error: `{}` is not a valid safetensors file: {e}", path.display())))?;
+    let bytes = std::fs::read(path)
+        .map_err(|e| Fail(format!("error: cannot read `{}`: {e}", path.display())))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+        Fail(format!(
+            "error: `{}` is not a valid safetensors file: {e}",
+            path.display()
+        ))
+    })?;
     let mut tensors = BTreeMap::new();
     let mut dtype = Dtype::F32;
     for (name, view) in st.tensors() {
-        let data = to_f64(&view).ok_or_else(|| Fail(format!("error: tensor `{name}` in `{}` has dtype {:?}; optc reads F32 and F64 here", path.display(), view.dtype())))?;
+        let data = to_f64(&view).ok_or_else(|| {
+            Fail(format!(
+                "error: tensor `{name}` in `{}` has dtype {:?}; optc reads F32 and F64 here",
+                path.display(),
+                view.dtype()
+            ))
+        })?;
         dtype = view.dtype();
         tensors.insert(name, (view.shape().to_vec(), data));
     }
@@ -300,8 +383,16 @@ fn read_tensors(path: &Path) -> Result<TensorFile, Fail> {
 fn to_f64(v: &TensorView<'_>) -> Option<Vec<f64>> {
     let d = v.data();
     match v.dtype() {
-        Dtype::F32 => Some(d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect()),
-        Dtype::F64 => Some(d.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()),
+        Dtype::F32 => Some(
+            d.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+                .collect(),
+        ),
+        Dtype::F64 => Some(
+            d.chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect(),
+        ),
         _ => None,
     }
 }
@@ -344,7 +435,7 @@ impl Elem for f64 {
 fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> Result<(), Fail> {
     let info = program.info.clone();
     // Which tensors belong to which param.
-    let mut spaces: Vec<Vec<(String, Vec<usize>, Vec<T>)>> = vec![Vec::new(); info.spaces.len()];
+    let mut spaces: Vec<Vec<NamedTensor<T>>> = vec![Vec::new(); info.spaces.len()];
     for (name, (shape, data)) in &params.tensors {
         let space = if info.spaces.len() == 1 {
             0
@@ -354,40 +445,67 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
                 .position(|s| name == s || name.starts_with(&format!("{s}.")))
                 .ok_or_else(|| Fail(format!("error: tensor `{name}` belongs to no param; name it `{}` or `{}.<anything>`", info.spaces[0], info.spaces[0])))?
         };
-        spaces[space].push((name.clone(), shape.clone(), data.iter().map(|&x| T::from_f64(x)).collect()));
+        spaces[space].push((
+            name.clone(),
+            shape.clone(),
+            data.iter().map(|&x| T::from_f64(x)).collect(),
+        ));
     }
     for (s, ts) in spaces.iter().enumerate() {
         if ts.is_empty() {
-            return Err(Fail(format!("error: `{}` has no tensor for param `{}`", args.params.display(), info.spaces[s])));
+            return Err(Fail(format!(
+                "error: `{}` has no tensor for param `{}`",
+                args.params.display(),
+                info.spaces[s]
+            )));
         }
     }
     // Inputs: NAME=FILE, plus --grads.
     let mut input_files: Vec<(String, PathBuf)> = Vec::new();
     for spec in &args.inputs {
-        let (n, f) = spec.split_once('=').ok_or_else(|| Fail(format!("error: `--input {spec}`: expected NAME=FILE")))?;
+        let (n, f) = spec
+            .split_once('=')
+            .ok_or_else(|| Fail(format!("error: `--input {spec}`: expected NAME=FILE")))?;
         input_files.push((n.to_string(), PathBuf::from(f)));
     }
     if let Some(g) = &args.grads {
-        let elem_inputs: Vec<&str> = info.buffers.iter().filter(|b| b.role == BufRole::Input).map(|b| b.name.as_str()).collect();
+        let elem_inputs: Vec<&str> = info
+            .buffers
+            .iter()
+            .filter(|b| b.role == BufRole::Input)
+            .map(|b| b.name.as_str())
+            .collect();
         let name = if elem_inputs.contains(&"g") {
             "g"
         } else if elem_inputs.len() == 1 {
             elem_inputs[0]
         } else {
-            return Err(Fail(format!("error: --grads is ambiguous for rule `{}` (inputs: {}); use --input NAME=FILE", info.name, elem_inputs.join(", "))));
+            return Err(Fail(format!(
+                "error: --grads is ambiguous for rule `{}` (inputs: {}); use --input NAME=FILE",
+                info.name,
+                elem_inputs.join(", ")
+            )));
         };
         input_files.push((name.to_string(), g.clone()));
     }
-    let mut tensor_inputs: HashMap<String, Vec<(Vec<usize>, Vec<f64>)>> = HashMap::new();
+    let mut tensor_inputs: HashMap<String, Vec<Shaped>> = HashMap::new();
     let mut scalar_inputs: HashMap<String, Vec<f64>> = HashMap::new();
     let mut steps_avail: Option<usize> = None;
     for (name, file) in &input_files {
         let tf = read_tensors(file)?;
-        if let Some(b) = info.buffer(name).filter(|&b| info.buffers[b as usize].role == BufRole::Input) {
+        if let Some(b) = info
+            .buffer(name)
+            .filter(|&b| info.buffers[b as usize].role == BufRole::Input)
+        {
             let space = info.buffers[b as usize].space as usize;
             let mut per = Vec::new();
             for (tname, shape, _) in &spaces[space] {
-                let (ishape, data) = tf.tensors.get(tname).ok_or_else(|| Fail(format!("error: input file `{}` has no tensor `{tname}`", file.display())))?;
+                let (ishape, data) = tf.tensors.get(tname).ok_or_else(|| {
+                    Fail(format!(
+                        "error: input file `{}` has no tensor `{tname}`",
+                        file.display()
+                    ))
+                })?;
                 if ishape.len() != shape.len() + 1 || ishape[1..] != shape[..] {
                     return Err(Fail(format!(
                         "error: input `{name}`, tensor `{tname}`: shape {ishape:?} is not [steps, {}]",
@@ -399,30 +517,65 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
             }
             tensor_inputs.insert(name.clone(), per);
         } else if info.scalar_inputs.contains(name) {
-            let (shape, data) = tf.tensors.get(name).ok_or_else(|| Fail(format!("error: input file `{}` has no tensor `{name}`", file.display())))?;
+            let (shape, data) = tf.tensors.get(name).ok_or_else(|| {
+                Fail(format!(
+                    "error: input file `{}` has no tensor `{name}`",
+                    file.display()
+                ))
+            })?;
             if shape.len() != 1 {
-                return Err(Fail(format!("error: scalar input `{name}` must have shape [steps], got {shape:?}")));
+                return Err(Fail(format!(
+                    "error: scalar input `{name}` must have shape [steps], got {shape:?}"
+                )));
             }
             steps_avail = Some(steps_avail.map_or(shape[0], |s: usize| s.min(shape[0])));
             scalar_inputs.insert(name.clone(), data.clone());
         } else {
-            let known: Vec<String> = info.buffers.iter().filter(|b| b.role == BufRole::Input).map(|b| b.name.clone()).chain(info.scalar_inputs.iter().cloned()).collect();
-            return Err(Fail(format!("error: rule `{}` has no input `{name}` (inputs: {})", info.name, known.join(", "))));
+            let known: Vec<String> = info
+                .buffers
+                .iter()
+                .filter(|b| b.role == BufRole::Input)
+                .map(|b| b.name.clone())
+                .chain(info.scalar_inputs.iter().cloned())
+                .collect();
+            return Err(Fail(format!(
+                "error: rule `{}` has no input `{name}` (inputs: {})",
+                info.name,
+                known.join(", ")
+            )));
         }
     }
     let steps = match (args.steps, steps_avail) {
-        (Some(s), Some(a)) if s > a => return Err(Fail(format!("error: --steps {s}, but the inputs hold only {a} steps"))),
+        (Some(s), Some(a)) if s > a => {
+            return Err(Fail(format!(
+                "error: --steps {s}, but the inputs hold only {a} steps"
+            )))
+        }
         (Some(s), _) => s,
         (None, Some(a)) => a,
-        (None, None) => return Err(Fail("error: no input gives a step count; pass --steps".into())),
+        (None, None) => {
+            return Err(Fail(
+                "error: no input gives a step count; pass --steps".into(),
+            ))
+        }
     };
     let program = Arc::new(program);
-    let initial: Vec<Vec<Vec<T>>> = spaces.iter().map(|ts| ts.iter().map(|t| t.2.clone()).collect()).collect();
+    let initial: Vec<Vec<Vec<T>>> = spaces
+        .iter()
+        .map(|ts| ts.iter().map(|t| t.2.clone()).collect())
+        .collect();
     let mut opt = Optimizer::<T>::new(Arc::clone(&program), initial.clone())?;
     for s in &args.sets {
-        let (n, v) = s.split_once('=').ok_or_else(|| Fail(format!("error: `--set {s}`: expected NAME=VALUE")))?;
-        let v = parse_value(v).ok_or_else(|| Fail(format!("error: `--set {s}`: `{v}` is not a number, true or false")))?;
-        opt.set_hyper(n.trim(), v).map_err(|e| Fail(format!("error: {e}")))?;
+        let (n, v) = s
+            .split_once('=')
+            .ok_or_else(|| Fail(format!("error: `--set {s}`: expected NAME=VALUE")))?;
+        let v = parse_value(v).ok_or_else(|| {
+            Fail(format!(
+                "error: `--set {s}`: `{v}` is not a number, true or false"
+            ))
+        })?;
+        opt.set_hyper(n.trim(), v)
+            .map_err(|e| Fail(format!("error: {e}")))?;
     }
     // Every input the rule reads must be given.
     for k in 0..info.stages.len() {
@@ -430,13 +583,20 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
             for b in needs.tensors {
                 let n = &info.buffers[b as usize].name;
                 if !tensor_inputs.contains_key(n) {
-                    return Err(Fail(format!("error: rule `{}` reads input `{n}`; give it with --input {n}=FILE{}", info.name, if n == "g" { " or --grads FILE" } else { "" })));
+                    return Err(Fail(format!(
+                        "error: rule `{}` reads input `{n}`; give it with --input {n}=FILE{}",
+                        info.name,
+                        if n == "g" { " or --grads FILE" } else { "" }
+                    )));
                 }
             }
             for i in needs.scalars {
                 let n = &info.scalar_inputs[i as usize];
                 if !scalar_inputs.contains_key(n) {
-                    return Err(Fail(format!("error: rule `{}` reads scalar input `{n}`; give it with --input {n}=FILE", info.name)));
+                    return Err(Fail(format!(
+                        "error: rule `{}` reads scalar input `{n}`; give it with --input {n}=FILE",
+                        info.name
+                    )));
                 }
             }
         }
@@ -444,11 +604,19 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
     let show = !args.quiet && std::io::stdout().is_terminal();
     let every = (steps / 10).max(1);
     if !args.quiet {
-        println!("rule {}: {} step(s) over {} tensor(s), {} elements", info.name, steps, spaces.iter().map(|s| s.len()).sum::<usize>(), spaces.iter().flatten().map(|t| t.2.len()).sum::<usize>());
+        println!(
+            "rule {}: {} step(s) over {} tensor(s), {} elements",
+            info.name,
+            steps,
+            spaces.iter().map(|s| s.len()).sum::<usize>(),
+            spaces.iter().flatten().map(|t| t.2.len()).sum::<usize>()
+        );
         println!("{:>6}  {:>14}  {:>14}", "step", "|params|", "|update|");
     }
     for step in 0..steps {
-        let before: Vec<Vec<T>> = (0..info.spaces.len()).flat_map(|s| opt.params(s).to_vec()).collect();
+        let before: Vec<Vec<T>> = (0..info.spaces.len())
+            .flat_map(|s| opt.params(s).to_vec())
+            .collect();
         let slices: HashMap<String, Vec<Vec<T>>> = tensor_inputs
             .iter()
             .map(|(n, per)| {
@@ -456,7 +624,10 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
                     .iter()
                     .map(|(shape, data)| {
                         let len: usize = shape[1..].iter().product();
-                        data[step * len..(step + 1) * len].iter().map(|&x| T::from_f64(x)).collect()
+                        data[step * len..(step + 1) * len]
+                            .iter()
+                            .map(|&x| T::from_f64(x))
+                            .collect()
                     })
                     .collect();
                 (n.clone(), v)
@@ -469,11 +640,25 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
         for (n, v) in &scalar_inputs {
             inputs = inputs.scalar(n, v[step]);
         }
-        opt.step(&inputs).map_err(|e| Fail(format!("error: step {}: {e}", step + 1)))?;
+        opt.step(&inputs)
+            .map_err(|e| Fail(format!("error: step {}: {e}", step + 1)))?;
         if !args.quiet && (step + 1 == steps || (step + 1) % every == 0 || show && step < 3) {
-            let after: Vec<Vec<T>> = (0..info.spaces.len()).flat_map(|s| opt.params(s).to_vec()).collect();
-            let norm = after.iter().flatten().map(|x| x.to_f64().powi(2)).sum::<f64>().sqrt();
-            let upd = after.iter().flatten().zip(before.iter().flatten()).map(|(a, b)| (a.to_f64() - b.to_f64()).powi(2)).sum::<f64>().sqrt();
+            let after: Vec<Vec<T>> = (0..info.spaces.len())
+                .flat_map(|s| opt.params(s).to_vec())
+                .collect();
+            let norm = after
+                .iter()
+                .flatten()
+                .map(|x| x.to_f64().powi(2))
+                .sum::<f64>()
+                .sqrt();
+            let upd = after
+                .iter()
+                .flatten()
+                .zip(before.iter().flatten())
+                .map(|(a, b)| (a.to_f64() - b.to_f64()).powi(2))
+                .sum::<f64>()
+                .sqrt();
             println!("{:>6}  {:>14.6e}  {:>14.6e}", step + 1, norm, upd);
         }
     }
@@ -492,8 +677,10 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
     meta.insert("rule".to_string(), info.name.clone());
     meta.insert("steps".to_string(), steps.to_string());
     let tmp = args.out.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(|e| Fail(format!("error: cannot write `{}`: {e}", args.out.display())))?;
-    std::fs::rename(&tmp, &args.out).map_err(|e| Fail(format!("error: cannot write `{}`: {e}", args.out.display())))?;
+    safetensors::serialize_to_file(views, Some(meta), &tmp)
+        .map_err(|e| Fail(format!("error: cannot write `{}`: {e}", args.out.display())))?;
+    std::fs::rename(&tmp, &args.out)
+        .map_err(|e| Fail(format!("error: cannot write `{}`: {e}", args.out.display())))?;
     if !args.quiet {
         println!("wrote {} ({} tensor(s))", args.out.display(), owned.len());
     }

@@ -9,13 +9,24 @@ fn main() {
         .filter_map(|e| e.ok())
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "opt"))
-        .map(|p| p.file_stem().expect("a file name").to_string_lossy().into_owned())
+        .map(|p| {
+            p.file_stem()
+                .expect("a file name")
+                .to_string_lossy()
+                .into_owned()
+        })
         .collect();
     names.sort();
     let mut code = String::from("/// Every rule of the standard library: (name, source), sorted by name.\npub static RULES: &[(&str, &str)] = &[\n");
     for n in &names {
-        println!("cargo:rerun-if-changed={}", dir.join(format!("{n}.opt")).display());
-        let _ = writeln!(code, "    ({n:?}, include_str!(concat!(env!(\"CARGO_MANIFEST_DIR\"), \"/rules/{n}.opt\"))),");
+        println!(
+            "cargo:rerun-if-changed={}",
+            dir.join(format!("{n}.opt")).display()
+        );
+        let _ = writeln!(
+            code,
+            "    ({n:?}, include_str!(concat!(env!(\"CARGO_MANIFEST_DIR\"), \"/rules/{n}.opt\"))),"
+        );
     }
     code.push_str("];\n");
     let out = std::path::Path::new(&std::env::var("OUT_DIR").expect("OUT_DIR")).join("rules.rs");

@@ -61,7 +61,9 @@ impl Kind {
         match (self, other) {
             (Scalar, k) | (k, Scalar) => Some(k),
             (Tensor(a), Tensor(b)) if a == b => Some(Tensor(a)),
-            (Element(a), Element(b)) | (Tensor(a), Element(b)) | (Element(a), Tensor(b)) if a == b => {
+            (Element(a), Element(b)) | (Tensor(a), Element(b)) | (Element(a), Tensor(b))
+                if a == b =>
+            {
                 Some(Element(a))
             }
             _ => None,
@@ -123,7 +125,10 @@ pub enum BinOp {
 impl BinOp {
     /// Whether the result is a boolean.
     pub fn is_comparison(self) -> bool {
-        matches!(self, BinOp::Eq | BinOp::Ne | BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge)
+        matches!(
+            self,
+            BinOp::Eq | BinOp::Ne | BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge
+        )
     }
 }
 
@@ -210,7 +215,11 @@ impl Node {
         match *self {
             Node::Splat(s, a) => Node::Splat(s, f(a)),
             Node::Unary(op, a) => Node::Unary(op, f(a)),
-            Node::Reduce { op, per_tensor, arg } => Node::Reduce {
+            Node::Reduce {
+                op,
+                per_tensor,
+                arg,
+            } => Node::Reduce {
                 op,
                 per_tensor,
                 arg: f(arg),
@@ -298,12 +307,18 @@ impl Graph {
     fn type_of(&self, node: &Node, leaves: &dyn LeafTypes) -> (Ty, Kind) {
         let join = |a: NodeId, b: NodeId| self.kind(a).join(self.kind(b)).unwrap_or(self.kind(a));
         match *node {
-            Node::Const(_) | Node::Step | Node::ScalarState(_) | Node::ScalarInput(_) => (Ty::Num, Kind::Scalar),
+            Node::Const(_) | Node::Step | Node::ScalarState(_) | Node::ScalarInput(_) => {
+                (Ty::Num, Kind::Scalar)
+            }
             Node::Bool(_) => (Ty::Bool, Kind::Scalar),
             Node::Hyper(h) => (leaves.hyper_ty(h), Kind::Scalar),
             Node::Numel { space, per_tensor } => (
                 Ty::Num,
-                if per_tensor { Kind::Tensor(space) } else { Kind::Scalar },
+                if per_tensor {
+                    Kind::Tensor(space)
+                } else {
+                    Kind::Scalar
+                },
             ),
             Node::Load { buf, .. } => (Ty::Num, Kind::Element(leaves.buf_space(buf))),
             Node::Splat(s, a) => (self.ty(a), Kind::Element(s)),
@@ -324,11 +339,17 @@ impl Graph {
                 let k = self.kind(c).join(k).unwrap_or(k);
                 (self.ty(a), k)
             }
-            Node::Reduce { per_tensor, arg, .. } => {
+            Node::Reduce {
+                per_tensor, arg, ..
+            } => {
                 let space = self.kind(arg).space().unwrap_or(0);
                 (
                     Ty::Num,
-                    if per_tensor { Kind::Tensor(space) } else { Kind::Scalar },
+                    if per_tensor {
+                        Kind::Tensor(space)
+                    } else {
+                        Kind::Scalar
+                    },
                 )
             }
         }
@@ -396,7 +417,10 @@ pub struct RuleInfo {
 impl RuleInfo {
     /// Finds a buffer by name.
     pub fn buffer(&self, name: &str) -> Option<BufId> {
-        self.buffers.iter().position(|b| b.name == name).map(|i| i as BufId)
+        self.buffers
+            .iter()
+            .position(|b| b.name == name)
+            .map(|i| i as BufId)
     }
     /// Finds a hyperparameter by name.
     pub fn hyper(&self, name: &str) -> Option<usize> {
@@ -495,7 +519,11 @@ impl Program {
     /// Rebuilds the graph from the roots, applying `rewrite` to each reachable node (children
     /// first, already rewritten). Unreachable nodes disappear. `rewrite` receives the new program
     /// state (for adding nodes) and the node with its children remapped.
-    pub fn rebuild(&mut self, hash_consing: bool, mut rewrite: impl FnMut(&mut Rebuilder<'_>, Node) -> NodeId) {
+    pub fn rebuild(
+        &mut self,
+        hash_consing: bool,
+        mut rewrite: impl FnMut(&mut Rebuilder<'_>, Node) -> NodeId,
+    ) {
         let old = std::mem::replace(&mut self.graph, Graph::new(hash_consing));
         let mut memo: Vec<Option<NodeId>> = vec![None; old.len()];
         let mut rb = Rebuilder {
@@ -518,7 +546,8 @@ impl Program {
                         }
                     }
                 } else {
-                    let mapped = node.map_children(|c| memo[c.0 as usize].expect("child mapped first"));
+                    let mapped =
+                        node.map_children(|c| memo[c.0 as usize].expect("child mapped first"));
                     memo[id.0 as usize] = Some(rewrite(rb, mapped));
                 }
             }

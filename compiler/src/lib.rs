@@ -45,16 +45,30 @@ pub fn compile_with(src: &str, observe: PassObserver<'_>) -> Compilation {
     let (file, mut diagnostics) = optc_grammar::parse(src);
     let mut programs = Vec::new();
     if let Some(file) = &file {
-        let mut names: std::collections::HashMap<&str, ast::Span> = std::collections::HashMap::new();
+        let mut names: std::collections::HashMap<&str, ast::Span> =
+            std::collections::HashMap::new();
         if file.rules.is_empty() && diagnostics.is_empty() {
-            diagnostics.push(Diagnostic::error("E0310", "no rule in this file", ast::Span::new(0, 0), "the file starts here").with_help("write `rule NAME(hyper = value, ...) { ... }`"));
+            diagnostics.push(
+                Diagnostic::error(
+                    "E0310",
+                    "no rule in this file",
+                    ast::Span::new(0, 0),
+                    "the file starts here",
+                )
+                .with_help("write `rule NAME(hyper = value, ...) { ... }`"),
+            );
         }
         let parse_ok = !diagnostics.iter().any(|d| d.is_error());
         for rule in &file.rules {
             if let Some(prev) = names.insert(&rule.name.name, rule.name.span) {
                 diagnostics.push(
-                    Diagnostic::error("E0102", format!("rule `{}` is defined twice", rule.name.name), rule.name.span, "defined again here")
-                        .with_label(prev, "first defined here"),
+                    Diagnostic::error(
+                        "E0102",
+                        format!("rule `{}` is defined twice", rule.name.name),
+                        rule.name.span,
+                        "defined again here",
+                    )
+                    .with_label(prev, "first defined here"),
                 );
             }
             let lowered = lower::lower_rule(rule);

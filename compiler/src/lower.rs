@@ -8,7 +8,12 @@
 //! becomes a store at the end of its stage. Diagnostics come from the later-steps lowering (the
 //! first-step lowering adds only the initializers).
 
-use crate::ir::{self, BinOp, BufId, BufInfo, BufRole, HyperInfo, Kind, Node, NodeId, ReduceOp, RuleInfo, Ty, UnOp};
+#![allow(clippy::needless_range_loop)] // parallel arrays indexed by buffer id
+
+use crate::ir::{
+    self, BinOp, BufId, BufInfo, BufRole, HyperInfo, Kind, Node, NodeId, ReduceOp, RuleInfo, Ty,
+    UnOp,
+};
 use optc_grammar::ast::{self, DeclKind, ExprKind, Span, StmtKind, TypeAnn};
 use optc_grammar::Diagnostic;
 use std::collections::{HashMap, HashSet};
@@ -29,7 +34,11 @@ const UNARY_FNS: &[(&str, UnOp)] = &[
     ("ceil", UnOp::Ceil),
     ("round", UnOp::Round),
 ];
-const BINARY_FNS: &[(&str, BinOp)] = &[("min", BinOp::Min), ("max", BinOp::Max), ("pow", BinOp::Pow)];
+const BINARY_FNS: &[(&str, BinOp)] = &[
+    ("min", BinOp::Min),
+    ("max", BinOp::Max),
+    ("pow", BinOp::Pow),
+];
 /// Reductions: name, number of per-element arguments.
 const REDUCTIONS: &[(&str, usize)] = &[
     ("sum", 1),
@@ -60,7 +69,9 @@ fn levenshtein(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1; b.len() + 1];
         for (j, &cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+            cur[j + 1] = (prev[j] + usize::from(ca != cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
         }
         prev = cur;
     }
@@ -68,7 +79,10 @@ fn levenshtein(a: &str, b: &str) -> usize {
 }
 
 /// The closest candidate to `name`, if close enough to be a likely typo.
-pub(crate) fn suggest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub(crate) fn suggest<'a>(
+    name: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     let limit = (name.chars().count() / 3).max(1);
     candidates
         .into_iter()
@@ -179,26 +193,45 @@ pub fn lower_rule(rule: &ast::Rule) -> Lowered {
         graph,
         variants: [first, later],
     };
-    ck.diags.sort_by_key(|d| (d.primary.span.start, d.primary.span.end));
+    ck.diags
+        .sort_by_key(|d| (d.primary.span.start, d.primary.span.end));
     Lowered {
-        program: if ck.diags.iter().any(|d| d.is_error()) { None } else { Some(program) },
+        program: if ck.diags.iter().any(|d| d.is_error()) {
+            None
+        } else {
+            Some(program)
+        },
         diagnostics: ck.diags,
     }
 }
 
 /// Evaluates a constant expression (a hyperparameter default).
-fn const_eval(e: &ast::Expr) -> Result<(f64, Ty), Diagnostic> {
-    let num = |e: &ast::Expr| -> Result<f64, Diagnostic> {
+fn const_eval(e: &ast::Expr) -> Result<(f64, Ty), Box<Diagnostic>> {
+    let num = |e: &ast::Expr| -> Result<f64, Box<Diagnostic>> {
         match const_eval(e)? {
             (v, Ty::Num) => Ok(v),
-            (_, Ty::Bool) => Err(Diagnostic::error("E0201", "expected a number, found a boolean", e.span, "a boolean")),
+            (_, Ty::Bool) => Err(Box::new(Diagnostic::error(
+                "E0201",
+                "expected a number, found a boolean",
+                e.span,
+                "a boolean",
+            ))),
         }
     };
     Ok(match &e.kind {
         ExprKind::Num(v) => (*v, Ty::Num),
         ExprKind::Bool(b) => (f64::from(u8::from(*b)), Ty::Bool),
         ExprKind::Unary(ast::UnOp::Neg, a) => (-num(a)?, Ty::Num),
-        ExprKind::Binary(op, a, b) if matches!(op, ast::BinOp::Add | ast::BinOp::Sub | ast::BinOp::Mul | ast::BinOp::Div | ast::BinOp::Pow) => {
+        ExprKind::Binary(op, a, b)
+            if matches!(
+                op,
+                ast::BinOp::Add
+                    | ast::BinOp::Sub
+                    | ast::BinOp::Mul
+                    | ast::BinOp::Div
+                    | ast::BinOp::Pow
+            ) =>
+        {
             let (a, b) = (num(a)?, num(b)?);
             let v = match op {
                 ast::BinOp::Add => a + b,
@@ -210,17 +243,25 @@ fn const_eval(e: &ast::Expr) -> Result<(f64, Ty), Diagnostic> {
             (v, Ty::Num)
         }
         ExprKind::Call(f, args) if args.len() == 1 && UNARY_FNS.iter().any(|u| u.0 == f.name) => {
-            let op = UNARY_FNS.iter().find(|u| u.0 == f.name).map(|u| u.1).unwrap_or(UnOp::Abs);
+            let op = UNARY_FNS
+                .iter()
+                .find(|u| u.0 == f.name)
+                .map(|u| u.1)
+                .unwrap_or(UnOp::Abs);
             (crate::ops::unary_f64(op, num(&args[0])?), Ty::Num)
         }
         _ => {
-            return Err(Diagnostic::error(
-                "E0306",
-                "a hyperparameter default must be a constant",
-                e.span,
-                "not a constant",
-            )
-            .with_help("write a number, `true`/`false`, or arithmetic on numbers such as `1/3`"))
+            return Err(Box::new(
+                Diagnostic::error(
+                    "E0306",
+                    "a hyperparameter default must be a constant",
+                    e.span,
+                    "not a constant",
+                )
+                .with_help(
+                    "write a number, `true`/`false`, or arithmetic on numbers such as `1/3`",
+                ),
+            ))
         }
     })
 }
@@ -262,7 +303,7 @@ impl<'a> Checker<'a> {
             let (default, ty) = match const_eval(&h.default) {
                 Ok(v) => v,
                 Err(d) => {
-                    self.error(d);
+                    self.error(*d);
                     (0.0, Ty::Num)
                 }
             };
@@ -325,8 +366,13 @@ impl<'a> Checker<'a> {
                         None => None,
                     });
                     self.error(
-                        Diagnostic::error("E0305", "a param takes no type or initializer", span.unwrap_or(e.name.span), "not allowed here")
-                            .with_note("the host owns params and gives their values"),
+                        Diagnostic::error(
+                            "E0305",
+                            "a param takes no type or initializer",
+                            span.unwrap_or(e.name.span),
+                            "not allowed here",
+                        )
+                        .with_note("the host owns params and gives their values"),
                     );
                 }
                 let id = self.info.buffers.len() as BufId;
@@ -342,8 +388,13 @@ impl<'a> Checker<'a> {
         }
         if self.info.spaces.is_empty() {
             self.error(
-                Diagnostic::error("E0303", format!("rule `{}` has no param", rule.name.name), rule.name.span, "this rule")
-                    .with_help("declare the parameter the rule updates, e.g. `param theta`"),
+                Diagnostic::error(
+                    "E0303",
+                    format!("rule `{}` has no param", rule.name.name),
+                    rule.name.span,
+                    "this rule",
+                )
+                .with_help("declare the parameter the rule updates, e.g. `param theta`"),
             );
             return;
         }
@@ -356,30 +407,53 @@ impl<'a> Checker<'a> {
         let stmts: Vec<&ast::Stmt> = rule
             .body
             .iter()
-            .filter_map(|i| if let ast::Item::Stmt(s) = i { Some(s) } else { None })
+            .filter_map(|i| {
+                if let ast::Item::Stmt(s) = i {
+                    Some(s)
+                } else {
+                    None
+                }
+            })
             .collect();
         let stages: Vec<&ast::Stage> = rule
             .body
             .iter()
-            .filter_map(|i| if let ast::Item::Stage(s) = i { Some(s) } else { None })
+            .filter_map(|i| {
+                if let ast::Item::Stage(s) = i {
+                    Some(s)
+                } else {
+                    None
+                }
+            })
             .collect();
         if !stages.is_empty() {
             if let Some(s) = stmts.first() {
                 self.error(
-                    Diagnostic::error("E0302", "statements outside a stage in a rule with stages", s.span, "outside any stage")
-                        .with_label(stages[0].name.span, "the rule has stages")
-                        .with_help("put every statement in a `stage`"),
+                    Diagnostic::error(
+                        "E0302",
+                        "statements outside a stage in a rule with stages",
+                        s.span,
+                        "outside any stage",
+                    )
+                    .with_label(stages[0].name.span, "the rule has stages")
+                    .with_help("put every statement in a `stage`"),
                 );
             }
             let mut seen: HashMap<&str, Span> = HashMap::new();
             for s in &stages {
                 if let Some(prev) = seen.insert(&s.name.name, s.name.span) {
                     self.error(
-                        Diagnostic::error("E0102", format!("stage `{}` is declared twice", s.name.name), s.name.span, "declared again here")
-                            .with_label(prev, "first declared here"),
+                        Diagnostic::error(
+                            "E0102",
+                            format!("stage `{}` is declared twice", s.name.name),
+                            s.name.span,
+                            "declared again here",
+                        )
+                        .with_label(prev, "first declared here"),
                     );
                 }
-                self.stages.push((s.name.name.clone(), s.body.iter().collect()));
+                self.stages
+                    .push((s.name.name.clone(), s.body.iter().collect()));
             }
         } else {
             self.stages.push(("step".to_string(), stmts));
@@ -392,7 +466,12 @@ impl<'a> Checker<'a> {
         if let Some(i) = self.info.spaces.iter().position(|s| *s == ident.name) {
             return Some(i as u16);
         }
-        let mut d = Diagnostic::error("E0307", format!("`{}` is not a param", ident.name), ident.span, "expected the name of a param or `scalar`");
+        let mut d = Diagnostic::error(
+            "E0307",
+            format!("`{}` is not a param", ident.name),
+            ident.span,
+            "expected the name of a param or `scalar`",
+        );
         if let Some(s) = suggest(&ident.name, self.info.spaces.iter().map(|s| s.as_str())) {
             d = d.with_help(format!("did you mean `{s}`?"));
         } else {
@@ -408,7 +487,10 @@ impl<'a> Checker<'a> {
             let mut found = None;
             visit_names(init, &mut |n, _| {
                 if found.is_none() {
-                    if let Some(Declared { sym: Sym::Buf(b), .. }) = self.names.get(n) {
+                    if let Some(Declared {
+                        sym: Sym::Buf(b), ..
+                    }) = self.names.get(n)
+                    {
                         found = Some(self.info.buffers[*b as usize].space);
                     }
                 }
@@ -427,7 +509,12 @@ impl<'a> Checker<'a> {
                 e.name.span,
                 "the rule has several params",
             )
-            .with_help(format!("write `{} {}: {}`", kind.keyword(), e.name.name, self.info.spaces[0])),
+            .with_help(format!(
+                "write `{} {}: {}`",
+                kind.keyword(),
+                e.name.name,
+                self.info.spaces[0]
+            )),
         );
         None
     }
@@ -438,8 +525,13 @@ impl<'a> Checker<'a> {
             DeclKind::Input => {
                 if let Some(init) = &e.init {
                     self.error(
-                        Diagnostic::error("E0305", "an input takes no initializer", init.span, "not allowed here")
-                            .with_note("the host gives every input's value at every step"),
+                        Diagnostic::error(
+                            "E0305",
+                            "an input takes no initializer",
+                            init.span,
+                            "not allowed here",
+                        )
+                        .with_note("the host gives every input's value at every step"),
                     );
                 }
                 if scalar {
@@ -471,7 +563,11 @@ impl<'a> Checker<'a> {
         if self.declare(&e.name, Sym::Buf(id)) {
             self.info.buffers.push(BufInfo {
                 name: e.name.name.clone(),
-                role: if kind == DeclKind::Input { BufRole::Input } else { BufRole::State },
+                role: if kind == DeclKind::Input {
+                    BufRole::Input
+                } else {
+                    BufRole::State
+                },
                 space,
             });
             if let Some(init) = &e.init {
@@ -500,13 +596,25 @@ impl<'a> Checker<'a> {
         for name in &self.order {
             let d = &self.names[name];
             let w = match d.sym {
-                Sym::Hyper(_) if !d.used => Some(("W0004", format!("hyperparameter `{name}` is never used"))),
-                Sym::ScalarInput(_) if !d.used => Some(("W0004", format!("input `{name}` is never used"))),
-                Sym::ScalarState(_) if !d.used => Some(("W0003", format!("state `{name}` is never read"))),
+                Sym::Hyper(_) if !d.used => {
+                    Some(("W0004", format!("hyperparameter `{name}` is never used")))
+                }
+                Sym::ScalarInput(_) if !d.used => {
+                    Some(("W0004", format!("input `{name}` is never used")))
+                }
+                Sym::ScalarState(_) if !d.used => {
+                    Some(("W0003", format!("state `{name}` is never read")))
+                }
                 Sym::Buf(b) => match self.info.buffers[b as usize].role {
-                    BufRole::Param if !d.assigned => Some(("W0002", format!("param `{name}` is never assigned"))),
-                    BufRole::Input if !d.used => Some(("W0004", format!("input `{name}` is never used"))),
-                    BufRole::State if !d.used => Some(("W0003", format!("state `{name}` is never read"))),
+                    BufRole::Param if !d.assigned => {
+                        Some(("W0002", format!("param `{name}` is never assigned")))
+                    }
+                    BufRole::Input if !d.used => {
+                        Some(("W0004", format!("input `{name}` is never used")))
+                    }
+                    BufRole::State if !d.used => {
+                        Some(("W0003", format!("state `{name}` is never read")))
+                    }
                     _ => None,
                 },
                 _ => None,
@@ -571,7 +679,12 @@ struct Lowerer<'c, 'a> {
 }
 
 impl<'c, 'a> Lowerer<'c, 'a> {
-    fn run(ck: &'c mut Checker<'a>, graph: &'c mut ir::Graph, first: bool, report: bool) -> ir::Variant {
+    fn run(
+        ck: &'c mut Checker<'a>,
+        graph: &'c mut ir::Graph,
+        first: bool,
+        report: bool,
+    ) -> ir::Variant {
         let nbuf = ck.info.buffers.len();
         let mut lw = Lowerer {
             ck,
@@ -602,7 +715,9 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                 scalar_start = lw.scalars.clone();
                 if first {
                     // The initial value of a scalar state is stored even if no statement changes it.
-                    scalar_start = (0..lw.scalars.len()).map(|i| lw.add(Node::ScalarState(i as u16))).collect();
+                    scalar_start = (0..lw.scalars.len())
+                        .map(|i| lw.add(Node::ScalarState(i as u16)))
+                        .collect();
                 }
             }
             let stmts = lw.ck.stages[k].1.clone();
@@ -668,7 +783,12 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                 if info.role == BufRole::State && self.ck.home.get(&info.name) == Some(&k) {
                     let v = match self.ck.buf_init.get(&(b as BufId)).copied() {
                         Some(init) => {
-                            let pos = self.ck.order.iter().position(|n| *n == info.name).unwrap_or(0);
+                            let pos = self
+                                .ck
+                                .order
+                                .iter()
+                                .position(|n| *n == info.name)
+                                .unwrap_or(0);
                             self.lower_init(init, pos)
                         }
                         None => self.add(Node::num(0.0)),
@@ -697,7 +817,12 @@ impl<'c, 'a> Lowerer<'c, 'a> {
         let name = self.ck.info.buffers[b as usize].name.clone();
         if self.graph.ty(v) == Ty::Bool {
             if let Some(span) = at {
-                self.error(Diagnostic::error("E0201", format!("`{name}` holds numbers, but this is a boolean"), span, "a boolean"));
+                self.error(Diagnostic::error(
+                    "E0201",
+                    format!("`{name}` holds numbers, but this is a boolean"),
+                    span,
+                    "a boolean",
+                ));
             }
             return v;
         }
@@ -707,7 +832,10 @@ impl<'c, 'a> Lowerer<'c, 'a> {
             Kind::Tensor(s) if s == space => self.add(Node::Splat(space, v)),
             Kind::Element(s) | Kind::Tensor(s) => {
                 if let Some(span) = at {
-                    let (a, b2) = (self.ck.info.spaces[space as usize].clone(), self.ck.info.spaces[s as usize].clone());
+                    let (a, b2) = (
+                        self.ck.info.spaces[space as usize].clone(),
+                        self.ck.info.spaces[s as usize].clone(),
+                    );
                     self.error(
                         Diagnostic::error("E0203", format!("`{name}` is shaped like `{a}`, but this value is shaped like `{b2}`"), span, format!("shaped like `{b2}`"))
                             .with_note("values of different params have different sizes and cannot be mixed"),
@@ -733,8 +861,13 @@ impl<'c, 'a> Lowerer<'c, 'a> {
         }
         for (name, b) in scope {
             if !b.used && !name.starts_with('_') {
-                let mut d = Diagnostic::error("W0001", format!("`{name}` is never used"), b.span, "defined here")
-                    .with_help(format!("remove it, or name it `_{name}`"));
+                let mut d = Diagnostic::error(
+                    "W0001",
+                    format!("`{name}` is never used"),
+                    b.span,
+                    "defined here",
+                )
+                .with_help(format!("remove it, or name it `_{name}`"));
                 d.severity = optc_grammar::Severity::Warning;
                 self.ck.diags.push(d);
             }
@@ -742,14 +875,24 @@ impl<'c, 'a> Lowerer<'c, 'a> {
     }
 
     fn all_names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.scopes.iter().flatten().map(|(n, _)| n.clone()).collect();
+        let mut v: Vec<String> = self
+            .scopes
+            .iter()
+            .flatten()
+            .map(|(n, _)| n.clone())
+            .collect();
         v.extend(self.ck.names.keys().cloned());
         v
     }
 
     fn unknown_name(&mut self, name: &str, span: Span) {
         let names = self.all_names();
-        let mut d = Diagnostic::error("E0101", format!("unknown name `{name}`"), span, "not declared");
+        let mut d = Diagnostic::error(
+            "E0101",
+            format!("unknown name `{name}`"),
+            span,
+            "not declared",
+        );
         if let Some(s) = suggest(name, names.iter().map(|s| s.as_str())) {
             d = d.with_help(format!("did you mean `{s}`?"));
         } else {
@@ -782,8 +925,14 @@ impl<'c, 'a> Lowerer<'c, 'a> {
         decl.used = true;
         let (sym, dspan) = (decl.sym, decl.span);
         if let Some(pos) = self.init_of {
-            let at = self.ck.order.iter().position(|n| n == name).unwrap_or(usize::MAX);
-            let is_state = matches!(sym, Sym::ScalarState(_)) || matches!(sym, Sym::Buf(b) if self.ck.info.buffers[b as usize].role == BufRole::State);
+            let at = self
+                .ck
+                .order
+                .iter()
+                .position(|n| n == name)
+                .unwrap_or(usize::MAX);
+            let is_state = matches!(sym, Sym::ScalarState(_))
+                || matches!(sym, Sym::Buf(b) if self.ck.info.buffers[b as usize].role == BufRole::State);
             if is_state && at >= pos {
                 let me = self.ck.order[pos].clone();
                 self.error(
@@ -806,7 +955,9 @@ impl<'c, 'a> Lowerer<'c, 'a> {
             },
             Sym::Buf(b) => match self.ck.info.buffers[b as usize].role {
                 BufRole::Input => self.add(Node::Load { buf: b, gen: 0 }),
-                BufRole::Param | BufRole::State => self.bufs[b as usize].expect("set at stage start"),
+                BufRole::Param | BufRole::State => {
+                    self.bufs[b as usize].expect("set at stage start")
+                }
                 BufRole::Output => {
                     self.error(
                         Diagnostic::error("E0209", format!("output `{name}` cannot be read"), span, "read here")
@@ -823,8 +974,13 @@ impl<'c, 'a> Lowerer<'c, 'a> {
             Some(v)
         } else {
             self.error(
-                Diagnostic::error("E0201", format!("{what} needs a number, found a boolean"), span, "a boolean")
-                    .with_help("use `if c { a } else { b }` to turn a condition into a number"),
+                Diagnostic::error(
+                    "E0201",
+                    format!("{what} needs a number, found a boolean"),
+                    span,
+                    "a boolean",
+                )
+                .with_help("use `if c { a } else { b }` to turn a condition into a number"),
             );
             None
         }
@@ -835,8 +991,13 @@ impl<'c, 'a> Lowerer<'c, 'a> {
             Some(v)
         } else {
             self.error(
-                Diagnostic::error("E0201", format!("{what} needs a boolean, found a number"), span, "a number")
-                    .with_help("compare it, e.g. `x > 0`"),
+                Diagnostic::error(
+                    "E0201",
+                    format!("{what} needs a boolean, found a number"),
+                    span,
+                    "a number",
+                )
+                .with_help("compare it, e.g. `x > 0`"),
             );
             None
         }
@@ -881,13 +1042,22 @@ impl<'c, 'a> Lowerer<'c, 'a> {
         match &e.kind {
             ExprKind::Num(v) => {
                 if !v.is_finite() {
-                    self.error(Diagnostic::error("E0312", "number literal out of range", e.span, "too large for a 64-bit float"));
+                    self.error(Diagnostic::error(
+                        "E0312",
+                        "number literal out of range",
+                        e.span,
+                        "too large for a 64-bit float",
+                    ));
                     return None;
                 }
                 Some(self.add(Node::num(*v)))
             }
             ExprKind::Bool(b) => Some(self.add(Node::Bool(*b))),
-            ExprKind::Step => Some(if self.first { self.add(Node::num(1.0)) } else { self.add(Node::Step) }),
+            ExprKind::Step => Some(if self.first {
+                self.add(Node::num(1.0))
+            } else {
+                self.add(Node::Step)
+            }),
             ExprKind::Name(n) => self.name(n, e.span),
             ExprKind::Error => None,
             ExprKind::Unary(op, a) => {
@@ -949,8 +1119,13 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                 let (va, vb) = (va?, vb?);
                 if self.graph.ty(va) != self.graph.ty(vb) {
                     self.error(
-                        Diagnostic::error("E0201", "the branches of `if` have different types", b.span, "this branch")
-                            .with_label(a.span, "the other branch"),
+                        Diagnostic::error(
+                            "E0201",
+                            "the branches of `if` have different types",
+                            b.span,
+                            "this branch",
+                        )
+                        .with_label(a.span, "the other branch"),
                     );
                     return None;
                 }
@@ -969,7 +1144,13 @@ impl<'c, 'a> Lowerer<'c, 'a> {
         }
         self.error(Diagnostic::error(
             "E0105",
-            format!("`{}` takes {n} argument{}, but {} {} given", f.name, if n == 1 { "" } else { "s" }, args.len(), if args.len() == 1 { "was" } else { "were" }),
+            format!(
+                "`{}` takes {n} argument{}, but {} {} given",
+                f.name,
+                if n == 1 { "" } else { "s" },
+                args.len(),
+                if args.len() == 1 { "was" } else { "were" }
+            ),
             span,
             format!("expected {n}"),
         ));
@@ -990,7 +1171,9 @@ impl<'c, 'a> Lowerer<'c, 'a> {
             if !self.arity(f, args, 2, span) {
                 return None;
             }
-            return self.num_args(args, name).map(|v| self.add(Node::Binary(op, v[0], v[1])));
+            return self
+                .num_args(args, name)
+                .map(|v| self.add(Node::Binary(op, v[0], v[1])));
         }
         if name == "clamp" {
             if !self.arity(f, args, 3, span) {
@@ -1013,15 +1196,28 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                 if !matches!(self.graph.kind(a), Kind::Element(_)) {
                     let k = self.kind_name(self.graph.kind(a));
                     self.error(
-                        Diagnostic::error("E0204", format!("`{name}` reduces a per-element value, but this is {k}"), args[i].span, "not per element")
-                            .with_help("reductions run over the elements of a param, an input or a state"),
+                        Diagnostic::error(
+                            "E0204",
+                            format!("`{name}` reduces a per-element value, but this is {k}"),
+                            args[i].span,
+                            "not per element",
+                        )
+                        .with_help(
+                            "reductions run over the elements of a param, an input or a state",
+                        ),
                     );
                     return None;
                 }
             }
             let space = self.graph.kind(v[0]).space().unwrap_or(0);
             let add = |s: &mut Self, n| s.add(n);
-            let red = |s: &mut Self, op, arg| s.add(Node::Reduce { op, per_tensor, arg });
+            let red = |s: &mut Self, op, arg| {
+                s.add(Node::Reduce {
+                    op,
+                    per_tensor,
+                    arg,
+                })
+            };
             return Some(match base {
                 "sum" => red(self, ReduceOp::Sum, v[0]),
                 "sqnorm" | "norm" => {
@@ -1050,7 +1246,12 @@ impl<'c, 'a> Lowerer<'c, 'a> {
             });
         }
         let names = function_names();
-        let mut d = Diagnostic::error("E0104", format!("unknown function `{name}`"), f.span, "not a function");
+        let mut d = Diagnostic::error(
+            "E0104",
+            format!("unknown function `{name}`"),
+            f.span,
+            "not a function",
+        );
         if let Some(s) = suggest(name, names.iter().map(|s| s.as_str())) {
             d = d.with_help(format!("did you mean `{s}`?"));
         } else {
@@ -1066,7 +1267,11 @@ impl<'c, 'a> Lowerer<'c, 'a> {
         for (v, a) in vals.into_iter().zip(args) {
             out.push(self.expect_num(v?, a.span, &format!("`{name}`"))?);
         }
-        let parts: Vec<(NodeId, Span)> = out.iter().copied().zip(args.iter().map(|a| a.span)).collect();
+        let parts: Vec<(NodeId, Span)> = out
+            .iter()
+            .copied()
+            .zip(args.iter().map(|a| a.span))
+            .collect();
         if !self.join(&parts) {
             return None;
         }
@@ -1100,17 +1305,33 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                     };
                     let dspan = d.span;
                     self.error(
-                        Diagnostic::error("E0102", format!("`let {}` would hide {what} of the same name", n.name), n.span, "defined here")
-                            .with_label(dspan, "declared here")
-                            .with_help(format!("assign it with `{} = ...`, or choose another name", n.name)),
+                        Diagnostic::error(
+                            "E0102",
+                            format!("`let {}` would hide {what} of the same name", n.name),
+                            n.span,
+                            "defined here",
+                        )
+                        .with_label(dspan, "declared here")
+                        .with_help(format!(
+                            "assign it with `{} = ...`, or choose another name",
+                            n.name
+                        )),
                     );
                     return;
                 }
                 let Some(v) = self.expr(e) else {
                     // Bind a placeholder so later uses do not report a second, confusing error.
                     let v = self.add(Node::num(0.0));
-                    let b = LetBinding { node: v, stage: self.stage, span: n.span, used: true };
-                    self.scopes.last_mut().expect("scope").push((n.name.clone(), b));
+                    let b = LetBinding {
+                        node: v,
+                        stage: self.stage,
+                        span: n.span,
+                        used: true,
+                    };
+                    self.scopes
+                        .last_mut()
+                        .expect("scope")
+                        .push((n.name.clone(), b));
                     return;
                 };
                 let b = LetBinding {
@@ -1119,7 +1340,10 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                     span: n.span,
                     used: false,
                 };
-                self.scopes.last_mut().expect("scope").push((n.name.clone(), b));
+                self.scopes
+                    .last_mut()
+                    .expect("scope")
+                    .push((n.name.clone(), b));
             }
             StmtKind::Assign(n, e) => self.assign(n, e),
             StmtKind::Out(n, e) => self.out(n, e, s.span),
@@ -1132,7 +1356,10 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                 let c = self.expect_bool(c, cond.span, "an `if` statement");
                 let (bufs0, scalars0) = (self.bufs.clone(), self.scalars.clone());
                 self.stmts(then);
-                let (mut bufs_t, scalars_t) = (std::mem::replace(&mut self.bufs, bufs0), std::mem::replace(&mut self.scalars, scalars0));
+                let (mut bufs_t, scalars_t) = (
+                    std::mem::replace(&mut self.bufs, bufs0),
+                    std::mem::replace(&mut self.scalars, scalars0),
+                );
                 self.stmts(els);
                 // An `out` in one branch may have created a buffer the other branch lacks.
                 let n = bufs_t.len().max(self.bufs.len());
@@ -1148,17 +1375,33 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                     let info = self.ck.info.buffers[b].clone();
                     if info.role == BufRole::Output {
                         self.error(
-                            Diagnostic::error("E0208", format!("`out {}` inside an `if`", info.name), s.span, "this `if`")
-                                .with_help(format!("write `out {} = if c {{ a }} else {{ b }}` instead", info.name)),
+                            Diagnostic::error(
+                                "E0208",
+                                format!("`out {}` inside an `if`", info.name),
+                                s.span,
+                                "this `if`",
+                            )
+                            .with_help(format!(
+                                "write `out {} = if c {{ a }} else {{ b }}` instead",
+                                info.name
+                            )),
                         );
                         continue;
                     }
                     let (Some(t), Some(f)) = (t, f) else { continue };
                     if let Some(cs) = ck.space() {
                         if cs != info.space {
-                            self.error(
-                                Diagnostic::error("E0203", format!("this condition is {}, but it guards `{}`, shaped like `{}`", self.kind_name(ck), info.name, self.ck.info.spaces[info.space as usize]), cond.span, "the condition"),
-                            );
+                            self.error(Diagnostic::error(
+                                "E0203",
+                                format!(
+                                    "this condition is {}, but it guards `{}`, shaped like `{}`",
+                                    self.kind_name(ck),
+                                    info.name,
+                                    self.ck.info.spaces[info.space as usize]
+                                ),
+                                cond.span,
+                                "the condition",
+                            ));
                             continue;
                         }
                     }
@@ -1190,9 +1433,17 @@ impl<'c, 'a> Lowerer<'c, 'a> {
         if let Some(b) = self.lookup_let(&n.name) {
             let bspan = b.span;
             self.error(
-                Diagnostic::error("E0103", format!("cannot assign to `{}`, a `let`", n.name), n.span, "assigned here")
-                    .with_label(bspan, "defined here")
-                    .with_help(format!("define a new value with `let {} = ...`, or declare it as a `state`", n.name)),
+                Diagnostic::error(
+                    "E0103",
+                    format!("cannot assign to `{}`, a `let`", n.name),
+                    n.span,
+                    "assigned here",
+                )
+                .with_label(bspan, "defined here")
+                .with_help(format!(
+                    "define a new value with `let {} = ...`, or declare it as a `state`",
+                    n.name
+                )),
             );
             return;
         }
@@ -1203,27 +1454,53 @@ impl<'c, 'a> Lowerer<'c, 'a> {
         decl.assigned = true;
         let (sym, dspan) = (decl.sym, decl.span);
         let cannot = |what: &str| {
-            Diagnostic::error("E0103", format!("cannot assign to {what} `{}`", n.name), n.span, "assigned here").with_label(dspan, "declared here")
+            Diagnostic::error(
+                "E0103",
+                format!("cannot assign to {what} `{}`", n.name),
+                n.span,
+                "assigned here",
+            )
+            .with_label(dspan, "declared here")
         };
         match sym {
-            Sym::Hyper(_) => self.error(cannot("hyperparameter").with_help(format!("use `let` for a value derived from `{}`", n.name))),
-            Sym::ScalarInput(_) => self.error(cannot("input").with_note("inputs come from the host and are read-only")),
+            Sym::Hyper(_) => self.error(
+                cannot("hyperparameter")
+                    .with_help(format!("use `let` for a value derived from `{}`", n.name)),
+            ),
+            Sym::ScalarInput(_) => {
+                self.error(cannot("input").with_note("inputs come from the host and are read-only"))
+            }
             Sym::ScalarState(i) => {
                 let Some(v) = v else { return };
-                let Some(v) = self.expect_num(v, e.span, "a scalar state") else { return };
+                let Some(v) = self.expect_num(v, e.span, "a scalar state") else {
+                    return;
+                };
                 let k = self.graph.kind(v);
                 if k != Kind::Scalar {
                     self.error(
-                        Diagnostic::error("E0202", format!("scalar state `{}` cannot hold a value that is {}", n.name, self.kind_name(k)), e.span, "not a scalar")
-                            .with_help("reduce it first, e.g. with `sum`, `mean` or `norm`"),
+                        Diagnostic::error(
+                            "E0202",
+                            format!(
+                                "scalar state `{}` cannot hold a value that is {}",
+                                n.name,
+                                self.kind_name(k)
+                            ),
+                            e.span,
+                            "not a scalar",
+                        )
+                        .with_help("reduce it first, e.g. with `sum`, `mean` or `norm`"),
                     );
                     return;
                 }
                 self.scalars[i as usize] = v;
             }
             Sym::Buf(b) => match self.ck.info.buffers[b as usize].role {
-                BufRole::Input => self.error(cannot("input").with_note("inputs come from the host and are read-only; use `let` for a modified copy")),
-                BufRole::Output => self.error(cannot("output").with_help(format!("write it with `out {} = ...`", n.name))),
+                BufRole::Input => self.error(cannot("input").with_note(
+                    "inputs come from the host and are read-only; use `let` for a modified copy",
+                )),
+                BufRole::Output => self.error(
+                    cannot("output").with_help(format!("write it with `out {} = ...`", n.name)),
+                ),
                 BufRole::Param | BufRole::State => {
                     let Some(v) = v else { return };
                     let v = self.fit_to_buffer(v, b, Some(e.span));
@@ -1241,8 +1518,13 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                     if let Some(prev) = self.ck.out_spans.get(&b).copied() {
                         if prev != span {
                             self.error(
-                                Diagnostic::error("E0102", format!("output `{}` is written twice", n.name), n.span, "written again here")
-                                    .with_label(prev, "first written here"),
+                                Diagnostic::error(
+                                    "E0102",
+                                    format!("output `{}` is written twice", n.name),
+                                    n.span,
+                                    "written again here",
+                                )
+                                .with_label(prev, "first written here"),
                             );
                             return;
                         }
@@ -1258,18 +1540,34 @@ impl<'c, 'a> Lowerer<'c, 'a> {
         if let Some(d) = self.ck.names.get(&n.name) {
             let dspan = d.span;
             self.error(
-                Diagnostic::error("E0102", format!("`out {}` would hide a name declared in the rule", n.name), n.span, "here").with_label(dspan, "declared here"),
+                Diagnostic::error(
+                    "E0102",
+                    format!("`out {}` would hide a name declared in the rule", n.name),
+                    n.span,
+                    "here",
+                )
+                .with_label(dspan, "declared here"),
             );
             return;
         }
         let Some(v) = v else { return };
-        let Some(v) = self.expect_num(v, e.span, "an output") else { return };
+        let Some(v) = self.expect_num(v, e.span, "an output") else {
+            return;
+        };
         let space = match self.graph.kind(v) {
             Kind::Element(s) => s,
             k => {
                 self.error(
-                    Diagnostic::error("E0206", format!("an output is per element, but this value is {}", self.kind_name(k)), e.span, "not per element")
-                        .with_note("outputs are buffers shaped like a param"),
+                    Diagnostic::error(
+                        "E0206",
+                        format!(
+                            "an output is per element, but this value is {}",
+                            self.kind_name(k)
+                        ),
+                        e.span,
+                        "not per element",
+                    )
+                    .with_note("outputs are buffers shaped like a param"),
                 );
                 return;
             }

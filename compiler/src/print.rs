@@ -25,13 +25,24 @@ pub fn node_text(p: &Program, id: NodeId) -> String {
         Node::Step => "t".to_string(),
         Node::ScalarState(i) => format!("state {}", p.info.scalar_states[i as usize]),
         Node::ScalarInput(i) => format!("input {}", p.info.scalar_inputs[i as usize]),
-        Node::Numel { space: s, per_tensor } => format!("{}numel {}", if per_tensor { "tensor_" } else { "" }, space(p, s)),
+        Node::Numel {
+            space: s,
+            per_tensor,
+        } => format!(
+            "{}numel {}",
+            if per_tensor { "tensor_" } else { "" },
+            space(p, s)
+        ),
         Node::Load { buf, gen } => format!("load {}@{gen}", p.info.buffers[buf as usize].name),
         Node::Splat(s, a) => format!("splat {} {a}", space(p, s)),
         Node::Unary(op, a) => format!("{} {a}", format!("{op:?}").to_lowercase()),
         Node::Binary(op, a, b) => format!("{} {a}, {b}", format!("{op:?}").to_lowercase()),
         Node::Select(c, a, b) => format!("select {c}, {a}, {b}"),
-        Node::Reduce { op, per_tensor, arg } => format!(
+        Node::Reduce {
+            op,
+            per_tensor,
+            arg,
+        } => format!(
             "{}{} {arg}",
             if per_tensor { "tensor_" } else { "" },
             match op {
@@ -61,7 +72,11 @@ fn reachable(p: &Program, roots: impl IntoIterator<Item = NodeId>) -> BTreeSet<N
 
 /// Nodes under `roots`; `into_reductions: false` stops at reductions (their arguments belong to
 /// the kernel that accumulates them, not to the reader of the result).
-fn walk(p: &Program, roots: impl IntoIterator<Item = NodeId>, into_reductions: bool) -> BTreeSet<NodeId> {
+fn walk(
+    p: &Program,
+    roots: impl IntoIterator<Item = NodeId>,
+    into_reductions: bool,
+) -> BTreeSet<NodeId> {
     let mut seen = BTreeSet::new();
     let mut stack: Vec<NodeId> = roots.into_iter().collect();
     while let Some(n) = stack.pop() {
@@ -77,7 +92,12 @@ fn walk(p: &Program, roots: impl IntoIterator<Item = NodeId>, into_reductions: b
 
 fn lines(out: &mut String, p: &Program, nodes: &BTreeSet<NodeId>, indent: &str) {
     for &n in nodes {
-        let _ = writeln!(out, "{indent}{n} = {}  : {}", node_text(p, n), kind_text(p, n));
+        let _ = writeln!(
+            out,
+            "{indent}{n} = {}  : {}",
+            node_text(p, n),
+            kind_text(p, n)
+        );
     }
 }
 
@@ -87,7 +107,11 @@ pub fn interface(p: &Program) -> String {
     let i = &p.info;
     let _ = writeln!(out, "rule {}", i.name);
     for h in &i.hypers {
-        let default = if h.ty == Ty::Bool { (h.default != 0.0).to_string() } else { fmt_num(h.default) };
+        let default = if h.ty == Ty::Bool {
+            (h.default != 0.0).to_string()
+        } else {
+            fmt_num(h.default)
+        };
         let _ = writeln!(out, "  hyper {} = {default}", h.name);
     }
     for b in &i.buffers {
@@ -112,17 +136,31 @@ pub fn interface(p: &Program) -> String {
 pub fn graph(p: &Program) -> String {
     let mut out = String::new();
     for (vi, v) in p.variants.iter().enumerate() {
-        let _ = writeln!(out, "{}:", if vi == 0 { "first step" } else { "later steps" });
+        let _ = writeln!(
+            out,
+            "{}:",
+            if vi == 0 { "first step" } else { "later steps" }
+        );
         for (k, s) in v.stages.iter().enumerate() {
             let _ = writeln!(out, "  stage {}:", p.info.stages[k]);
-            lines(&mut out, p, &reachable(p, s.stores.iter().map(|s| s.1)), "    ");
+            lines(
+                &mut out,
+                p,
+                &reachable(p, s.stores.iter().map(|s| s.1)),
+                "    ",
+            );
             for &(b, n) in &s.stores {
                 let _ = writeln!(out, "    store {} = {n}", p.info.buffers[b as usize].name);
             }
         }
         if !v.scalar_updates.is_empty() {
             let _ = writeln!(out, "  end of step:");
-            lines(&mut out, p, &walk(p, v.scalar_updates.iter().map(|s| s.1), false), "    ");
+            lines(
+                &mut out,
+                p,
+                &walk(p, v.scalar_updates.iter().map(|s| s.1), false),
+                "    ",
+            );
             for &(i, n) in &v.scalar_updates {
                 let _ = writeln!(out, "    state {} = {n}", p.info.scalar_states[i as usize]);
             }
@@ -135,9 +173,19 @@ pub fn graph(p: &Program) -> String {
 pub fn kernels(p: &Program) -> String {
     let mut out = String::new();
     for (vi, v) in p.variants.iter().enumerate() {
-        let _ = writeln!(out, "{}:", if vi == 0 { "first step" } else { "later steps" });
+        let _ = writeln!(
+            out,
+            "{}:",
+            if vi == 0 { "first step" } else { "later steps" }
+        );
         for (k, s) in v.stages.iter().enumerate() {
-            let _ = writeln!(out, "  stage {} ({} phase{}):", p.info.stages[k], s.phases.len(), if s.phases.len() == 1 { "" } else { "s" });
+            let _ = writeln!(
+                out,
+                "  stage {} ({} phase{}):",
+                p.info.stages[k],
+                s.phases.len(),
+                if s.phases.len() == 1 { "" } else { "s" }
+            );
             for (pi, ph) in s.phases.iter().enumerate() {
                 for kern in &ph.kernels {
                     let _ = writeln!(out, "    phase {pi}, kernel over {}:", space(p, kern.space));
@@ -147,9 +195,18 @@ pub fn kernels(p: &Program) -> String {
                         lines(&mut out, p, &uni, "        ");
                     }
                     let _ = writeln!(out, "      per element:");
-                    lines(&mut out, p, &kern.body.iter().copied().collect(), "        ");
+                    lines(
+                        &mut out,
+                        p,
+                        &kern.body.iter().copied().collect(),
+                        "        ",
+                    );
                     for &(b, n) in &kern.stores {
-                        let _ = writeln!(out, "        store {} = {n}", p.info.buffers[b as usize].name);
+                        let _ = writeln!(
+                            out,
+                            "        store {} = {n}",
+                            p.info.buffers[b as usize].name
+                        );
                     }
                     for &(r, a) in &kern.reductions {
                         if let Node::Reduce { op, per_tensor, .. } = p.graph.node(r) {
@@ -157,7 +214,11 @@ pub fn kernels(p: &Program) -> String {
                                 ReduceOp::Sum => "sum",
                                 ReduceOp::Max => "max",
                             };
-                            let _ = writeln!(out, "        reduce {r} = {}{op} {a}", if per_tensor { "tensor_" } else { "" });
+                            let _ = writeln!(
+                                out,
+                                "        reduce {r} = {}{op} {a}",
+                                if per_tensor { "tensor_" } else { "" }
+                            );
                         }
                     }
                 }
@@ -165,7 +226,12 @@ pub fn kernels(p: &Program) -> String {
         }
         if !v.scalar_updates.is_empty() {
             let _ = writeln!(out, "  end of step:");
-            lines(&mut out, p, &walk(p, v.scalar_updates.iter().map(|s| s.1), false), "    ");
+            lines(
+                &mut out,
+                p,
+                &walk(p, v.scalar_updates.iter().map(|s| s.1), false),
+                "    ",
+            );
             for &(i, n) in &v.scalar_updates {
                 let _ = writeln!(out, "    state {} = {n}", p.info.scalar_states[i as usize]);
             }

@@ -203,7 +203,10 @@ mod tests {
     fn bad_characters_are_reported_and_skipped() {
         let (toks, errs) = lex("a $$ b # c");
         assert_eq!(toks.len(), 3);
-        assert_eq!(errs, vec![LexError { span: (2, 4) }, LexError { span: (7, 8) }]);
+        assert_eq!(
+            errs,
+            vec![LexError { span: (2, 4) }, LexError { span: (7, 8) }]
+        );
     }
 
     #[test]

@@ -39,14 +39,18 @@ pub fn parse(src: &str) -> (Option<ast::File>, Vec<Diagnostic>) {
             let text = &src[e.span.0..e.span.1];
             Diagnostic::error(
                 "E0001",
-                format!("unexpected character{} `{text}`", if text.chars().count() > 1 { "s" } else { "" }),
+                format!(
+                    "unexpected character{} `{text}`",
+                    if text.chars().count() > 1 { "s" } else { "" }
+                ),
                 span,
                 "not part of the language",
             )
         })
         .collect();
     let mut recovered = Vec::new();
-    let result = grammar::FileParser::new().parse(&mut recovered, tokens.into_iter().map(Ok::<_, LexError>));
+    let result =
+        grammar::FileParser::new().parse(&mut recovered, tokens.into_iter().map(Ok::<_, LexError>));
     for r in recovered {
         diags.push(parse_error(src, r.error));
     }
@@ -66,11 +70,20 @@ pub fn parse_expr(src: &str) -> Result<Expr, Vec<Diagnostic>> {
     let (tokens, lex_errors) = lexer::lex(src);
     if let Some(e) = lex_errors.first() {
         let span = Span::new(e.span.0, e.span.1);
-        return Err(vec![Diagnostic::error("E0001", "unexpected character", span, "not part of the language")]);
+        return Err(vec![Diagnostic::error(
+            "E0001",
+            "unexpected character",
+            span,
+            "not part of the language",
+        )]);
     }
     let mut recovered = Vec::new();
-    let result = grammar::ExprParser::new().parse(&mut recovered, tokens.into_iter().map(Ok::<_, LexError>));
-    let mut diags: Vec<Diagnostic> = recovered.into_iter().map(|r| parse_error(src, r.error)).collect();
+    let result =
+        grammar::ExprParser::new().parse(&mut recovered, tokens.into_iter().map(Ok::<_, LexError>));
+    let mut diags: Vec<Diagnostic> = recovered
+        .into_iter()
+        .map(|r| parse_error(src, r.error))
+        .collect();
     match result {
         Ok(e) if diags.is_empty() => Ok(e),
         Ok(_) => Err(diags),
@@ -130,7 +143,10 @@ fn parse_error(src: &str, e: ParseError<usize, Tok, LexError>) -> Diagnostic {
                 format!("unexpected {tok}"),
                 Span::new(l, r),
                 match &tok {
-                    Tok::Doc(_) => "doc comments document a rule or a hyperparameter; use `//` here".to_string(),
+                    Tok::Doc(_) => {
+                        "doc comments document a rule or a hyperparameter; use `//` here"
+                            .to_string()
+                    }
                     _ => "not expected here".to_string(),
                 },
             );
@@ -139,9 +155,12 @@ fn parse_error(src: &str, e: ParseError<usize, Tok, LexError>) -> Diagnostic {
                 None => d,
             }
         }
-        ParseError::ExtraToken { token: (l, tok, r) } => {
-            Diagnostic::error("E0002", format!("unexpected {tok}"), Span::new(l, r), "not expected here")
-        }
+        ParseError::ExtraToken { token: (l, tok, r) } => Diagnostic::error(
+            "E0002",
+            format!("unexpected {tok}"),
+            Span::new(l, r),
+            "not expected here",
+        ),
         ParseError::User { error } => Diagnostic::error(
             "E0001",
             "unexpected character",
@@ -170,14 +189,20 @@ mod tests {
         assert_eq!(r.hypers.len(), 1);
         assert_eq!(r.hypers[0].doc, vec!["step size"]);
         assert_eq!(r.body.len(), 3);
-        assert!(matches!(&r.body[2], Item::Stmt(Stmt { kind: StmtKind::Assign(n, _), .. }) if n.name == "theta"));
+        assert!(
+            matches!(&r.body[2], Item::Stmt(Stmt { kind: StmtKind::Assign(n, _), .. }) if n.name == "theta")
+        );
     }
 
     #[test]
     fn power_binds_tighter_than_unary_minus_and_is_right_associative() {
         let e = parse_expr("-a^b^c").unwrap();
-        let ExprKind::Unary(UnOp::Neg, inner) = e.kind else { panic!("{e:?}") };
-        let ExprKind::Binary(BinOp::Pow, a, rest) = inner.kind else { panic!() };
+        let ExprKind::Unary(UnOp::Neg, inner) = e.kind else {
+            panic!("{e:?}")
+        };
+        let ExprKind::Binary(BinOp::Pow, a, rest) = inner.kind else {
+            panic!()
+        };
         assert_eq!(a.kind, ExprKind::Name("a".into()));
         assert!(matches!(rest.kind, ExprKind::Binary(BinOp::Pow, _, _)));
         let e = parse_expr("2^-1").unwrap();
@@ -188,24 +213,36 @@ mod tests {
     fn spans_are_byte_offsets() {
         let e = parse_expr("a + foo(b, 2)").unwrap();
         assert_eq!(e.span, Span::new(0, 13));
-        let ExprKind::Binary(_, _, call) = e.kind else { panic!() };
+        let ExprKind::Binary(_, _, call) = e.kind else {
+            panic!()
+        };
         assert_eq!(call.span, Span::new(4, 13));
     }
 
     #[test]
     fn recovers_and_reports_several_errors() {
-        let src = "rule r(lr = 1) {\n param theta\n let a = * 2\n theta = theta - lr\n let b = )\n}";
+        let src =
+            "rule r(lr = 1) {\n param theta\n let a = * 2\n theta = theta - lr\n let b = )\n}";
         let (file, diags) = parse(src);
         assert!(file.is_some());
         assert_eq!(diags.len(), 2, "{diags:?}");
         assert!(diags.iter().all(|d| d.code == "E0002"));
-        assert_eq!(&src[diags[0].primary.span.start..diags[0].primary.span.end], "*");
+        assert_eq!(
+            &src[diags[0].primary.span.start..diags[0].primary.span.end],
+            "*"
+        );
     }
 
     #[test]
     fn if_statements_and_expressions() {
         let r = rule("rule r() { param x\n if t == 1 { x = 0 } else if t > 3 { x = 1 } else { x = if x > 0 { x } else { -x } } }");
-        let Item::Stmt(Stmt { kind: StmtKind::If { els, .. }, .. }) = &r.body[1] else { panic!() };
+        let Item::Stmt(Stmt {
+            kind: StmtKind::If { els, .. },
+            ..
+        }) = &r.body[1]
+        else {
+            panic!()
+        };
         assert!(matches!(els[0].kind, StmtKind::If { .. }));
     }
 }

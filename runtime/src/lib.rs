@@ -189,7 +189,10 @@ impl<T: Float + Default> Optimizer<T> {
                 got: params.len(),
             });
         }
-        let lens: Vec<Vec<usize>> = params.iter().map(|ts| ts.iter().map(|t| t.len()).collect()).collect();
+        let lens: Vec<Vec<usize>> = params
+            .iter()
+            .map(|ts| ts.iter().map(|t| t.len()).collect())
+            .collect();
         let mut params = params.into_iter();
         let bufs = info
             .buffers
@@ -197,7 +200,10 @@ impl<T: Float + Default> Optimizer<T> {
             .map(|b| match b.role {
                 BufRole::Param => params.next().unwrap_or_default(),
                 BufRole::Input => Vec::new(),
-                _ => lens[b.space as usize].iter().map(|&n| vec![T::default(); n]).collect(),
+                _ => lens[b.space as usize]
+                    .iter()
+                    .map(|&n| vec![T::default(); n])
+                    .collect(),
             })
             .collect();
         let needs = [needs_of(&program, 0), needs_of(&program, 1)];
@@ -232,7 +238,12 @@ impl<T: Float + Default> Optimizer<T> {
             return Err(Error::UnknownHyper {
                 rule: info.name.clone(),
                 name: name.to_string(),
-                known: info.hypers.iter().map(|h| h.name.as_str()).collect::<Vec<_>>().join(", "),
+                known: info
+                    .hypers
+                    .iter()
+                    .map(|h| h.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             });
         };
         if !value.is_finite() {
@@ -266,7 +277,12 @@ impl<T: Float + Default> Optimizer<T> {
 
     /// A scalar state by name.
     pub fn scalar_state(&self, name: &str) -> Option<f64> {
-        let i = self.program.info.scalar_states.iter().position(|s| s == name)?;
+        let i = self
+            .program
+            .info
+            .scalar_states
+            .iter()
+            .position(|s| s == name)?;
         Some(self.scalar_states[i])
     }
 
@@ -301,13 +317,22 @@ impl<T: Float + Default> Optimizer<T> {
             });
         }
         for name in inputs.tensors.keys() {
-            if !matches!(info.buffer(name).map(|b| info.buffers[b as usize].role), Some(BufRole::Input)) {
-                return Err(Error::UnknownInput { rule: info.name.clone(), name: name.clone() });
+            if !matches!(
+                info.buffer(name).map(|b| info.buffers[b as usize].role),
+                Some(BufRole::Input)
+            ) {
+                return Err(Error::UnknownInput {
+                    rule: info.name.clone(),
+                    name: name.clone(),
+                });
             }
         }
         for name in inputs.scalars.keys() {
             if !info.scalar_inputs.contains(name) {
-                return Err(Error::UnknownInput { rule: info.name.clone(), name: name.clone() });
+                return Err(Error::UnknownInput {
+                    rule: info.name.clone(),
+                    name: name.clone(),
+                });
             }
         }
         let needs = self.stage_needs(k).clone();
@@ -355,14 +380,17 @@ impl<T: Float + Default> Optimizer<T> {
             let name = &info.buffers[b as usize].name;
             self.bufs[b as usize] = inputs.tensors[name].iter().map(|d| d.to_vec()).collect();
         }
-        let scalar_inputs: Vec<f64> = (0..info.scalar_inputs.len()).map(|i| scalars.get(&(i as u16)).copied().unwrap_or(0.0)).collect();
+        let scalar_inputs: Vec<f64> = (0..info.scalar_inputs.len())
+            .map(|i| scalars.get(&(i as u16)).copied().unwrap_or(0.0))
+            .collect();
         let env = StepEnv {
             hypers: &self.hypers,
             t: (self.steps + 1) as f64,
             scalar_states: &self.scalar_states,
             scalar_inputs: &scalar_inputs,
         };
-        let mut run = StepRun::new(&prog, self.steps == 0, self.lens.clone()).with_reductions(std::mem::take(&mut self.pending));
+        let mut run = StepRun::new(&prog, self.steps == 0, self.lens.clone())
+            .with_reductions(std::mem::take(&mut self.pending));
         run.run_stage(&env, k, &mut self.bufs);
         if k + 1 == info.stages.len() {
             self.scalar_states = run.scalar_updates(&env);

@@ -19,7 +19,10 @@ mod tests {
     fn every_rule_is_named_after_its_file() {
         assert!(!super::RULES.is_empty());
         for (name, src) in super::RULES {
-            assert!(src.contains(&format!("rule {name}(")), "{name}.opt must define rule `{name}`");
+            assert!(
+                src.contains(&format!("rule {name}(")),
+                "{name}.opt must define rule `{name}`"
+            );
         }
     }
 }

@@ -68,7 +68,11 @@ impl<'p> StepRun<'p> {
 
     /// Evaluates a scalar (tensor index ignored) or per-tensor node on the host, in f64.
     pub fn scalar(&mut self, env: &StepEnv<'_>, id: NodeId, tensor: usize) -> f64 {
-        let tensor = if self.prog.graph.kind(id) == Kind::Scalar { 0 } else { tensor };
+        let tensor = if self.prog.graph.kind(id) == Kind::Scalar {
+            0
+        } else {
+            tensor
+        };
         if let Some(&v) = self.memo.get(&(id, tensor)) {
             return v;
         }
@@ -101,7 +105,10 @@ impl<'p> StepRun<'p> {
                 }
             }
             Node::Reduce { per_tensor, .. } => {
-                let r = self.reductions.get(&id).expect("a reduction is computed in an earlier phase than its uses");
+                let r = self
+                    .reductions
+                    .get(&id)
+                    .expect("a reduction is computed in an earlier phase than its uses");
                 if per_tensor {
                     r[tensor]
                 } else {
@@ -137,17 +144,28 @@ impl<'p> StepRun<'p> {
         let prog = self.prog;
         let g = &prog.graph;
         let ntensors = self.lens[kernel.space as usize].len();
-        let slot: HashMap<NodeId, usize> = kernel.body.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+        let slot: HashMap<NodeId, usize> = kernel
+            .body
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (n, i))
+            .collect();
         let mut partial: Vec<Vec<f64>> = kernel
             .reductions
             .iter()
             .map(|&(r, _)| match g.node(r) {
-                Node::Reduce { per_tensor: true, .. } => vec![0.0; ntensors],
+                Node::Reduce {
+                    per_tensor: true, ..
+                } => vec![0.0; ntensors],
                 _ => vec![0.0],
             })
             .collect();
         for j in 0..ntensors {
-            let uniforms: HashMap<NodeId, T> = kernel.uniforms.iter().map(|&u| (u, T::from_f64(self.scalar(env, u, j)))).collect();
+            let uniforms: HashMap<NodeId, T> = kernel
+                .uniforms
+                .iter()
+                .map(|&u| (u, T::from_f64(self.scalar(env, u, j))))
+                .collect();
             let operand = |n: NodeId, cols: &[Vec<T>], i: usize| -> T {
                 match slot.get(&n) {
                     Some(&s) => cols[s][i],
@@ -163,12 +181,19 @@ impl<'p> StepRun<'p> {
                     let mut col = std::mem::take(&mut cols[s]);
                     col.clear();
                     match g.node(n) {
-                        Node::Load { buf, .. } => col.extend_from_slice(&bufs[buf as usize][j][start..end]),
-                        Node::Splat(_, a) => col.extend((0..end - start).map(|i| operand(a, &cols, i))),
-                        Node::Unary(op, a) => col.extend((0..end - start).map(|i| T::unary(op, operand(a, &cols, i)))),
-                        Node::Binary(op, a, b) => {
-                            col.extend((0..end - start).map(|i| T::binary(op, operand(a, &cols, i), operand(b, &cols, i))))
+                        Node::Load { buf, .. } => {
+                            col.extend_from_slice(&bufs[buf as usize][j][start..end])
                         }
+                        Node::Splat(_, a) => {
+                            col.extend((0..end - start).map(|i| operand(a, &cols, i)))
+                        }
+                        Node::Unary(op, a) => {
+                            col.extend((0..end - start).map(|i| T::unary(op, operand(a, &cols, i))))
+                        }
+                        Node::Binary(op, a, b) => col
+                            .extend((0..end - start).map(|i| {
+                                T::binary(op, operand(a, &cols, i), operand(b, &cols, i))
+                            })),
                         Node::Select(c, a, b) => col.extend((0..end - start).map(|i| {
                             if operand(c, &cols, i).to_f64() != 0.0 {
                                 operand(a, &cols, i)
@@ -181,7 +206,9 @@ impl<'p> StepRun<'p> {
                     cols[s] = col;
                 }
                 for (ri, &(r, a)) in kernel.reductions.iter().enumerate() {
-                    let Node::Reduce { op, per_tensor, .. } = g.node(r) else { continue };
+                    let Node::Reduce { op, per_tensor, .. } = g.node(r) else {
+                        continue;
+                    };
                     let acc = &mut partial[ri][if per_tensor { j } else { 0 }];
                     for i in 0..end - start {
                         let v = operand(a, &cols, i).to_f64();

@@ -27,7 +27,13 @@ pub fn run(p: &mut Program) {
     // No-op stores: the final value is the stage's own load of the buffer.
     for v in &mut p.variants {
         for (k, stage) in v.stages.iter_mut().enumerate() {
-            stage.stores.retain(|&(b, n)| p.graph.node(n) != Node::Load { buf: b, gen: k as u16 });
+            stage.stores.retain(|&(b, n)| {
+                p.graph.node(n)
+                    != Node::Load {
+                        buf: b,
+                        gen: k as u16,
+                    }
+            });
         }
     }
     // Live buffers: params and outputs, and whatever live values read, to a fixpoint.
@@ -44,7 +50,12 @@ pub fn run(p: &mut Program) {
         for v in &p.variants {
             roots.extend(v.scalar_updates.iter().map(|&(_, n)| n));
             for s in &v.stages {
-                roots.extend(s.stores.iter().filter(|(b, _)| live.contains(b)).map(|&(_, n)| n));
+                roots.extend(
+                    s.stores
+                        .iter()
+                        .filter(|(b, _)| live.contains(b))
+                        .map(|&(_, n)| n),
+                );
             }
         }
         let read = loaded_buffers(p, &roots);

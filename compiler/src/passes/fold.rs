@@ -18,14 +18,23 @@ pub fn fold(rb: &mut Rebuilder<'_>, node: Node) -> NodeId {
         Node::Unary(op, a) => {
             if let Some(a) = constant(rb, a) {
                 let v = unary_f64(op, a);
-                return rb.add(if op == UnOp::Not { Node::Bool(v != 0.0) } else { Node::num(v) });
+                return rb.add(if op == UnOp::Not {
+                    Node::Bool(v != 0.0)
+                } else {
+                    Node::num(v)
+                });
             }
         }
         Node::Binary(op, a, b) => {
             if let (Some(x), Some(y)) = (constant(rb, a), constant(rb, b)) {
                 let v = binary_f64(op, x, y);
-                let boolean = op.is_comparison() || matches!(op, crate::ir::BinOp::And | crate::ir::BinOp::Or);
-                return rb.add(if boolean { Node::Bool(v != 0.0) } else { Node::num(v) });
+                let boolean = op.is_comparison()
+                    || matches!(op, crate::ir::BinOp::And | crate::ir::BinOp::Or);
+                return rb.add(if boolean {
+                    Node::Bool(v != 0.0)
+                } else {
+                    Node::num(v)
+                });
             }
         }
         Node::Select(c, a, b) => {

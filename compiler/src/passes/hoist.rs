@@ -12,7 +12,11 @@ pub fn run(p: &mut Program) {
             for ph in &mut s.phases {
                 for k in &mut ph.kernels {
                     let mut uniforms = BTreeSet::new();
-                    let roots = k.stores.iter().map(|&(_, n)| n).chain(k.reductions.iter().map(|&(_, a)| a));
+                    let roots = k
+                        .stores
+                        .iter()
+                        .map(|&(_, n)| n)
+                        .chain(k.reductions.iter().map(|&(_, a)| a));
                     for n in roots.chain(k.body.iter().flat_map(|&n| graph.node(n).children())) {
                         if !matches!(graph.kind(n), Kind::Element(_)) {
                             uniforms.insert(n);

@@ -44,7 +44,9 @@ fn load_gen(p: &Program, id: NodeId) -> Option<u16> {
             continue;
         }
         match p.graph.node(n) {
-            Node::Load { gen, buf } if p.info.buffers[buf as usize].role != crate::ir::BufRole::Input => {
+            Node::Load { gen, buf }
+                if p.info.buffers[buf as usize].role != crate::ir::BufRole::Input =>
+            {
                 best = Some(best.map_or(gen, |b: u16| b.max(gen)));
             }
             Node::Reduce { .. } if n != id => {}
@@ -75,7 +77,12 @@ impl StagePlanner<'_> {
                     0
                 }
             }
-            n => n.children().into_iter().map(|c| self.ready(c)).max().unwrap_or(0),
+            n => n
+                .children()
+                .into_iter()
+                .map(|c| self.ready(c))
+                .max()
+                .unwrap_or(0),
         };
         self.ready.insert(id, r);
         r
@@ -85,8 +92,13 @@ impl StagePlanner<'_> {
 /// Plans one stage of one variant.
 fn plan_stage(p: &mut Program, vi: usize, k: usize, mine: HashSet<NodeId>) {
     let stores = p.variants[vi].stages[k].stores.clone();
-    let mut sp = StagePlanner { p, mine, ready: HashMap::new() };
-    let mut store_phase: BTreeMap<BufId, usize> = stores.iter().map(|&(b, v)| (b, sp.ready(v))).collect();
+    let mut sp = StagePlanner {
+        p,
+        mine,
+        ready: HashMap::new(),
+    };
+    let mut store_phase: BTreeMap<BufId, usize> =
+        stores.iter().map(|&(b, v)| (b, sp.ready(v))).collect();
     let mut reds: Vec<(NodeId, NodeId, usize)> = Vec::new();
     let mut mine: Vec<NodeId> = sp.mine.iter().copied().collect();
     mine.sort();
@@ -108,7 +120,12 @@ fn plan_stage(p: &mut Program, vi: usize, k: usize, mine: HashSet<NodeId>) {
     // Delay stores until no later phase needs the old value.
     loop {
         let mut changed = false;
-        let nphases = store_phase.values().copied().chain(reds.iter().map(|r| r.2)).max().map_or(0, |m| m + 1);
+        let nphases = store_phase
+            .values()
+            .copied()
+            .chain(reds.iter().map(|r| r.2))
+            .max()
+            .map_or(0, |m| m + 1);
         for ph in 0..nphases {
             let roots: Vec<NodeId> = stores
                 .iter()
@@ -142,12 +159,19 @@ fn plan_stage(p: &mut Program, vi: usize, k: usize, mine: HashSet<NodeId>) {
         }
     }
     // Materialize each phase: stored values needed later become loads of the new contents.
-    let nphases = store_phase.values().copied().chain(reds.iter().map(|r| r.2)).max().map_or(0, |m| m + 1);
+    let nphases = store_phase
+        .values()
+        .copied()
+        .chain(reds.iter().map(|r| r.2))
+        .max()
+        .map_or(0, |m| m + 1);
     let mut phases = Vec::new();
     for ph in 0..nphases {
         let mut memo: HashMap<NodeId, NodeId> = HashMap::new();
         let mut kernels: BTreeMap<u16, Kernel> = BTreeMap::new();
-        let mut mat = |p: &mut Program, root: NodeId| -> NodeId { materialize(p, root, ph, k, &final_of, &store_phase, &mut memo) };
+        let mut mat = |p: &mut Program, root: NodeId| -> NodeId {
+            materialize(p, root, ph, k, &final_of, &store_phase, &mut memo)
+        };
         let mut phase_stores = Vec::new();
         for &(b, v) in &stores {
             if store_phase[&b] == ph {
@@ -162,15 +186,34 @@ fn plan_stage(p: &mut Program, vi: usize, k: usize, mine: HashSet<NodeId>) {
         }
         for (b, v) in phase_stores {
             let space = p.info.buffers[b as usize].space;
-            kernels.entry(space).or_insert_with(|| Kernel { space, ..Default::default() }).stores.push((b, v));
+            kernels
+                .entry(space)
+                .or_insert_with(|| Kernel {
+                    space,
+                    ..Default::default()
+                })
+                .stores
+                .push((b, v));
         }
         for (r, a) in phase_reds {
             let space = p.graph.kind(a).space().unwrap_or(0);
-            kernels.entry(space).or_insert_with(|| Kernel { space, ..Default::default() }).reductions.push((r, a));
+            kernels
+                .entry(space)
+                .or_insert_with(|| Kernel {
+                    space,
+                    ..Default::default()
+                })
+                .reductions
+                .push((r, a));
         }
         let mut ks: Vec<Kernel> = kernels.into_values().collect();
         for kern in &mut ks {
-            let roots: Vec<NodeId> = kern.stores.iter().map(|s| s.1).chain(kern.reductions.iter().map(|r| r.1)).collect();
+            let roots: Vec<NodeId> = kern
+                .stores
+                .iter()
+                .map(|s| s.1)
+                .chain(kern.reductions.iter().map(|r| r.1))
+                .collect();
             let mut body = BTreeSet::new();
             let mut stack = roots;
             while let Some(n) = stack.pop() {
@@ -180,7 +223,12 @@ fn plan_stage(p: &mut Program, vi: usize, k: usize, mine: HashSet<NodeId>) {
                 stack.extend(p.graph.node(n).children());
             }
             kern.body = body.into_iter().collect();
-            kern.loads = kern.body.iter().copied().filter(|&n| matches!(p.graph.node(n), Node::Load { .. })).collect();
+            kern.loads = kern
+                .body
+                .iter()
+                .copied()
+                .filter(|&n| matches!(p.graph.node(n), Node::Load { .. }))
+                .collect();
         }
         if !ks.is_empty() {
             phases.push(Phase { kernels: ks });
@@ -205,11 +253,17 @@ fn materialize(
         return id;
     }
     let out = match final_of.get(&id) {
-        Some(&b) if store_phase[&b] < ph => p.add(Node::Load { buf: b, gen: (k + 1) as u16 }),
+        Some(&b) if store_phase[&b] < ph => p.add(Node::Load {
+            buf: b,
+            gen: (k + 1) as u16,
+        }),
         _ => {
             let node = p.graph.node(id);
             let children = node.children();
-            let mapped: Vec<NodeId> = children.iter().map(|&c| materialize(p, c, ph, k, final_of, store_phase, memo)).collect();
+            let mapped: Vec<NodeId> = children
+                .iter()
+                .map(|&c| materialize(p, c, ph, k, final_of, store_phase, memo))
+                .collect();
             if mapped == children {
                 id
             } else {
@@ -229,7 +283,11 @@ pub fn run(p: &mut Program) {
         // Every reduction the step needs, assigned to the stage whose values it reads: the stage of
         // its latest param/state load, or (reductions of inputs only) the first stage that uses it.
         let nstages = p.variants[vi].stages.len();
-        let mut all_roots: Vec<NodeId> = p.variants[vi].scalar_updates.iter().map(|&(_, n)| n).collect();
+        let mut all_roots: Vec<NodeId> = p.variants[vi]
+            .scalar_updates
+            .iter()
+            .map(|&(_, n)| n)
+            .collect();
         for s in &p.variants[vi].stages {
             all_roots.extend(s.stores.iter().map(|&(_, n)| n));
         }
@@ -240,7 +298,11 @@ pub fn run(p: &mut Program) {
             }
         }
         for k in 0..nstages {
-            let roots: Vec<NodeId> = p.variants[vi].stages[k].stores.iter().map(|&(_, n)| n).collect();
+            let roots: Vec<NodeId> = p.variants[vi].stages[k]
+                .stores
+                .iter()
+                .map(|&(_, n)| n)
+                .collect();
             for r in reductions_from(p, &roots) {
                 assigned.entry(r).or_insert(k);
             }
@@ -249,7 +311,11 @@ pub fn run(p: &mut Program) {
             assigned.entry(r).or_insert(nstages.saturating_sub(1));
         }
         for k in 0..nstages {
-            let mine: HashSet<NodeId> = assigned.iter().filter(|(_, &s)| s == k).map(|(&r, _)| r).collect();
+            let mine: HashSet<NodeId> = assigned
+                .iter()
+                .filter(|(_, &s)| s == k)
+                .map(|(&r, _)| r)
+                .collect();
             plan_stage(p, vi, k, mine);
         }
     }

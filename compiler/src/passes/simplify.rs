@@ -54,16 +54,8 @@ pub fn simplify(rb: &mut Rebuilder<'_>, node: Node) -> NodeId {
                 return b;
             }
         }
-        Node::Binary(BinOp::Sub, a, b) => {
-            if is(rb, b, 0.0) {
-                return a;
-            }
-        }
-        Node::Binary(BinOp::Div, a, b) => {
-            if is(rb, b, 1.0) {
-                return a;
-            }
-        }
+        Node::Binary(BinOp::Sub, a, b) if is(rb, b, 0.0) => return a,
+        Node::Binary(BinOp::Div, a, b) if is(rb, b, 1.0) => return a,
         Node::Unary(op @ (UnOp::Neg | UnOp::Not), a) => {
             if let Node::Unary(inner, x) = rb.node(a) {
                 if inner == op {
