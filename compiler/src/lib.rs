@@ -72,7 +72,8 @@ pub fn compile_with(src: &str, observe: PassObserver<'_>) -> Compilation {
                 );
             }
             let lowered = lower::lower_rule(rule);
-            diagnostics.extend(lowered.diagnostics);
+            // After a syntax error a statement is missing, so "never used" warnings would mislead.
+            diagnostics.extend(lowered.diagnostics.into_iter().filter(|d| parse_ok || d.is_error()));
             if let (Some(mut p), true) = (lowered.program, parse_ok) {
                 observe("lower", &p);
                 for (name, pass) in passes::PIPELINE {

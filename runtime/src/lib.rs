@@ -296,10 +296,17 @@ impl<T: Float + Default> Optimizer<T> {
         &self.needs[usize::from(self.steps > 0)][k]
     }
 
-    /// Runs a whole step (every stage, with the same inputs).
+    /// Runs the rest of the current step (every remaining stage, with the same inputs). The
+    /// inputs of all those stages are checked before any of them runs.
     pub fn step(&mut self, inputs: &Inputs<'_, T>) -> Result<(), Error> {
-        for k in self.next_stage..self.program.info.stages.len() {
-            self.run_stage(k, inputs)?;
+        let stages = self.next_stage..self.program.info.stages.len();
+        let mut scalars = self.pending_scalars.clone();
+        for k in stages.clone() {
+            scalars = self.check_stage(k, inputs, &scalars)?;
+        }
+        for k in stages {
+            let scalars = self.check_stage(k, inputs, &self.pending_scalars)?;
+            self.exec_stage(k, inputs, scalars);
         }
         Ok(())
     }
@@ -307,15 +314,28 @@ impl<T: Float + Default> Optimizer<T> {
     /// Runs stage `k` of the current step. Inputs the stage does not read are ignored; names the
     /// rule does not declare are errors.
     pub fn run_stage(&mut self, k: usize, inputs: &Inputs<'_, T>) -> Result<(), Error> {
-        let prog = Arc::clone(&self.program);
-        let info = &prog.info;
         if k != self.next_stage {
+            let info = &self.program.info;
             return Err(Error::StageOrder {
                 expected: self.next_stage,
                 name: info.stages[self.next_stage].clone(),
                 got: k,
             });
         }
+        let scalars = self.check_stage(k, inputs, &self.pending_scalars)?;
+        self.exec_stage(k, inputs, scalars);
+        Ok(())
+    }
+
+    /// Checks the inputs of stage `k`; returns the scalar inputs it will see (those given earlier in
+    /// the step, updated by `inputs`).
+    fn check_stage(
+        &self,
+        k: usize,
+        inputs: &Inputs<'_, T>,
+        pending: &HashMap<u16, f64>,
+    ) -> Result<HashMap<u16, f64>, Error> {
+        let info = &self.program.info;
         for name in inputs.tensors.keys() {
             if !matches!(
                 info.buffer(name).map(|b| info.buffers[b as usize].role),
@@ -341,7 +361,7 @@ impl<T: Float + Default> Optimizer<T> {
             stage: info.stages[k].clone(),
             name: name.to_string(),
         };
-        let mut scalars = self.pending_scalars.clone();
+        let mut scalars = pending.clone();
         for (i, name) in info.scalar_inputs.iter().enumerate() {
             if let Some(&v) = inputs.scalars.get(name) {
                 scalars.insert(i as u16, v);
@@ -375,7 +395,14 @@ impl<T: Float + Default> Optimizer<T> {
                 }
             }
         }
-        // Everything checked: from here on the stage runs to completion.
+        Ok(scalars)
+    }
+
+    /// Runs stage `k`, whose inputs [`Self::check_stage`] accepted. Cannot fail.
+    fn exec_stage(&mut self, k: usize, inputs: &Inputs<'_, T>, scalars: HashMap<u16, f64>) {
+        let prog = Arc::clone(&self.program);
+        let info = &prog.info;
+        let needs = self.stage_needs(k).clone();
         for &b in &needs.tensors {
             let name = &info.buffers[b as usize].name;
             self.bufs[b as usize] = inputs.tensors[name].iter().map(|d| d.to_vec()).collect();
@@ -405,7 +432,6 @@ impl<T: Float + Default> Optimizer<T> {
         for &b in &needs.tensors {
             self.bufs[b as usize] = Vec::new();
         }
-        Ok(())
     }
 }
 
