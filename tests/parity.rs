@@ -16,8 +16,14 @@ const RTOL: f64 = 1e-5;
 const ATOL: f64 = 1e-6;
 
 fn f32s(st: &SafeTensors<'_>, name: &str) -> (Vec<usize>, Vec<f32>) {
-    let v = st.tensor(name).unwrap_or_else(|_| panic!("fixture lacks {name}"));
-    let data = v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let v = st
+        .tensor(name)
+        .unwrap_or_else(|_| panic!("fixture lacks {name}"));
+    let data = v
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     (v.shape().to_vec(), data)
 }
 
@@ -28,11 +34,20 @@ fn run_fixture(path: &std::path::Path) -> (f64, String) {
     let meta = meta.metadata().clone().expect("metadata");
     let st = SafeTensors::deserialize(&bytes).expect("fixture");
     let rule = &meta["rule"];
-    let hyper: BTreeMap<String, serde_json::Value> = serde_json::from_str(&meta["hyper"]).expect("hyper json");
+    let hyper: BTreeMap<String, serde_json::Value> =
+        serde_json::from_str(&meta["hyper"]).expect("hyper json");
     let steps: usize = meta["steps"].parse().expect("steps");
-    let mut names: Vec<String> = st.names().iter().filter_map(|n| n.strip_prefix("param.")).map(String::from).collect();
+    let mut names: Vec<String> = st
+        .names()
+        .iter()
+        .filter_map(|n| n.strip_prefix("param."))
+        .map(String::from)
+        .collect();
     names.sort();
-    let params: Vec<Vec<f32>> = names.iter().map(|n| f32s(&st, &format!("param.{n}")).1).collect();
+    let params: Vec<Vec<f32>> = names
+        .iter()
+        .map(|n| f32s(&st, &format!("param.{n}")).1)
+        .collect();
     let program = optc::stdlib_rule(rule).unwrap_or_else(|| panic!("stdlib rule {rule}"));
     let input_names: Vec<String> = st
         .names()
@@ -48,13 +63,25 @@ fn run_fixture(path: &std::path::Path) -> (f64, String) {
             serde_json::Value::Bool(b) => f64::from(u8::from(*b)),
             other => other.as_f64().expect("number"),
         };
-        opt.set_hyper(k, x).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        opt.set_hyper(k, x)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     }
     let inputs: BTreeMap<String, Vec<Vec<f32>>> = input_names
         .iter()
-        .map(|i| (i.clone(), names.iter().map(|n| f32s(&st, &format!("input.{i}.{n}")).1).collect()))
+        .map(|i| {
+            (
+                i.clone(),
+                names
+                    .iter()
+                    .map(|n| f32s(&st, &format!("input.{i}.{n}")).1)
+                    .collect(),
+            )
+        })
         .collect();
-    let expected: Vec<Vec<f32>> = names.iter().map(|n| f32s(&st, &format!("expected.{n}")).1).collect();
+    let expected: Vec<Vec<f32>> = names
+        .iter()
+        .map(|n| f32s(&st, &format!("expected.{n}")).1)
+        .collect();
     let mut worst = (0.0f64, String::new());
     for step in 0..steps {
         let mut inp = Inputs::default();
@@ -79,7 +106,13 @@ fn run_fixture(path: &std::path::Path) -> (f64, String) {
                 let (a, b) = (a as f64, b as f64);
                 let ratio = (a - b).abs() / (RTOL * b.abs() + ATOL);
                 if ratio > worst.0 || ratio.is_nan() {
-                    worst = (if ratio.is_nan() { f64::INFINITY } else { ratio }, format!("step {} tensor {name}[{e}]: ours {a:e}, reference {b:e}", step + 1));
+                    worst = (
+                        if ratio.is_nan() { f64::INFINITY } else { ratio },
+                        format!(
+                            "step {} tensor {name}[{e}]: ours {a:e}, reference {b:e}",
+                            step + 1
+                        ),
+                    );
                 }
             }
         }
@@ -90,9 +123,16 @@ fn run_fixture(path: &std::path::Path) -> (f64, String) {
 #[test]
 fn stdlib_rules_match_their_references() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/parity/fixtures");
-    let mut files: Vec<_> = std::fs::read_dir(&dir).expect("fixtures").map(|e| e.expect("entry").path()).collect();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("fixtures")
+        .map(|e| e.expect("entry").path())
+        .collect();
     files.sort();
-    assert!(files.len() >= 30, "expected the parity fixtures in {}", dir.display());
+    assert!(
+        files.len() >= 30,
+        "expected the parity fixtures in {}",
+        dir.display()
+    );
     let mut failures = Vec::new();
     for f in &files {
         let (ratio, at) = run_fixture(f);
@@ -102,5 +142,9 @@ fn stdlib_rules_match_their_references() {
             failures.push(format!("{case}: {ratio:.2} × tolerance at {at}"));
         }
     }
-    assert!(failures.is_empty(), "parity failures:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "parity failures:\n{}",
+        failures.join("\n")
+    );
 }

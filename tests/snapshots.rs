@@ -10,12 +10,20 @@ fn stage_dumps(src: &str) -> (String, String, String) {
     let ast = format!("{:#?}", file.expect("ast"));
     let mut ir = String::new();
     let c = compile_with(src, &mut |pass, p| {
-        let body = if pass == "phases" || pass == "hoist" { print::kernels(p) } else { print::graph(p) };
+        let body = if pass == "phases" || pass == "hoist" {
+            print::kernels(p)
+        } else {
+            print::graph(p)
+        };
         ir.push_str(&format!("== after {pass} ==\n{body}"));
     });
     assert!(!c.has_errors());
     let p = &c.programs[0];
-    (ast, ir, format!("{}{}", print::interface(p), print::kernels(p)))
+    (
+        ast,
+        ir,
+        format!("{}{}", print::interface(p), print::kernels(p)),
+    )
 }
 
 #[test]
@@ -34,8 +42,15 @@ fn stdlib_rules_have_no_warnings_but_the_documented_ones() {
         let c = compile(src);
         let codes: Vec<&str> = c.diagnostics.iter().map(|d| d.code).collect();
         // clip_global_norm writes the clipped gradient as an output and leaves its param alone.
-        let allowed: &[&str] = if *name == "clip_global_norm" { &["W0002"] } else { &[] };
-        assert!(codes.iter().all(|c| allowed.contains(c)), "{name}: {codes:?}");
+        let allowed: &[&str] = if *name == "clip_global_norm" {
+            &["W0002"]
+        } else {
+            &[]
+        };
+        assert!(
+            codes.iter().all(|c| allowed.contains(c)),
+            "{name}: {codes:?}"
+        );
     }
 }
 
@@ -56,7 +71,11 @@ fn good_programs_compile_to_these_kernels() {
         let src = std::fs::read_to_string(path).expect("read");
         let c = compile(&src);
         let name = format!("tests/good/{}", path.file_name().unwrap().to_string_lossy());
-        assert!(!c.has_errors(), "{}", optc::render(&c.diagnostics, &src, &name, false));
+        assert!(
+            !c.has_errors(),
+            "{}",
+            optc::render(&c.diagnostics, &src, &name, false)
+        );
         let mut out = optc::render(&c.diagnostics, &src, &name, false);
         for p in &c.programs {
             out.push_str(&print::interface(p));

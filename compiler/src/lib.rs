@@ -71,9 +71,13 @@ pub fn compile_with(src: &str, observe: PassObserver<'_>) -> Compilation {
                     .with_label(prev, "first defined here"),
                 );
             }
+            if !parse_ok {
+                // After a syntax error statements are missing: checking would report their
+                // absence ("unknown name", "never used") as more errors. Fix the syntax first.
+                continue;
+            }
             let lowered = lower::lower_rule(rule);
-            // After a syntax error a statement is missing, so "never used" warnings would mislead.
-            diagnostics.extend(lowered.diagnostics.into_iter().filter(|d| parse_ok || d.is_error()));
+            diagnostics.extend(lowered.diagnostics);
             if let (Some(mut p), true) = (lowered.program, parse_ok) {
                 observe("lower", &p);
                 for (name, pass) in passes::PIPELINE {

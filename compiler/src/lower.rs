@@ -62,20 +62,29 @@ fn function_names() -> Vec<String> {
     v
 }
 
-/// Edit distance, for suggestions.
-fn levenshtein(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, &cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != cb))
-                .min(prev[j + 1] + 1)
-                .min(cur[j] + 1);
-        }
-        prev = cur;
+/// Edit distance counting a swap of neighbours as one edit (optimal string alignment).
+pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
     }
-    prev[b.len()]
+    for j in 0..=b.len() {
+        d[0][j] = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut v = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                v = v.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = v;
+        }
+    }
+    d[a.len()][b.len()]
 }
 
 /// The closest candidate to `name`, if close enough to be a likely typo.
@@ -83,11 +92,15 @@ pub(crate) fn suggest<'a>(
     name: &str,
     candidates: impl IntoIterator<Item = &'a str>,
 ) -> Option<&'a str> {
-    let limit = (name.chars().count() / 3).max(1);
+    // One edit per three characters: short names get no guesses (`m` is not a typo of `g`).
+    let limit = name.chars().count() / 3;
+    if limit == 0 {
+        return None;
+    }
     candidates
         .into_iter()
         .filter(|c| *c != name)
-        .map(|c| (levenshtein(name, c), c))
+        .map(|c| (edit_distance(name, c), c))
         .filter(|(d, _)| *d <= limit)
         .min_by_key(|(d, c)| (*d, *c))
         .map(|(_, c)| c)
@@ -134,6 +147,8 @@ struct Checker<'a> {
     stages: Vec<(String, Vec<&'a ast::Stmt>)>,
     /// Spans of `out` statements by output buffer.
     out_spans: HashMap<BufId, Span>,
+    /// Unknown names already reported.
+    unknown: HashSet<String>,
     diags: Vec<Diagnostic>,
 }
 
@@ -167,6 +182,7 @@ pub fn lower_rule(rule: &ast::Rule) -> Lowered {
         home: HashMap::new(),
         stages: Vec::new(),
         out_spans: HashMap::new(),
+        unknown: HashSet::new(),
         diags: Vec::new(),
     };
     ck.declare_hypers();
@@ -241,6 +257,17 @@ fn const_eval(e: &ast::Expr) -> Result<(f64, Ty), Box<Diagnostic>> {
                 _ => a.powf(b),
             };
             (v, Ty::Num)
+        }
+        ExprKind::Call(f, args) if args.len() == 2 && BINARY_FNS.iter().any(|u| u.0 == f.name) => {
+            let op = BINARY_FNS
+                .iter()
+                .find(|u| u.0 == f.name)
+                .map(|u| u.1)
+                .unwrap_or(BinOp::Max);
+            (
+                crate::ops::binary_f64(op, num(&args[0])?, num(&args[1])?),
+                Ty::Num,
+            )
         }
         ExprKind::Call(f, args) if args.len() == 1 && UNARY_FNS.iter().any(|u| u.0 == f.name) => {
             let op = UNARY_FNS
@@ -705,8 +732,12 @@ impl<'c, 'a> Lowerer<'c, 'a> {
             let starts = lw.start_stage(k);
             if k == 0 {
                 for i in 0..lw.ck.info.scalar_states.len() {
-                    let v = match (first, lw.ck.scalar_init[i]) {
-                        (true, Some(init)) => lw.lower_init(init, i),
+                    let init = match lw.ck.scalar_init[i] {
+                        Some(init) if first || lw.report => Some(lw.scalar_init(init, i)),
+                        _ => None,
+                    };
+                    let v = match (first, init) {
+                        (true, Some(v)) => v,
                         (true, None) => lw.add(Node::num(0.0)),
                         (false, _) => lw.add(Node::ScalarState(i as u16)),
                     };
@@ -776,29 +807,58 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                 BufRole::Input => {}
             }
         }
-        if self.first {
-            // States first used in this stage start from their initializers.
+        if self.first || self.report {
+            // States first used in this stage start from their initializers (checked once, in the
+            // reporting lowering; used in the first-step lowering).
             for b in 0..self.bufs.len() {
                 let info = &self.ck.info.buffers[b];
                 if info.role == BufRole::State && self.ck.home.get(&info.name) == Some(&k) {
-                    let v = match self.ck.buf_init.get(&(b as BufId)).copied() {
+                    let (v, span) = match self.ck.buf_init.get(&(b as BufId)).copied() {
                         Some(init) => {
-                            let pos = self
-                                .ck
-                                .order
-                                .iter()
-                                .position(|n| *n == info.name)
-                                .unwrap_or(0);
-                            self.lower_init(init, pos)
+                            let pos = self.decl_pos(&info.name.clone());
+                            (self.lower_init(init, pos), Some(init.span))
                         }
-                        None => self.add(Node::num(0.0)),
+                        None => (self.add(Node::num(0.0)), None),
                     };
-                    let v = self.fit_to_buffer(v, b as BufId, None);
-                    self.bufs[b] = Some(v);
+                    let v = self.fit_to_buffer(v, b as BufId, span).unwrap_or(v);
+                    if self.first {
+                        self.bufs[b] = Some(v);
+                    }
                 }
             }
         }
         starts
+    }
+
+    /// Position of a declared name in declaration order.
+    fn decl_pos(&self, name: &str) -> usize {
+        self.ck.order.iter().position(|n| n == name).unwrap_or(0)
+    }
+
+    /// Lowers and checks the initializer of scalar state `i`.
+    fn scalar_init(&mut self, init: &ast::Expr, i: usize) -> NodeId {
+        let name = self.ck.info.scalar_states[i].clone();
+        let v = self.lower_init(init, self.decl_pos(&name));
+        if self.graph.ty(v) == Ty::Bool {
+            self.error(Diagnostic::error(
+                "E0201",
+                format!("scalar state `{name}` holds a number, but this is a boolean"),
+                init.span,
+                "a boolean",
+            ));
+        } else if self.graph.kind(v) != Kind::Scalar {
+            let k = self.kind_name(self.graph.kind(v));
+            self.error(
+                Diagnostic::error(
+                    "E0202",
+                    format!("scalar state `{name}` cannot start from a value that is {k}"),
+                    init.span,
+                    "not a scalar",
+                )
+                .with_help("reduce it first, e.g. with `sum`, `mean` or `norm`"),
+            );
+        }
+        v
     }
 
     /// Lowers an initializer, seeing only names declared before position `pos`.
@@ -812,7 +872,7 @@ impl<'c, 'a> Lowerer<'c, 'a> {
     }
 
     /// Makes `v` storable in buffer `b`: broadcasts scalars, rejects other spaces and booleans.
-    fn fit_to_buffer(&mut self, v: NodeId, b: BufId, at: Option<Span>) -> NodeId {
+    fn fit_to_buffer(&mut self, v: NodeId, b: BufId, at: Option<Span>) -> Option<NodeId> {
         let space = self.ck.info.buffers[b as usize].space;
         let name = self.ck.info.buffers[b as usize].name.clone();
         if self.graph.ty(v) == Ty::Bool {
@@ -824,12 +884,12 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                     "a boolean",
                 ));
             }
-            return v;
+            return None;
         }
         match self.graph.kind(v) {
-            Kind::Element(s) if s == space => v,
-            Kind::Scalar => self.add(Node::Splat(space, v)),
-            Kind::Tensor(s) if s == space => self.add(Node::Splat(space, v)),
+            Kind::Element(s) if s == space => Some(v),
+            Kind::Scalar => Some(self.add(Node::Splat(space, v))),
+            Kind::Tensor(s) if s == space => Some(self.add(Node::Splat(space, v))),
             Kind::Element(s) | Kind::Tensor(s) => {
                 if let Some(span) = at {
                     let (a, b2) = (
@@ -841,7 +901,7 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                             .with_note("values of different params have different sizes and cannot be mixed"),
                     );
                 }
-                v
+                None
             }
         }
     }
@@ -885,7 +945,10 @@ impl<'c, 'a> Lowerer<'c, 'a> {
         v
     }
 
-    fn unknown_name(&mut self, name: &str, span: Span) {
+    fn unknown_name(&mut self, name: &str, span: Span, assigned: bool) {
+        if !self.ck.unknown.insert(name.to_string()) {
+            return; // reported at its first use
+        }
         let names = self.all_names();
         let mut d = Diagnostic::error(
             "E0101",
@@ -896,7 +959,11 @@ impl<'c, 'a> Lowerer<'c, 'a> {
         if let Some(s) = suggest(name, names.iter().map(|s| s.as_str())) {
             d = d.with_help(format!("did you mean `{s}`?"));
         } else {
-            d = d.with_help("declare it as a hyperparameter, `param`, `input` or `state`, or define it with `let`");
+            d = d.with_help(if assigned {
+                format!("declare it at the top of the rule, e.g. `state {name} = 0`")
+            } else {
+                "declare it as a hyperparameter, `param`, `input` or `state`, or define it with `let`".to_string()
+            });
         }
         self.error(d);
     }
@@ -919,7 +986,7 @@ impl<'c, 'a> Lowerer<'c, 'a> {
             }
         }
         let Some(decl) = self.ck.names.get_mut(name) else {
-            self.unknown_name(name, span);
+            self.unknown_name(name, span, false);
             return None;
         };
         decl.used = true;
@@ -1094,7 +1161,10 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                     ast::BinOp::And => BinOp::And,
                     ast::BinOp::Or => BinOp::Or,
                 };
-                if matches!(irop, BinOp::And | BinOp::Or) {
+                let both_bool = self.graph.ty(va) == Ty::Bool && self.graph.ty(vb) == Ty::Bool;
+                if matches!(irop, BinOp::And | BinOp::Or)
+                    || (both_bool && matches!(irop, BinOp::Eq | BinOp::Ne))
+                {
                     let a2 = self.expect_bool(va, a.span, &what);
                     let b2 = self.expect_bool(vb, b.span, &what);
                     let (va, vb) = (a2?, b2?);
@@ -1312,10 +1382,13 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                             "defined here",
                         )
                         .with_label(dspan, "declared here")
-                        .with_help(format!(
-                            "assign it with `{} = ...`, or choose another name",
-                            n.name
-                        )),
+                        .with_help(
+                            if matches!(what, "a param" | "a state") {
+                                format!("assign it with `{} = ...`, or choose another name", n.name)
+                            } else {
+                                "choose another name".to_string()
+                            },
+                        ),
                     );
                     return;
                 }
@@ -1448,7 +1521,7 @@ impl<'c, 'a> Lowerer<'c, 'a> {
             return;
         }
         let Some(decl) = self.ck.names.get_mut(&n.name) else {
-            self.unknown_name(&n.name, n.span);
+            self.unknown_name(&n.name, n.span, true);
             return;
         };
         decl.assigned = true;
@@ -1504,7 +1577,9 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                 BufRole::Param | BufRole::State => {
                     let Some(v) = v else { return };
                     let v = self.fit_to_buffer(v, b, Some(e.span));
-                    self.bufs[b as usize] = Some(v);
+                    if v.is_some() {
+                        self.bufs[b as usize] = v;
+                    }
                 }
             },
         }
@@ -1532,7 +1607,9 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                 }
                 if let Some(v) = v {
                     let v = self.fit_to_buffer(v, b, Some(e.span));
-                    self.bufs[b as usize] = Some(v);
+                    if v.is_some() {
+                        self.bufs[b as usize] = v;
+                    }
                 }
                 return;
             }

@@ -7,7 +7,7 @@ use std::fmt;
 /// One token of the rule language.
 #[derive(Logos, Debug, Clone, PartialEq)]
 #[logos(skip r"[ \t\r\n\f]+")]
-#[logos(skip(r"//([^/\n][^\n]*)?", allow_greedy = true))]
+#[logos(skip(r"//([^/\n][^\n]*)?|////[^\n]*", allow_greedy = true))]
 pub enum Tok {
     #[token("rule")]
     Rule,
@@ -88,7 +88,7 @@ pub enum Tok {
     #[regex(r"[A-Za-z_][A-Za-z0-9_]*", |lex| lex.slice().to_string(), priority = 1)]
     Ident(String),
     /// A `///` doc comment; the text after the slashes, with one leading space removed.
-    #[regex(r"///[^\n]*", |lex| doc_text(lex.slice()), allow_greedy = true)]
+    #[regex(r"///([^/\n][^\n]*)?", |lex| doc_text(lex.slice()), allow_greedy = true)]
     Doc(String),
 }
 
@@ -197,6 +197,16 @@ mod tests {
         assert!(kinds.contains(&Tok::Step));
         assert!(kinds.contains(&Tok::Num(".5".into())));
         assert_eq!(kinds.last(), Some(&Tok::RBrace));
+    }
+
+    #[test]
+    fn four_slashes_are_a_plain_comment() {
+        let (toks, errs) = lex("//// banner\n/// doc\nx");
+        assert!(errs.is_empty());
+        assert_eq!(
+            toks.iter().map(|t| t.1.clone()).collect::<Vec<_>>(),
+            vec![Tok::Doc("doc".into()), Tok::Ident("x".into())]
+        );
     }
 
     #[test]

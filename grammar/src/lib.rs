@@ -62,6 +62,24 @@ pub fn parse(src: &str) -> (Option<ast::File>, Vec<Diagnostic>) {
         }
     };
     diags.sort_by_key(|d| (d.primary.span.start, d.primary.span.end));
+    // Recovery resynchronizes token by token, so one broken statement can produce a report per
+    // token; keep the first syntax error of each line.
+    let line_of = |pos: usize| {
+        src[..pos.min(src.len())]
+            .bytes()
+            .filter(|&b| b == b'\n')
+            .count()
+    };
+    let mut last_line = None;
+    diags.retain(|d| {
+        if d.code != "E0002" && d.code != "E0003" {
+            return true;
+        }
+        let line = line_of(d.primary.span.start);
+        let keep = last_line != Some(line);
+        last_line = Some(line);
+        keep
+    });
     (file, diags)
 }
 
