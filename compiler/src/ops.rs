@@ -9,6 +9,8 @@ use crate::ir::{BinOp, UnOp};
 
 /// The element types the interpreter computes in.
 pub trait Float: Copy + PartialOrd + std::fmt::Debug + Send + Sync + 'static {
+    /// Bytes per value.
+    const BYTES: usize;
     /// Conversion from the host's f64 (rounds to nearest).
     fn from_f64(v: f64) -> Self;
     /// Conversion to f64 (exact).
@@ -22,6 +24,7 @@ pub trait Float: Copy + PartialOrd + std::fmt::Debug + Send + Sync + 'static {
 macro_rules! impl_float {
     ($t:ty) => {
         impl Float for $t {
+            const BYTES: usize = std::mem::size_of::<$t>();
             fn from_f64(v: f64) -> Self {
                 v as $t
             }

@@ -3,12 +3,19 @@
 //!
 //! Every call checks its inputs first and returns an [`Error`] without touching any parameter or
 //! state; a stage that starts always completes.
+//!
+//! Kernels run on the reference interpreter or, with [`Backend::Cranelift`], as machine code on a
+//! thread pool ([`jit`]). The JIT module is the only place with unsafe code.
 
 use optc_compiler::backend::interp::{Buffers, StepEnv, StepRun};
 use optc_compiler::ir::{BufRole, Kind, Node, NodeId, Program, Ty};
 use optc_compiler::ops::Float;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+
+pub mod jit;
+pub use jit::JitProgram;
+use optc_compiler::backend::clif::Precision;
 
 /// What can go wrong when driving a rule.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -70,6 +77,17 @@ pub enum Error {
         name: String,
         /// The stage asked for.
         got: usize,
+    },
+    /// The Cranelift backend could not compile the rule.
+    #[error("{0}")]
+    Jit(#[from] jit::JitError),
+    /// A thread pool could not be started.
+    #[error("cannot start {threads} threads: {why}")]
+    Threads {
+        /// Threads asked for.
+        threads: usize,
+        /// Why not.
+        why: String,
     },
     /// Params given at construction are not one list per param of the rule.
     #[error("rule `{rule}` has {expected} param(s), got tensors for {got}")]
@@ -138,6 +156,21 @@ pub struct Optimizer<T: Float> {
     pending: HashMap<NodeId, Vec<f64>>,
     pending_scalars: HashMap<u16, f64>,
     needs: [Vec<StageNeeds>; 2],
+    /// Compiled kernels, when running on the Cranelift backend (else the reference interpreter).
+    jit: Option<Arc<JitProgram>>,
+    pool: Option<Arc<rayon::ThreadPool>>,
+}
+
+/// Which engine runs a rule's kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The reference interpreter (the oracle; slow).
+    Interpreter,
+    /// Cranelift machine code on `threads` threads (1: the calling thread only).
+    Cranelift {
+        /// Worker threads.
+        threads: usize,
+    },
 }
 
 fn needs_of(p: &Program, variant: usize) -> Vec<StageNeeds> {
@@ -218,7 +251,48 @@ impl<T: Float + Default> Optimizer<T> {
             pending_scalars: HashMap::new(),
             needs,
             program,
+            jit: None,
+            pool: None,
         })
+    }
+
+    /// Switches to another backend (compiling the rule for it); state and step count are kept.
+    pub fn with_backend(mut self, backend: Backend) -> Result<Self, Error> {
+        match backend {
+            Backend::Interpreter => {
+                self.jit = None;
+                self.pool = None;
+            }
+            Backend::Cranelift { threads } => {
+                let precision = if T::BYTES == 4 { Precision::F32 } else { Precision::F64 };
+                self.jit = Some(Arc::new(JitProgram::compile(&self.program, precision)?));
+                self.pool = if threads > 1 {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .map_err(|e| Error::Threads { threads, why: e.to_string() })?;
+                    Some(Arc::new(pool))
+                } else {
+                    None
+                };
+            }
+        }
+        Ok(self)
+    }
+
+    /// The backend in use.
+    pub fn backend(&self) -> Backend {
+        match &self.jit {
+            None => Backend::Interpreter,
+            Some(_) => Backend::Cranelift {
+                threads: self.pool.as_ref().map_or(1, |p| p.current_num_threads()),
+            },
+        }
+    }
+
+    /// The compiled kernels, on the Cranelift backend.
+    pub fn jit(&self) -> Option<&JitProgram> {
+        self.jit.as_deref()
     }
 
     /// The compiled rule.
@@ -399,13 +473,17 @@ impl<T: Float + Default> Optimizer<T> {
     }
 
     /// Runs stage `k`, whose inputs [`Self::check_stage`] accepted. Cannot fail.
+    #[allow(unsafe_code)] // calls JIT kernels over the buffers this optimizer owns
     fn exec_stage(&mut self, k: usize, inputs: &Inputs<'_, T>, scalars: HashMap<u16, f64>) {
         let prog = Arc::clone(&self.program);
         let info = &prog.info;
         let needs = self.stage_needs(k).clone();
-        for &b in &needs.tensors {
-            let name = &info.buffers[b as usize].name;
-            self.bufs[b as usize] = inputs.tensors[name].iter().map(|d| d.to_vec()).collect();
+        if self.jit.is_none() {
+            // The interpreter reads inputs from its own buffers; the JIT reads the host's slices.
+            for &b in &needs.tensors {
+                let name = &info.buffers[b as usize].name;
+                self.bufs[b as usize] = inputs.tensors[name].iter().map(|d| d.to_vec()).collect();
+            }
         }
         let scalar_inputs: Vec<f64> = (0..info.scalar_inputs.len())
             .map(|i| scalars.get(&(i as u16)).copied().unwrap_or(0.0))
@@ -418,7 +496,43 @@ impl<T: Float + Default> Optimizer<T> {
         };
         let mut run = StepRun::new(&prog, self.steps == 0, self.lens.clone())
             .with_reductions(std::mem::take(&mut self.pending));
-        run.run_stage(&env, k, &mut self.bufs);
+        match &self.jit {
+            None => run.run_stage(&env, k, &mut self.bufs),
+            Some(jit) => {
+                for phase in &jit.kernels[run.variant()][k] {
+                    for jk in phase {
+                        let lens = &self.lens[jk.space as usize];
+                        let uniforms: Vec<Vec<T>> = (0..lens.len())
+                            .map(|j| jk.abi.uniforms.iter().map(|&u| T::from_f64(run.scalar(&env, u, j))).collect())
+                            .collect();
+                        let ptrs: Vec<Vec<*mut u8>> = (0..lens.len())
+                            .map(|j| {
+                                jk.abi
+                                    .slots
+                                    .iter()
+                                    .map(|&b| {
+                                        let bi = &info.buffers[b as usize];
+                                        if bi.role == BufRole::Input {
+                                            inputs.tensors[&bi.name][j].as_ptr() as *mut u8
+                                        } else {
+                                            self.bufs[b as usize][j].as_mut_ptr() as *mut u8
+                                        }
+                                    })
+                                    .collect()
+                            })
+                            .collect();
+                        // SAFETY: every pointer addresses a live buffer of `lens[j]` elements
+                        // (checked by `check_stage` for inputs; owned by `self` otherwise); inputs
+                        // are only read; the kernel writes only its store slots, which are distinct
+                        // buffers owned by `self`, and nothing else touches them during the call.
+                        let results = unsafe { jit::run_kernel(jk, &prog, lens, &ptrs, &uniforms, self.pool.as_deref()) };
+                        for (r, v) in results {
+                            run.set_reduction(r, v);
+                        }
+                    }
+                }
+            }
+        }
         if k + 1 == info.stages.len() {
             self.scalar_states = run.scalar_updates(&env);
             self.steps += 1;

@@ -55,6 +55,16 @@ impl<'p> StepRun<'p> {
         }
     }
 
+    /// Records a reduction's result (one value, or one per tensor), computed by another backend.
+    pub fn set_reduction(&mut self, r: NodeId, values: Vec<f64>) {
+        self.reductions.insert(r, values);
+    }
+
+    /// The step variant this run executes (0: first step, 1: later steps).
+    pub fn variant(&self) -> usize {
+        self.variant
+    }
+
     /// Reduction results computed so far, to carry into the next stage of the same step.
     pub fn take_reductions(&mut self) -> HashMap<NodeId, Vec<f64>> {
         std::mem::take(&mut self.reductions)

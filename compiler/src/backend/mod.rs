@@ -1,4 +1,5 @@
 //! Backends that execute a compiled [`crate::ir::Program`]. The reference interpreter is the
 //! oracle every other backend is tested against.
 
+pub mod clif;
 pub mod interp;

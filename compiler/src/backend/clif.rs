@@ -1,0 +1,660 @@
+//! Cranelift code generation: one function per kernel.
+//!
+//! A kernel function has the C signature `fn(tasks: *const Task, ntasks: u64)`; each [`Task`]
+//! covers the element range `[start, end)` of one tensor:
+//!
+//! ```text
+//! struct Task {            // TASK_SIZE bytes
+//!     bufs: *const *mut T, // base pointer of each buffer slot (KernelAbi::slots) for this tensor
+//!     start: u64, end: u64,
+//!     uniforms: *const T,  // this tensor's uniform values (KernelAbi::uniforms), booleans as 0/1
+//!     partials: *mut f64,  // out: one partial per reduction (KernelAbi::reductions)
+//! }
+//! ```
+//! The body runs as a vectorized main loop (`UNROLL` vectors of `16 / size_of::<T>()` lanes per
+//! iteration), a one-vector loop, and a scalar tail. Sums accumulate in f64 lanes; maxima in the
+//! element type (exact). The partials of a task are combined in a fixed order, so a task's result
+//! does not depend on which thread runs it.
+//!
+//! Operations with no Cranelift instruction (`exp`, `log`, `pow`, `%`, ...) call the functions of
+//! [`MathFn`], which the JIT resolves to the same Rust functions the interpreter uses, so results
+//! are bit-identical to the interpreter.
+
+use crate::ir::{BinOp, BufId, Kernel, Kind, Node, NodeId, Program, ReduceOp, Ty, UnOp};
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::{
+    self, types, AbiParam, ConstantData, Endianness, ExtFuncData, ExternalName, FuncRef, InstBuilder, MemFlagsData, Signature, Type,
+    UserExternalName, UserFuncName, Value,
+};
+use cranelift_codegen::isa::{CallConv, TargetFrontendConfig};
+use target_lexicon::PointerWidth;
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
+use std::collections::{BTreeSet, HashMap};
+
+/// Size of a task record in bytes.
+pub const TASK_SIZE: i32 = 40;
+/// Vectors processed per main-loop iteration.
+pub const UNROLL: usize = 2;
+
+/// Element precision of a kernel's buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Precision {
+    /// f32 buffers, F32X4 vectors.
+    F32,
+    /// f64 buffers, F64X2 vectors.
+    F64,
+}
+
+impl Precision {
+    /// The scalar type.
+    pub fn ty(self) -> Type {
+        match self {
+            Precision::F32 => types::F32,
+            Precision::F64 => types::F64,
+        }
+    }
+    /// The 128-bit vector type.
+    pub fn vty(self) -> Type {
+        match self {
+            Precision::F32 => types::F32X4,
+            Precision::F64 => types::F64X2,
+        }
+    }
+    /// Lanes per vector.
+    pub fn lanes(self) -> usize {
+        match self {
+            Precision::F32 => 4,
+            Precision::F64 => 2,
+        }
+    }
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Precision::F32 => 4,
+            Precision::F64 => 8,
+        }
+    }
+    /// Name used in symbols.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::F64 => "f64",
+        }
+    }
+}
+
+/// Element functions computed by a call (one argument, or two for `Pow`/`Rem`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MathFn {
+    /// A unary operation.
+    Unary(UnOp),
+    /// A binary operation.
+    Binary(BinOp),
+}
+
+impl MathFn {
+    /// Whether an operation needs a call.
+    pub fn of_unary(op: UnOp) -> Option<MathFn> {
+        matches!(op, UnOp::Exp | UnOp::Log | UnOp::Log1p | UnOp::Expm1 | UnOp::Sigmoid | UnOp::Tanh).then_some(MathFn::Unary(op))
+    }
+    /// Whether an operation needs a call.
+    pub fn of_binary(op: BinOp) -> Option<MathFn> {
+        matches!(op, BinOp::Pow | BinOp::Rem).then_some(MathFn::Binary(op))
+    }
+    /// Arguments.
+    pub fn arity(self) -> usize {
+        match self {
+            MathFn::Unary(_) => 1,
+            MathFn::Binary(_) => 2,
+        }
+    }
+    /// Every function, for registering symbols.
+    pub fn all() -> Vec<MathFn> {
+        let mut v: Vec<MathFn> =
+            [UnOp::Exp, UnOp::Log, UnOp::Log1p, UnOp::Expm1, UnOp::Sigmoid, UnOp::Tanh].into_iter().map(MathFn::Unary).collect();
+        v.push(MathFn::Binary(BinOp::Pow));
+        v.push(MathFn::Binary(BinOp::Rem));
+        v
+    }
+    /// Symbol name for a precision.
+    pub fn symbol(self, p: Precision) -> String {
+        let op = match self {
+            MathFn::Unary(op) => format!("{op:?}"),
+            MathFn::Binary(op) => format!("{op:?}"),
+        };
+        format!("optc_{}_{}", op.to_lowercase(), p.suffix())
+    }
+    /// Its signature.
+    pub fn signature(self, p: Precision, call_conv: CallConv) -> Signature {
+        let mut sig = Signature::new(call_conv);
+        for _ in 0..self.arity() {
+            sig.params.push(AbiParam::new(p.ty()));
+        }
+        sig.returns.push(AbiParam::new(p.ty()));
+        sig
+    }
+}
+
+/// How a kernel function's task records are laid out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelAbi {
+    /// Buffers in slot order (the `bufs` array of each task).
+    pub slots: Vec<BufId>,
+    /// Uniform nodes in order (the `uniforms` array of each task).
+    pub uniforms: Vec<NodeId>,
+    /// Reduce nodes in order (the `partials` array of each task).
+    pub reductions: Vec<NodeId>,
+    /// Math functions the kernel calls.
+    pub calls: Vec<MathFn>,
+}
+
+/// The ABI of a kernel: which buffers, uniforms and reductions, in which order.
+pub fn abi(p: &Program, k: &Kernel) -> KernelAbi {
+    let mut slots = BTreeSet::new();
+    for &n in &k.loads {
+        if let Node::Load { buf, .. } = p.graph.node(n) {
+            slots.insert(buf);
+        }
+    }
+    slots.extend(k.stores.iter().map(|s| s.0));
+    let mut calls = BTreeSet::new();
+    for &n in &k.body {
+        let f = match p.graph.node(n) {
+            Node::Unary(op, _) => MathFn::of_unary(op),
+            Node::Binary(op, _, _) => MathFn::of_binary(op),
+            _ => None,
+        };
+        if let Some(f) = f {
+            calls.insert(format!("{f:?}"));
+        }
+    }
+    let calls = MathFn::all().into_iter().filter(|f| calls.contains(&format!("{f:?}"))).collect();
+    KernelAbi {
+        slots: slots.into_iter().collect(),
+        uniforms: k.uniforms.clone(),
+        reductions: k.reductions.iter().map(|r| r.0).collect(),
+        calls,
+    }
+}
+
+/// The kernel function's signature.
+pub fn signature(ptr: Type, call_conv: CallConv) -> Signature {
+    let mut sig = Signature::new(call_conv);
+    sig.params.push(AbiParam::new(ptr));
+    sig.params.push(AbiParam::new(types::I64));
+    sig
+}
+
+/// Imports a math function into a function under construction (the JIT maps these to its symbols).
+pub type Importer<'a> = &'a mut dyn FnMut(&mut ir::Function, MathFn) -> FuncRef;
+
+/// An importer for printing: names each function `u1:<index>`.
+pub fn print_importer(p: Precision, call_conv: CallConv) -> impl FnMut(&mut ir::Function, MathFn) -> FuncRef {
+    move |func, f| {
+        let idx = MathFn::all().iter().position(|g| *g == f).unwrap_or(0) as u32;
+        let name = func.declare_imported_user_function(UserExternalName::new(1, idx));
+        let signature = func.import_signature(f.signature(p, call_conv));
+        func.import_function(ExtFuncData {
+            name: ExternalName::user(name),
+            signature,
+            colocated: false,
+            patchable: false,
+        })
+    }
+}
+
+struct Gen<'a, 'b> {
+    p: &'a Program,
+    k: &'a Kernel,
+    prec: Precision,
+    b: FunctionBuilder<'b>,
+    /// Uniform values by node, scalar and splat.
+    uni: HashMap<NodeId, (Value, Value)>,
+    calls: HashMap<MathFn, FuncRef>,
+    ptr: Type,
+}
+
+/// Builds the Cranelift function of a kernel.
+pub fn build(p: &Program, k: &Kernel, prec: Precision, ptr: Type, call_conv: CallConv, import: Importer<'_>, index: u32) -> ir::Function {
+    let abi = abi(p, k);
+    let mut func = ir::Function::with_name_signature(UserFuncName::user(0, index), signature(ptr, call_conv));
+    let calls: HashMap<MathFn, FuncRef> = abi.calls.iter().map(|&f| (f, import(&mut func, f))).collect();
+    let mut fctx = FunctionBuilderContext::new();
+    let b = FunctionBuilder::new(&mut func, &mut fctx);
+    let mut g = Gen {
+        p,
+        k,
+        prec,
+        b,
+        uni: HashMap::new(),
+        calls,
+        ptr,
+    };
+    g.body(&abi);
+    g.b.seal_all_blocks();
+    g.b.finalize(TargetFrontendConfig {
+        default_call_conv: call_conv,
+        pointer_width: if ptr == types::I32 { PointerWidth::U32 } else { PointerWidth::U64 },
+        page_size_align_log2: 12,
+    });
+    func
+}
+
+/// Per-iteration values of element nodes.
+type Memo = HashMap<NodeId, Value>;
+
+/// Reduction accumulators: sums as f64 (vectors of F64X2, or scalars), maxima in the element type.
+struct Acc {
+    op: ReduceOp,
+    vars: Vec<Variable>,
+}
+
+impl Gen<'_, '_> {
+    fn flags() -> MemFlagsData {
+        MemFlagsData::trusted()
+    }
+
+    fn body(&mut self, abi: &KernelAbi) {
+        let prec = self.prec;
+        let (ty, vty, lanes, size) = (prec.ty(), prec.vty(), prec.lanes() as i64, prec.size() as i64);
+        let ptr = self.ptr;
+        let entry = self.b.create_block();
+        self.b.append_block_params_for_function_params(entry);
+        self.b.switch_to_block(entry);
+        let (tasks, ntasks) = {
+            let ps = self.b.block_params(entry);
+            (ps[0], ps[1])
+        };
+        let ti = self.b.declare_var(types::I64);
+        let zero = self.b.ins().iconst(types::I64, 0);
+        self.b.def_var(ti, zero);
+        let task_head = self.b.create_block();
+        let task_body = self.b.create_block();
+        let exit = self.b.create_block();
+        self.b.ins().jump(task_head, &[]);
+
+        // for ti in 0..ntasks
+        self.b.switch_to_block(task_head);
+        let t = self.b.use_var(ti);
+        let more = self.b.ins().icmp(IntCC::UnsignedLessThan, t, ntasks);
+        self.b.ins().brif(more, task_body, &[], exit, &[]);
+
+        self.b.switch_to_block(task_body);
+        let t = self.b.use_var(ti);
+        let off = self.b.ins().imul_imm_s(t, TASK_SIZE as i64);
+        let task = self.b.ins().iadd(tasks, off);
+        let f = Self::flags();
+        let bufs = self.b.ins().load(ptr, f, task, 0);
+        let start = self.b.ins().load(types::I64, f, task, 8);
+        let end = self.b.ins().load(types::I64, f, task, 16);
+        let unis = self.b.ins().load(ptr, f, task, 24);
+        let partials = self.b.ins().load(ptr, f, task, 32);
+        let bases: HashMap<BufId, Value> = abi
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, &buf)| (buf, self.b.ins().load(ptr, f, bufs, (i * 8) as i32)))
+            .collect();
+        for (i, &u) in abi.uniforms.iter().enumerate() {
+            let s = self.b.ins().load(ty, f, unis, (i as i64 * size) as i32);
+            let v = self.b.ins().splat(vty, s);
+            self.uni.insert(u, (s, v));
+        }
+        // Accumulators.
+        let mut accs = Vec::new();
+        for &r in &abi.reductions {
+            let Node::Reduce { op, .. } = self.p.graph.node(r) else { continue };
+            let vars = match op {
+                ReduceOp::Sum => {
+                    let z = self.b.ins().f64const(0.0);
+                    let zv = self.b.ins().splat(types::F64X2, z);
+                    let vecs = if prec == Precision::F32 { 2 } else { 1 };
+                    let mut vars: Vec<Variable> = (0..vecs * UNROLL)
+                        .map(|_| {
+                            let v = self.b.declare_var(types::F64X2);
+                            self.b.def_var(v, zv);
+                            v
+                        })
+                        .collect();
+                    let sv = self.b.declare_var(types::F64);
+                    self.b.def_var(sv, z);
+                    vars.push(sv);
+                    vars
+                }
+                ReduceOp::Max => {
+                    let z = self.fconst(0.0);
+                    let zv = self.b.ins().splat(vty, z);
+                    let mut vars: Vec<Variable> = (0..UNROLL)
+                        .map(|_| {
+                            let v = self.b.declare_var(vty);
+                            self.b.def_var(v, zv);
+                            v
+                        })
+                        .collect();
+                    let sv = self.b.declare_var(ty);
+                    self.b.def_var(sv, z);
+                    vars.push(sv);
+                    vars
+                }
+            };
+            accs.push(Acc { op, vars });
+        }
+        let i = self.b.declare_var(types::I64);
+        self.b.def_var(i, start);
+
+        // Three loops: UNROLL vectors, one vector, one element.
+        for (width, vectors) in [(lanes * UNROLL as i64, UNROLL), (lanes, 1), (1, 0)] {
+            let head = self.b.create_block();
+            let body = self.b.create_block();
+            let after = self.b.create_block();
+            self.b.ins().jump(head, &[]);
+            self.b.switch_to_block(head);
+            let iv = self.b.use_var(i);
+            let next = self.b.ins().iadd_imm_s(iv, width);
+            let fits = self.b.ins().icmp(IntCC::SignedLessThanOrEqual, next, end);
+            self.b.ins().brif(fits, body, &[], after, &[]);
+            self.b.switch_to_block(body);
+            let iv = self.b.use_var(i);
+            for part in 0..vectors.max(1) {
+                let vector = vectors > 0;
+                let idx = self.b.ins().iadd_imm_s(iv, part as i64 * lanes);
+                let byte = self.b.ins().imul_imm_s(idx, size);
+                let mut memo = Memo::new();
+                for &n in &self.k.body {
+                    let v = self.node(n, vector, &bases, byte, &mut memo);
+                    memo.insert(n, v);
+                }
+                for &(r, a) in &self.k.reductions {
+                    let ri = abi.reductions.iter().position(|&x| x == r).expect("reduction in abi");
+                    let x = self.operand(a, vector, &memo);
+                    self.accumulate(&accs[ri], x, vector, part);
+                }
+                for &(buf, v) in &self.k.stores {
+                    let x = self.operand(v, vector, &memo);
+                    let addr = self.b.ins().iadd(bases[&buf], byte);
+                    self.b.ins().store(Self::flags(), x, addr, 0);
+                }
+            }
+            let iv = self.b.use_var(i);
+            let next = self.b.ins().iadd_imm_s(iv, width);
+            self.b.def_var(i, next);
+            self.b.ins().jump(head, &[]);
+            self.b.switch_to_block(after);
+        }
+        // Partials, combined in a fixed order.
+        for (ri, acc) in accs.iter().enumerate() {
+            let total = self.horizontal(acc);
+            self.b.ins().store(Self::flags(), total, partials, (ri * 8) as i32);
+        }
+        let t = self.b.use_var(ti);
+        let t1 = self.b.ins().iadd_imm_s(t, 1);
+        self.b.def_var(ti, t1);
+        self.b.ins().jump(task_head, &[]);
+        self.b.switch_to_block(exit);
+        self.b.ins().return_(&[]);
+    }
+
+    fn fconst(&mut self, v: f64) -> Value {
+        match self.prec {
+            Precision::F32 => self.b.ins().f32const(v as f32),
+            Precision::F64 => self.b.ins().f64const(v),
+        }
+    }
+
+    fn vconst(&mut self, v: f64) -> Value {
+        let s = self.fconst(v);
+        self.b.ins().splat(self.prec.vty(), s)
+    }
+
+    fn bitcast(&mut self, to: Type, v: Value) -> Value {
+        self.b.ins().bitcast(to, MemFlagsData::new().with_endianness(Endianness::Little), v)
+    }
+
+    /// The value of a node as an operand: a body value, or a uniform (as a boolean where its type is).
+    fn operand(&mut self, n: NodeId, vector: bool, memo: &Memo) -> Value {
+        if let Some(&v) = memo.get(&n) {
+            return v;
+        }
+        let (s, v) = self.uni[&n];
+        if self.p.graph.ty(n) == Ty::Bool {
+            // Uniform booleans are 0/1 numbers: turn them into masks (vector) or i8 (scalar).
+            return if vector {
+                let z = self.vconst(0.0);
+                self.b.ins().fcmp(FloatCC::NotEqual, v, z)
+            } else {
+                let z = self.fconst(0.0);
+                self.b.ins().fcmp(FloatCC::NotEqual, s, z)
+            };
+        }
+        if vector {
+            v
+        } else {
+            s
+        }
+    }
+
+    fn node(&mut self, n: NodeId, vector: bool, bases: &HashMap<BufId, Value>, byte: Value, memo: &mut Memo) -> Value {
+        let ty = if vector { self.prec.vty() } else { self.prec.ty() };
+        match self.p.graph.node(n) {
+            Node::Load { buf, .. } => {
+                let addr = self.b.ins().iadd(bases[&buf], byte);
+                self.b.ins().load(ty, Self::flags(), addr, 0)
+            }
+            Node::Splat(_, a) => self.operand(a, vector, memo),
+            Node::Unary(op, a) => {
+                let x = self.operand(a, vector, memo);
+                self.unary(op, x, vector)
+            }
+            Node::Binary(op, a, c) => {
+                let x = self.operand(a, vector, memo);
+                let y = self.operand(c, vector, memo);
+                self.binary(op, x, y, vector)
+            }
+            Node::Select(c, a, d) => {
+                let m = self.operand(c, vector, memo);
+                let x = self.operand(a, vector, memo);
+                let y = self.operand(d, vector, memo);
+                if vector {
+                    let is_bool = self.p.graph.ty(a) == Ty::Bool;
+                    let m = if is_bool { m } else { self.bitcast(self.prec.vty(), m) };
+                    self.b.ins().bitselect(m, x, y)
+                } else {
+                    self.b.ins().select(m, x, y)
+                }
+            }
+            other => unreachable!("{other:?} is not a per-element node (kind {:?})", self.p.graph.kind(n) == Kind::Scalar),
+        }
+    }
+
+    fn call(&mut self, f: MathFn, args: &[Value], vector: bool) -> Value {
+        let fref = self.calls[&f];
+        if !vector {
+            let call = self.b.ins().call(fref, args);
+            return self.b.inst_results(call)[0];
+        }
+        // One call per lane.
+        let mut out = self.vconst(0.0);
+        for lane in 0..self.prec.lanes() as u8 {
+            let scalars: Vec<Value> = args.iter().map(|&a| self.b.ins().extractlane(a, lane)).collect();
+            let call = self.b.ins().call(fref, &scalars);
+            let r = self.b.inst_results(call)[0];
+            out = self.b.ins().insertlane(out, r, lane);
+        }
+        out
+    }
+
+    fn unary(&mut self, op: UnOp, x: Value, vector: bool) -> Value {
+        if let Some(f) = MathFn::of_unary(op) {
+            return self.call(f, &[x], vector);
+        }
+        let one = if vector { self.vconst(1.0) } else { self.fconst(1.0) };
+        match op {
+            UnOp::Neg => self.b.ins().fneg(x),
+            UnOp::Not => {
+                if vector {
+                    self.b.ins().bnot(x)
+                } else {
+                    self.b.ins().bxor_imm_s(x, 1)
+                }
+            }
+            UnOp::Sqrt => self.b.ins().sqrt(x),
+            UnOp::Rsqrt => {
+                let s = self.b.ins().sqrt(x);
+                self.b.ins().fdiv(one, s)
+            }
+            UnOp::Abs => self.b.ins().fabs(x),
+            UnOp::Floor => self.b.ins().floor(x),
+            UnOp::Ceil => self.b.ins().ceil(x),
+            UnOp::Round => self.b.ins().nearest(x),
+            UnOp::Sign => {
+                // 1 for x > 0, -1 for x < 0, x * 0 otherwise (keeps ±0 and NaN).
+                let zero = if vector { self.vconst(0.0) } else { self.fconst(0.0) };
+                let neg_one = self.b.ins().fneg(one);
+                let xz = self.b.ins().fmul(x, zero);
+                let lt = self.b.ins().fcmp(FloatCC::LessThan, x, zero);
+                let gt = self.b.ins().fcmp(FloatCC::GreaterThan, x, zero);
+                let inner = self.select(lt, neg_one, xz, vector);
+                self.select(gt, one, inner, vector)
+            }
+            _ => unreachable!("calls handled above"),
+        }
+    }
+
+    fn select(&mut self, m: Value, a: Value, b: Value, vector: bool) -> Value {
+        if vector {
+            let m = self.bitcast(self.prec.vty(), m);
+            self.b.ins().bitselect(m, a, b)
+        } else {
+            self.b.ins().select(m, a, b)
+        }
+    }
+
+    fn binary(&mut self, op: BinOp, x: Value, y: Value, vector: bool) -> Value {
+        if let Some(f) = MathFn::of_binary(op) {
+            return self.call(f, &[x, y], vector);
+        }
+        let cmp = |g: &mut Self, cc| g.b.ins().fcmp(cc, x, y);
+        match op {
+            BinOp::Add => self.b.ins().fadd(x, y),
+            BinOp::Sub => self.b.ins().fsub(x, y),
+            BinOp::Mul => self.b.ins().fmul(x, y),
+            BinOp::Div => self.b.ins().fdiv(x, y),
+            BinOp::Min => self.b.ins().fmin(x, y),
+            BinOp::Max => self.b.ins().fmax(x, y),
+            BinOp::Eq => cmp(self, FloatCC::Equal),
+            BinOp::Ne => cmp(self, FloatCC::NotEqual),
+            BinOp::Lt => cmp(self, FloatCC::LessThan),
+            BinOp::Le => cmp(self, FloatCC::LessThanOrEqual),
+            BinOp::Gt => cmp(self, FloatCC::GreaterThan),
+            BinOp::Ge => cmp(self, FloatCC::GreaterThanOrEqual),
+            BinOp::And => self.b.ins().band(x, y),
+            BinOp::Or => self.b.ins().bor(x, y),
+            BinOp::Pow | BinOp::Rem => unreachable!("calls handled above"),
+        }
+    }
+
+    fn accumulate(&mut self, acc: &Acc, x: Value, vector: bool, part: usize) {
+        let scalar_var = *acc.vars.last().expect("scalar accumulator");
+        match acc.op {
+            ReduceOp::Sum => {
+                if !vector {
+                    let x = if self.prec == Precision::F32 { self.b.ins().fpromote(types::F64, x) } else { x };
+                    let a = self.b.use_var(scalar_var);
+                    let s = self.b.ins().fadd(a, x);
+                    self.b.def_var(scalar_var, s);
+                    return;
+                }
+                match self.prec {
+                    Precision::F64 => {
+                        let v = acc.vars[part];
+                        let a = self.b.use_var(v);
+                        let s = self.b.ins().fadd(a, x);
+                        self.b.def_var(v, s);
+                    }
+                    Precision::F32 => {
+                        let lo = self.b.ins().fvpromote_low(x);
+                        // Move lanes 2, 3 down, then promote them too.
+                        let bytes = self.bitcast(types::I8X16, x);
+                        let mask: Vec<u8> = (8..16).chain(8..16).collect();
+                        let imm = self.b.func.dfg.immediates.push(ConstantData::from(mask));
+                        let hi_bytes = self.b.ins().shuffle(bytes, bytes, imm);
+                        let hi = self.bitcast(types::F32X4, hi_bytes);
+                        let hi = self.b.ins().fvpromote_low(hi);
+                        for (j, h) in [lo, hi].into_iter().enumerate() {
+                            let v = acc.vars[part * 2 + j];
+                            let a = self.b.use_var(v);
+                            let s = self.b.ins().fadd(a, h);
+                            self.b.def_var(v, s);
+                        }
+                    }
+                }
+            }
+            ReduceOp::Max => {
+                let v = if vector { acc.vars[part] } else { scalar_var };
+                let a = self.b.use_var(v);
+                let m = self.b.ins().fmax(a, x);
+                self.b.def_var(v, m);
+            }
+        }
+    }
+
+    /// Combines an accumulator's lanes into one f64, in a fixed order.
+    fn horizontal(&mut self, acc: &Acc) -> Value {
+        let (vecs, scalar) = acc.vars.split_at(acc.vars.len() - 1);
+        let lanes = match acc.op {
+            ReduceOp::Sum => 2,
+            ReduceOp::Max => self.prec.lanes(),
+        };
+        let mut total: Option<Value> = None;
+        for &v in vecs {
+            let x = self.b.use_var(v);
+            for lane in 0..lanes as u8 {
+                let e = self.b.ins().extractlane(x, lane);
+                total = Some(match total {
+                    None => e,
+                    Some(t) => match acc.op {
+                        ReduceOp::Sum => self.b.ins().fadd(t, e),
+                        ReduceOp::Max => self.b.ins().fmax(t, e),
+                    },
+                });
+            }
+        }
+        let s = self.b.use_var(scalar[0]);
+        let total = match (total, acc.op) {
+            (None, _) => s,
+            (Some(t), ReduceOp::Sum) => self.b.ins().fadd(t, s),
+            (Some(t), ReduceOp::Max) => self.b.ins().fmax(t, s),
+        };
+        if acc.op == ReduceOp::Max && self.prec == Precision::F32 {
+            self.b.ins().fpromote(types::F64, total)
+        } else {
+            total
+        }
+    }
+}
+
+/// The CLIF text of every kernel of a program (for `optc compile --emit clif`).
+pub fn clif_text(p: &Program, prec: Precision) -> String {
+    let call_conv = CallConv::SystemV;
+    let mut out = String::new();
+    let mut index = 0;
+    for (vi, v) in p.variants.iter().enumerate() {
+        for (si, s) in v.stages.iter().enumerate() {
+            for (pi, ph) in s.phases.iter().enumerate() {
+                for k in &ph.kernels {
+                    let mut imp = print_importer(prec, call_conv);
+                    let f = build(p, k, prec, types::I64, call_conv, &mut imp, index);
+                    index += 1;
+                    out.push_str(&format!(
+                        "; {} step, stage {}, phase {pi}, kernel over {}\n{}\n",
+                        if vi == 0 { "first" } else { "later" },
+                        p.info.stages[si],
+                        p.info.spaces[k.space as usize],
+                        f.display()
+                    ));
+                }
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,316 @@
+//! The Cranelift CPU backend at run time: compiles every kernel of a program to machine code in a
+//! JIT module, and runs kernels over tensors on a thread pool.
+//!
+//! Work is cut into tasks of at most [`CHUNK`] elements of one tensor; consecutive small tasks are
+//! batched into one call (a multi-tensor table), and batches run in parallel. Each task writes its
+//! own reduction partials, which the host combines in task order, so results are bit-identical for
+//! any number of threads.
+
+#![allow(unsafe_code)] // machine code: the one place the project needs it
+
+use cranelift_codegen::settings::{self, Configurable};
+use cranelift_jit::{JITBuilder, JITModule};
+use cranelift_module::{default_libcall_names, FuncId, Linkage, Module};
+use optc_compiler::backend::clif::{self, KernelAbi, MathFn, Precision};
+use optc_compiler::ir::{BinOp, Node, Program, UnOp};
+use optc_compiler::ops::Float;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// Elements per task: small enough to spread over threads, large enough to amortize a call.
+pub const CHUNK: usize = 1 << 14;
+
+/// Why the JIT could not compile a program.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("cranelift: {0}")]
+pub struct JitError(pub String);
+
+/// A task record, laid out as the kernel functions read it (see `optc_compiler::backend::clif`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct Task {
+    bufs: *const *mut u8,
+    start: u64,
+    end: u64,
+    uniforms: *const u8,
+    partials: *mut f64,
+}
+
+type KernelFn = unsafe extern "C" fn(*const Task, u64);
+
+/// One compiled kernel.
+#[derive(Debug)]
+pub struct JitKernel {
+    func: KernelFn,
+    /// Its buffers, uniforms and reductions.
+    pub abi: KernelAbi,
+    /// The space it iterates over.
+    pub space: u16,
+}
+
+/// Every kernel of a program, compiled.
+pub struct JitProgram {
+    // Owns the machine code the kernel pointers point into; never mutated after finalization.
+    _module: JITModule,
+    /// `kernels[variant][stage][phase][kernel]`, in the program's order.
+    pub kernels: [Vec<Vec<Vec<JitKernel>>>; 2],
+    /// Element precision the kernels were compiled for.
+    pub precision: Precision,
+    /// Time spent compiling (Cranelift, all kernels).
+    pub compile_time: Duration,
+}
+
+impl std::fmt::Debug for JitProgram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JitProgram").field("kernels", &self.kernels).field("compile_time", &self.compile_time).finish()
+    }
+}
+
+// SAFETY: after `finalize_definitions` the module is only kept alive, never touched; the kernel
+// functions are pure machine code reading and writing only through the pointers they are given.
+unsafe impl Send for JitProgram {}
+// SAFETY: as above; shared references give no access to the module.
+unsafe impl Sync for JitProgram {}
+
+macro_rules! unary_symbol {
+    ($name:ident, $t:ty, $op:expr) => {
+        extern "C" fn $name(a: $t) -> $t {
+            <$t>::unary($op, a)
+        }
+    };
+}
+unary_symbol!(exp_f32, f32, UnOp::Exp);
+unary_symbol!(log_f32, f32, UnOp::Log);
+unary_symbol!(log1p_f32, f32, UnOp::Log1p);
+unary_symbol!(expm1_f32, f32, UnOp::Expm1);
+unary_symbol!(sigmoid_f32, f32, UnOp::Sigmoid);
+unary_symbol!(tanh_f32, f32, UnOp::Tanh);
+unary_symbol!(exp_f64, f64, UnOp::Exp);
+unary_symbol!(log_f64, f64, UnOp::Log);
+unary_symbol!(log1p_f64, f64, UnOp::Log1p);
+unary_symbol!(expm1_f64, f64, UnOp::Expm1);
+unary_symbol!(sigmoid_f64, f64, UnOp::Sigmoid);
+unary_symbol!(tanh_f64, f64, UnOp::Tanh);
+extern "C" fn pow_f32(a: f32, b: f32) -> f32 {
+    f32::binary(BinOp::Pow, a, b)
+}
+extern "C" fn rem_f32(a: f32, b: f32) -> f32 {
+    f32::binary(BinOp::Rem, a, b)
+}
+extern "C" fn pow_f64(a: f64, b: f64) -> f64 {
+    f64::binary(BinOp::Pow, a, b)
+}
+extern "C" fn rem_f64(a: f64, b: f64) -> f64 {
+    f64::binary(BinOp::Rem, a, b)
+}
+
+/// The address of the Rust function behind a math symbol.
+fn math_address(f: MathFn, p: Precision) -> *const u8 {
+    let f32s: [(MathFn, *const u8); 8] = [
+        (MathFn::Unary(UnOp::Exp), exp_f32 as *const u8),
+        (MathFn::Unary(UnOp::Log), log_f32 as *const u8),
+        (MathFn::Unary(UnOp::Log1p), log1p_f32 as *const u8),
+        (MathFn::Unary(UnOp::Expm1), expm1_f32 as *const u8),
+        (MathFn::Unary(UnOp::Sigmoid), sigmoid_f32 as *const u8),
+        (MathFn::Unary(UnOp::Tanh), tanh_f32 as *const u8),
+        (MathFn::Binary(BinOp::Pow), pow_f32 as *const u8),
+        (MathFn::Binary(BinOp::Rem), rem_f32 as *const u8),
+    ];
+    let f64s: [(MathFn, *const u8); 8] = [
+        (MathFn::Unary(UnOp::Exp), exp_f64 as *const u8),
+        (MathFn::Unary(UnOp::Log), log_f64 as *const u8),
+        (MathFn::Unary(UnOp::Log1p), log1p_f64 as *const u8),
+        (MathFn::Unary(UnOp::Expm1), expm1_f64 as *const u8),
+        (MathFn::Unary(UnOp::Sigmoid), sigmoid_f64 as *const u8),
+        (MathFn::Unary(UnOp::Tanh), tanh_f64 as *const u8),
+        (MathFn::Binary(BinOp::Pow), pow_f64 as *const u8),
+        (MathFn::Binary(BinOp::Rem), rem_f64 as *const u8),
+    ];
+    let table = if p == Precision::F32 { f32s } else { f64s };
+    table.iter().find(|(g, _)| *g == f).map(|(_, a)| *a).unwrap_or(std::ptr::null())
+}
+
+impl JitProgram {
+    /// Compiles every kernel of `p` for this machine.
+    pub fn compile(p: &Program, precision: Precision) -> Result<Self, JitError> {
+        let start = Instant::now();
+        let err = |e: &dyn std::fmt::Display| JitError(e.to_string());
+        let mut flags = settings::builder();
+        flags.set("opt_level", "speed").map_err(|e| err(&e))?;
+        flags.set("use_colocated_libcalls", "false").map_err(|e| err(&e))?;
+        flags.set("is_pic", "false").map_err(|e| err(&e))?;
+        let isa = cranelift_native::builder().map_err(|e| err(&e))?.finish(settings::Flags::new(flags)).map_err(|e| err(&e))?;
+        let call_conv = isa.default_call_conv();
+        let ptr = isa.pointer_type();
+        let mut builder = JITBuilder::with_isa(isa, default_libcall_names());
+        for f in MathFn::all() {
+            builder.symbol(f.symbol(precision), math_address(f, precision));
+        }
+        let mut module = JITModule::new(builder);
+        let mut math_ids: HashMap<MathFn, FuncId> = HashMap::new();
+        for f in MathFn::all() {
+            let id = module.declare_function(&f.symbol(precision), Linkage::Import, &f.signature(precision, call_conv)).map_err(|e| err(&e))?;
+            math_ids.insert(f, id);
+        }
+        let mut ctx = module.make_context();
+        let mut ids: Vec<Vec<Vec<Vec<(FuncId, KernelAbi, u16)>>>> = Vec::new();
+        let mut index = 0u32;
+        for v in &p.variants {
+            let mut vs = Vec::new();
+            for s in &v.stages {
+                let mut ss = Vec::new();
+                for ph in &s.phases {
+                    let mut ks = Vec::new();
+                    for k in &ph.kernels {
+                        let func = {
+                            let module_ref = &mut module;
+                            let mut import = |func: &mut cranelift_codegen::ir::Function, f: MathFn| module_ref.declare_func_in_func(math_ids[&f], func);
+                            clif::build(p, k, precision, ptr, call_conv, &mut import, index)
+                        };
+                        ctx.func = func;
+                        let id = module.declare_function(&format!("optc_kernel_{index}"), Linkage::Local, &ctx.func.signature).map_err(|e| err(&e))?;
+                        module.define_function(id, &mut ctx).map_err(|e| JitError(format!("{e:?}")))?;
+                        module.clear_context(&mut ctx);
+                        ks.push((id, clif::abi(p, k), k.space));
+                        index += 1;
+                    }
+                    ss.push(ks);
+                }
+                vs.push(ss);
+            }
+            ids.push(vs);
+        }
+        module.finalize_definitions().map_err(|e| err(&e))?;
+        let mut kernels: [Vec<Vec<Vec<JitKernel>>>; 2] = [Vec::new(), Vec::new()];
+        for (vi, vs) in ids.into_iter().enumerate() {
+            kernels[vi] = vs
+                .into_iter()
+                .map(|ss| {
+                    ss.into_iter()
+                        .map(|ks| {
+                            ks.into_iter()
+                                .map(|(id, abi, space)| {
+                                    let code = module.get_finalized_function(id);
+                                    // SAFETY: `code` is a finalized function built by `clif::build` with
+                                    // the signature `fn(*const Task, u64)` in the platform calling convention.
+                                    let func = unsafe { std::mem::transmute::<*const u8, KernelFn>(code) };
+                                    JitKernel { func, abi, space }
+                                })
+                                .collect()
+                        })
+                        .collect()
+                })
+                .collect();
+        }
+        Ok(JitProgram {
+            _module: module,
+            kernels,
+            precision,
+            compile_time: start.elapsed(),
+        })
+    }
+}
+
+/// Pointers handed to a kernel call; the caller guarantees disjoint writes.
+#[derive(Clone, Copy)]
+struct SendTasks(*const Task, usize);
+// SAFETY: tasks of different batches cover disjoint element ranges of the buffers they write.
+unsafe impl Send for SendTasks {}
+// SAFETY: as above.
+unsafe impl Sync for SendTasks {}
+
+/// Runs one kernel over every tensor of its space.
+///
+/// `ptrs[j][slot]` is the base pointer of each of the kernel's buffer slots for tensor `j`;
+/// `uniforms[j]` the tensor's uniform values. Returns the reduction results: for each reduction,
+/// one value per tensor (per-tensor) or one value (global), combined in task order.
+///
+/// # Safety
+/// Every pointer in `ptrs` must be valid for `lens[j]` elements of the kernel's precision; slots
+/// the kernel stores to must not alias any other slot of another tensor; nothing else may access
+/// the buffers during the call.
+pub unsafe fn run_kernel<T: Float>(
+    k: &JitKernel,
+    program: &Program,
+    lens: &[usize],
+    ptrs: &[Vec<*mut u8>],
+    uniforms: &[Vec<T>],
+    pool: Option<&rayon::ThreadPool>,
+) -> Vec<(optc_compiler::ir::NodeId, Vec<f64>)> {
+    let nred = k.abi.reductions.len();
+    let mut tasks: Vec<Task> = Vec::new();
+    let mut owner: Vec<usize> = Vec::new();
+    for (j, &len) in lens.iter().enumerate() {
+        let mut s = 0;
+        while s < len {
+            let e = (s + CHUNK).min(len);
+            tasks.push(Task {
+                bufs: ptrs[j].as_ptr(),
+                start: s as u64,
+                end: e as u64,
+                uniforms: uniforms[j].as_ptr() as *const u8,
+                partials: std::ptr::null_mut(),
+            });
+            owner.push(j);
+            s = e;
+        }
+    }
+    let mut partials = vec![0f64; tasks.len() * nred.max(1)];
+    for (i, t) in tasks.iter_mut().enumerate() {
+        t.partials = partials.as_mut_ptr().wrapping_add(i * nred.max(1));
+    }
+    // Batches of consecutive tasks, about CHUNK elements each.
+    let mut batches: Vec<SendTasks> = Vec::new();
+    let mut i = 0;
+    while i < tasks.len() {
+        let mut n = 0;
+        let mut elems = 0;
+        while i + n < tasks.len() && (n == 0 || elems < CHUNK) {
+            elems += (tasks[i + n].end - tasks[i + n].start) as usize;
+            n += 1;
+        }
+        batches.push(SendTasks(tasks.as_ptr().wrapping_add(i), n));
+        i += n;
+    }
+    let func = k.func;
+    let run = |b: &SendTasks| {
+        // SAFETY: the caller guarantees the pointers; each batch writes disjoint ranges and its own partials.
+        unsafe { func(b.0, b.1 as u64) }
+    };
+    match pool {
+        Some(pool) if batches.len() > 1 => {
+            use rayon::prelude::*;
+            pool.install(|| batches.par_iter().for_each(run));
+        }
+        _ => batches.iter().for_each(run),
+    }
+    // Combine partials in task order.
+    let ntensors = lens.len();
+    k.abi
+        .reductions
+        .iter()
+        .enumerate()
+        .map(|(ri, &r)| {
+            let (op, per_tensor) = match program.graph.node(r) {
+                Node::Reduce { op, per_tensor, .. } => (op, per_tensor),
+                _ => unreachable!("abi lists reduce nodes"),
+            };
+            let mut out = vec![0f64; if per_tensor { ntensors } else { 1 }];
+            for (ti, &j) in owner.iter().enumerate() {
+                let v = partials[ti * nred + ri];
+                let slot = &mut out[if per_tensor { j } else { 0 }];
+                *slot = match op {
+                    optc_compiler::ir::ReduceOp::Sum => *slot + v,
+                    optc_compiler::ir::ReduceOp::Max => {
+                        if slot.is_nan() || v.is_nan() {
+                            f64::NAN
+                        } else {
+                            slot.max(v)
+                        }
+                    }
+                };
+            }
+            (r, out)
+        })
+        .collect()
+}
