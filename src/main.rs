@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use optc::compiler::ir::{BufRole, Program, Ty};
-use optc::runtime::{Inputs, Optimizer};
+use optc::runtime::{Backend, Inputs, Optimizer};
 use optc::{compile, compiler, render, stdlib};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
@@ -44,6 +44,8 @@ enum Cmd {
     },
     /// Apply a rule to parameters stored in a safetensors file.
     Run(RunArgs),
+    /// Measure a rule's step time and effective bandwidth against this machine's ceiling.
+    Bench(BenchArgs),
     /// List the standard library.
     List,
     /// Show a standard-library rule's documentation, hyperparameters and interface.
@@ -61,6 +63,41 @@ enum Emit {
     Ir,
     /// The final kernels: phases, uniforms, per-element work, stores and reductions.
     Kernels,
+    /// Cranelift IR of every kernel (f32 buffers), before Cranelift's optimizations.
+    Clif,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
+enum BackendArg {
+    /// Cranelift machine code (the default).
+    Cranelift,
+    /// The reference interpreter.
+    Interp,
+}
+
+/// Which engine runs the kernels.
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct ExecArgs {
+    /// The backend.
+    #[arg(long, value_enum, default_value = "cranelift")]
+    backend: BackendArg,
+    /// Worker threads for the Cranelift backend (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+impl ExecArgs {
+    fn backend(&self) -> Backend {
+        match self.backend {
+            BackendArg::Interp => Backend::Interpreter,
+            BackendArg::Cranelift => Backend::Cranelift {
+                threads: self
+                    .threads
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+                    .max(1),
+            },
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -93,6 +130,31 @@ struct RunArgs {
     /// Print nothing but errors.
     #[arg(long, short)]
     quiet: bool,
+    #[command(flatten)]
+    exec: ExecArgs,
+}
+
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// A rule file or a standard-library name.
+    rule: String,
+    /// Which rule, when the file has several.
+    #[arg(long = "rule")]
+    rule_name: Option<String>,
+    /// Elements per param, in all.
+    #[arg(long, default_value_t = 1 << 26)]
+    elems: usize,
+    /// Tensors the elements are split into.
+    #[arg(long, default_value_t = 1)]
+    tensors: usize,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Set a hyperparameter: NAME=VALUE.
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    sets: Vec<String>,
+    #[command(flatten)]
+    exec: ExecArgs,
 }
 
 /// A user error: printed, exit code 1.
@@ -115,6 +177,7 @@ fn main() -> ExitCode {
             rule_name,
         } => compile_cmd(&rule, rule_name.as_deref(), emit),
         Cmd::Run(args) => run(&args),
+        Cmd::Bench(args) => bench(&args),
         Cmd::List => list(),
         Cmd::Doc { name } => doc(&name),
     };
@@ -261,6 +324,13 @@ fn compile_cmd(rule: &str, rule_name: Option<&str>, emit: Emit) -> Result<(), Fa
                 "{}{}",
                 compiler::print::interface(&p),
                 compiler::print::kernels(&p)
+            );
+        }
+        Emit::Clif => {
+            let (p, _, _) = compile_one(rule, rule_name)?;
+            print!(
+                "{}",
+                compiler::backend::clif::clif_text(&p, compiler::backend::clif::Precision::F32)
             );
         }
     }
@@ -564,7 +634,8 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
         .iter()
         .map(|ts| ts.iter().map(|t| t.2.clone()).collect())
         .collect();
-    let mut opt = Optimizer::<T>::new(Arc::clone(&program), initial.clone())?;
+    let mut opt = Optimizer::<T>::new(Arc::clone(&program), initial.clone())?
+        .with_backend(args.exec.backend())?;
     for s in &args.sets {
         let (n, v) = s
             .split_once('=')
@@ -684,5 +755,167 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
     if !args.quiet {
         println!("wrote {} ({} tensor(s))", args.out.display(), owned.len());
     }
+    Ok(())
+}
+
+/// Bytes a later step must move (every buffer its kernels read, once, and every buffer they write,
+/// once), the bytes its kernels actually move (a buffer read in two passes counts twice), and the
+/// number of passes over memory.
+fn traffic(p: &Program, elems: usize, bytes: usize) -> (usize, usize, usize) {
+    use compiler::ir::Node;
+    let v = &p.variants[1];
+    let (mut read, mut written) = (
+        std::collections::BTreeSet::new(),
+        std::collections::BTreeSet::new(),
+    );
+    let (mut moved, mut passes) = (0, 0);
+    for s in &v.stages {
+        for ph in &s.phases {
+            passes += 1;
+            for k in &ph.kernels {
+                for &n in &k.loads {
+                    if let Node::Load { buf, .. } = p.graph.node(n) {
+                        read.insert(buf);
+                        moved += elems * bytes;
+                    }
+                }
+                for &(b, _) in &k.stores {
+                    written.insert(b);
+                    moved += elems * bytes;
+                }
+            }
+        }
+    }
+    ((read.len() + written.len()) * elems * bytes, moved, passes)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// The in-place update `a[i] += s * b[i]` over arrays of `n` floats on `threads` threads: the
+/// ceiling for a memory-bound step that reads two arrays and writes one of them back.
+fn inplace_ceiling(n: usize, threads: usize, runs: usize) -> Result<f64, Fail> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
+    let mut a = vec![1.0f32; n];
+    let b = vec![0.5f32; n];
+    let chunk = n.div_ceil(threads * 8).max(1 << 14);
+    let mut times = Vec::new();
+    for r in 0..runs + 1 {
+        let s = 1e-3 * (r as f32 + 1.0);
+        let start = std::time::Instant::now();
+        pool.install(|| {
+            use rayon::prelude::*;
+            a.par_chunks_mut(chunk)
+                .zip(b.par_chunks(chunk))
+                .for_each(|(x, y)| {
+                    for (x, y) in x.iter_mut().zip(y) {
+                        *x += s * y;
+                    }
+                })
+        });
+        if r > 0 {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    std::hint::black_box(&a);
+    Ok((3 * n * 4) as f64 / median(times) / 1e9)
+}
+
+fn bench(args: &BenchArgs) -> Result<(), Fail> {
+    let (program, _, _) = compile_one(&args.rule, args.rule_name.as_deref())?;
+    let info = program.info.clone();
+    let tensors = args.tensors.max(1);
+    let per = args.elems / tensors;
+    let sizes: Vec<usize> = (0..tensors)
+        .map(|j| {
+            if j + 1 == tensors {
+                args.elems - per * (tensors - 1)
+            } else {
+                per
+            }
+        })
+        .collect();
+    let backend = args.exec.backend();
+    let threads = match backend {
+        Backend::Cranelift { threads } => threads,
+        Backend::Interpreter => 1,
+    };
+    let params: Vec<Vec<Vec<f32>>> = info
+        .spaces
+        .iter()
+        .map(|_| sizes.iter().map(|&n| vec![0.5f32; n]).collect())
+        .collect();
+    let program = Arc::new(program);
+    let mut opt = Optimizer::<f32>::new(Arc::clone(&program), params)?.with_backend(backend)?;
+    for s in &args.sets {
+        let (n, v) = s
+            .split_once('=')
+            .ok_or_else(|| Fail(format!("error: `--set {s}`: expected NAME=VALUE")))?;
+        let v = parse_value(v).ok_or_else(|| {
+            Fail(format!(
+                "error: `--set {s}`: `{v}` is not a number, true or false"
+            ))
+        })?;
+        opt.set_hyper(n.trim(), v)
+            .map_err(|e| Fail(format!("error: {e}")))?;
+    }
+    let inputs_data: Vec<(String, Vec<Vec<f32>>)> = info
+        .buffers
+        .iter()
+        .filter(|b| b.role == BufRole::Input)
+        .map(|b| {
+            (
+                b.name.clone(),
+                sizes.iter().map(|&n| vec![1e-3f32; n]).collect(),
+            )
+        })
+        .collect();
+    let mut inputs = Inputs::default();
+    for (n, d) in &inputs_data {
+        inputs = inputs.tensor(n, d.iter().map(|v| v.as_slice()).collect());
+    }
+    for s in &info.scalar_inputs {
+        inputs = inputs.scalar(s, 0.5);
+    }
+    if let Some(jit) = opt.jit() {
+        let n = jit.kernels.iter().flatten().flatten().flatten().count();
+        println!(
+            "compiled {n} kernels with cranelift in {:.2} ms",
+            jit.compile_time.as_secs_f64() * 1e3
+        );
+    }
+    opt.step(&inputs)?; // the first step (its own variant), then a warm-up
+    opt.step(&inputs)?;
+    let mut times = Vec::new();
+    for _ in 0..args.steps.max(1) {
+        let start = std::time::Instant::now();
+        opt.step(&inputs)?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let t = median(times);
+    let (must, moved, passes) = traffic(&program, args.elems, 4);
+    let ceiling = inplace_ceiling(args.elems, threads, 5)?;
+    let gbs = must as f64 / t / 1e9;
+    println!(
+        "rule {} on {:?}: {} elements in {} tensor(s) per param",
+        info.name, backend, args.elems, tensors
+    );
+    println!(
+        "  step time (median of {})   {:>10.3} ms",
+        args.steps.max(1),
+        t * 1e3
+    );
+    println!(
+        "  bytes the rule must move   {:>10.1} MB   ({passes} pass(es) over memory move {:.1} MB)",
+        must as f64 / 1e6,
+        moved as f64 / 1e6
+    );
+    println!("  effective bandwidth        {gbs:>10.2} GB/s");
+    println!("  in-place ceiling a+=s*b    {ceiling:>10.2} GB/s   (same threads, same size)");
+    println!("  ratio                      {:>10.3}", gbs / ceiling);
     Ok(())
 }

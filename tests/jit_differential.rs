@@ -12,10 +12,14 @@ const STEPS: usize = 3;
 
 /// Deterministic pseudo-random values in [-1, 1).
 fn fill(seed: u64, n: usize) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect()
@@ -28,7 +32,11 @@ fn ulps(a: f32, b: f32) -> u64 {
     }
     let key = |x: f32| {
         let i = x.to_bits() as i32;
-        if i < 0 { i64::from(i32::MIN) - i64::from(i) } else { i64::from(i) }
+        if i < 0 {
+            i64::from(i32::MIN) - i64::from(i)
+        } else {
+            i64::from(i)
+        }
     };
     (key(a) - key(b)).unsigned_abs()
 }
@@ -39,11 +47,27 @@ struct Run {
 }
 
 /// Runs `steps` steps of a rule on a backend; every tensor of every space has the sizes given.
-fn run(program: &Program, sizes: &[usize], backend: Backend, hypers: &[(&str, f64)], steps: usize) -> Run {
+fn run(
+    program: &Program,
+    sizes: &[usize],
+    backend: Backend,
+    hypers: &[(&str, f64)],
+    steps: usize,
+) -> Run {
     let info = &program.info;
-    let params: Vec<Vec<Vec<f32>>> =
-        (0..info.spaces.len()).map(|s| sizes.iter().enumerate().map(|(j, &n)| fill(1000 * s as u64 + j as u64, n)).collect()).collect();
-    let mut opt = Optimizer::new(Arc::new(program.clone()), params).expect("bind").with_backend(backend).expect("backend");
+    let params: Vec<Vec<Vec<f32>>> = (0..info.spaces.len())
+        .map(|s| {
+            sizes
+                .iter()
+                .enumerate()
+                .map(|(j, &n)| fill(1000 * s as u64 + j as u64, n))
+                .collect()
+        })
+        .collect();
+    let mut opt = Optimizer::new(Arc::new(program.clone()), params)
+        .expect("bind")
+        .with_backend(backend)
+        .expect("backend");
     for (h, v) in hypers {
         if info.hyper(h).is_some() {
             opt.set_hyper(h, *v).expect("hyper");
@@ -55,7 +79,16 @@ fn run(program: &Program, sizes: &[usize], backend: Backend, hypers: &[(&str, f6
             .iter()
             .enumerate()
             .filter(|(_, b)| b.role == BufRole::Input)
-            .map(|(bi, b)| (b.name.clone(), sizes.iter().enumerate().map(|(j, &n)| fill((step * 7919 + bi * 104729 + j) as u64 + 17, n)).collect()))
+            .map(|(bi, b)| {
+                (
+                    b.name.clone(),
+                    sizes
+                        .iter()
+                        .enumerate()
+                        .map(|(j, &n)| fill((step * 7919 + bi * 104729 + j) as u64 + 17, n))
+                        .collect(),
+                )
+            })
             .collect();
         let mut inputs = Inputs::default();
         for (n, d) in &data {
@@ -70,13 +103,34 @@ fn run(program: &Program, sizes: &[usize], backend: Backend, hypers: &[(&str, f6
         .buffers
         .iter()
         .filter(|b| b.role != BufRole::Input)
-        .map(|b| (b.name.clone(), opt.buffer(&b.name).expect("buffer").to_vec()))
+        .map(|b| {
+            (
+                b.name.clone(),
+                opt.buffer(&b.name).expect("buffer").to_vec(),
+            )
+        })
         .collect();
-    Run { params: (0..info.spaces.len()).map(|s| opt.params(s).to_vec()).collect(), state }
+    Run {
+        params: (0..info.spaces.len())
+            .map(|s| opt.params(s).to_vec())
+            .collect(),
+        state,
+    }
 }
 
 /// Hyperparameters that switch on every option whose code would otherwise be dead.
-const OPTIONS: &[(&str, f64)] = &[("max_grad_norm", 0.5), ("weight_decay", 0.01), ("momentum", 0.9), ("nesterov", 1.0), ("centered", 1.0), ("amsgrad", 1.0), ("cautious", 1.0), ("x_ball", 0.5), ("y_ball", 0.5), ("x_box", 0.3)];
+const OPTIONS: &[(&str, f64)] = &[
+    ("max_grad_norm", 0.5),
+    ("weight_decay", 0.01),
+    ("momentum", 0.9),
+    ("nesterov", 1.0),
+    ("centered", 1.0),
+    ("amsgrad", 1.0),
+    ("cautious", 1.0),
+    ("x_ball", 0.5),
+    ("y_ball", 0.5),
+    ("x_box", 0.3),
+];
 
 fn compare(name: &str, a: &Run, b: &Run, max_ulps: u64) -> Result<(), String> {
     for ((an, ad), (_, bd)) in a.state.iter().zip(&b.state) {
@@ -100,7 +154,13 @@ fn every_stdlib_rule_matches_the_interpreter_on_awkward_sizes() {
         let program = optc::stdlib_rule(name).expect("stdlib rule");
         for hypers in [&[][..], OPTIONS] {
             let reference = run(&program, SIZES, Backend::Interpreter, hypers, STEPS);
-            let jit = run(&program, SIZES, Backend::Cranelift { threads: 2 }, hypers, STEPS);
+            let jit = run(
+                &program,
+                SIZES,
+                Backend::Cranelift { threads: 2 },
+                hypers,
+                STEPS,
+            );
             assert_eq!(reference.params.len(), jit.params.len());
             // Reductions accumulate in a different order (lanes vs. one by one), and a rounding
             // difference in a norm moves every element it scales by about an ulp.
@@ -119,7 +179,13 @@ fn large_tensors_match_the_interpreter() {
     for name in ["adam", "adan", "lamb", "diffgrad", "n_harpg"] {
         let program = optc::stdlib_rule(name).expect("stdlib rule");
         let reference = run(&program, &[1_000_003], Backend::Interpreter, OPTIONS, 2);
-        let jit = run(&program, &[1_000_003], Backend::Cranelift { threads: 2 }, OPTIONS, 2);
+        let jit = run(
+            &program,
+            &[1_000_003],
+            Backend::Cranelift { threads: 2 },
+            OPTIONS,
+            2,
+        );
         compare(name, &reference, &jit, 4).unwrap();
     }
 }
@@ -127,14 +193,38 @@ fn large_tensors_match_the_interpreter() {
 #[test]
 fn results_are_bit_identical_for_any_thread_count() {
     let sizes = [100_000, 3, 50_001, 0, 16_384, 16_385];
-    for name in ["adan", "lamb", "n_harpg", "penalty_bilevel", "clip_global_norm", "adam"] {
+    for name in [
+        "adan",
+        "lamb",
+        "n_harpg",
+        "penalty_bilevel",
+        "clip_global_norm",
+        "adam",
+    ] {
         let program = optc::stdlib_rule(name).expect("stdlib rule");
-        let runs: Vec<Run> = [1, 2, 3].iter().map(|&t| run(&program, &sizes, Backend::Cranelift { threads: t }, OPTIONS, 3)).collect();
+        let runs: Vec<Run> = [1, 2, 3]
+            .iter()
+            .map(|&t| {
+                run(
+                    &program,
+                    &sizes,
+                    Backend::Cranelift { threads: t },
+                    OPTIONS,
+                    3,
+                )
+            })
+            .collect();
         for r in &runs[1..] {
             compare(name, &runs[0], r, 0).unwrap();
         }
         // And the same again: runs are reproducible.
-        let again = run(&program, &sizes, Backend::Cranelift { threads: 3 }, OPTIONS, 3);
+        let again = run(
+            &program,
+            &sizes,
+            Backend::Cranelift { threads: 3 },
+            OPTIONS,
+            3,
+        );
         compare(name, &runs[0], &again, 0).unwrap();
     }
 }
@@ -144,17 +234,38 @@ fn f64_buffers_match_the_interpreter() {
     for name in ["adam", "adan", "diffgrad"] {
         let program = optc::stdlib_rule(name).expect("stdlib rule");
         let make = |backend| {
-            let params: Vec<Vec<Vec<f64>>> = vec![SIZES.iter().map(|&n| fill(n as u64, n).into_iter().map(f64::from).collect()).collect()];
-            let mut opt = Optimizer::new(Arc::new(program.clone()), params).unwrap().with_backend(backend).unwrap();
+            let params: Vec<Vec<Vec<f64>>> = vec![SIZES
+                .iter()
+                .map(|&n| fill(n as u64, n).into_iter().map(f64::from).collect())
+                .collect()];
+            let mut opt = Optimizer::new(Arc::new(program.clone()), params)
+                .unwrap()
+                .with_backend(backend)
+                .unwrap();
             for step in 0..3 {
-                let g: Vec<Vec<f64>> = SIZES.iter().map(|&n| fill(n as u64 + 99 + step, n).into_iter().map(f64::from).collect()).collect();
-                opt.step(&Inputs::default().tensor("g", g.iter().map(|v| v.as_slice()).collect())).unwrap();
+                let g: Vec<Vec<f64>> = SIZES
+                    .iter()
+                    .map(|&n| {
+                        fill(n as u64 + 99 + step, n)
+                            .into_iter()
+                            .map(f64::from)
+                            .collect()
+                    })
+                    .collect();
+                opt.step(&Inputs::default().tensor("g", g.iter().map(|v| v.as_slice()).collect()))
+                    .unwrap();
             }
             opt.params(0).to_vec()
         };
-        let (a, b) = (make(Backend::Interpreter), make(Backend::Cranelift { threads: 1 }));
+        let (a, b) = (
+            make(Backend::Interpreter),
+            make(Backend::Cranelift { threads: 1 }),
+        );
         for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
-            assert!((x - y).abs() <= 1e-13 * x.abs().max(1e-300), "{name}: {x} vs {y}");
+            assert!(
+                (x - y).abs() <= 1e-13 * x.abs().max(1e-300),
+                "{name}: {x} vs {y}"
+            );
         }
     }
 }

@@ -524,6 +524,15 @@ impl Program {
         hash_consing: bool,
         mut rewrite: impl FnMut(&mut Rebuilder<'_>, Node) -> NodeId,
     ) {
+        self.rebuild_with_ids(hash_consing, |rb, _, node| rewrite(rb, node));
+    }
+
+    /// Like [`Program::rebuild`], also giving the rewrite each node's id in the old graph.
+    pub fn rebuild_with_ids(
+        &mut self,
+        hash_consing: bool,
+        mut rewrite: impl FnMut(&mut Rebuilder<'_>, NodeId, Node) -> NodeId,
+    ) {
         let old = std::mem::replace(&mut self.graph, Graph::new(hash_consing));
         let mut memo: Vec<Option<NodeId>> = vec![None; old.len()];
         let mut rb = Rebuilder {
@@ -548,7 +557,7 @@ impl Program {
                 } else {
                     let mapped =
                         node.map_children(|c| memo[c.0 as usize].expect("child mapped first"));
-                    memo[id.0 as usize] = Some(rewrite(rb, mapped));
+                    memo[id.0 as usize] = Some(rewrite(rb, id, mapped));
                 }
             }
             memo[root.0 as usize].expect("root mapped")

@@ -37,6 +37,8 @@ pub struct Task {
 }
 
 type KernelFn = unsafe extern "C" fn(*const Task, u64);
+/// A kernel defined in the module, before finalization: its id, ABI and space.
+type Declared = (FuncId, KernelAbi, u16);
 
 /// One compiled kernel.
 #[derive(Debug)]
@@ -62,7 +64,10 @@ pub struct JitProgram {
 
 impl std::fmt::Debug for JitProgram {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JitProgram").field("kernels", &self.kernels).field("compile_time", &self.compile_time).finish()
+        f.debug_struct("JitProgram")
+            .field("kernels", &self.kernels)
+            .field("compile_time", &self.compile_time)
+            .finish()
     }
 }
 
@@ -127,7 +132,11 @@ fn math_address(f: MathFn, p: Precision) -> *const u8 {
         (MathFn::Binary(BinOp::Rem), rem_f64 as *const u8),
     ];
     let table = if p == Precision::F32 { f32s } else { f64s };
-    table.iter().find(|(g, _)| *g == f).map(|(_, a)| *a).unwrap_or(std::ptr::null())
+    table
+        .iter()
+        .find(|(g, _)| *g == f)
+        .map(|(_, a)| *a)
+        .unwrap_or(std::ptr::null())
 }
 
 impl JitProgram {
@@ -137,9 +146,14 @@ impl JitProgram {
         let err = |e: &dyn std::fmt::Display| JitError(e.to_string());
         let mut flags = settings::builder();
         flags.set("opt_level", "speed").map_err(|e| err(&e))?;
-        flags.set("use_colocated_libcalls", "false").map_err(|e| err(&e))?;
+        flags
+            .set("use_colocated_libcalls", "false")
+            .map_err(|e| err(&e))?;
         flags.set("is_pic", "false").map_err(|e| err(&e))?;
-        let isa = cranelift_native::builder().map_err(|e| err(&e))?.finish(settings::Flags::new(flags)).map_err(|e| err(&e))?;
+        let isa = cranelift_native::builder()
+            .map_err(|e| err(&e))?
+            .finish(settings::Flags::new(flags))
+            .map_err(|e| err(&e))?;
         let call_conv = isa.default_call_conv();
         let ptr = isa.pointer_type();
         let mut builder = JITBuilder::with_isa(isa, default_libcall_names());
@@ -149,11 +163,17 @@ impl JitProgram {
         let mut module = JITModule::new(builder);
         let mut math_ids: HashMap<MathFn, FuncId> = HashMap::new();
         for f in MathFn::all() {
-            let id = module.declare_function(&f.symbol(precision), Linkage::Import, &f.signature(precision, call_conv)).map_err(|e| err(&e))?;
+            let id = module
+                .declare_function(
+                    &f.symbol(precision),
+                    Linkage::Import,
+                    &f.signature(precision, call_conv),
+                )
+                .map_err(|e| err(&e))?;
             math_ids.insert(f, id);
         }
         let mut ctx = module.make_context();
-        let mut ids: Vec<Vec<Vec<Vec<(FuncId, KernelAbi, u16)>>>> = Vec::new();
+        let mut ids: Vec<Vec<Vec<Vec<Declared>>>> = Vec::new();
         let mut index = 0u32;
         for v in &p.variants {
             let mut vs = Vec::new();
@@ -164,12 +184,23 @@ impl JitProgram {
                     for k in &ph.kernels {
                         let func = {
                             let module_ref = &mut module;
-                            let mut import = |func: &mut cranelift_codegen::ir::Function, f: MathFn| module_ref.declare_func_in_func(math_ids[&f], func);
+                            let mut import =
+                                |func: &mut cranelift_codegen::ir::Function, f: MathFn| {
+                                    module_ref.declare_func_in_func(math_ids[&f], func)
+                                };
                             clif::build(p, k, precision, ptr, call_conv, &mut import, index)
                         };
                         ctx.func = func;
-                        let id = module.declare_function(&format!("optc_kernel_{index}"), Linkage::Local, &ctx.func.signature).map_err(|e| err(&e))?;
-                        module.define_function(id, &mut ctx).map_err(|e| JitError(format!("{e:?}")))?;
+                        let id = module
+                            .declare_function(
+                                &format!("optc_kernel_{index}"),
+                                Linkage::Local,
+                                &ctx.func.signature,
+                            )
+                            .map_err(|e| err(&e))?;
+                        module
+                            .define_function(id, &mut ctx)
+                            .map_err(|e| JitError(format!("{e:?}")))?;
                         module.clear_context(&mut ctx);
                         ks.push((id, clif::abi(p, k), k.space));
                         index += 1;
@@ -193,7 +224,8 @@ impl JitProgram {
                                     let code = module.get_finalized_function(id);
                                     // SAFETY: `code` is a finalized function built by `clif::build` with
                                     // the signature `fn(*const Task, u64)` in the platform calling convention.
-                                    let func = unsafe { std::mem::transmute::<*const u8, KernelFn>(code) };
+                                    let func =
+                                        unsafe { std::mem::transmute::<*const u8, KernelFn>(code) };
                                     JitKernel { func, abi, space }
                                 })
                                 .collect()

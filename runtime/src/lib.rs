@@ -16,6 +16,7 @@ use std::sync::Arc;
 pub mod jit;
 pub use jit::JitProgram;
 use optc_compiler::backend::clif::Precision;
+use optc_compiler::passes::specialize::{specialize, Decisions};
 
 /// What can go wrong when driving a rule.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -155,10 +156,52 @@ pub struct Optimizer<T: Float> {
     next_stage: usize,
     pending: HashMap<NodeId, Vec<f64>>,
     pending_scalars: HashMap<u16, f64>,
-    needs: [Vec<StageNeeds>; 2],
-    /// Compiled kernels, when running on the Cranelift backend (else the reference interpreter).
-    jit: Option<Arc<JitProgram>>,
+    /// Hyperparameter decisions the rule's kernels can be specialized on.
+    decisions: Decisions,
+    /// Specializations compiled so far, by decision outcomes.
+    cache: HashMap<Vec<bool>, Arc<Active>>,
+    /// The specialization the current step runs.
+    active: Arc<Active>,
+    engine: Backend,
     pool: Option<Arc<rayon::ThreadPool>>,
+}
+
+/// The rule specialized for one set of hyperparameter decisions, ready to run.
+#[derive(Debug)]
+struct Active {
+    key: Vec<bool>,
+    program: Arc<Program>,
+    /// Compiled kernels on the Cranelift backend (the interpreter runs `program` otherwise).
+    jit: Option<Arc<JitProgram>>,
+    needs: [Vec<StageNeeds>; 2],
+}
+
+impl Active {
+    fn build(
+        base: &Arc<Program>,
+        decisions: &Decisions,
+        hypers: &[f64],
+        engine: Backend,
+        precision: Precision,
+    ) -> Result<Active, Error> {
+        let key = decisions.key(base, hypers);
+        let program = if decisions.is_empty() {
+            Arc::clone(base)
+        } else {
+            Arc::new(specialize(base, decisions, hypers))
+        };
+        let jit = match engine {
+            Backend::Interpreter => None,
+            Backend::Cranelift { .. } => Some(Arc::new(JitProgram::compile(&program, precision)?)),
+        };
+        let needs = [needs_of(&program, 0), needs_of(&program, 1)];
+        Ok(Active {
+            key,
+            program,
+            jit,
+            needs,
+        })
+    }
 }
 
 /// Which engine runs a rule's kernels.
@@ -239,9 +282,17 @@ impl<T: Float + Default> Optimizer<T> {
                     .collect(),
             })
             .collect();
-        let needs = [needs_of(&program, 0), needs_of(&program, 1)];
+        let decisions = Decisions::of(&program);
+        let hypers: Vec<f64> = info.hypers.iter().map(|h| h.default).collect();
+        let active = Arc::new(Active::build(
+            &program,
+            &decisions,
+            &hypers,
+            Backend::Interpreter,
+            Self::precision(),
+        )?);
         Ok(Optimizer {
-            hypers: info.hypers.iter().map(|h| h.default).collect(),
+            hypers,
             scalar_states: vec![0.0; info.scalar_states.len()],
             steps: 0,
             bufs,
@@ -249,28 +300,71 @@ impl<T: Float + Default> Optimizer<T> {
             next_stage: 0,
             pending: HashMap::new(),
             pending_scalars: HashMap::new(),
-            needs,
+            decisions,
+            cache: HashMap::from([(active.key.clone(), Arc::clone(&active))]),
+            active,
             program,
-            jit: None,
+            engine: Backend::Interpreter,
             pool: None,
         })
     }
 
+    fn precision() -> Precision {
+        if T::BYTES == 4 {
+            Precision::F32
+        } else {
+            Precision::F64
+        }
+    }
+
+    /// Makes the specialization for the current hyperparameter values active (compiling it the
+    /// first time those decisions are seen). Called at the start of each step.
+    fn activate(&mut self) -> Result<(), Error> {
+        let key = self.decisions.key(&self.program, &self.hypers);
+        if key == self.active.key {
+            return Ok(());
+        }
+        let active = match self.cache.get(&key) {
+            Some(a) => Arc::clone(a),
+            None => {
+                let a = Arc::new(Active::build(
+                    &self.program,
+                    &self.decisions,
+                    &self.hypers,
+                    self.engine,
+                    Self::precision(),
+                )?);
+                self.cache.insert(key, Arc::clone(&a));
+                a
+            }
+        };
+        self.active = active;
+        Ok(())
+    }
+
     /// Switches to another backend (compiling the rule for it); state and step count are kept.
     pub fn with_backend(mut self, backend: Backend) -> Result<Self, Error> {
+        let active = Arc::new(Active::build(
+            &self.program,
+            &self.decisions,
+            &self.hypers,
+            backend,
+            Self::precision(),
+        )?);
+        self.cache = HashMap::from([(active.key.clone(), Arc::clone(&active))]);
+        self.active = active;
+        self.engine = backend;
         match backend {
-            Backend::Interpreter => {
-                self.jit = None;
-                self.pool = None;
-            }
+            Backend::Interpreter => self.pool = None,
             Backend::Cranelift { threads } => {
-                let precision = if T::BYTES == 4 { Precision::F32 } else { Precision::F64 };
-                self.jit = Some(Arc::new(JitProgram::compile(&self.program, precision)?));
                 self.pool = if threads > 1 {
                     let pool = rayon::ThreadPoolBuilder::new()
                         .num_threads(threads)
                         .build()
-                        .map_err(|e| Error::Threads { threads, why: e.to_string() })?;
+                        .map_err(|e| Error::Threads {
+                            threads,
+                            why: e.to_string(),
+                        })?;
                     Some(Arc::new(pool))
                 } else {
                     None
@@ -280,19 +374,41 @@ impl<T: Float + Default> Optimizer<T> {
         Ok(self)
     }
 
+    /// Turns specialization on hyperparameter decisions on (the default) or off. Off, every
+    /// step runs the general program: options that are switched off still cost their traffic.
+    pub fn with_specialization(mut self, on: bool) -> Result<Self, Error> {
+        self.decisions = if on {
+            Decisions::of(&self.program)
+        } else {
+            Decisions::none()
+        };
+        let engine = self.engine;
+        let active = Arc::new(Active::build(
+            &self.program,
+            &self.decisions,
+            &self.hypers,
+            engine,
+            Self::precision(),
+        )?);
+        self.cache = HashMap::from([(active.key.clone(), Arc::clone(&active))]);
+        self.active = active;
+        Ok(self)
+    }
+
     /// The backend in use.
     pub fn backend(&self) -> Backend {
-        match &self.jit {
-            None => Backend::Interpreter,
-            Some(_) => Backend::Cranelift {
-                threads: self.pool.as_ref().map_or(1, |p| p.current_num_threads()),
-            },
-        }
+        self.engine
     }
 
     /// The compiled kernels, on the Cranelift backend.
     pub fn jit(&self) -> Option<&JitProgram> {
-        self.jit.as_deref()
+        self.active.jit.as_deref()
+    }
+
+    /// The program the current step runs: the rule specialized for the hyperparameter decisions
+    /// (`amsgrad`, `max_grad_norm > 0`, ...) of the current values.
+    pub fn active_program(&self) -> &Program {
+        &self.active.program
     }
 
     /// The compiled rule.
@@ -367,12 +483,15 @@ impl<T: Float + Default> Optimizer<T> {
 
     /// What stage `k` reads from the host in the coming step.
     pub fn stage_needs(&self, k: usize) -> &StageNeeds {
-        &self.needs[usize::from(self.steps > 0)][k]
+        &self.active.needs[usize::from(self.steps > 0)][k]
     }
 
     /// Runs the rest of the current step (every remaining stage, with the same inputs). The
     /// inputs of all those stages are checked before any of them runs.
     pub fn step(&mut self, inputs: &Inputs<'_, T>) -> Result<(), Error> {
+        if self.next_stage == 0 {
+            self.activate()?;
+        }
         let stages = self.next_stage..self.program.info.stages.len();
         let mut scalars = self.pending_scalars.clone();
         for k in stages.clone() {
@@ -395,6 +514,9 @@ impl<T: Float + Default> Optimizer<T> {
                 name: info.stages[self.next_stage].clone(),
                 got: k,
             });
+        }
+        if k == 0 {
+            self.activate()?;
         }
         let scalars = self.check_stage(k, inputs, &self.pending_scalars)?;
         self.exec_stage(k, inputs, scalars);
@@ -475,10 +597,11 @@ impl<T: Float + Default> Optimizer<T> {
     /// Runs stage `k`, whose inputs [`Self::check_stage`] accepted. Cannot fail.
     #[allow(unsafe_code)] // calls JIT kernels over the buffers this optimizer owns
     fn exec_stage(&mut self, k: usize, inputs: &Inputs<'_, T>, scalars: HashMap<u16, f64>) {
-        let prog = Arc::clone(&self.program);
+        let active = Arc::clone(&self.active);
+        let prog = Arc::clone(&active.program);
         let info = &prog.info;
         let needs = self.stage_needs(k).clone();
-        if self.jit.is_none() {
+        if active.jit.is_none() {
             // The interpreter reads inputs from its own buffers; the JIT reads the host's slices.
             for &b in &needs.tensors {
                 let name = &info.buffers[b as usize].name;
@@ -496,14 +619,20 @@ impl<T: Float + Default> Optimizer<T> {
         };
         let mut run = StepRun::new(&prog, self.steps == 0, self.lens.clone())
             .with_reductions(std::mem::take(&mut self.pending));
-        match &self.jit {
+        match &active.jit {
             None => run.run_stage(&env, k, &mut self.bufs),
             Some(jit) => {
                 for phase in &jit.kernels[run.variant()][k] {
                     for jk in phase {
                         let lens = &self.lens[jk.space as usize];
                         let uniforms: Vec<Vec<T>> = (0..lens.len())
-                            .map(|j| jk.abi.uniforms.iter().map(|&u| T::from_f64(run.scalar(&env, u, j))).collect())
+                            .map(|j| {
+                                jk.abi
+                                    .uniforms
+                                    .iter()
+                                    .map(|&u| T::from_f64(run.scalar(&env, u, j)))
+                                    .collect()
+                            })
                             .collect();
                         let ptrs: Vec<Vec<*mut u8>> = (0..lens.len())
                             .map(|j| {
@@ -525,7 +654,9 @@ impl<T: Float + Default> Optimizer<T> {
                         // (checked by `check_stage` for inputs; owned by `self` otherwise); inputs
                         // are only read; the kernel writes only its store slots, which are distinct
                         // buffers owned by `self`, and nothing else touches them during the call.
-                        let results = unsafe { jit::run_kernel(jk, &prog, lens, &ptrs, &uniforms, self.pool.as_deref()) };
+                        let results = unsafe {
+                            jit::run_kernel(jk, &prog, lens, &ptrs, &uniforms, self.pool.as_deref())
+                        };
                         for (r, v) in results {
                             run.set_reduction(r, v);
                         }

@@ -23,13 +23,13 @@
 use crate::ir::{BinOp, BufId, Kernel, Kind, Node, NodeId, Program, ReduceOp, Ty, UnOp};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{
-    self, types, AbiParam, ConstantData, Endianness, ExtFuncData, ExternalName, FuncRef, InstBuilder, MemFlagsData, Signature, Type,
-    UserExternalName, UserFuncName, Value,
+    self, types, AbiParam, ConstantData, Endianness, ExtFuncData, ExternalName, FuncRef,
+    InstBuilder, MemFlagsData, Signature, Type, UserExternalName, UserFuncName, Value,
 };
 use cranelift_codegen::isa::{CallConv, TargetFrontendConfig};
-use target_lexicon::PointerWidth;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use std::collections::{BTreeSet, HashMap};
+use target_lexicon::PointerWidth;
 
 /// Size of a task record in bytes.
 pub const TASK_SIZE: i32 = 40;
@@ -95,7 +95,11 @@ pub enum MathFn {
 impl MathFn {
     /// Whether an operation needs a call.
     pub fn of_unary(op: UnOp) -> Option<MathFn> {
-        matches!(op, UnOp::Exp | UnOp::Log | UnOp::Log1p | UnOp::Expm1 | UnOp::Sigmoid | UnOp::Tanh).then_some(MathFn::Unary(op))
+        matches!(
+            op,
+            UnOp::Exp | UnOp::Log | UnOp::Log1p | UnOp::Expm1 | UnOp::Sigmoid | UnOp::Tanh
+        )
+        .then_some(MathFn::Unary(op))
     }
     /// Whether an operation needs a call.
     pub fn of_binary(op: BinOp) -> Option<MathFn> {
@@ -110,8 +114,17 @@ impl MathFn {
     }
     /// Every function, for registering symbols.
     pub fn all() -> Vec<MathFn> {
-        let mut v: Vec<MathFn> =
-            [UnOp::Exp, UnOp::Log, UnOp::Log1p, UnOp::Expm1, UnOp::Sigmoid, UnOp::Tanh].into_iter().map(MathFn::Unary).collect();
+        let mut v: Vec<MathFn> = [
+            UnOp::Exp,
+            UnOp::Log,
+            UnOp::Log1p,
+            UnOp::Expm1,
+            UnOp::Sigmoid,
+            UnOp::Tanh,
+        ]
+        .into_iter()
+        .map(MathFn::Unary)
+        .collect();
         v.push(MathFn::Binary(BinOp::Pow));
         v.push(MathFn::Binary(BinOp::Rem));
         v
@@ -168,7 +181,10 @@ pub fn abi(p: &Program, k: &Kernel) -> KernelAbi {
             calls.insert(format!("{f:?}"));
         }
     }
-    let calls = MathFn::all().into_iter().filter(|f| calls.contains(&format!("{f:?}"))).collect();
+    let calls = MathFn::all()
+        .into_iter()
+        .filter(|f| calls.contains(&format!("{f:?}")))
+        .collect();
     KernelAbi {
         slots: slots.into_iter().collect(),
         uniforms: k.uniforms.clone(),
@@ -189,7 +205,10 @@ pub fn signature(ptr: Type, call_conv: CallConv) -> Signature {
 pub type Importer<'a> = &'a mut dyn FnMut(&mut ir::Function, MathFn) -> FuncRef;
 
 /// An importer for printing: names each function `u1:<index>`.
-pub fn print_importer(p: Precision, call_conv: CallConv) -> impl FnMut(&mut ir::Function, MathFn) -> FuncRef {
+pub fn print_importer(
+    p: Precision,
+    call_conv: CallConv,
+) -> impl FnMut(&mut ir::Function, MathFn) -> FuncRef {
     move |func, f| {
         let idx = MathFn::all().iter().position(|g| *g == f).unwrap_or(0) as u32;
         let name = func.declare_imported_user_function(UserExternalName::new(1, idx));
@@ -215,10 +234,23 @@ struct Gen<'a, 'b> {
 }
 
 /// Builds the Cranelift function of a kernel.
-pub fn build(p: &Program, k: &Kernel, prec: Precision, ptr: Type, call_conv: CallConv, import: Importer<'_>, index: u32) -> ir::Function {
+pub fn build(
+    p: &Program,
+    k: &Kernel,
+    prec: Precision,
+    ptr: Type,
+    call_conv: CallConv,
+    import: Importer<'_>,
+    index: u32,
+) -> ir::Function {
     let abi = abi(p, k);
-    let mut func = ir::Function::with_name_signature(UserFuncName::user(0, index), signature(ptr, call_conv));
-    let calls: HashMap<MathFn, FuncRef> = abi.calls.iter().map(|&f| (f, import(&mut func, f))).collect();
+    let mut func =
+        ir::Function::with_name_signature(UserFuncName::user(0, index), signature(ptr, call_conv));
+    let calls: HashMap<MathFn, FuncRef> = abi
+        .calls
+        .iter()
+        .map(|&f| (f, import(&mut func, f)))
+        .collect();
     let mut fctx = FunctionBuilderContext::new();
     let b = FunctionBuilder::new(&mut func, &mut fctx);
     let mut g = Gen {
@@ -234,7 +266,11 @@ pub fn build(p: &Program, k: &Kernel, prec: Precision, ptr: Type, call_conv: Cal
     g.b.seal_all_blocks();
     g.b.finalize(TargetFrontendConfig {
         default_call_conv: call_conv,
-        pointer_width: if ptr == types::I32 { PointerWidth::U32 } else { PointerWidth::U64 },
+        pointer_width: if ptr == types::I32 {
+            PointerWidth::U32
+        } else {
+            PointerWidth::U64
+        },
         page_size_align_log2: 12,
     });
     func
@@ -256,7 +292,12 @@ impl Gen<'_, '_> {
 
     fn body(&mut self, abi: &KernelAbi) {
         let prec = self.prec;
-        let (ty, vty, lanes, size) = (prec.ty(), prec.vty(), prec.lanes() as i64, prec.size() as i64);
+        let (ty, vty, lanes, size) = (
+            prec.ty(),
+            prec.vty(),
+            prec.lanes() as i64,
+            prec.size() as i64,
+        );
         let ptr = self.ptr;
         let entry = self.b.create_block();
         self.b.append_block_params_for_function_params(entry);
@@ -303,7 +344,9 @@ impl Gen<'_, '_> {
         // Accumulators.
         let mut accs = Vec::new();
         for &r in &abi.reductions {
-            let Node::Reduce { op, .. } = self.p.graph.node(r) else { continue };
+            let Node::Reduce { op, .. } = self.p.graph.node(r) else {
+                continue;
+            };
             let vars = match op {
                 ReduceOp::Sum => {
                     let z = self.b.ins().f64const(0.0);
@@ -365,7 +408,11 @@ impl Gen<'_, '_> {
                     memo.insert(n, v);
                 }
                 for &(r, a) in &self.k.reductions {
-                    let ri = abi.reductions.iter().position(|&x| x == r).expect("reduction in abi");
+                    let ri = abi
+                        .reductions
+                        .iter()
+                        .position(|&x| x == r)
+                        .expect("reduction in abi");
                     let x = self.operand(a, vector, &memo);
                     self.accumulate(&accs[ri], x, vector, part);
                 }
@@ -384,7 +431,9 @@ impl Gen<'_, '_> {
         // Partials, combined in a fixed order.
         for (ri, acc) in accs.iter().enumerate() {
             let total = self.horizontal(acc);
-            self.b.ins().store(Self::flags(), total, partials, (ri * 8) as i32);
+            self.b
+                .ins()
+                .store(Self::flags(), total, partials, (ri * 8) as i32);
         }
         let t = self.b.use_var(ti);
         let t1 = self.b.ins().iadd_imm_s(t, 1);
@@ -407,7 +456,11 @@ impl Gen<'_, '_> {
     }
 
     fn bitcast(&mut self, to: Type, v: Value) -> Value {
-        self.b.ins().bitcast(to, MemFlagsData::new().with_endianness(Endianness::Little), v)
+        self.b.ins().bitcast(
+            to,
+            MemFlagsData::new().with_endianness(Endianness::Little),
+            v,
+        )
     }
 
     /// The value of a node as an operand: a body value, or a uniform (as a boolean where its type is).
@@ -433,8 +486,19 @@ impl Gen<'_, '_> {
         }
     }
 
-    fn node(&mut self, n: NodeId, vector: bool, bases: &HashMap<BufId, Value>, byte: Value, memo: &mut Memo) -> Value {
-        let ty = if vector { self.prec.vty() } else { self.prec.ty() };
+    fn node(
+        &mut self,
+        n: NodeId,
+        vector: bool,
+        bases: &HashMap<BufId, Value>,
+        byte: Value,
+        memo: &mut Memo,
+    ) -> Value {
+        let ty = if vector {
+            self.prec.vty()
+        } else {
+            self.prec.ty()
+        };
         match self.p.graph.node(n) {
             Node::Load { buf, .. } => {
                 let addr = self.b.ins().iadd(bases[&buf], byte);
@@ -456,13 +520,20 @@ impl Gen<'_, '_> {
                 let y = self.operand(d, vector, memo);
                 if vector {
                     let is_bool = self.p.graph.ty(a) == Ty::Bool;
-                    let m = if is_bool { m } else { self.bitcast(self.prec.vty(), m) };
+                    let m = if is_bool {
+                        m
+                    } else {
+                        self.bitcast(self.prec.vty(), m)
+                    };
                     self.b.ins().bitselect(m, x, y)
                 } else {
                     self.b.ins().select(m, x, y)
                 }
             }
-            other => unreachable!("{other:?} is not a per-element node (kind {:?})", self.p.graph.kind(n) == Kind::Scalar),
+            other => unreachable!(
+                "{other:?} is not a per-element node (kind {:?})",
+                self.p.graph.kind(n) == Kind::Scalar
+            ),
         }
     }
 
@@ -475,7 +546,10 @@ impl Gen<'_, '_> {
         // One call per lane.
         let mut out = self.vconst(0.0);
         for lane in 0..self.prec.lanes() as u8 {
-            let scalars: Vec<Value> = args.iter().map(|&a| self.b.ins().extractlane(a, lane)).collect();
+            let scalars: Vec<Value> = args
+                .iter()
+                .map(|&a| self.b.ins().extractlane(a, lane))
+                .collect();
             let call = self.b.ins().call(fref, &scalars);
             let r = self.b.inst_results(call)[0];
             out = self.b.ins().insertlane(out, r, lane);
@@ -487,7 +561,11 @@ impl Gen<'_, '_> {
         if let Some(f) = MathFn::of_unary(op) {
             return self.call(f, &[x], vector);
         }
-        let one = if vector { self.vconst(1.0) } else { self.fconst(1.0) };
+        let one = if vector {
+            self.vconst(1.0)
+        } else {
+            self.fconst(1.0)
+        };
         match op {
             UnOp::Neg => self.b.ins().fneg(x),
             UnOp::Not => {
@@ -508,7 +586,11 @@ impl Gen<'_, '_> {
             UnOp::Round => self.b.ins().nearest(x),
             UnOp::Sign => {
                 // 1 for x > 0, -1 for x < 0, x * 0 otherwise (keeps ±0 and NaN).
-                let zero = if vector { self.vconst(0.0) } else { self.fconst(0.0) };
+                let zero = if vector {
+                    self.vconst(0.0)
+                } else {
+                    self.fconst(0.0)
+                };
                 let neg_one = self.b.ins().fneg(one);
                 let xz = self.b.ins().fmul(x, zero);
                 let lt = self.b.ins().fcmp(FloatCC::LessThan, x, zero);
@@ -558,7 +640,11 @@ impl Gen<'_, '_> {
         match acc.op {
             ReduceOp::Sum => {
                 if !vector {
-                    let x = if self.prec == Precision::F32 { self.b.ins().fpromote(types::F64, x) } else { x };
+                    let x = if self.prec == Precision::F32 {
+                        self.b.ins().fpromote(types::F64, x)
+                    } else {
+                        x
+                    };
                     let a = self.b.use_var(scalar_var);
                     let s = self.b.ins().fadd(a, x);
                     self.b.def_var(scalar_var, s);

@@ -22,9 +22,8 @@ fn loaded_buffers(p: &Program, roots: &[NodeId]) -> HashSet<u16> {
     bufs
 }
 
-/// Runs the pass.
-pub fn run(p: &mut Program) {
-    // No-op stores: the final value is the stage's own load of the buffer.
+/// Drops stores that write back the value the buffer already holds.
+pub fn remove_noop_stores(p: &mut Program) {
     for v in &mut p.variants {
         for (k, stage) in v.stages.iter_mut().enumerate() {
             stage.stores.retain(|&(b, n)| {
@@ -36,6 +35,11 @@ pub fn run(p: &mut Program) {
             });
         }
     }
+}
+
+/// Runs the pass.
+pub fn run(p: &mut Program) {
+    remove_noop_stores(p);
     // Live buffers: params and outputs, and whatever live values read, to a fixpoint.
     let mut live: HashSet<u16> = p
         .info

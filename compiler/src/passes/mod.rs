@@ -9,6 +9,7 @@ pub mod fold;
 pub mod hoist;
 pub mod phases;
 pub mod simplify;
+pub mod specialize;
 
 /// A named pass.
 pub type Pass = (&'static str, fn(&mut Program));
