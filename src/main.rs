@@ -897,7 +897,7 @@ fn bench(args: &BenchArgs) -> Result<(), Fail> {
         times.push(start.elapsed().as_secs_f64());
     }
     let t = median(times);
-    let (must, moved, passes) = traffic(&program, args.elems, 4);
+    let (must, moved, passes) = traffic(opt.active_program(), args.elems, 4);
     let ceiling = inplace_ceiling(args.elems, threads, 5)?;
     let gbs = must as f64 / t / 1e9;
     println!(

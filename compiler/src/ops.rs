@@ -3,7 +3,7 @@
 //!
 //! Conventions (those of PyTorch): `min`/`max` propagate NaN; `sign(0) = 0`; `round` rounds half to
 //! even; `%` is floored (the result has the divisor's sign); `rsqrt(x) = 1 / sqrt(x)`;
-//! `sigmoid(x) = 1 / (1 + exp(-x))`. Booleans are 1 and 0.
+//! `sigmoid(x) = 1 / (1 + exp(-x))`, evaluated in f64 and rounded once. Booleans are 1 and 0.
 
 use crate::ir::{BinOp, UnOp};
 
@@ -57,7 +57,9 @@ macro_rules! impl_float {
                     UnOp::Log => a.ln(),
                     UnOp::Log1p => a.ln_1p(),
                     UnOp::Expm1 => a.exp_m1(),
-                    UnOp::Sigmoid => 1.0 / (1.0 + (-a).exp()),
+                    // Computed in f64 and rounded once: the correctly rounded value, which every
+                    // backend approximates within 2 ulp.
+                    UnOp::Sigmoid => (1.0 / (1.0 + (-(a as f64)).exp())) as $t,
                     UnOp::Tanh => a.tanh(),
                     UnOp::Floor => a.floor(),
                     UnOp::Ceil => a.ceil(),

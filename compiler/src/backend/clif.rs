@@ -21,6 +21,7 @@
 //! are bit-identical to the interpreter.
 
 use crate::ir::{BinOp, BufId, Kernel, Kind, Node, NodeId, Program, ReduceOp, Ty, UnOp};
+use cranelift_codegen::cursor::{Cursor, FuncCursor};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{
     self, types, AbiParam, ConstantData, Endianness, ExtFuncData, ExternalName, FuncRef,
@@ -231,6 +232,10 @@ struct Gen<'a, 'b> {
     uni: HashMap<NodeId, (Value, Value)>,
     calls: HashMap<MathFn, FuncRef>,
     ptr: Type,
+    /// The jump that ends a task's prologue: constants are inserted before it, outside the loops.
+    prologue_end: Option<ir::Inst>,
+    /// Constants already materialized there: (bits, vector) -> value.
+    consts: HashMap<(u64, bool), Value>,
 }
 
 /// Builds the Cranelift function of a kernel.
@@ -261,6 +266,8 @@ pub fn build(
         uni: HashMap::new(),
         calls,
         ptr,
+        prologue_end: None,
+        consts: HashMap::new(),
     };
     g.body(&abi);
     g.b.seal_all_blocks();
@@ -390,7 +397,8 @@ impl Gen<'_, '_> {
             let head = self.b.create_block();
             let body = self.b.create_block();
             let after = self.b.create_block();
-            self.b.ins().jump(head, &[]);
+            let jump = self.b.ins().jump(head, &[]);
+            self.prologue_end.get_or_insert(jump);
             self.b.switch_to_block(head);
             let iv = self.b.use_var(i);
             let next = self.b.ins().iadd_imm_s(iv, width);
@@ -558,6 +566,27 @@ impl Gen<'_, '_> {
     }
 
     fn unary(&mut self, op: UnOp, x: Value, vector: bool) -> Value {
+        if self.prec == Precision::F32 {
+            match op {
+                UnOp::Exp => return self.exp32(x, vector),
+                UnOp::Log => return self.log32(x, vector),
+                UnOp::Sigmoid => {
+                    // e = exp(-|x|) <= 1; sigmoid = 1 / (1 + e) for x >= 0, e / (1 + e) below:
+                    // neither side divides by a huge, inexact exponential.
+                    let one = self.c(1.0, vector);
+                    let ax = self.b.ins().fabs(x);
+                    let nx = self.b.ins().fneg(ax);
+                    let e = self.exp32(nx, vector);
+                    let d = self.b.ins().fadd(one, e);
+                    let zero = self.c(0.0, vector);
+                    let neg = self.b.ins().fcmp(FloatCC::LessThan, x, zero);
+                    let num = self.select(neg, e, one, vector);
+                    return self.b.ins().fdiv(num, d);
+                }
+                UnOp::Tanh => return self.tanh32(x, vector),
+                _ => {}
+            }
+        }
         if let Some(f) = MathFn::of_unary(op) {
             return self.call(f, &[x], vector);
         }
@@ -600,6 +629,252 @@ impl Gen<'_, '_> {
             }
             _ => unreachable!("calls handled above"),
         }
+    }
+
+    /// A float constant, splat when `vector`; materialized once per task, before the loops.
+    fn c(&mut self, v: f64, vector: bool) -> Value {
+        let key = (v.to_bits(), vector);
+        if let Some(&c) = self.consts.get(&key) {
+            return c;
+        }
+        let Some(at) = self.prologue_end else {
+            return if vector {
+                self.vconst(v)
+            } else {
+                self.fconst(v)
+            };
+        };
+        let vty = self.prec.vty();
+        let mut pos = FuncCursor::new(self.b.func).at_inst(at);
+        let s = match self.prec {
+            Precision::F32 => pos.ins().f32const(v as f32),
+            Precision::F64 => pos.ins().f64const(v),
+        };
+        let c = if vector { pos.ins().splat(vty, s) } else { s };
+        self.consts.insert(key, c);
+        c
+    }
+
+    /// An i32 constant, splat when `vector`; materialized once per task, before the loops.
+    fn ci(&mut self, v: i32, vector: bool) -> Value {
+        let key = (u64::from(v as u32) | 1 << 40, vector);
+        if let Some(&c) = self.consts.get(&key) {
+            return c;
+        }
+        let c = match self.prologue_end {
+            Some(at) => {
+                let mut pos = FuncCursor::new(self.b.func).at_inst(at);
+                let s = pos.ins().iconst(types::I32, i64::from(v));
+                if vector {
+                    pos.ins().splat(types::I32X4, s)
+                } else {
+                    s
+                }
+            }
+            None => {
+                let s = self.b.ins().iconst(types::I32, i64::from(v));
+                if vector {
+                    self.b.ins().splat(types::I32X4, s)
+                } else {
+                    s
+                }
+            }
+        };
+        self.consts.insert(key, c);
+        c
+    }
+
+    /// Evaluates a polynomial with coefficients from the highest degree down (Horner).
+    fn poly(&mut self, x: Value, coeffs: &[f64], vector: bool) -> Value {
+        let mut acc = self.c(coeffs[0], vector);
+        for &k in &coeffs[1..] {
+            let m = self.b.ins().fmul(acc, x);
+            let kc = self.c(k, vector);
+            acc = self.b.ins().fadd(m, kc);
+        }
+        acc
+    }
+
+    /// `2^n` for integers `n` in the normal range, as f32 bits.
+    fn pow2i(&mut self, n: Value, vector: bool) -> Value {
+        let bias = self.ci(127, vector);
+        let e = self.b.ins().iadd(n, bias);
+        let bits = self.b.ins().ishl_imm_s(e, 23);
+        let fty = if vector { types::F32X4 } else { types::F32 };
+        self.bitcast(fty, bits)
+    }
+
+    /// f32 `exp`, inline (Cody-Waite reduction by ln 2, degree-5 polynomial, scaling by 2^n in
+    /// two factors so results down to the subnormals round once). Within 2 ulp of libm's `expf`.
+    fn exp32(&mut self, x: Value, vector: bool) -> Value {
+        let ity = if vector { types::I32X4 } else { types::I32 };
+        // Clamp with compare-and-select (cheaper than IEEE min/max); a NaN compares false and
+        // flows through to the result.
+        let lo = self.c(-104.0, vector);
+        let hi = self.c(89.0, vector);
+        let below = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
+        let xc = self.select(below, lo, x, vector);
+        let above = self.b.ins().fcmp(FloatCC::GreaterThan, xc, hi);
+        let xc = self.select(above, hi, xc, vector);
+        let log2e = self.c(std::f64::consts::LOG2_E, vector);
+        let t = self.b.ins().fmul(xc, log2e);
+        // Round to the nearest integer by adding 1.5 * 2^23: the integer lands in the low
+        // mantissa bits, so one subtraction gives it as a float and one as an i32.
+        let magic = self.c(12582912.0, vector);
+        let k = self.b.ins().fadd(t, magic);
+        let n = self.b.ins().fsub(k, magic);
+        let kb = self.bitcast(ity, k);
+        let mb = self.ci(0x4b40_0000, vector);
+        let ni = self.b.ins().isub(kb, mb);
+        let c1 = self.c(0.693359375, vector);
+        let c2 = self.c(-2.12194440e-4, vector);
+        let a = self.b.ins().fmul(n, c1);
+        let r = self.b.ins().fsub(xc, a);
+        let a = self.b.ins().fmul(n, c2);
+        let r = self.b.ins().fsub(r, a);
+        let z = self.b.ins().fmul(r, r);
+        let p = self.poly(
+            r,
+            &[
+                1.9875691500e-4,
+                1.3981999507e-3,
+                8.3334519073e-3,
+                4.1665795894e-2,
+                1.6666665459e-1,
+                5.0000001201e-1,
+            ],
+            vector,
+        );
+        let pz = self.b.ins().fmul(p, z);
+        let e = self.b.ins().fadd(pz, r);
+        let one = self.c(1.0, vector);
+        let e = self.b.ins().fadd(e, one);
+        let n1 = self.b.ins().sshr_imm_s(ni, 1);
+        let n2 = self.b.ins().isub(ni, n1);
+        let s1 = self.pow2i(n1, vector);
+        let s2 = self.pow2i(n2, vector);
+        let e = self.b.ins().fmul(e, s1);
+        self.b.ins().fmul(e, s2)
+    }
+
+    /// f32 `ln`, inline (mantissa in [sqrt(1/2), sqrt(2)), degree-8 polynomial; subnormals
+    /// scaled first; 0, negatives, infinity and NaN as libm). Within 2 ulp of libm's `logf`.
+    fn log32(&mut self, x: Value, vector: bool) -> Value {
+        let (ity, fty) = if vector {
+            (types::I32X4, types::F32X4)
+        } else {
+            (types::I32, types::F32)
+        };
+        // Scale subnormals into the normal range.
+        let tiny = self.c(f64::from(f32::MIN_POSITIVE), vector);
+        let is_sub = self.b.ins().fcmp(FloatCC::LessThan, x, tiny);
+        let scale = self.c(8388608.0, vector); // 2^23
+        let xs = self.b.ins().fmul(x, scale);
+        let xs = self.select(is_sub, xs, x, vector);
+        let zero_i = self.ci(0, vector);
+        let adj23 = self.ci(23, vector);
+        let adj = if vector {
+            self.b.ins().bitselect(is_sub, adj23, zero_i)
+        } else {
+            self.b.ins().select(is_sub, adj23, zero_i)
+        };
+        let bits = self.bitcast(ity, xs);
+        let ex = self.b.ins().ushr_imm_s(bits, 23);
+        let c126 = self.ci(126, vector);
+        let ex = self.b.ins().isub(ex, c126);
+        let ex = self.b.ins().isub(ex, adj);
+        let mmask = self.ci(0x007f_ffff, vector);
+        let half = self.ci(0x3f00_0000, vector);
+        let mb = self.b.ins().band(bits, mmask);
+        let mb = self.b.ins().bor(mb, half);
+        let m = self.bitcast(fty, mb);
+        let e = self.b.ins().fcvt_from_sint(fty, ex);
+        let sqrthf = self.c(std::f64::consts::FRAC_1_SQRT_2, vector);
+        let small = self.b.ins().fcmp(FloatCC::LessThan, m, sqrthf);
+        let one = self.c(1.0, vector);
+        let zero = self.c(0.0, vector);
+        let dec = self.select(small, one, zero, vector);
+        let e = self.b.ins().fsub(e, dec);
+        let m2 = self.b.ins().fadd(m, m);
+        let m = self.select(small, m2, m, vector);
+        let m = self.b.ins().fsub(m, one);
+        let z = self.b.ins().fmul(m, m);
+        let p = self.poly(
+            m,
+            &[
+                7.0376836292e-2,
+                -1.1514610310e-1,
+                1.1676998740e-1,
+                -1.2420140846e-1,
+                1.4249322787e-1,
+                -1.6668057665e-1,
+                2.0000714765e-1,
+                -2.4999993993e-1,
+                3.3333331174e-1,
+            ],
+            vector,
+        );
+        let y = self.b.ins().fmul(p, m);
+        let y = self.b.ins().fmul(y, z);
+        let q1 = self.c(-2.12194440e-4, vector);
+        let t = self.b.ins().fmul(e, q1);
+        let y = self.b.ins().fadd(y, t);
+        let halfc = self.c(0.5, vector);
+        let t = self.b.ins().fmul(z, halfc);
+        let y = self.b.ins().fsub(y, t);
+        let r = self.b.ins().fadd(m, y);
+        let q2 = self.c(0.693359375, vector);
+        let t = self.b.ins().fmul(e, q2);
+        let r = self.b.ins().fadd(r, t);
+        // Special values: log(0) = -inf, log(x < 0) = NaN, log(inf) = inf, log(NaN) = NaN.
+        let ninf = self.c(f64::NEG_INFINITY, vector);
+        let pinf = self.c(f64::INFINITY, vector);
+        let nan = self.c(f64::NAN, vector);
+        let is0 = self.b.ins().fcmp(FloatCC::Equal, x, zero);
+        let r = self.select(is0, ninf, r, vector);
+        let neg = self.b.ins().fcmp(FloatCC::LessThan, x, zero);
+        let r = self.select(neg, nan, r, vector);
+        let isinf = self.b.ins().fcmp(FloatCC::Equal, x, pinf);
+        let r = self.select(isinf, pinf, r, vector);
+        let isnan = self.b.ins().fcmp(FloatCC::Unordered, x, x);
+        self.select(isnan, x, r, vector)
+    }
+
+    /// f32 `tanh`, inline: an odd polynomial below 0.625, `1 - 2 / (exp(2|x|) + 1)` above.
+    fn tanh32(&mut self, x: Value, vector: bool) -> Value {
+        let ax = self.b.ins().fabs(x);
+        let z = self.b.ins().fmul(x, x);
+        let p = self.poly(
+            z,
+            &[
+                -5.70498872745e-3,
+                2.06390887954e-2,
+                -5.37397155531e-2,
+                1.33314422036e-1,
+                -3.33332819422e-1,
+            ],
+            vector,
+        );
+        let pz = self.b.ins().fmul(p, z);
+        let pzx = self.b.ins().fmul(pz, x);
+        let small = self.b.ins().fadd(pzx, x);
+        let two = self.c(2.0, vector);
+        let one = self.c(1.0, vector);
+        let ax2 = self.b.ins().fmul(ax, two);
+        let e = self.exp32(ax2, vector);
+        let d = self.b.ins().fadd(e, one);
+        let q = self.b.ins().fdiv(two, d);
+        let big = self.b.ins().fsub(one, q);
+        // Restore the sign (keeps -0 and NaN through `small`).
+        let neg = self.b.ins().fneg(big);
+        let zero = self.c(0.0, vector);
+        let is_neg = self.b.ins().fcmp(FloatCC::LessThan, x, zero);
+        let big = self.select(is_neg, neg, big, vector);
+        let lim = self.c(0.625, vector);
+        let is_small = self.b.ins().fcmp(FloatCC::LessThan, ax, lim);
+        let r = self.select(is_small, small, big, vector);
+        let isnan = self.b.ins().fcmp(FloatCC::Unordered, x, x);
+        self.select(isnan, x, r, vector)
     }
 
     fn select(&mut self, m: Value, a: Value, b: Value, vector: bool) -> Value {
