@@ -1,4 +1,5 @@
-//! Snapshot tests (insta): every standard-library rule at every compiler stage, and the rendered
+//! Snapshot tests (insta): every standard-library rule at every compiler stage (AST, IR after each
+//! pass, kernels, Cranelift IR), and the rendered
 //! diagnostics of every program under tests/bad (uncolored). Programs under tests/good snapshot
 //! their kernels. Review changes with `cargo insta review` or `INSTA_UPDATE=always cargo test`.
 
@@ -33,6 +34,9 @@ fn stdlib_at_every_stage() {
         insta::assert_snapshot!(format!("stdlib_{name}_ast"), ast);
         insta::assert_snapshot!(format!("stdlib_{name}_ir"), ir);
         insta::assert_snapshot!(format!("stdlib_{name}_kernels"), kernels);
+        let program = optc::stdlib_rule(name).expect("compiles");
+        let clif = optc::compiler::backend::clif::clif_text(&program, optc::compiler::backend::clif::Precision::F32);
+        insta::assert_snapshot!(format!("stdlib_{name}_clif"), clif);
     }
 }
 
