@@ -1,9 +1,10 @@
 //! Logistic regression on the Breast Cancer Wisconsin data set (569 samples, 30 features), trained
-//! full-batch with rules from the optc standard library and with one rule written inline.
+//! full-batch with rules from the optc standard library and with one rule written inline, each
+//! compiled to machine code with Cranelift.
 //!
 //! Run: `cargo run --release --example quickstart`
 
-use optc::runtime::{Inputs, Optimizer};
+use optc::runtime::{Backend, Inputs, Optimizer};
 use std::sync::Arc;
 
 const DATA: &str = include_str!("data/breast_cancer.csv");
