@@ -13,7 +13,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    println!("{:<18} {:>8} {:>14} {:>12}", "rule", "kernels", "front+passes", "cranelift");
+    println!(
+        "{:<18} {:>8} {:>14} {:>12}",
+        "rule", "kernels", "front+passes", "cranelift"
+    );
     let (mut fronts, mut jits) = (Vec::new(), Vec::new());
     for (name, src) in optc::stdlib::RULES {
         let mut front = Vec::new();
@@ -33,5 +36,11 @@ fn main() {
         jits.push(j);
         println!("{name:<18} {kernels:>8} {f:>11.2} ms {j:>9.2} ms");
     }
-    println!("{:<18} {:>8} {:>11.2} ms {:>9.2} ms", "median", "", median(fronts), median(jits));
+    println!(
+        "{:<18} {:>8} {:>11.2} ms {:>9.2} ms",
+        "median",
+        "",
+        median(fronts),
+        median(jits)
+    );
 }

@@ -17,17 +17,25 @@ fn expr() -> impl Strategy<Value = String> {
     ];
     leaf.prop_recursive(4, 24, 3, |inner| {
         prop_oneof![
-            (inner.clone(), inner.clone(), prop_oneof![Just("+"), Just("-"), Just("*")]).prop_map(|(a, b, op)| format!("({a} {op} {b})")),
+            (
+                inner.clone(),
+                inner.clone(),
+                prop_oneof![Just("+"), Just("-"), Just("*")]
+            )
+                .prop_map(|(a, b, op)| format!("({a} {op} {b})")),
             (inner.clone(), inner.clone()).prop_map(|(a, b)| format!("({a} / (abs({b}) + 1))")),
             inner.clone().prop_map(|a| format!("sqrt(abs({a}))")),
-            inner.clone().prop_map(|a| format!("exp(clamp({a}, -5, 5))")),
+            inner
+                .clone()
+                .prop_map(|a| format!("exp(clamp({a}, -5, 5))")),
             inner.clone().prop_map(|a| format!("log(abs({a}) + 1)")),
             inner.clone().prop_map(|a| format!("sigmoid({a})")),
             inner.clone().prop_map(|a| format!("tanh({a})")),
             inner.clone().prop_map(|a| format!("sign({a})")),
             (inner.clone(), inner.clone()).prop_map(|(a, b)| format!("max({a}, {b})")),
             (inner.clone(), inner.clone()).prop_map(|(a, b)| format!("min({a}, {b})")),
-            (inner.clone(), inner.clone(), inner.clone()).prop_map(|(c, a, b)| format!("if {c} > 0 {{ {a} }} else {{ {b} }}")),
+            (inner.clone(), inner.clone(), inner.clone())
+                .prop_map(|(c, a, b)| format!("if {c} > 0 {{ {a} }} else {{ {b} }}")),
         ]
     })
 }
@@ -60,11 +68,23 @@ fn fill(seed: u64, n: usize) -> Vec<f32> {
 
 fn run(src: &str, sizes: &[usize], backend: Backend) -> Vec<Vec<f32>> {
     let program = optc::compile_rule(src).unwrap_or_else(|e| panic!("{e}\n{src}"));
-    let params: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(j, &n)| fill(j as u64 + 1, n)).collect();
-    let mut opt = Optimizer::new(Arc::new(program), vec![params]).unwrap().with_backend(backend).unwrap();
+    let params: Vec<Vec<f32>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(j, &n)| fill(j as u64 + 1, n))
+        .collect();
+    let mut opt = Optimizer::new(Arc::new(program), vec![params])
+        .unwrap()
+        .with_backend(backend)
+        .unwrap();
     for step in 0..3u64 {
-        let g: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(j, &n)| fill(100 * step + j as u64 + 50, n)).collect();
-        opt.step(&Inputs::default().tensor("g", g.iter().map(|v| v.as_slice()).collect())).unwrap();
+        let g: Vec<Vec<f32>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(j, &n)| fill(100 * step + j as u64 + 50, n))
+            .collect();
+        opt.step(&Inputs::default().tensor("g", g.iter().map(|v| v.as_slice()).collect()))
+            .unwrap();
     }
     opt.params(0).to_vec()
 }

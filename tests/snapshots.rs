@@ -35,7 +35,10 @@ fn stdlib_at_every_stage() {
         insta::assert_snapshot!(format!("stdlib_{name}_ir"), ir);
         insta::assert_snapshot!(format!("stdlib_{name}_kernels"), kernels);
         let program = optc::stdlib_rule(name).expect("compiles");
-        let clif = optc::compiler::backend::clif::clif_text(&program, optc::compiler::backend::clif::Precision::F32);
+        let clif = optc::compiler::backend::clif::clif_text(
+            &program,
+            optc::compiler::backend::clif::Precision::F32,
+        );
         insta::assert_snapshot!(format!("stdlib_{name}_clif"), clif);
     }
 }
