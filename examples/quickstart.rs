@@ -117,7 +117,8 @@ fn main() {
         .map(|(_, p, sets)| {
             let mut o =
                 Optimizer::new(Arc::new(p.clone()), vec![vec![vec![0.0; 30], vec![0.0; 1]]])
-                    .expect("bind");
+                    .and_then(|o| o.with_backend(Backend::Cranelift { threads: 1 }))
+                    .expect("bind and compile to machine code");
             for (k, v) in sets {
                 o.set_hyper(k, *v).expect("hyperparameter");
             }
