@@ -127,6 +127,13 @@ struct RunArgs {
     /// Where to write the parameters after the last step.
     #[arg(long)]
     out: PathBuf,
+    /// Resume from a checkpoint (optimizer state, step counter, hyperparameters); `--set` still
+    /// overrides hyperparameters.
+    #[arg(long)]
+    state_in: Option<PathBuf>,
+    /// Write a checkpoint after the last step.
+    #[arg(long)]
+    state_out: Option<PathBuf>,
     /// Print nothing but errors.
     #[arg(long, short)]
     quiet: bool,
@@ -636,6 +643,10 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
         .collect();
     let mut opt = Optimizer::<T>::new(Arc::clone(&program), initial.clone())?
         .with_backend(args.exec.backend())?;
+    if let Some(path) = &args.state_in {
+        opt.load_checkpoint(path)
+            .map_err(|e| Fail(format!("error: {e}")))?;
+    }
     for s in &args.sets {
         let (n, v) = s
             .split_once('=')
@@ -754,6 +765,13 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
         .map_err(|e| Fail(format!("error: cannot write `{}`: {e}", args.out.display())))?;
     if !args.quiet {
         println!("wrote {} ({} tensor(s))", args.out.display(), owned.len());
+    }
+    if let Some(path) = &args.state_out {
+        opt.save_checkpoint(path)
+            .map_err(|e| Fail(format!("error: {e}")))?;
+        if !args.quiet {
+            println!("wrote checkpoint {} (step {})", path.display(), opt.steps());
+        }
     }
     Ok(())
 }

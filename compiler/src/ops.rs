@@ -15,6 +15,10 @@ pub trait Float: Copy + PartialOrd + std::fmt::Debug + Send + Sync + 'static {
     fn from_f64(v: f64) -> Self;
     /// Conversion to f64 (exact).
     fn to_f64(self) -> f64;
+    /// Little-endian bytes.
+    fn to_le_bytes_vec(self) -> Vec<u8>;
+    /// From little-endian bytes (`bytes.len() == BYTES`).
+    fn from_le_bytes_slice(bytes: &[u8]) -> Self;
     /// `op(a)`.
     fn unary(op: UnOp, a: Self) -> Self;
     /// `op(a, b)`.
@@ -30,6 +34,14 @@ macro_rules! impl_float {
             }
             fn to_f64(self) -> f64 {
                 self as f64
+            }
+            fn to_le_bytes_vec(self) -> Vec<u8> {
+                self.to_le_bytes().to_vec()
+            }
+            fn from_le_bytes_slice(bytes: &[u8]) -> Self {
+                let mut b = [0u8; std::mem::size_of::<$t>()];
+                b.copy_from_slice(bytes);
+                <$t>::from_le_bytes(b)
             }
             fn unary(op: UnOp, a: Self) -> Self {
                 match op {

@@ -13,6 +13,7 @@ use optc_compiler::ops::Float;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
+pub mod checkpoint;
 pub mod jit;
 pub use jit::JitProgram;
 use optc_compiler::backend::clif::Precision;
@@ -79,6 +80,9 @@ pub enum Error {
         /// The stage asked for.
         got: usize,
     },
+    /// A checkpoint could not be written or read, or does not fit this optimizer.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
     /// The Cranelift backend could not compile the rule.
     #[error("{0}")]
     Jit(#[from] jit::JitError),

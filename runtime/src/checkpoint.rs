@@ -1,0 +1,298 @@
+//! Checkpoints: an optimizer's state in a safetensors file.
+//!
+//! Tensors `state.<buffer>.<tensor index>` hold every per-element state buffer (flat, in the
+//! buffer's dtype). The metadata holds the format version, the rule's name and a hash of its
+//! compiled form, the step counter, hyperparameter values, scalar states and the tensor lengths of
+//! every param space. Files are written atomically (temporary file, fsync, rename, fsync of the
+//! folder); loading validates everything before changing the optimizer.
+
+use crate::{Error, Optimizer};
+use optc_compiler::ir::{BufRole, Program};
+use optc_compiler::ops::Float;
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+/// The format written in the metadata.
+pub const FORMAT: &str = "optc-checkpoint-1";
+
+/// A stable 64-bit FNV-1a hash of a compiled rule's interface and kernels.
+pub fn program_hash(p: &Program) -> String {
+    let text = format!(
+        "{}{}",
+        optc_compiler::print::interface(p),
+        optc_compiler::print::kernels(p)
+    );
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Where a simulated failure interrupts a save (for tests of atomicity).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailPoint {
+    /// After creating the temporary file, before writing.
+    Create,
+    /// Halfway through writing the temporary file.
+    Write,
+    /// After writing and syncing, before the rename.
+    Rename,
+}
+
+fn err(msg: impl Into<String>) -> Error {
+    Error::Checkpoint(msg.into())
+}
+
+fn dtype_of<T: Float>() -> Dtype {
+    if T::BYTES == 4 {
+        Dtype::F32
+    } else {
+        Dtype::F64
+    }
+}
+
+impl<T: Float + Default> Optimizer<T> {
+    /// The checkpoint as bytes (safetensors).
+    pub fn checkpoint_bytes(&self) -> Result<Vec<u8>, Error> {
+        if self.next_stage != 0 {
+            return Err(err(
+                "cannot checkpoint in the middle of a step (between stages)",
+            ));
+        }
+        let info = &self.program.info;
+        let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (b, bi) in info.buffers.iter().enumerate() {
+            if bi.role != BufRole::State {
+                continue;
+            }
+            for (j, data) in self.bufs[b].iter().enumerate() {
+                let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes_vec()).collect();
+                owned.push((format!("state.{}.{j}", bi.name), vec![data.len()], bytes));
+            }
+        }
+        let views: Vec<(String, TensorView<'_>)> = owned
+            .iter()
+            .map(|(n, shape, bytes)| {
+                TensorView::new(dtype_of::<T>(), shape.clone(), bytes).map(|v| (n.clone(), v))
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e| err(e.to_string()))?;
+        let hypers: serde_json::Map<String, serde_json::Value> = info
+            .hypers
+            .iter()
+            .zip(&self.hypers)
+            .map(|(h, v)| (h.name.clone(), serde_json::json!(v)))
+            .collect();
+        let scalars: serde_json::Map<String, serde_json::Value> = info
+            .scalar_states
+            .iter()
+            .zip(&self.scalar_states)
+            .map(|(n, v)| (n.clone(), serde_json::json!(v)))
+            .collect();
+        // One metadata entry holding a JSON object with sorted keys, so equal states give equal bytes.
+        let record = serde_json::json!({
+            "format": FORMAT,
+            "rule": info.name,
+            "program_hash": program_hash(&self.program),
+            "steps": self.steps,
+            "hyperparameters": hypers,
+            "scalar_states": scalars,
+            "tensor_lengths": self.lens,
+            "dtype": format!("{:?}", dtype_of::<T>()),
+        });
+        let meta = HashMap::from([("optc".to_string(), record.to_string())]);
+        safetensors::serialize(views, Some(meta)).map_err(|e| err(e.to_string()))
+    }
+
+    /// Writes a checkpoint atomically: a crash at any point leaves the previous file intact.
+    pub fn save_checkpoint(&self, path: &Path) -> Result<(), Error> {
+        self.save_checkpoint_failing(path, None)
+    }
+
+    #[doc(hidden)]
+    pub fn save_checkpoint_failing(
+        &self,
+        path: &Path,
+        fail: Option<FailPoint>,
+    ) -> Result<(), Error> {
+        let bytes = self.checkpoint_bytes()?;
+        let io = |e: std::io::Error| err(format!("cannot write `{}`: {e}", path.display()));
+        let name = path
+            .file_name()
+            .ok_or_else(|| err(format!("`{}` is not a file path", path.display())))?;
+        let tmp = path.with_file_name(format!(
+            ".{}.tmp-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let simulated = |at: FailPoint| {
+            if fail == Some(at) {
+                Err(err(format!("simulated failure at {at:?}")))
+            } else {
+                Ok(())
+            }
+        };
+        let result = (|| {
+            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            simulated(FailPoint::Create)?;
+            let half = bytes.len() / 2;
+            f.write_all(&bytes[..half]).map_err(io)?;
+            simulated(FailPoint::Write)?;
+            f.write_all(&bytes[half..]).map_err(io)?;
+            f.sync_all().map_err(io)?;
+            simulated(FailPoint::Rename)?;
+            std::fs::rename(&tmp, path).map_err(io)?;
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                if let Ok(d) = std::fs::File::open(dir) {
+                    let _ = d.sync_all();
+                }
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Loads a checkpoint written by [`Optimizer::save_checkpoint`] for the same rule and tensors.
+    /// Everything is validated first; on any error the optimizer is unchanged.
+    pub fn load_checkpoint(&mut self, path: &Path) -> Result<(), Error> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| err(format!("cannot read `{}`: {e}", path.display())))?;
+        self.load_checkpoint_bytes(&bytes)
+    }
+
+    /// Loads a checkpoint from bytes (see [`Optimizer::load_checkpoint`]).
+    pub fn load_checkpoint_bytes(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        if self.next_stage != 0 {
+            return Err(err(
+                "cannot load a checkpoint in the middle of a step (between stages)",
+            ));
+        }
+        let corrupt = |e: &dyn std::fmt::Display| err(format!("not a valid checkpoint: {e}"));
+        let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| corrupt(&e))?;
+        let record = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("optc"))
+            .ok_or_else(|| err("not an optc checkpoint: no `optc` record in the metadata"))?;
+        let meta: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(record).map_err(|e| corrupt(&e))?;
+        let get = |k: &str| {
+            meta.get(k)
+                .ok_or_else(|| err(format!("not an optc checkpoint: no `{k}` in its record")))
+        };
+        let text = |k: &str| {
+            get(k).and_then(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| err(format!("`{k}` is not a string")))
+            })
+        };
+        if text("format")? != FORMAT {
+            return Err(err(format!(
+                "unknown checkpoint format `{}` (expected `{FORMAT}`)",
+                text("format")?
+            )));
+        }
+        let info = &self.program.info;
+        if text("rule")? != info.name {
+            return Err(err(format!(
+                "the checkpoint is for rule `{}`, this optimizer runs `{}`",
+                text("rule")?,
+                info.name
+            )));
+        }
+        if text("program_hash")? != program_hash(&self.program) {
+            return Err(err(format!("the checkpoint was written by a different version of rule `{}` (its compiled form differs)", info.name)));
+        }
+        let dtype = format!("{:?}", dtype_of::<T>());
+        if text("dtype")? != dtype {
+            return Err(err(format!(
+                "the checkpoint holds {} state, this optimizer {dtype}",
+                text("dtype")?
+            )));
+        }
+        let lens: Vec<Vec<usize>> =
+            serde_json::from_value(get("tensor_lengths")?.clone()).map_err(|e| corrupt(&e))?;
+        if lens != self.lens {
+            return Err(err(format!(
+                "the checkpoint is for tensors of lengths {lens:?}, this optimizer has {:?}",
+                self.lens
+            )));
+        }
+        let steps: u64 = get("steps")?
+            .as_u64()
+            .ok_or_else(|| err("`steps` is not a step count"))?;
+        let object = |k: &str| {
+            get(k).and_then(|v| {
+                v.as_object()
+                    .cloned()
+                    .ok_or_else(|| err(format!("`{k}` is not an object")))
+            })
+        };
+        let hypers = object("hyperparameters")?;
+        let scalars = object("scalar_states")?;
+        let number = |m: &serde_json::Map<String, serde_json::Value>, k: &str| {
+            m.get(k)
+                .and_then(|v| v.as_f64())
+                .ok_or_else(|| err(format!("the checkpoint lacks `{k}`")))
+        };
+        let new_hypers: Vec<f64> = info
+            .hypers
+            .iter()
+            .map(|h| number(&hypers, &h.name))
+            .collect::<Result<_, _>>()?;
+        let new_scalars: Vec<f64> = info
+            .scalar_states
+            .iter()
+            .map(|n| number(&scalars, n))
+            .collect::<Result<_, _>>()?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| corrupt(&e))?;
+        let mut new_bufs: Vec<(usize, Vec<Vec<T>>)> = Vec::new();
+        for (b, bi) in info.buffers.iter().enumerate() {
+            if bi.role != BufRole::State {
+                continue;
+            }
+            let mut tensors = Vec::new();
+            for (j, &n) in self.lens[bi.space as usize].iter().enumerate() {
+                let name = format!("state.{}.{j}", bi.name);
+                let v = st
+                    .tensor(&name)
+                    .map_err(|_| err(format!("the checkpoint lacks tensor `{name}`")))?;
+                if v.dtype() != dtype_of::<T>() || v.shape() != [n] {
+                    return Err(err(format!(
+                        "tensor `{name}` is {:?} {:?}, expected {dtype} [{n}]",
+                        v.dtype(),
+                        v.shape()
+                    )));
+                }
+                tensors.push(
+                    v.data()
+                        .chunks_exact(T::BYTES)
+                        .map(T::from_le_bytes_slice)
+                        .collect(),
+                );
+            }
+            new_bufs.push((b, tensors));
+        }
+        // Everything checked: apply.
+        for (b, t) in new_bufs {
+            self.bufs[b] = t;
+        }
+        self.hypers = new_hypers;
+        self.scalar_states = new_scalars;
+        self.steps = steps;
+        self.pending.clear();
+        self.pending_scalars.clear();
+        self.activate()?;
+        Ok(())
+    }
+}
