@@ -127,6 +127,10 @@ struct RunArgs {
     /// Where to write the parameters after the last step.
     #[arg(long)]
     out: PathBuf,
+    /// Schedule a hyperparameter: NAME=SCHEDULE, e.g. `lr=warmup(100) then cosine(900, 0.1)`, or
+    /// `lr=refined(NORMS, TAU)` from a file of gradient norms (one per line) of an earlier run.
+    #[arg(long = "schedule", value_name = "NAME=SCHEDULE")]
+    schedules: Vec<String>,
     /// Resume from a checkpoint (optimizer state, step counter, hyperparameters); `--set` still
     /// overrides hyperparameters.
     #[arg(long)]
@@ -659,6 +663,17 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
         opt.set_hyper(n.trim(), v)
             .map_err(|e| Fail(format!("error: {e}")))?;
     }
+    for spec in &args.schedules {
+        let (n, text) = spec.split_once('=').ok_or_else(|| {
+            Fail(format!(
+                "error: `--schedule {spec}`: expected NAME=SCHEDULE"
+            ))
+        })?;
+        let schedule = parse_schedule(text.trim())?;
+        opt.set_schedule(n.trim(), schedule)
+            .map_err(|e| Fail(format!("error: {e}")))?;
+    }
+
     // Every input the rule reads must be given.
     for k in 0..info.stages.len() {
         for needs in [opt.stage_needs(k).clone()] {
@@ -936,4 +951,37 @@ fn bench(args: &BenchArgs) -> Result<(), Fail> {
     println!("  in-place ceiling a+=s*b    {ceiling:>10.2} GB/s   (same threads, same size)");
     println!("  ratio                      {:>10.3}", gbs / ceiling);
     Ok(())
+}
+
+/// A schedule from the command line: the text form, or `refined(FILE[, TAU[, l1]])`.
+fn parse_schedule(text: &str) -> Result<optc::runtime::Schedule, Fail> {
+    if let Some(args) = text
+        .strip_prefix("refined(")
+        .and_then(|r| r.strip_suffix(')'))
+    {
+        let parts: Vec<&str> = args.split(',').map(str::trim).collect();
+        let path = parts[0];
+        let tau = match parts.get(1) {
+            Some(t) => t
+                .parse::<f64>()
+                .map_err(|_| Fail(format!("error: schedule `{text}`: `{t}` is not a number")))?,
+            None => 0.1,
+        };
+        let l1 = parts.get(2) == Some(&"l1");
+        let norms: Vec<f64> = std::fs::read_to_string(path)
+            .map_err(|e| {
+                Fail(format!(
+                    "error: cannot read gradient norms from `{path}`: {e}"
+                ))
+            })?
+            .split_whitespace()
+            .map(|w| {
+                w.parse::<f64>()
+                    .map_err(|_| Fail(format!("error: `{path}`: `{w}` is not a number")))
+            })
+            .collect::<Result<_, _>>()?;
+        return optc::runtime::Schedule::refined(&norms, tau, l1)
+            .map_err(|e| Fail(format!("error: {e}")));
+    }
+    optc::runtime::Schedule::parse(text).map_err(|e| Fail(format!("error: {e}")))
 }

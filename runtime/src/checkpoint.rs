@@ -103,6 +103,7 @@ impl<T: Float + Default> Optimizer<T> {
             "steps": self.steps,
             "hyperparameters": hypers,
             "scalar_states": scalars,
+            "schedules": self.schedules().into_iter().map(|(n, s)| (n, serde_json::Value::String(s.to_string()))).collect::<serde_json::Map<_, _>>(),
             "tensor_lengths": self.lens,
             "dtype": format!("{:?}", dtype_of::<T>()),
         });
@@ -255,6 +256,18 @@ impl<T: Float + Default> Optimizer<T> {
             .iter()
             .map(|n| number(&scalars, n))
             .collect::<Result<_, _>>()?;
+        let mut new_schedules = vec![None; info.hypers.len()];
+        for (name, text) in object("schedules")? {
+            let h = info.hyper(&name).ok_or_else(|| {
+                err(format!(
+                    "the checkpoint schedules unknown hyperparameter `{name}`"
+                ))
+            })?;
+            let text = text
+                .as_str()
+                .ok_or_else(|| err(format!("the schedule of `{name}` is not text")))?;
+            new_schedules[h] = Some(crate::Schedule::parse(text).map_err(|e| err(e.to_string()))?);
+        }
         let st = SafeTensors::deserialize(bytes).map_err(|e| corrupt(&e))?;
         let mut new_bufs: Vec<(usize, Vec<Vec<T>>)> = Vec::new();
         for (b, bi) in info.buffers.iter().enumerate() {
@@ -288,6 +301,7 @@ impl<T: Float + Default> Optimizer<T> {
             self.bufs[b] = t;
         }
         self.hypers = new_hypers;
+        self.schedules = new_schedules;
         self.scalar_states = new_scalars;
         self.steps = steps;
         self.pending.clear();

@@ -15,9 +15,11 @@ use std::sync::Arc;
 
 pub mod checkpoint;
 pub mod jit;
+pub mod schedule;
 pub use jit::JitProgram;
 use optc_compiler::backend::clif::Precision;
 use optc_compiler::passes::specialize::{specialize, Decisions};
+pub use schedule::Schedule;
 
 /// What can go wrong when driving a rule.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -160,6 +162,10 @@ pub struct Optimizer<T: Float> {
     next_stage: usize,
     pending: HashMap<NodeId, Vec<f64>>,
     pending_scalars: HashMap<u16, f64>,
+    /// Schedules by hyperparameter index.
+    schedules: Vec<Option<Schedule>>,
+    /// The values the current (or next) step uses: base values times their schedules' factors.
+    effective: Vec<f64>,
     /// Hyperparameter decisions the rule's kernels can be specialized on.
     decisions: Decisions,
     /// Specializations compiled so far, by decision outcomes.
@@ -296,6 +302,8 @@ impl<T: Float + Default> Optimizer<T> {
             Self::precision(),
         )?);
         Ok(Optimizer {
+            schedules: vec![None; hypers.len()],
+            effective: hypers.clone(),
             hypers,
             scalar_states: vec![0.0; info.scalar_states.len()],
             steps: 0,
@@ -324,7 +332,23 @@ impl<T: Float + Default> Optimizer<T> {
     /// Makes the specialization for the current hyperparameter values active (compiling it the
     /// first time those decisions are seen). Called at the start of each step.
     fn activate(&mut self) -> Result<(), Error> {
-        let key = self.decisions.key(&self.program, &self.hypers);
+        let t = self.steps + 1;
+        let mut effective = self.hypers.clone();
+        for (h, s) in self.schedules.iter().enumerate() {
+            if let Some(s) = s {
+                let v = self.hypers[h] * s.factor(t);
+                if !v.is_finite() {
+                    return Err(Error::BadHyper {
+                        name: self.program.info.hypers[h].name.clone(),
+                        value: v,
+                        why: "its schedule gives a value that is not finite",
+                    });
+                }
+                effective[h] = v;
+            }
+        }
+        self.effective = effective;
+        let key = self.decisions.key(&self.program, &self.effective);
         if key == self.active.key {
             return Ok(());
         }
@@ -334,7 +358,7 @@ impl<T: Float + Default> Optimizer<T> {
                 let a = Arc::new(Active::build(
                     &self.program,
                     &self.decisions,
-                    &self.hypers,
+                    &self.effective,
                     self.engine,
                     Self::precision(),
                 )?);
@@ -351,7 +375,7 @@ impl<T: Float + Default> Optimizer<T> {
         let active = Arc::new(Active::build(
             &self.program,
             &self.decisions,
-            &self.hypers,
+            &self.effective,
             backend,
             Self::precision(),
         )?);
@@ -390,7 +414,7 @@ impl<T: Float + Default> Optimizer<T> {
         let active = Arc::new(Active::build(
             &self.program,
             &self.decisions,
-            &self.hypers,
+            &self.effective,
             engine,
             Self::precision(),
         )?);
@@ -458,7 +482,58 @@ impl<T: Float + Default> Optimizer<T> {
         Ok(())
     }
 
-    /// Current value of a hyperparameter.
+    /// Schedules a hyperparameter: each step uses its base value (see [`Optimizer::set_hyper`])
+    /// times the schedule's factor at that step.
+    pub fn set_schedule(&mut self, name: &str, schedule: Schedule) -> Result<(), Error> {
+        let info = &self.program.info;
+        let Some(h) = info.hyper(name) else {
+            return Err(Error::UnknownHyper {
+                rule: info.name.clone(),
+                name: name.to_string(),
+                known: info
+                    .hypers
+                    .iter()
+                    .map(|h| h.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        };
+        if info.hypers[h].ty == Ty::Bool {
+            return Err(Error::BadHyper {
+                name: name.to_string(),
+                value: self.hypers[h],
+                why: "a boolean cannot follow a schedule",
+            });
+        }
+        self.schedules[h] = Some(schedule);
+        Ok(())
+    }
+
+    /// Removes a hyperparameter's schedule.
+    pub fn clear_schedule(&mut self, name: &str) {
+        if let Some(h) = self.program.info.hyper(name) {
+            self.schedules[h] = None;
+        }
+    }
+
+    /// The schedules, by hyperparameter name.
+    pub fn schedules(&self) -> Vec<(String, Schedule)> {
+        self.schedules
+            .iter()
+            .enumerate()
+            .filter_map(|(h, s)| {
+                s.clone()
+                    .map(|s| (self.program.info.hypers[h].name.clone(), s))
+            })
+            .collect()
+    }
+
+    /// The value a hyperparameter had in the last step (its base value times its schedule).
+    pub fn effective_hyper(&self, name: &str) -> Option<f64> {
+        self.program.info.hyper(name).map(|h| self.effective[h])
+    }
+
+    /// Current (base) value of a hyperparameter.
     pub fn hyper(&self, name: &str) -> Option<f64> {
         self.program.info.hyper(name).map(|h| self.hypers[h])
     }
@@ -616,7 +691,7 @@ impl<T: Float + Default> Optimizer<T> {
             .map(|i| scalars.get(&(i as u16)).copied().unwrap_or(0.0))
             .collect();
         let env = StepEnv {
-            hypers: &self.hypers,
+            hypers: &self.effective,
             t: (self.steps + 1) as f64,
             scalar_states: &self.scalar_states,
             scalar_inputs: &scalar_inputs,

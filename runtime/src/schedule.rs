@@ -1,0 +1,414 @@
+//! Schedules: a hyperparameter's value as a function of the step.
+//!
+//! A [`Schedule`] gives a *factor* for each step `t` (1-based); the value a step uses is the
+//! hyperparameter's base value times the factor, as torch's `LambdaLR` does. Schedules compose:
+//! `warmup(100) then cosine(900, 0.1)` runs the warmup for 100 steps, then the cosine over the next
+//! 900 with its own step count. The same text is accepted by [`Schedule::parse`], by
+//! `optc run --schedule lr=...`, and stored in checkpoints.
+//!
+//! | text | factor at step t |
+//! |---|---|
+//! | `constant` | 1 |
+//! | `warmup(n)`, `warmup(n, s)` | linear from `s` (default 0) at t = 0 to 1 at t = n, then 1 |
+//! | `linear(a, b, n)` | linear from `a` at t = 0 to `b` at t = n, then `b` |
+//! | `linear_decay(n)` | `max(0, 1 - t / n)` |
+//! | `cosine(n)`, `cosine(n, m)` | `m + (1 - m) (1 + cos(pi min(t, n) / n)) / 2` |
+//! | `step(k, g)` | `g ^ floor(t / k)` |
+//! | `piecewise(t1: f1, t2: f2, ...)` | linear between the points, constant outside |
+//! | `A then B` | `A` for its length, then `B` counting from 1 again |
+//!
+//! [`Schedule::refined`] computes the schedule of Defazio et al. (2023) from observed gradient
+//! norms.
+
+use std::fmt;
+
+/// A factor per step.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Schedule {
+    /// Always 1.
+    Constant,
+    /// From `start` to 1 over `steps`.
+    Warmup {
+        /// Steps of the warmup.
+        steps: u64,
+        /// Factor at step 0.
+        start: f64,
+    },
+    /// From `from` to `to` over `steps`.
+    Linear {
+        /// Factor at step 0.
+        from: f64,
+        /// Factor from step `steps` on.
+        to: f64,
+        /// Length.
+        steps: u64,
+    },
+    /// `1 - t / total`, floored at 0.
+    LinearDecay {
+        /// The step where it reaches 0.
+        total: u64,
+    },
+    /// Cosine from 1 to `min` over `total` steps.
+    Cosine {
+        /// Length.
+        total: u64,
+        /// Final factor.
+        min: f64,
+    },
+    /// Multiply by `gamma` every `every` steps.
+    Step {
+        /// Period.
+        every: u64,
+        /// Factor per period.
+        gamma: f64,
+    },
+    /// Linear interpolation between (step, factor) points, sorted by step.
+    Piecewise(Vec<(u64, f64)>),
+    /// The first schedule for its length, then the second (counting from 1 again).
+    Then(Box<Schedule>, Box<Schedule>),
+}
+
+/// A schedule that cannot be built.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("schedule `{text}`: {why}")]
+pub struct ScheduleError {
+    /// The text given.
+    pub text: String,
+    /// What is wrong.
+    pub why: String,
+}
+
+impl Schedule {
+    /// How many steps the schedule runs before a following one takes over (for `then`).
+    pub fn length(&self) -> Option<u64> {
+        match self {
+            Schedule::Constant | Schedule::Step { .. } => None,
+            Schedule::Warmup { steps, .. } | Schedule::Linear { steps, .. } => Some(*steps),
+            Schedule::LinearDecay { total } | Schedule::Cosine { total, .. } => Some(*total),
+            Schedule::Piecewise(points) => points.last().map(|p| p.0),
+            Schedule::Then(a, b) => Some(a.length()? + b.length()?),
+        }
+    }
+
+    /// The factor at step `t` (1-based).
+    pub fn factor(&self, t: u64) -> f64 {
+        let tf = t as f64;
+        match self {
+            Schedule::Constant => 1.0,
+            Schedule::Warmup { steps, start } => {
+                if t >= *steps || *steps == 0 {
+                    1.0
+                } else {
+                    start + (1.0 - start) * tf / *steps as f64
+                }
+            }
+            Schedule::Linear { from, to, steps } => {
+                if t >= *steps || *steps == 0 {
+                    *to
+                } else {
+                    from + (to - from) * tf / *steps as f64
+                }
+            }
+            Schedule::LinearDecay { total } => (1.0 - tf / *total as f64).max(0.0),
+            Schedule::Cosine { total, min } => {
+                let x = tf.min(*total as f64) / *total as f64;
+                min + (1.0 - min) * 0.5 * (1.0 + (std::f64::consts::PI * x).cos())
+            }
+            Schedule::Step { every, gamma } => gamma.powf((t / every) as f64),
+            Schedule::Piecewise(points) => {
+                let Some(&(t0, f0)) = points.first() else {
+                    return 1.0;
+                };
+                if t <= t0 {
+                    return f0;
+                }
+                for w in points.windows(2) {
+                    let ((a, fa), (b, fb)) = (w[0], w[1]);
+                    if t <= b {
+                        return fa + (fb - fa) * (t - a) as f64 / (b - a).max(1) as f64;
+                    }
+                }
+                points.last().map_or(1.0, |p| p.1)
+            }
+            Schedule::Then(a, b) => match a.length() {
+                Some(n) if t > n => b.factor(t - n),
+                _ => a.factor(t),
+            },
+        }
+    }
+
+    /// Parses the text form (see the module documentation).
+    pub fn parse(text: &str) -> Result<Schedule, ScheduleError> {
+        let bad = |why: String| ScheduleError {
+            text: text.to_string(),
+            why,
+        };
+        let parts: Vec<&str> = text.split(" then ").map(str::trim).collect();
+        let mut schedules = parts
+            .iter()
+            .map(|p| Self::parse_one(p).map_err(&bad))
+            .collect::<Result<Vec<_>, _>>()?;
+        for s in &schedules[..schedules.len() - 1] {
+            if s.length().is_none() {
+                return Err(bad(format!(
+                    "`{s}` never ends, so nothing can follow it with `then`"
+                )));
+            }
+        }
+        let mut out = schedules.pop().expect("split gives at least one part");
+        while let Some(s) = schedules.pop() {
+            out = Schedule::Then(Box::new(s), Box::new(out));
+        }
+        Ok(out)
+    }
+
+    fn parse_one(text: &str) -> Result<Schedule, String> {
+        let (name, args) = match text.split_once('(') {
+            Some((n, rest)) => {
+                let inner = rest
+                    .strip_suffix(')')
+                    .ok_or_else(|| format!("`{text}`: missing `)`"))?;
+                (
+                    n.trim(),
+                    inner
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|a| !a.is_empty())
+                        .collect::<Vec<_>>(),
+                )
+            }
+            None => (text.trim(), Vec::new()),
+        };
+        let num = |s: &str| {
+            s.parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite())
+                .ok_or_else(|| format!("`{s}` is not a number"))
+        };
+        let steps = |s: &str| {
+            s.parse::<u64>()
+                .ok()
+                .filter(|&v| v > 0)
+                .ok_or_else(|| format!("`{s}` is not a positive whole number of steps"))
+        };
+        let arity = |lo: usize, hi: usize| {
+            if args.len() < lo || args.len() > hi {
+                Err(format!(
+                    "`{name}` takes {} argument(s), got {}",
+                    if lo == hi {
+                        lo.to_string()
+                    } else {
+                        format!("{lo} to {hi}")
+                    },
+                    args.len()
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        Ok(match name {
+            "constant" => {
+                arity(0, 0)?;
+                Schedule::Constant
+            }
+            "warmup" => {
+                arity(1, 2)?;
+                Schedule::Warmup { steps: steps(args[0])?, start: args.get(1).map_or(Ok(0.0), |a| num(a))? }
+            }
+            "linear" => {
+                arity(3, 3)?;
+                Schedule::Linear { from: num(args[0])?, to: num(args[1])?, steps: steps(args[2])? }
+            }
+            "linear_decay" => {
+                arity(1, 1)?;
+                Schedule::LinearDecay { total: steps(args[0])? }
+            }
+            "cosine" => {
+                arity(1, 2)?;
+                Schedule::Cosine { total: steps(args[0])?, min: args.get(1).map_or(Ok(0.0), |a| num(a))? }
+            }
+            "step" => {
+                arity(2, 2)?;
+                Schedule::Step { every: steps(args[0])?, gamma: num(args[1])? }
+            }
+            "piecewise" => {
+                if args.is_empty() {
+                    return Err("`piecewise` needs at least one `step: factor` point".into());
+                }
+                let mut points = Vec::new();
+                for a in &args {
+                    let (t, f) = a.split_once(':').ok_or_else(|| format!("`{a}`: expected `step: factor`"))?;
+                    let t = t.trim().parse::<u64>().map_err(|_| format!("`{t}` is not a step"))?;
+                    points.push((t, num(f.trim())?));
+                }
+                if points.windows(2).any(|w| w[1].0 <= w[0].0) {
+                    return Err("`piecewise` points must have increasing steps".into());
+                }
+                Schedule::Piecewise(points)
+            }
+            other => return Err(format!("unknown schedule `{other}` (known: constant, warmup, linear, linear_decay, cosine, step, piecewise)")),
+        })
+    }
+
+    /// The refined schedule of Defazio et al. (2023), "When, Why and How Much", from the gradient
+    /// norms `norms[t-1]` observed at steps `t = 1..=T` of an earlier run: median-filter the norms
+    /// with width `2 floor(tau T / 2) + 1`, weight each step by `w_t = g_t^-2` (`l1`: `g_t^-1`, for
+    /// Adam-like rules), set `eta_t = w_t * sum_{p > t} w_p`, and normalize to a maximum of 1
+    /// (so `eta_T = 0`). Constant norms give exactly a linear decay.
+    pub fn refined(norms: &[f64], tau: f64, l1: bool) -> Result<Schedule, ScheduleError> {
+        let bad = |why: &str| ScheduleError {
+            text: "refined".into(),
+            why: why.into(),
+        };
+        if norms.is_empty() {
+            return Err(bad("needs at least one gradient norm"));
+        }
+        if norms.iter().any(|n| !n.is_finite() || *n <= 0.0) {
+            return Err(bad("gradient norms must be positive and finite"));
+        }
+        let t_total = norms.len();
+        let half = ((tau * t_total as f64 / 2.0).floor() as usize).min(t_total);
+        let smoothed: Vec<f64> = (0..t_total)
+            .map(|i| {
+                let lo = i.saturating_sub(half);
+                let hi = (i + half + 1).min(t_total);
+                let mut w: Vec<f64> = norms[lo..hi].to_vec();
+                w.sort_by(|a, b| a.total_cmp(b));
+                let m = w.len();
+                if m % 2 == 1 {
+                    w[m / 2]
+                } else {
+                    0.5 * (w[m / 2 - 1] + w[m / 2])
+                }
+            })
+            .collect();
+        let w: Vec<f64> = smoothed
+            .iter()
+            .map(|g| if l1 { 1.0 / g } else { 1.0 / (g * g) })
+            .collect();
+        let mut eta = vec![0.0; t_total];
+        let mut tail = 0.0;
+        for t in (0..t_total).rev() {
+            eta[t] = w[t] * tail;
+            tail += w[t];
+        }
+        let max = eta.iter().cloned().fold(0.0, f64::max);
+        if max <= 0.0 {
+            return Ok(Schedule::Piecewise(vec![(1, 1.0)]));
+        }
+        Ok(Schedule::Piecewise(
+            eta.iter()
+                .enumerate()
+                .map(|(i, e)| (i as u64 + 1, e / max))
+                .collect(),
+        ))
+    }
+}
+
+impl fmt::Display for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Schedule::Constant => write!(f, "constant"),
+            Schedule::Warmup { steps, start } => write!(f, "warmup({steps}, {start:?})"),
+            Schedule::Linear { from, to, steps } => write!(f, "linear({from:?}, {to:?}, {steps})"),
+            Schedule::LinearDecay { total } => write!(f, "linear_decay({total})"),
+            Schedule::Cosine { total, min } => write!(f, "cosine({total}, {min:?})"),
+            Schedule::Step { every, gamma } => write!(f, "step({every}, {gamma:?})"),
+            Schedule::Piecewise(points) => {
+                write!(f, "piecewise(")?;
+                for (i, (t, v)) in points.iter().enumerate() {
+                    write!(f, "{}{t}: {v:?}", if i > 0 { ", " } else { "" })?;
+                }
+                write!(f, ")")
+            }
+            Schedule::Then(a, b) => write!(f, "{a} then {b}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn factors() {
+        let w = Schedule::parse("warmup(4)").unwrap();
+        assert_eq!([1, 2, 4, 9].map(|t| w.factor(t)), [0.25, 0.5, 1.0, 1.0]);
+        let c = Schedule::parse("cosine(10, 0.1)").unwrap();
+        assert!(
+            (c.factor(0) - 1.0).abs() < 1e-15
+                && (c.factor(10) - 0.1).abs() < 1e-15
+                && (c.factor(5) - 0.55).abs() < 1e-15
+        );
+        assert_eq!(Schedule::parse("step(3, 0.5)").unwrap().factor(7), 0.25);
+        assert_eq!(Schedule::parse("linear_decay(4)").unwrap().factor(3), 0.25);
+        let p = Schedule::parse("piecewise(2: 1, 4: 0.5)").unwrap();
+        assert_eq!(
+            [1, 2, 3, 4, 10].map(|t| p.factor(t)),
+            [1.0, 1.0, 0.75, 0.5, 0.5]
+        );
+    }
+
+    #[test]
+    fn composition_restarts_the_step_count() {
+        let s = Schedule::parse("warmup(2) then cosine(4)").unwrap();
+        assert_eq!(s.factor(1), 0.5);
+        assert_eq!(s.factor(2), 1.0);
+        assert!((s.factor(3) - Schedule::Cosine { total: 4, min: 0.0 }.factor(1)).abs() < 1e-15);
+        assert!((s.factor(6)).abs() < 1e-15);
+        assert_eq!(
+            Schedule::parse(&s.to_string()).unwrap(),
+            s,
+            "the text form round-trips"
+        );
+    }
+
+    #[test]
+    fn bad_schedules_are_errors() {
+        for t in [
+            "cosine",
+            "cosine(0)",
+            "warmup(-3)",
+            "step(2)",
+            "sawtooth(3)",
+            "constant then cosine(5)",
+            "piecewise(3: 1, 2: 0)",
+            "linear(1, x, 3)",
+            "cosine(5",
+        ] {
+            assert!(Schedule::parse(t).is_err(), "{t}");
+        }
+    }
+
+    #[test]
+    fn refined_schedule_of_constant_norms_is_a_linear_decay() {
+        let s = Schedule::refined(&[2.5; 11], 0.1, false).unwrap();
+        for t in 1..=11u64 {
+            assert!(
+                (s.factor(t) - (11 - t) as f64 / 10.0).abs() < 1e-12,
+                "t = {t}: {}",
+                s.factor(t)
+            );
+        }
+    }
+
+    #[test]
+    fn refined_schedule_steps_less_where_gradients_are_large() {
+        // Norms that grow late: the refined schedule decays faster there than a linear decay.
+        let norms: Vec<f64> = (0..20).map(|i| if i < 10 { 1.0 } else { 4.0 }).collect();
+        let s = Schedule::refined(&norms, 0.0, false).unwrap();
+        assert_eq!(s.factor(1), 1.0);
+        assert!(
+            s.factor(12) < 0.1 * (20.0 - 12.0) / 19.0,
+            "{}",
+            s.factor(12)
+        );
+        assert_eq!(s.factor(20), 0.0);
+        // A single outlier is removed by the median filter.
+        let mut spiky = vec![1.0; 21];
+        spiky[10] = 100.0;
+        let smooth = Schedule::refined(&spiky, 0.2, true).unwrap();
+        let flat = Schedule::refined(&[1.0; 21], 0.2, true).unwrap();
+        assert!((smooth.factor(11) - flat.factor(11)).abs() < 1e-12);
+    }
+}
