@@ -178,7 +178,19 @@ impl<E: std::fmt::Display> From<E> for Fail {
     }
 }
 
+/// Restores the default SIGPIPE action, so `optc ... | head` ends quietly like other command-line
+/// tools instead of failing on a closed pipe.
+#[allow(unsafe_code)]
+fn quiet_broken_pipes() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to SIG_DFL at start-up, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
+    quiet_broken_pipes();
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Check { files } => check(&files),
@@ -381,10 +393,11 @@ fn doc(name: &str) -> Result<(), Fail> {
         } else {
             format!("{}", h.default)
         };
+        let range = h.range.map(|r| format!(" in {r}")).unwrap_or_default();
         println!(
-            "  {:<24} = {:<10} {}",
-            h.name,
-            default,
+            "  {:<24} = {:<18} {}",
+            format!("{}", h.name),
+            format!("{default}{range}"),
             h.doc.replace('\n', " ")
         );
     }
@@ -572,6 +585,7 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
     let mut tensor_inputs: HashMap<String, Vec<Shaped>> = HashMap::new();
     let mut scalar_inputs: HashMap<String, Vec<f64>> = HashMap::new();
     let mut steps_avail: Option<usize> = None;
+    let mut steps_max = 0usize;
     for (name, file) in &input_files {
         let tf = read_tensors(file)?;
         if let Some(b) = info
@@ -594,6 +608,7 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
                     )));
                 }
                 steps_avail = Some(steps_avail.map_or(ishape[0], |s: usize| s.min(ishape[0])));
+                steps_max = steps_max.max(ishape[0]);
                 per.push((ishape.clone(), data.clone()));
             }
             tensor_inputs.insert(name.clone(), per);
@@ -610,6 +625,7 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
                 )));
             }
             steps_avail = Some(steps_avail.map_or(shape[0], |s: usize| s.min(shape[0])));
+            steps_max = steps_max.max(shape[0]);
             scalar_inputs.insert(name.clone(), data.clone());
         } else {
             let known: Vec<String> = info
@@ -626,20 +642,6 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
             )));
         }
     }
-    let steps = match (args.steps, steps_avail) {
-        (Some(s), Some(a)) if s > a => {
-            return Err(Fail(format!(
-                "error: --steps {s}, but the inputs hold only {a} steps"
-            )))
-        }
-        (Some(s), _) => s,
-        (None, Some(a)) => a,
-        (None, None) => {
-            return Err(Fail(
-                "error: no input gives a step count; pass --steps".into(),
-            ))
-        }
-    };
     let program = Arc::new(program);
     let initial: Vec<Vec<Vec<T>>> = spaces
         .iter()
@@ -698,6 +700,25 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
             }
         }
     }
+    let steps = match (args.steps, steps_avail) {
+        (Some(s), Some(a)) if s > a => {
+            return Err(Fail(format!(
+                "error: --steps {s}, but the inputs hold only {a} steps"
+            )))
+        }
+        (Some(s), _) => s,
+        (None, Some(a)) if a != steps_max => {
+            return Err(Fail(format!(
+                "error: the inputs hold different numbers of steps ({a} to {steps_max}); pass --steps to choose"
+            )))
+        }
+        (None, Some(a)) => a,
+        (None, None) => {
+            return Err(Fail(
+                "error: no input gives a step count; pass --steps".into(),
+            ))
+        }
+    };
     let show = !args.quiet && std::io::stdout().is_terminal();
     let every = (steps / 10).max(1);
     if !args.quiet {

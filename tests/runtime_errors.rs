@@ -904,3 +904,45 @@ fn cli_rule_file_with_a_syntax_error() {
         &["unclosed.opt"],
     );
 }
+
+#[test]
+fn values_outside_a_declared_range_are_refused() {
+    let program = optc::stdlib_rule("adam").unwrap();
+    let mut o =
+        Optimizer::<f32>::new(std::sync::Arc::new(program), vec![vec![vec![0.5; 4]]]).unwrap();
+    for (name, v) in [
+        ("beta1", 1.0),
+        ("beta2", -0.1),
+        ("lr", -1e-3),
+        ("eps", -1.0),
+        ("weight_decay", -0.5),
+    ] {
+        let before = o.hyper(name);
+        let e = o.set_hyper(name, v).unwrap_err();
+        assert!(
+            matches!(e, optc::runtime::Error::OutOfRange { .. }),
+            "{name}: {e}"
+        );
+        assert!(e.to_string().contains("out of range"), "{e}");
+        assert_eq!(o.hyper(name), before, "{name} unchanged");
+    }
+    o.set_hyper("beta1", 0.0).unwrap();
+    // A schedule that leaves the range fails the step before anything runs.
+    o.set_schedule(
+        "lr",
+        optc::runtime::Schedule::parse("linear(1, -1, 4)").unwrap(),
+    )
+    .unwrap();
+    let g = [0.1f32; 4];
+    for _ in 0..2 {
+        o.step(&optc::runtime::Inputs::default().tensor("g", vec![&g]))
+            .unwrap();
+    }
+    let params = o.params(0).to_vec();
+    let e = o
+        .step(&optc::runtime::Inputs::default().tensor("g", vec![&g]))
+        .unwrap_err();
+    assert!(matches!(e, optc::runtime::Error::OutOfRange { .. }), "{e}");
+    assert_eq!(o.params(0), params.as_slice());
+    assert_eq!(o.steps(), 2);
+}

@@ -367,6 +367,60 @@ pub struct HyperInfo {
     pub default: f64,
     /// Its `///` documentation.
     pub doc: String,
+    /// The values the host may set, if the rule declares a range.
+    pub range: Option<HyperRange>,
+}
+
+/// A hyperparameter's allowed values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HyperRange {
+    /// Lower bound (may be -inf).
+    pub lo: f64,
+    /// Whether `lo` is allowed.
+    pub lo_closed: bool,
+    /// Upper bound (may be inf).
+    pub hi: f64,
+    /// Whether `hi` is allowed.
+    pub hi_closed: bool,
+}
+
+impl HyperRange {
+    /// Whether `v` is in the range.
+    pub fn contains(&self, v: f64) -> bool {
+        (if self.lo_closed {
+            v >= self.lo
+        } else {
+            v > self.lo
+        }) && (if self.hi_closed {
+            v <= self.hi
+        } else {
+            v < self.hi
+        })
+    }
+}
+
+impl fmt::Display for HyperRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = |v: f64| {
+            if v.is_infinite() {
+                if v > 0.0 {
+                    "inf".to_string()
+                } else {
+                    "-inf".to_string()
+                }
+            } else {
+                format!("{v}")
+            }
+        };
+        write!(
+            f,
+            "{}{}, {}{}",
+            if self.lo_closed { "[" } else { "(" },
+            b(self.lo),
+            b(self.hi),
+            if self.hi_closed { "]" } else { ")" }
+        )
+    }
 }
 
 /// What a buffer is for.

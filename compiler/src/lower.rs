@@ -325,6 +325,77 @@ impl<'a> Checker<'a> {
         true
     }
 
+    /// Checks a hyperparameter's `in [lo, hi)` range: constant bounds, a number, the default inside.
+    fn hyper_range(
+        &mut self,
+        h: &ast::Hyper,
+        r: &ast::Range,
+        ty: Ty,
+        default: f64,
+    ) -> Option<ir::HyperRange> {
+        if ty == Ty::Bool {
+            self.error(Diagnostic::error(
+                "E0315",
+                format!("`{}` is a boolean and cannot have a range", h.name.name),
+                r.span,
+                "a range of numbers",
+            ));
+            return None;
+        }
+        let bound = |ck: &mut Self, e: &ast::Expr| -> Option<f64> {
+            match &e.kind {
+                ExprKind::Name(n) if n == "inf" => Some(f64::INFINITY),
+                ExprKind::Unary(ast::UnOp::Neg, a) if matches!(&a.kind, ExprKind::Name(n) if n == "inf") => {
+                    Some(f64::NEG_INFINITY)
+                }
+                _ => match const_eval(e) {
+                    Ok((v, Ty::Num)) => Some(v),
+                    Ok((_, Ty::Bool)) => {
+                        ck.error(Diagnostic::error(
+                            "E0201",
+                            "a range bound must be a number",
+                            e.span,
+                            "a boolean",
+                        ));
+                        None
+                    }
+                    Err(d) => {
+                        ck.error(*d);
+                        None
+                    }
+                },
+            }
+        };
+        let (lo, hi) = (bound(self, &r.lo), bound(self, &r.hi));
+        let range = ir::HyperRange {
+            lo: lo?,
+            lo_closed: r.lo_closed,
+            hi: hi?,
+            hi_closed: r.hi_closed,
+        };
+        if range.lo > range.hi || (range.lo == range.hi && !(range.lo_closed && range.hi_closed)) {
+            self.error(Diagnostic::error(
+                "E0315",
+                format!("the range of `{}` is empty", h.name.name),
+                r.span,
+                format!("{range} holds no value"),
+            ));
+            return None;
+        }
+        if default.is_finite() && !range.contains(default) {
+            self.error(
+                Diagnostic::error(
+                    "E0315",
+                    format!("the default of `{}` is outside its range", h.name.name),
+                    h.default.span,
+                    format!("{default} is not in {range}"),
+                )
+                .with_label(r.span, "the range"),
+            );
+        }
+        Some(range)
+    }
+
     fn declare_hypers(&mut self) {
         for h in &self.rule.hypers {
             let (default, ty) = match const_eval(&h.default) {
@@ -342,6 +413,10 @@ impl<'a> Checker<'a> {
                     format!("evaluates to {default}"),
                 ));
             }
+            let range = h
+                .range
+                .as_ref()
+                .and_then(|r| self.hyper_range(h, r, ty, default));
             let id = self.info.hypers.len() as u16;
             if self.declare(&h.name, Sym::Hyper(id)) {
                 self.info.hypers.push(HyperInfo {
@@ -349,6 +424,7 @@ impl<'a> Checker<'a> {
                     ty,
                     default,
                     doc: h.doc.join("\n"),
+                    range,
                 });
             }
         }

@@ -60,6 +60,23 @@ pub struct Hyper {
     pub name: Ident,
     /// The default value (a constant expression).
     pub default: Expr,
+    /// The values the host may set: `in [lo, hi)`.
+    pub range: Option<Range>,
+}
+
+/// `[lo, hi]`, `[lo, hi)`, `(lo, hi]` or `(lo, hi)`; bounds are constants (`inf` allowed).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Range {
+    /// Lower bound.
+    pub lo: Expr,
+    /// Whether `lo` itself is allowed.
+    pub lo_closed: bool,
+    /// Upper bound.
+    pub hi: Expr,
+    /// Whether `hi` itself is allowed.
+    pub hi_closed: bool,
+    /// The whole range.
+    pub span: Span,
 }
 
 /// One item of a rule body.

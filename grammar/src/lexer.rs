@@ -35,6 +35,12 @@ pub enum Tok {
     False,
     #[token("t")]
     Step,
+    #[token("in")]
+    In,
+    #[token("[")]
+    LBracket,
+    #[token("]")]
+    RBracket,
     #[token("(")]
     LParen,
     #[token(")")]
@@ -125,6 +131,9 @@ pub fn token_text(tok: &Tok) -> &'static str {
         Tok::True => "true",
         Tok::False => "false",
         Tok::Step => "t",
+        Tok::In => "in",
+        Tok::LBracket => "[",
+        Tok::RBracket => "]",
         Tok::LParen => "(",
         Tok::RParen => ")",
         Tok::LBrace => "{",

@@ -44,6 +44,16 @@ pub enum Error {
         /// Why it is rejected.
         why: &'static str,
     },
+    /// A value outside the range the rule declares for the hyperparameter.
+    #[error("{name} = {value} is out of range: rule declares {name} in {range}")]
+    OutOfRange {
+        /// The hyperparameter.
+        name: String,
+        /// The value given.
+        value: f64,
+        /// The declared range.
+        range: String,
+    },
     /// The tensors of a space do not match what the optimizer was built with.
     #[error("{what}: expected {expected} elements, got {got}")]
     Length {
@@ -344,6 +354,15 @@ impl<T: Float + Default> Optimizer<T> {
                         why: "its schedule gives a value that is not finite",
                     });
                 }
+                if let Some(range) = self.program.info.hypers[h].range {
+                    if !range.contains(v) {
+                        return Err(Error::OutOfRange {
+                            name: self.program.info.hypers[h].name.clone(),
+                            value: v,
+                            range: range.to_string(),
+                        });
+                    }
+                }
                 effective[h] = v;
             }
         }
@@ -470,6 +489,15 @@ impl<T: Float + Default> Optimizer<T> {
                 value,
                 why: "not a finite number",
             });
+        }
+        if let Some(range) = info.hypers[h].range {
+            if !range.contains(value) {
+                return Err(Error::OutOfRange {
+                    name: name.to_string(),
+                    value,
+                    range: range.to_string(),
+                });
+            }
         }
         if info.hypers[h].ty == Ty::Bool && value != 0.0 && value != 1.0 {
             return Err(Error::BadHyper {
