@@ -238,24 +238,7 @@ fn load_source(rule: &str) -> Result<(String, String), Fail> {
 }
 
 fn closest<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
-    candidates
-        .filter(|c| strsim(name, c) <= (name.len() / 3).max(1))
-        .min_by_key(|c| strsim(name, c))
-}
-
-fn strsim(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, &cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != cb))
-                .min(prev[j + 1] + 1)
-                .min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
+    optc::compiler::lower::suggest(name, candidates)
 }
 
 fn check(files: &[String]) -> Result<(), Fail> {
@@ -491,6 +474,26 @@ fn to_f64(v: &TensorView<'_>) -> Option<Vec<f64>> {
     }
 }
 
+/// Applies `--set NAME=VALUE` options.
+fn apply_sets<T: optc::compiler::ops::Float + Default>(
+    opt: &mut Optimizer<T>,
+    sets: &[String],
+) -> Result<(), Fail> {
+    for s in sets {
+        let (n, v) = s
+            .split_once('=')
+            .ok_or_else(|| Fail(format!("error: `--set {s}`: expected NAME=VALUE")))?;
+        let v = parse_value(v).ok_or_else(|| {
+            Fail(format!(
+                "error: `--set {s}`: `{v}` is not a number, true or false"
+            ))
+        })?;
+        opt.set_hyper(n.trim(), v)
+            .map_err(|e| Fail(format!("error: {e}")))?;
+    }
+    Ok(())
+}
+
 fn parse_value(s: &str) -> Option<f64> {
     match s.trim() {
         "true" | "True" => Some(1.0),
@@ -653,18 +656,7 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
         opt.load_checkpoint(path)
             .map_err(|e| Fail(format!("error: {e}")))?;
     }
-    for s in &args.sets {
-        let (n, v) = s
-            .split_once('=')
-            .ok_or_else(|| Fail(format!("error: `--set {s}`: expected NAME=VALUE")))?;
-        let v = parse_value(v).ok_or_else(|| {
-            Fail(format!(
-                "error: `--set {s}`: `{v}` is not a number, true or false"
-            ))
-        })?;
-        opt.set_hyper(n.trim(), v)
-            .map_err(|e| Fail(format!("error: {e}")))?;
-    }
+    apply_sets(&mut opt, &args.sets)?;
     for spec in &args.schedules {
         let (n, text) = spec.split_once('=').ok_or_else(|| {
             Fail(format!(
@@ -905,18 +897,7 @@ fn bench(args: &BenchArgs) -> Result<(), Fail> {
         .collect();
     let program = Arc::new(program);
     let mut opt = Optimizer::<f32>::new(Arc::clone(&program), params)?.with_backend(backend)?;
-    for s in &args.sets {
-        let (n, v) = s
-            .split_once('=')
-            .ok_or_else(|| Fail(format!("error: `--set {s}`: expected NAME=VALUE")))?;
-        let v = parse_value(v).ok_or_else(|| {
-            Fail(format!(
-                "error: `--set {s}`: `{v}` is not a number, true or false"
-            ))
-        })?;
-        opt.set_hyper(n.trim(), v)
-            .map_err(|e| Fail(format!("error: {e}")))?;
-    }
+    apply_sets(&mut opt, &args.sets)?;
     let inputs_data: Vec<(String, Vec<Vec<f32>>)> = info
         .buffers
         .iter()

@@ -63,7 +63,7 @@ fn function_names() -> Vec<String> {
 }
 
 /// Edit distance counting a swap of neighbours as one edit (optimal string alignment).
-pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
+fn edit_distance(a: &str, b: &str) -> usize {
     let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
     let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
     for (i, row) in d.iter_mut().enumerate() {
@@ -87,11 +87,9 @@ pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
     d[a.len()][b.len()]
 }
 
-/// The closest candidate to `name`, if close enough to be a likely typo.
-pub(crate) fn suggest<'a>(
-    name: &str,
-    candidates: impl IntoIterator<Item = &'a str>,
-) -> Option<&'a str> {
+/// The closest candidate to `name`, if close enough to be a likely typo (one edit per three
+/// characters, a swap of neighbours counting as one).
+pub fn suggest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     // One edit per three characters: short names get no guesses (`m` is not a typo of `g`).
     let limit = name.chars().count() / 3;
     if limit == 0 {

@@ -101,6 +101,23 @@ fn lines(out: &mut String, p: &Program, nodes: &BTreeSet<NodeId>, indent: &str) 
     }
 }
 
+/// The scalar-state updates at the end of a step variant.
+fn end_of_step(out: &mut String, p: &Program, v: &crate::ir::Variant) {
+    if v.scalar_updates.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "  end of step:");
+    lines(
+        out,
+        p,
+        &walk(p, v.scalar_updates.iter().map(|s| s.1), false),
+        "    ",
+    );
+    for &(i, n) in &v.scalar_updates {
+        let _ = writeln!(out, "    state {} = {n}", p.info.scalar_states[i as usize]);
+    }
+}
+
 /// The rule's interface.
 pub fn interface(p: &Program) -> String {
     let mut out = String::new();
@@ -153,18 +170,7 @@ pub fn graph(p: &Program) -> String {
                 let _ = writeln!(out, "    store {} = {n}", p.info.buffers[b as usize].name);
             }
         }
-        if !v.scalar_updates.is_empty() {
-            let _ = writeln!(out, "  end of step:");
-            lines(
-                &mut out,
-                p,
-                &walk(p, v.scalar_updates.iter().map(|s| s.1), false),
-                "    ",
-            );
-            for &(i, n) in &v.scalar_updates {
-                let _ = writeln!(out, "    state {} = {n}", p.info.scalar_states[i as usize]);
-            }
-        }
+        end_of_step(&mut out, p, v);
     }
     out
 }
@@ -224,18 +230,7 @@ pub fn kernels(p: &Program) -> String {
                 }
             }
         }
-        if !v.scalar_updates.is_empty() {
-            let _ = writeln!(out, "  end of step:");
-            lines(
-                &mut out,
-                p,
-                &walk(p, v.scalar_updates.iter().map(|s| s.1), false),
-                "    ",
-            );
-            for &(i, n) in &v.scalar_updates {
-                let _ = writeln!(out, "    state {} = {n}", p.info.scalar_states[i as usize]);
-            }
-        }
+        end_of_step(&mut out, p, v);
     }
     out
 }

@@ -468,21 +468,25 @@ impl<T: Float + Default> Optimizer<T> {
         self.steps
     }
 
+    /// The index of a hyperparameter, or the error naming the ones the rule has.
+    fn hyper_index(&self, name: &str) -> Result<usize, Error> {
+        let info = &self.program.info;
+        info.hyper(name).ok_or_else(|| Error::UnknownHyper {
+            rule: info.name.clone(),
+            name: name.to_string(),
+            known: info
+                .hypers
+                .iter()
+                .map(|h| h.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+    }
+
     /// Sets a hyperparameter (booleans as 0/1).
     pub fn set_hyper(&mut self, name: &str, value: f64) -> Result<(), Error> {
+        let h = self.hyper_index(name)?;
         let info = &self.program.info;
-        let Some(h) = info.hyper(name) else {
-            return Err(Error::UnknownHyper {
-                rule: info.name.clone(),
-                name: name.to_string(),
-                known: info
-                    .hypers
-                    .iter()
-                    .map(|h| h.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            });
-        };
         if !value.is_finite() {
             return Err(Error::BadHyper {
                 name: name.to_string(),
@@ -513,19 +517,8 @@ impl<T: Float + Default> Optimizer<T> {
     /// Schedules a hyperparameter: each step uses its base value (see [`Optimizer::set_hyper`])
     /// times the schedule's factor at that step.
     pub fn set_schedule(&mut self, name: &str, schedule: Schedule) -> Result<(), Error> {
+        let h = self.hyper_index(name)?;
         let info = &self.program.info;
-        let Some(h) = info.hyper(name) else {
-            return Err(Error::UnknownHyper {
-                rule: info.name.clone(),
-                name: name.to_string(),
-                known: info
-                    .hypers
-                    .iter()
-                    .map(|h| h.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            });
-        };
         if info.hypers[h].ty == Ty::Bool {
             return Err(Error::BadHyper {
                 name: name.to_string(),
