@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use optc::compiler::ir::{BufRole, Program, Ty};
-use optc::runtime::{Backend, Inputs, Optimizer};
+use optc::runtime::{Backend, Inputs, NonFinite, Optimizer};
 use optc::{compile, compiler, render, stdlib};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
@@ -84,9 +84,38 @@ struct ExecArgs {
     /// Worker threads for the Cranelift backend (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// What a step does when a gradient holds an infinity or a NaN.
+    #[arg(long = "non-finite", value_enum, default_value = "proceed")]
+    non_finite: NonFiniteArg,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
+enum NonFiniteArg {
+    /// Take the step anyway.
+    Proceed,
+    /// Skip the step (nothing changes) and count it.
+    Skip,
+    /// Stop with an error (nothing changes).
+    Error,
 }
 
 impl ExecArgs {
+    /// Binds a rule with this backend and non-finite policy.
+    fn bind<T: optc::compiler::ops::Float + Default>(
+        &self,
+        program: Arc<Program>,
+        params: Vec<Vec<Vec<T>>>,
+    ) -> Result<Optimizer<T>, Fail> {
+        let policy = match self.non_finite {
+            NonFiniteArg::Proceed => NonFinite::Proceed,
+            NonFiniteArg::Skip => NonFinite::Skip,
+            NonFiniteArg::Error => NonFinite::Error,
+        };
+        Ok(Optimizer::new(program, params)?
+            .with_backend(self.backend())?
+            .with_non_finite(policy)?)
+    }
+
     fn backend(&self) -> Backend {
         match self.backend {
             BackendArg::Interp => Backend::Interpreter,
@@ -650,8 +679,7 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
         .iter()
         .map(|ts| ts.iter().map(|t| t.2.clone()).collect())
         .collect();
-    let mut opt = Optimizer::<T>::new(Arc::clone(&program), initial.clone())?
-        .with_backend(args.exec.backend())?;
+    let mut opt = args.exec.bind(Arc::clone(&program), initial.clone())?;
     if let Some(path) = &args.state_in {
         opt.load_checkpoint(path)
             .map_err(|e| Fail(format!("error: {e}")))?;
@@ -792,6 +820,12 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
     std::fs::rename(&tmp, &args.out)
         .map_err(|e| Fail(format!("error: cannot write `{}`: {e}", args.out.display())))?;
     if !args.quiet {
+        if opt.skipped_steps() > 0 {
+            println!(
+                "skipped {} step(s) with non-finite inputs",
+                opt.skipped_steps()
+            );
+        }
         println!("wrote {} ({} tensor(s))", args.out.display(), owned.len());
     }
     if let Some(path) = &args.state_out {
@@ -896,7 +930,7 @@ fn bench(args: &BenchArgs) -> Result<(), Fail> {
         .map(|_| sizes.iter().map(|&n| vec![0.5f32; n]).collect())
         .collect();
     let program = Arc::new(program);
-    let mut opt = Optimizer::<f32>::new(Arc::clone(&program), params)?.with_backend(backend)?;
+    let mut opt = args.exec.bind(Arc::clone(&program), params)?;
     apply_sets(&mut opt, &args.sets)?;
     let inputs_data: Vec<(String, Vec<Vec<f32>>)> = info
         .buffers

@@ -18,6 +18,7 @@ pub mod jit;
 pub mod schedule;
 pub use jit::JitProgram;
 use optc_compiler::backend::clif::Precision;
+use optc_compiler::passes::finite::{guard_inputs, is_guard};
 use optc_compiler::passes::specialize::{specialize, Decisions};
 pub use schedule::Schedule;
 
@@ -44,6 +45,15 @@ pub enum Error {
         /// Why it is rejected.
         why: &'static str,
     },
+    /// An input held an infinity or a NaN (policy [`NonFinite::Error`]); nothing was changed.
+    #[error("non-finite values in the inputs of rule `{rule}`; the step was not taken")]
+    NonFinite {
+        /// The rule.
+        rule: String,
+    },
+    /// A setting the rule cannot support.
+    #[error("{0}")]
+    Policy(String),
     /// A value outside the range the rule declares for the hyperparameter.
     #[error("{name} = {value} is out of range: rule declares {name} in {range}")]
     OutOfRange {
@@ -184,6 +194,8 @@ pub struct Optimizer<T: Float> {
     active: Arc<Active>,
     engine: Backend,
     pool: Option<Arc<rayon::ThreadPool>>,
+    policy: NonFinite,
+    skipped: u64,
 }
 
 /// The rule specialized for one set of hyperparameter decisions, ready to run.
@@ -194,6 +206,8 @@ struct Active {
     /// Compiled kernels on the Cranelift backend (the interpreter runs `program` otherwise).
     jit: Option<Arc<JitProgram>>,
     needs: [Vec<StageNeeds>; 2],
+    /// Guard reductions (non-finite inputs) of stage 0, phase 0, per variant.
+    guards: [Vec<NodeId>; 2],
 }
 
 impl Active {
@@ -203,6 +217,7 @@ impl Active {
         hypers: &[f64],
         engine: Backend,
         precision: Precision,
+        policy: NonFinite,
     ) -> Result<Active, Error> {
         let key = decisions.key(base, hypers);
         let program = if decisions.is_empty() {
@@ -210,6 +225,24 @@ impl Active {
         } else {
             Arc::new(specialize(base, decisions, hypers))
         };
+        let program = if policy == NonFinite::Proceed {
+            program
+        } else {
+            Arc::new(guard_inputs(&program))
+        };
+        let guards = [0, 1].map(|v| {
+            program.variants[v].stages[0]
+                .phases
+                .first()
+                .map(|ph| {
+                    ph.kernels
+                        .iter()
+                        .flat_map(|k| k.reductions.iter().map(|r| r.0))
+                        .filter(|&r| is_guard(&program, r))
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
         let jit = match engine {
             Backend::Interpreter => None,
             Backend::Cranelift { .. } => Some(Arc::new(JitProgram::compile(&program, precision)?)),
@@ -220,8 +253,21 @@ impl Active {
             program,
             jit,
             needs,
+            guards,
         })
     }
+}
+
+/// What a step does when an input (a gradient) holds an infinity or a NaN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NonFinite {
+    /// Run the step anyway (the default; the values propagate as IEEE arithmetic says).
+    #[default]
+    Proceed,
+    /// Skip the step: parameters, state and the step counter stay as they were; the skip is counted.
+    Skip,
+    /// Return [`Error::NonFinite`], with nothing changed.
+    Error,
 }
 
 /// Which engine runs a rule's kernels.
@@ -310,6 +356,7 @@ impl<T: Float + Default> Optimizer<T> {
             &hypers,
             Backend::Interpreter,
             Self::precision(),
+            NonFinite::Proceed,
         )?);
         Ok(Optimizer {
             schedules: vec![None; hypers.len()],
@@ -328,6 +375,8 @@ impl<T: Float + Default> Optimizer<T> {
             program,
             engine: Backend::Interpreter,
             pool: None,
+            policy: NonFinite::Proceed,
+            skipped: 0,
         })
     }
 
@@ -380,6 +429,7 @@ impl<T: Float + Default> Optimizer<T> {
                     &self.effective,
                     self.engine,
                     Self::precision(),
+                    self.policy,
                 )?);
                 self.cache.insert(key, Arc::clone(&a));
                 a
@@ -397,6 +447,7 @@ impl<T: Float + Default> Optimizer<T> {
             &self.effective,
             backend,
             Self::precision(),
+            self.policy,
         )?);
         self.cache = HashMap::from([(active.key.clone(), Arc::clone(&active))]);
         self.active = active;
@@ -436,10 +487,40 @@ impl<T: Float + Default> Optimizer<T> {
             &self.effective,
             engine,
             Self::precision(),
+            self.policy,
         )?);
         self.cache = HashMap::from([(active.key.clone(), Arc::clone(&active))]);
         self.active = active;
         Ok(self)
+    }
+
+    /// Sets what a step does with non-finite inputs. `Skip` and `Error` decide before anything is
+    /// written: the check joins a pass that already reads the inputs before the update (a clipping
+    /// norm) for free, or costs one read of the inputs. Rules with several stages support `Proceed` only.
+    pub fn with_non_finite(mut self, policy: NonFinite) -> Result<Self, Error> {
+        if policy != NonFinite::Proceed && self.program.info.stages.len() > 1 {
+            return Err(Error::Policy(format!(
+                "rule `{}` has several stages; a non-finite input found in a later stage could not undo the earlier ones",
+                self.program.info.name
+            )));
+        }
+        self.policy = policy;
+        let active = Arc::new(Active::build(
+            &self.program,
+            &self.decisions,
+            &self.effective,
+            self.engine,
+            Self::precision(),
+            self.policy,
+        )?);
+        self.cache = HashMap::from([(active.key.clone(), Arc::clone(&active))]);
+        self.active = active;
+        Ok(self)
+    }
+
+    /// Steps skipped because of non-finite inputs (policy [`NonFinite::Skip`]).
+    pub fn skipped_steps(&self) -> u64 {
+        self.skipped
     }
 
     /// The backend in use.
@@ -599,9 +680,24 @@ impl<T: Float + Default> Optimizer<T> {
         }
         for k in stages {
             let scalars = self.check_stage(k, inputs, &self.pending_scalars)?;
-            self.exec_stage(k, inputs, scalars);
+            if !self.exec_stage(k, inputs, scalars) {
+                return self.non_finite();
+            }
         }
         Ok(())
+    }
+
+    /// After a stage stopped on non-finite inputs: count the skip, or report it.
+    fn non_finite(&mut self) -> Result<(), Error> {
+        match self.policy {
+            NonFinite::Error => Err(Error::NonFinite {
+                rule: self.program.info.name.clone(),
+            }),
+            _ => {
+                self.skipped += 1;
+                Ok(())
+            }
+        }
     }
 
     /// Runs stage `k` of the current step. Inputs the stage does not read are ignored; names the
@@ -619,7 +715,9 @@ impl<T: Float + Default> Optimizer<T> {
             self.activate()?;
         }
         let scalars = self.check_stage(k, inputs, &self.pending_scalars)?;
-        self.exec_stage(k, inputs, scalars);
+        if !self.exec_stage(k, inputs, scalars) {
+            return self.non_finite();
+        }
         Ok(())
     }
 
@@ -696,7 +794,8 @@ impl<T: Float + Default> Optimizer<T> {
 
     /// Runs stage `k`, whose inputs [`Self::check_stage`] accepted. Cannot fail.
     #[allow(unsafe_code)] // calls JIT kernels over the buffers this optimizer owns
-    fn exec_stage(&mut self, k: usize, inputs: &Inputs<'_, T>, scalars: HashMap<u16, f64>) {
+    /// Returns false when the guard found non-finite inputs after the first phase (nothing written).
+    fn exec_stage(&mut self, k: usize, inputs: &Inputs<'_, T>, scalars: HashMap<u16, f64>) -> bool {
         let active = Arc::clone(&self.active);
         let prog = Arc::clone(&active.program);
         let info = &prog.info;
@@ -719,11 +818,12 @@ impl<T: Float + Default> Optimizer<T> {
         };
         let mut run = StepRun::new(&prog, self.steps == 0, self.lens.clone())
             .with_reductions(std::mem::take(&mut self.pending));
-        match &active.jit {
-            None => run.run_stage(&env, k, &mut self.bufs),
-            Some(jit) => {
-                for phase in &jit.kernels[run.variant()][k] {
-                    for jk in phase {
+        let nphases = prog.variants[run.variant()].stages[k].phases.len();
+        for pi in 0..nphases {
+            match &active.jit {
+                None => run.run_phase(&env, k, pi, &mut self.bufs),
+                Some(jit) => {
+                    for jk in &jit.kernels[run.variant()][k][pi] {
                         let lens = &self.lens[jk.space as usize];
                         let uniforms: Vec<Vec<T>> = (0..lens.len())
                             .map(|j| {
@@ -763,6 +863,18 @@ impl<T: Float + Default> Optimizer<T> {
                     }
                 }
             }
+            // The guard: after the first phase, which stores nothing when guards exist.
+            let guards = if k == 0 && pi == 0 {
+                &active.guards[run.variant()]
+            } else {
+                &Vec::new()
+            };
+            if guards.iter().any(|&r| !run.scalar(&env, r, 0).is_finite()) {
+                for &b in &needs.tensors {
+                    self.bufs[b as usize] = Vec::new();
+                }
+                return false;
+            }
         }
         if k + 1 == info.stages.len() {
             self.scalar_states = run.scalar_updates(&env);
@@ -777,6 +889,7 @@ impl<T: Float + Default> Optimizer<T> {
         for &b in &needs.tensors {
             self.bufs[b as usize] = Vec::new();
         }
+        true
     }
 }
 

@@ -133,11 +133,22 @@ impl<'p> StepRun<'p> {
 
     /// Runs every phase of stage `k` over the buffers.
     pub fn run_stage<T: Float>(&mut self, env: &StepEnv<'_>, k: usize, bufs: &mut Buffers<T>) {
+        for pi in 0..self.prog.variants[self.variant].stages[k].phases.len() {
+            self.run_phase(env, k, pi, bufs);
+        }
+    }
+
+    /// Runs phase `pi` of stage `k` over the buffers.
+    pub fn run_phase<T: Float>(
+        &mut self,
+        env: &StepEnv<'_>,
+        k: usize,
+        pi: usize,
+        bufs: &mut Buffers<T>,
+    ) {
         let prog = self.prog;
-        for phase in &prog.variants[self.variant].stages[k].phases {
-            for kernel in &phase.kernels {
-                self.run_kernel(env, kernel, bufs);
-            }
+        for kernel in &prog.variants[self.variant].stages[k].phases[pi].kernels {
+            self.run_kernel(env, kernel, bufs);
         }
     }
 

@@ -5,6 +5,7 @@ use crate::ir::Program;
 
 pub mod cse;
 pub mod dse;
+pub mod finite;
 pub mod fold;
 pub mod hoist;
 pub mod phases;

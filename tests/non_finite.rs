@@ -1,0 +1,127 @@
+//! Non-finite inputs: with `Skip` the step is not taken (parameters, state and step counter stay
+//! bit-identical, the skip is counted), with `Error` an error is returned and nothing changes, and
+//! on finite inputs a guarded optimizer gives exactly the numbers of an unguarded one.
+
+use optc::runtime::{Backend, Error, Inputs, NonFinite, Optimizer};
+use std::sync::Arc;
+
+fn make(rule: &str, backend: Backend, policy: NonFinite) -> Optimizer<f32> {
+    let p = optc::stdlib_rule(rule).unwrap();
+    let params = vec![vec![
+        (0..37).map(|i| (i as f32 * 0.4).sin()).collect(),
+        vec![0.3; 5],
+    ]];
+    let mut o = Optimizer::new(Arc::new(p), params)
+        .unwrap()
+        .with_backend(backend)
+        .unwrap()
+        .with_non_finite(policy)
+        .unwrap();
+    if rule == "adan" {
+        o.set_hyper("max_grad_norm", 1.0).unwrap();
+    }
+    o
+}
+
+fn grads(s: usize) -> (Vec<f32>, Vec<f32>) {
+    (
+        (0..37).map(|i| ((i + 3 * s) as f32 * 0.7).cos()).collect(),
+        (0..5).map(|i| (i + s) as f32 * 0.1).collect(),
+    )
+}
+
+fn step(o: &mut Optimizer<f32>, g: &(Vec<f32>, Vec<f32>)) -> Result<(), Error> {
+    o.step(&Inputs::default().tensor("g", vec![&g.0, &g.1]))
+}
+
+fn snapshot(o: &Optimizer<f32>) -> (Vec<Vec<f32>>, Vec<u8>, u64) {
+    (
+        o.params(0).to_vec(),
+        o.checkpoint_bytes().unwrap(),
+        o.steps(),
+    )
+}
+
+#[test]
+fn skip_leaves_everything_and_later_steps_match_a_run_without_the_bad_step() {
+    for rule in ["adam", "adan", "sgd", "lamb"] {
+        for backend in [Backend::Interpreter, Backend::Cranelift { threads: 2 }] {
+            let mut guarded = make(rule, backend, NonFinite::Skip);
+            let mut plain = make(rule, backend, NonFinite::Proceed);
+            for s in 0..3 {
+                step(&mut guarded, &grads(s)).unwrap();
+                step(&mut plain, &grads(s)).unwrap();
+            }
+            assert_eq!(
+                guarded.params(0),
+                plain.params(0),
+                "{rule}: guarding changes no number"
+            );
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let before = snapshot(&guarded);
+                let mut g = grads(9);
+                g.1[4] = bad;
+                step(&mut guarded, &g).unwrap();
+                assert!(
+                    snapshot(&guarded) == before,
+                    "{rule} {backend:?}: a skipped step changes nothing"
+                );
+            }
+            assert_eq!(guarded.skipped_steps(), 3);
+            for s in 3..6 {
+                step(&mut guarded, &grads(s)).unwrap();
+                step(&mut plain, &grads(s)).unwrap();
+            }
+            assert_eq!(guarded.params(0), plain.params(0), "{rule} {backend:?}");
+        }
+    }
+}
+
+#[test]
+fn error_reports_and_changes_nothing() {
+    let mut o = make("adam", Backend::Cranelift { threads: 1 }, NonFinite::Error);
+    step(&mut o, &grads(0)).unwrap();
+    let before = snapshot(&o);
+    let mut g = grads(1);
+    g.0[17] = f32::NAN;
+    let e = step(&mut o, &g).unwrap_err();
+    assert!(matches!(e, Error::NonFinite { .. }), "{e}");
+    assert!(snapshot(&o) == before);
+    step(&mut o, &grads(1)).unwrap();
+    assert_eq!(o.steps(), 2);
+}
+
+#[test]
+fn the_check_is_free_when_the_rule_already_reads_its_gradient_first() {
+    let adan = make("adan", Backend::Interpreter, NonFinite::Skip);
+    let passes = |o: &Optimizer<f32>| o.active_program().variants[1].stages[0].phases.len();
+    assert_eq!(
+        passes(&adan),
+        2,
+        "adan with clipping: the check joins the norm's pass"
+    );
+    let adam = make("adam", Backend::Interpreter, NonFinite::Skip);
+    assert_eq!(
+        passes(&adam),
+        2,
+        "adam: one extra pass that reads only the gradient"
+    );
+    let first_phase_reads: Vec<_> = adam.active_program().variants[1].stages[0].phases[0].kernels
+        [0]
+    .stores
+    .clone();
+    assert!(
+        first_phase_reads.is_empty(),
+        "the first pass stores nothing"
+    );
+}
+
+#[test]
+fn multi_stage_rules_only_proceed() {
+    let p = optc::stdlib_rule("n_harpg").unwrap();
+    let o = Optimizer::<f32>::new(Arc::new(p), vec![vec![vec![0.0; 3]]]).unwrap();
+    assert!(matches!(
+        o.with_non_finite(NonFinite::Skip),
+        Err(Error::Policy(_))
+    ));
+}
