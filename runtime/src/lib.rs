@@ -388,6 +388,27 @@ impl<T: Float + Default> Optimizer<T> {
         }
     }
 
+    /// Builds the specialization for the current hyperparameter values, backend and policy.
+    fn build_active(&self) -> Result<Arc<Active>, Error> {
+        let a = Active::build(
+            &self.program,
+            &self.decisions,
+            &self.effective,
+            self.engine,
+            Self::precision(),
+            self.policy,
+        )?;
+        Ok(Arc::new(a))
+    }
+
+    /// Rebuilds the active specialization after a setting changed, dropping the cached ones.
+    fn reset_active(&mut self) -> Result<(), Error> {
+        let active = self.build_active()?;
+        self.cache = HashMap::from([(active.key.clone(), Arc::clone(&active))]);
+        self.active = active;
+        Ok(())
+    }
+
     /// Makes the specialization for the current hyperparameter values active (compiling it the
     /// first time those decisions are seen). Called at the start of each step.
     fn activate(&mut self) -> Result<(), Error> {
@@ -423,14 +444,7 @@ impl<T: Float + Default> Optimizer<T> {
         let active = match self.cache.get(&key) {
             Some(a) => Arc::clone(a),
             None => {
-                let a = Arc::new(Active::build(
-                    &self.program,
-                    &self.decisions,
-                    &self.effective,
-                    self.engine,
-                    Self::precision(),
-                    self.policy,
-                )?);
+                let a = self.build_active()?;
                 self.cache.insert(key, Arc::clone(&a));
                 a
             }
@@ -441,17 +455,8 @@ impl<T: Float + Default> Optimizer<T> {
 
     /// Switches to another backend (compiling the rule for it); state and step count are kept.
     pub fn with_backend(mut self, backend: Backend) -> Result<Self, Error> {
-        let active = Arc::new(Active::build(
-            &self.program,
-            &self.decisions,
-            &self.effective,
-            backend,
-            Self::precision(),
-            self.policy,
-        )?);
-        self.cache = HashMap::from([(active.key.clone(), Arc::clone(&active))]);
-        self.active = active;
         self.engine = backend;
+        self.reset_active()?;
         match backend {
             Backend::Interpreter => self.pool = None,
             Backend::Cranelift { threads } => {
@@ -480,17 +485,7 @@ impl<T: Float + Default> Optimizer<T> {
         } else {
             Decisions::none()
         };
-        let engine = self.engine;
-        let active = Arc::new(Active::build(
-            &self.program,
-            &self.decisions,
-            &self.effective,
-            engine,
-            Self::precision(),
-            self.policy,
-        )?);
-        self.cache = HashMap::from([(active.key.clone(), Arc::clone(&active))]);
-        self.active = active;
+        self.reset_active()?;
         Ok(self)
     }
 
@@ -505,16 +500,7 @@ impl<T: Float + Default> Optimizer<T> {
             )));
         }
         self.policy = policy;
-        let active = Arc::new(Active::build(
-            &self.program,
-            &self.decisions,
-            &self.effective,
-            self.engine,
-            Self::precision(),
-            self.policy,
-        )?);
-        self.cache = HashMap::from([(active.key.clone(), Arc::clone(&active))]);
-        self.active = active;
+        self.reset_active()?;
         Ok(self)
     }
 
