@@ -149,15 +149,14 @@ pub fn interface(p: &Program) -> String {
     out
 }
 
+/// Headings of the two step variants.
+const VARIANT_NAMES: [&str; 2] = ["first step", "later steps"];
+
 /// The dataflow graph of both variants, with their stores (before phase splitting).
 pub fn graph(p: &Program) -> String {
     let mut out = String::new();
     for (vi, v) in p.variants.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "{}:",
-            if vi == 0 { "first step" } else { "later steps" }
-        );
+        let _ = writeln!(out, "{}:", VARIANT_NAMES[vi]);
         for (k, s) in v.stages.iter().enumerate() {
             let _ = writeln!(out, "  stage {}:", p.info.stages[k]);
             lines(
@@ -179,11 +178,7 @@ pub fn graph(p: &Program) -> String {
 pub fn kernels(p: &Program) -> String {
     let mut out = String::new();
     for (vi, v) in p.variants.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "{}:",
-            if vi == 0 { "first step" } else { "later steps" }
-        );
+        let _ = writeln!(out, "{}:", VARIANT_NAMES[vi]);
         for (k, s) in v.stages.iter().enumerate() {
             let _ = writeln!(
                 out,

@@ -659,13 +659,14 @@ impl<T: Float + Default> Optimizer<T> {
         if self.next_stage == 0 {
             self.activate()?;
         }
-        let stages = self.next_stage..self.program.info.stages.len();
+        // Check every remaining stage first; each check gives the scalar inputs its stage sees.
+        let mut checked = Vec::new();
         let mut scalars = self.pending_scalars.clone();
-        for k in stages.clone() {
+        for k in self.next_stage..self.program.info.stages.len() {
             scalars = self.check_stage(k, inputs, &scalars)?;
+            checked.push((k, scalars.clone()));
         }
-        for k in stages {
-            let scalars = self.check_stage(k, inputs, &self.pending_scalars)?;
+        for (k, scalars) in checked {
             if !self.exec_stage(k, inputs, scalars) {
                 return self.non_finite();
             }

@@ -184,25 +184,19 @@ fn plan_stage(p: &mut Program, vi: usize, k: usize, mine: HashSet<NodeId>) {
                 phase_reds.push((r, mat(p, arg)));
             }
         }
+        fn kernel(kernels: &mut BTreeMap<u16, Kernel>, space: u16) -> &mut Kernel {
+            kernels.entry(space).or_insert_with(|| Kernel {
+                space,
+                ..Default::default()
+            })
+        }
         for (b, v) in phase_stores {
-            let space = p.info.buffers[b as usize].space;
-            kernels
-                .entry(space)
-                .or_insert_with(|| Kernel {
-                    space,
-                    ..Default::default()
-                })
+            kernel(&mut kernels, p.info.buffers[b as usize].space)
                 .stores
                 .push((b, v));
         }
         for (r, a) in phase_reds {
-            let space = p.graph.kind(a).space().unwrap_or(0);
-            kernels
-                .entry(space)
-                .or_insert_with(|| Kernel {
-                    space,
-                    ..Default::default()
-                })
+            kernel(&mut kernels, p.graph.kind(a).space().unwrap_or(0))
                 .reductions
                 .push((r, a));
         }
