@@ -57,7 +57,71 @@ fn dtype_of<T: Float>() -> Dtype {
     }
 }
 
+/// A parameter group read from a checkpoint: its overrides and its tensors' places.
+type GroupRecord = (Vec<Option<f64>>, Vec<(usize, usize)>);
+
 impl<T: Float + Default> Optimizer<T> {
+    /// Parameter groups 1, 2, ...: their tensors by name and their own hyperparameter values.
+    fn groups_record(&self) -> serde_json::Value {
+        let info = &self.program.info;
+        let groups: Vec<serde_json::Value> = self
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(g, overrides)| {
+                let tensors: Vec<&str> = self
+                    .tensors
+                    .iter()
+                    .zip(&self.tensor_groups)
+                    .flat_map(|(ts, gs)| ts.iter().zip(gs))
+                    .filter(|(_, &tg)| tg == g + 1)
+                    .map(|(t, _)| t.name.as_str())
+                    .collect();
+                let values: serde_json::Map<String, serde_json::Value> = info
+                    .hypers
+                    .iter()
+                    .zip(overrides)
+                    .filter_map(|(h, o)| o.map(|v| (h.name.clone(), serde_json::json!(v))))
+                    .collect();
+                serde_json::json!({ "tensors": tensors, "hyperparameters": values })
+            })
+            .collect();
+        serde_json::Value::Array(groups)
+    }
+
+    /// Reads and checks the `groups` record of a checkpoint.
+    fn parse_groups(&self, value: &serde_json::Value) -> Result<Vec<GroupRecord>, Error> {
+        let bad = || err("`groups` is not a list of parameter groups");
+        let mut out = Vec::new();
+        for g in value.as_array().ok_or_else(bad)? {
+            let tensors = g
+                .get("tensors")
+                .and_then(|t| t.as_array())
+                .ok_or_else(bad)?;
+            let values = g
+                .get("hyperparameters")
+                .and_then(|t| t.as_object())
+                .ok_or_else(bad)?;
+            let mut overrides = vec![None; self.hypers.len()];
+            for (name, v) in values {
+                let v = v.as_f64().ok_or_else(bad)?;
+                let h = self.check_value(name, v)?;
+                overrides[h] = Some(v);
+            }
+            let mut places = Vec::new();
+            for t in tensors {
+                let name = t.as_str().ok_or_else(bad)?;
+                places.push(self.tensor_index(name).ok_or_else(|| {
+                    err(format!(
+                        "a parameter group of the checkpoint holds tensor `{name}`, which this optimizer does not have"
+                    ))
+                })?);
+            }
+            out.push((overrides, places));
+        }
+        Ok(out)
+    }
+
     /// The checkpoint as bytes (safetensors).
     pub fn checkpoint_bytes(&self) -> Result<Vec<u8>, Error> {
         if self.next_stage != 0 {
@@ -105,6 +169,7 @@ impl<T: Float + Default> Optimizer<T> {
             "scalar_states": scalars,
             "schedules": self.schedules().into_iter().map(|(n, s)| (n, serde_json::Value::String(s.to_string()))).collect::<serde_json::Map<_, _>>(),
             "tensor_lengths": self.lens,
+            "groups": self.groups_record(),
             "dtype": format!("{:?}", dtype_of::<T>()),
         });
         let meta = HashMap::from([("optc".to_string(), record.to_string())]);
@@ -268,6 +333,10 @@ impl<T: Float + Default> Optimizer<T> {
                 .ok_or_else(|| err(format!("the schedule of `{name}` is not text")))?;
             new_schedules[h] = Some(crate::Schedule::parse(text).map_err(|e| err(e.to_string()))?);
         }
+        let new_groups = match meta.get("groups") {
+            None => Vec::new(),
+            Some(g) => self.parse_groups(g)?,
+        };
         let st = SafeTensors::deserialize(bytes).map_err(|e| corrupt(&e))?;
         let mut new_bufs: Vec<(usize, Vec<Vec<T>>)> = Vec::new();
         for (b, bi) in info.buffers.iter().enumerate() {
@@ -301,6 +370,16 @@ impl<T: Float + Default> Optimizer<T> {
             self.bufs[b] = t;
         }
         self.hypers = new_hypers;
+        self.groups.clear();
+        for row in &mut self.tensor_groups {
+            row.iter_mut().for_each(|g| *g = 0);
+        }
+        for (overrides, places) in new_groups {
+            self.groups.push(overrides);
+            for (space, j) in places {
+                self.tensor_groups[space][j] = self.groups.len();
+            }
+        }
         self.schedules = new_schedules;
         self.scalar_states = new_scalars;
         self.steps = steps;

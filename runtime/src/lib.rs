@@ -116,6 +116,15 @@ pub enum Error {
         /// Why not.
         why: String,
     },
+    /// A tensor name this optimizer does not have.
+    #[error("no parameter tensor named `{0}`")]
+    UnknownTensor(String),
+    /// A parameter-group request that cannot be honoured.
+    #[error("parameter groups: {0}")]
+    Group(String),
+    /// Params lent to an optimizer that owns its own, or not lent to one that borrows them.
+    #[error("{0}")]
+    Params(String),
     /// Params given at construction are not one list per param of the rule.
     #[error("rule `{rule}` has {expected} param(s), got tensors for {got}")]
     Spaces {
@@ -159,6 +168,30 @@ impl<'a, T> Inputs<'a, T> {
     }
 }
 
+/// A parameter tensor registered with an optimizer: its name and shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpec {
+    /// The name (unique within the optimizer).
+    pub name: String,
+    /// The shape; the tensor holds the product of its dimensions (1 for a 0-d tensor).
+    pub shape: Vec<usize>,
+}
+
+impl TensorSpec {
+    /// A named tensor of this shape.
+    pub fn new(name: impl Into<String>, shape: &[usize]) -> Self {
+        TensorSpec {
+            name: name.into(),
+            shape: shape.to_vec(),
+        }
+    }
+
+    /// Its number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
 /// What each stage reads from the host.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StageNeeds {
@@ -178,6 +211,16 @@ pub struct Optimizer<T: Float> {
     scalar_states: Vec<f64>,
     bufs: Buffers<T>,
     lens: Vec<Vec<usize>>,
+    /// The registered tensors, `[space][tensor]`.
+    tensors: Vec<Vec<TensorSpec>>,
+    /// Whether the host lends the params at each step (they are not stored in `bufs`).
+    lent: bool,
+    /// Hyperparameter overrides of parameter groups 1, 2, ... (`None`: follows group 0).
+    groups: Vec<Vec<Option<f64>>>,
+    /// The group of each tensor, `[space][tensor]` (0 unless assigned).
+    tensor_groups: Vec<Vec<usize>>,
+    /// The values of groups 1, 2, ... in the current (or next) step.
+    effective_groups: Vec<Vec<f64>>,
     /// Stage to run next (0 between steps).
     next_stage: usize,
     pending: HashMap<NodeId, Vec<f64>>,
@@ -189,7 +232,7 @@ pub struct Optimizer<T: Float> {
     /// Hyperparameter decisions the rule's kernels can be specialized on.
     decisions: Decisions,
     /// Specializations compiled so far, by decision outcomes.
-    cache: HashMap<Vec<bool>, Arc<Active>>,
+    cache: HashMap<Vec<Option<bool>>, Arc<Active>>,
     /// The specialization the current step runs.
     active: Arc<Active>,
     engine: Backend,
@@ -201,7 +244,7 @@ pub struct Optimizer<T: Float> {
 /// The rule specialized for one set of hyperparameter decisions, ready to run.
 #[derive(Debug)]
 struct Active {
-    key: Vec<bool>,
+    key: Vec<Option<bool>>,
     program: Arc<Program>,
     /// Compiled kernels on the Cranelift backend (the interpreter runs `program` otherwise).
     jit: Option<Arc<JitProgram>>,
@@ -211,19 +254,22 @@ struct Active {
 }
 
 impl Active {
+    /// `sets` holds the hyperparameter values of each parameter group (group 0 first): the
+    /// program is specialized on the decisions they all agree on.
     fn build(
         base: &Arc<Program>,
         decisions: &Decisions,
-        hypers: &[f64],
+        sets: &[&[f64]],
         engine: Backend,
         precision: Precision,
         policy: NonFinite,
     ) -> Result<Active, Error> {
-        let key = decisions.key(base, hypers);
+        let key = decision_key(decisions, base, sets);
+        let decisions = decisions.agreeing(base, sets);
         let program = if decisions.is_empty() {
             Arc::clone(base)
         } else {
-            Arc::new(specialize(base, decisions, hypers))
+            Arc::new(specialize(base, &decisions, sets[0]))
         };
         let program = if policy == NonFinite::Proceed {
             program
@@ -282,6 +328,44 @@ pub enum Backend {
     },
 }
 
+/// Which specialization serves these groups' values: each decision's outcome where every group
+/// agrees, `None` where they differ (that decision stays in the program).
+fn decision_key(decisions: &Decisions, p: &Program, sets: &[&[f64]]) -> Vec<Option<bool>> {
+    let keys: Vec<Vec<bool>> = sets.iter().map(|h| decisions.key(p, h)).collect();
+    (0..decisions.len())
+        .map(|i| {
+            keys.iter()
+                .all(|k| k[i] == keys[0][i])
+                .then_some(keys[0][i])
+        })
+        .collect()
+}
+
+/// The hyperparameters the scalar-state updates read (they cannot differ between groups).
+fn scalar_state_hypers(p: &Program) -> BTreeSet<u16> {
+    let mut out = BTreeSet::new();
+    let mut seen = BTreeSet::new();
+    let mut stack: Vec<NodeId> = p
+        .variants
+        .iter()
+        .flat_map(|v| v.scalar_updates.iter().map(|u| u.1))
+        .collect();
+    while let Some(id) = stack.pop() {
+        if !seen.insert(id) {
+            continue;
+        }
+        match p.graph.node(id) {
+            Node::Hyper(h) => {
+                out.insert(h);
+            }
+            // A reduction's elements may use each tensor's own group values.
+            Node::Reduce { .. } => {}
+            node => stack.extend(node.children()),
+        }
+    }
+    out
+}
+
 fn needs_of(p: &Program, variant: usize) -> Vec<StageNeeds> {
     let v = &p.variants[variant];
     let mut out = Vec::new();
@@ -331,11 +415,73 @@ impl<T: Float + Default> Optimizer<T> {
                 got: params.len(),
             });
         }
-        let lens: Vec<Vec<usize>> = params
+        let tensors: Vec<Vec<TensorSpec>> = params
             .iter()
-            .map(|ts| ts.iter().map(|t| t.len()).collect())
+            .zip(&info.spaces)
+            .map(|(ts, space)| {
+                ts.iter()
+                    .enumerate()
+                    .map(|(j, t)| TensorSpec::new(format!("{space}[{j}]"), &[t.len()]))
+                    .collect()
+            })
             .collect();
-        let mut params = params.into_iter();
+        Self::build(program, tensors, Some(params))
+    }
+
+    /// Binds a compiled rule to named tensors of any shape, `tensors[space]` for each param of
+    /// the rule, whose buffers the host keeps: it lends them to every step
+    /// ([`Optimizer::step_with`]). The optimizer owns the state (zero-filled), the step counter and
+    /// the hyperparameter values.
+    ///
+    /// ```
+    /// use optc_runtime::{Inputs, Optimizer, TensorSpec};
+    /// # let src = "rule sgd(lr = 0.1) { param theta\n input g\n theta = theta - lr * g }";
+    /// # let program = std::sync::Arc::new(optc_compiler::compile(src).programs.remove(0));
+    /// let mut opt = Optimizer::<f32>::lending(
+    ///     program,
+    ///     vec![vec![TensorSpec::new("w", &[2, 2]), TensorSpec::new("b", &[2])]],
+    /// )?;
+    /// let (mut w, mut b) = (vec![1.0f32; 4], vec![0.0f32; 2]);
+    /// let (gw, gb) = (vec![1.0f32; 4], vec![-1.0f32; 2]);
+    /// opt.step_with(
+    ///     &mut [vec![&mut w[..], &mut b[..]]],
+    ///     &Inputs::default().tensor("g", vec![&gw, &gb]),
+    /// )?;
+    /// assert_eq!(w, [0.9; 4]);
+    /// assert_eq!(b, [0.1; 2]);
+    /// # Ok::<(), optc_runtime::Error>(())
+    /// ```
+    pub fn lending(program: Arc<Program>, tensors: Vec<Vec<TensorSpec>>) -> Result<Self, Error> {
+        Self::build(program, tensors, None)
+    }
+
+    fn build(
+        program: Arc<Program>,
+        tensors: Vec<Vec<TensorSpec>>,
+        params: Option<Vec<Vec<Vec<T>>>>,
+    ) -> Result<Self, Error> {
+        let info = &program.info;
+        if tensors.len() != info.spaces.len() {
+            return Err(Error::Spaces {
+                rule: info.name.clone(),
+                expected: info.spaces.len(),
+                got: tensors.len(),
+            });
+        }
+        let mut names = BTreeSet::new();
+        for t in tensors.iter().flatten() {
+            if !names.insert(t.name.as_str()) {
+                return Err(Error::Params(format!("two tensors are named `{}`", t.name)));
+            }
+        }
+        let lens: Vec<Vec<usize>> = tensors
+            .iter()
+            .map(|ts| ts.iter().map(TensorSpec::numel).collect())
+            .collect();
+        let lent = params.is_none();
+        let mut params = params
+            .unwrap_or_else(|| vec![Vec::new(); tensors.len()])
+            .into_iter();
         let bufs = info
             .buffers
             .iter()
@@ -353,7 +499,7 @@ impl<T: Float + Default> Optimizer<T> {
         let active = Arc::new(Active::build(
             &program,
             &decisions,
-            &hypers,
+            &[&hypers],
             Backend::Interpreter,
             Self::precision(),
             NonFinite::Proceed,
@@ -365,7 +511,12 @@ impl<T: Float + Default> Optimizer<T> {
             scalar_states: vec![0.0; info.scalar_states.len()],
             steps: 0,
             bufs,
+            tensor_groups: lens.iter().map(|l| vec![0; l.len()]).collect(),
             lens,
+            tensors,
+            lent,
+            groups: Vec::new(),
+            effective_groups: Vec::new(),
             next_stage: 0,
             pending: HashMap::new(),
             pending_scalars: HashMap::new(),
@@ -393,7 +544,7 @@ impl<T: Float + Default> Optimizer<T> {
         let a = Active::build(
             &self.program,
             &self.decisions,
-            &self.effective,
+            &self.value_sets(),
             self.engine,
             Self::precision(),
             self.policy,
@@ -413,10 +564,40 @@ impl<T: Float + Default> Optimizer<T> {
     /// first time those decisions are seen). Called at the start of each step.
     fn activate(&mut self) -> Result<(), Error> {
         let t = self.steps + 1;
-        let mut effective = self.hypers.clone();
+        let effective = self.scheduled(&self.hypers, t)?;
+        let mut groups = Vec::with_capacity(self.groups.len());
+        for overrides in &self.groups {
+            let base: Vec<f64> = overrides
+                .iter()
+                .zip(&self.hypers)
+                .map(|(o, &v)| o.unwrap_or(v))
+                .collect();
+            groups.push(self.scheduled(&base, t)?);
+        }
+        self.effective = effective;
+        self.effective_groups = groups;
+        let key = decision_key(&self.decisions, &self.program, &self.value_sets());
+        if key == self.active.key {
+            return Ok(());
+        }
+        let active = match self.cache.get(&key) {
+            Some(a) => Arc::clone(a),
+            None => {
+                let a = self.build_active()?;
+                self.cache.insert(key, Arc::clone(&a));
+                a
+            }
+        };
+        self.active = active;
+        Ok(())
+    }
+
+    /// Base values times their schedules' factors at step `t`, each checked against its range.
+    fn scheduled(&self, base: &[f64], t: u64) -> Result<Vec<f64>, Error> {
+        let mut out = base.to_vec();
         for (h, s) in self.schedules.iter().enumerate() {
             if let Some(s) = s {
-                let v = self.hypers[h] * s.factor(t);
+                let v = base[h] * s.factor(t);
                 if !v.is_finite() {
                     return Err(Error::BadHyper {
                         name: self.program.info.hypers[h].name.clone(),
@@ -433,24 +614,17 @@ impl<T: Float + Default> Optimizer<T> {
                         });
                     }
                 }
-                effective[h] = v;
+                out[h] = v;
             }
         }
-        self.effective = effective;
-        let key = self.decisions.key(&self.program, &self.effective);
-        if key == self.active.key {
-            return Ok(());
-        }
-        let active = match self.cache.get(&key) {
-            Some(a) => Arc::clone(a),
-            None => {
-                let a = self.build_active()?;
-                self.cache.insert(key, Arc::clone(&a));
-                a
-            }
-        };
-        self.active = active;
-        Ok(())
+        Ok(out)
+    }
+
+    /// The effective values of every group, group 0 first.
+    fn value_sets(&self) -> Vec<&[f64]> {
+        std::iter::once(self.effective.as_slice())
+            .chain(self.effective_groups.iter().map(Vec::as_slice))
+            .collect()
     }
 
     /// Switches to another backend (compiling the rule for it); state and step count are kept.
@@ -550,8 +724,15 @@ impl<T: Float + Default> Optimizer<T> {
         })
     }
 
-    /// Sets a hyperparameter (booleans as 0/1).
+    /// Sets a hyperparameter (booleans as 0/1) for group 0 and every group that does not override it.
     pub fn set_hyper(&mut self, name: &str, value: f64) -> Result<(), Error> {
+        let h = self.check_value(name, value)?;
+        self.hypers[h] = value;
+        Ok(())
+    }
+
+    /// The index of hyperparameter `name` if `value` is acceptable for it.
+    fn check_value(&self, name: &str, value: f64) -> Result<usize, Error> {
         let h = self.hyper_index(name)?;
         let info = &self.program.info;
         if !value.is_finite() {
@@ -577,8 +758,117 @@ impl<T: Float + Default> Optimizer<T> {
                 why: "a boolean is true (1) or false (0)",
             });
         }
-        self.hypers[h] = value;
+        Ok(h)
+    }
+
+    /// Starts a parameter group holding the named tensors (taken out of the groups they were in),
+    /// with its own values for some hyperparameters; the others follow group 0 (the values of
+    /// [`Optimizer::set_hyper`]). Returns the group's number (groups count from 1; group 0 holds
+    /// every tensor not assigned elsewhere). Schedules scale every group's value.
+    ///
+    /// Reductions over all tensors (a global gradient norm) still span every group; each tensor
+    /// updates with its own group's values. A hyperparameter that scalar state reads cannot differ
+    /// between groups.
+    ///
+    /// ```
+    /// use optc_runtime::{Inputs, Optimizer, TensorSpec};
+    /// # let src = "rule sgdw(lr = 0.1, wd = 0.5) { param theta\n input g\n theta = theta - lr * (g + wd * theta) }";
+    /// # let program = std::sync::Arc::new(optc_compiler::compile(src).programs.remove(0));
+    /// let mut opt = Optimizer::<f64>::lending(
+    ///     program,
+    ///     vec![vec![TensorSpec::new("weight", &[3]), TensorSpec::new("bias", &[1])]],
+    /// )?;
+    /// let no_decay = opt.add_group(&["bias"], &[("wd", 0.0)])?;
+    /// assert_eq!(opt.group_hyper(no_decay, "wd"), Some(0.0));
+    /// let (mut w, mut b) = (vec![1.0; 3], vec![1.0]);
+    /// let g = vec![0.0; 3];
+    /// opt.step_with(&mut [vec![&mut w[..], &mut b[..]]], &Inputs::default().tensor("g", vec![&g, &[0.0]]))?;
+    /// assert_eq!(w, [0.95; 3]); // decayed
+    /// assert_eq!(b, [1.0]); // not decayed
+    /// # Ok::<(), optc_runtime::Error>(())
+    /// ```
+    pub fn add_group(&mut self, tensors: &[&str], values: &[(&str, f64)]) -> Result<usize, Error> {
+        let mut overrides = vec![None; self.hypers.len()];
+        let fixed = scalar_state_hypers(&self.program);
+        for &(name, v) in values {
+            let h = self.check_value(name, v)?;
+            if fixed.contains(&(h as u16)) {
+                return Err(Error::Group(format!(
+                    "`{name}` feeds the rule's scalar state, which all groups share; it cannot differ between groups"
+                )));
+            }
+            overrides[h] = Some(v);
+        }
+        let mut places = Vec::new();
+        for &name in tensors {
+            places.push(
+                self.tensor_index(name)
+                    .ok_or_else(|| Error::UnknownTensor(name.to_string()))?,
+            );
+        }
+        self.groups.push(overrides);
+        let g = self.groups.len();
+        for (space, j) in places {
+            self.tensor_groups[space][j] = g;
+        }
+        Ok(g)
+    }
+
+    /// Sets a hyperparameter of one group (group 0: as [`Optimizer::set_hyper`]).
+    pub fn set_group_hyper(&mut self, group: usize, name: &str, value: f64) -> Result<(), Error> {
+        if group == 0 {
+            return self.set_hyper(name, value);
+        }
+        if group > self.groups.len() {
+            return Err(Error::Group(format!(
+                "there is no group {group} (groups: 0 to {})",
+                self.groups.len()
+            )));
+        }
+        let h = self.check_value(name, value)?;
+        if scalar_state_hypers(&self.program).contains(&(h as u16)) && value != self.hypers[h] {
+            return Err(Error::Group(format!(
+                "`{name}` feeds the rule's scalar state, which all groups share; it cannot differ between groups"
+            )));
+        }
+        self.groups[group - 1][h] = Some(value);
         Ok(())
+    }
+
+    /// The (base) value of a hyperparameter in a group.
+    pub fn group_hyper(&self, group: usize, name: &str) -> Option<f64> {
+        let h = self.program.info.hyper(name)?;
+        match group {
+            0 => Some(self.hypers[h]),
+            g => self
+                .groups
+                .get(g - 1)
+                .map(|o| o[h].unwrap_or(self.hypers[h])),
+        }
+    }
+
+    /// The number of parameter groups, group 0 included.
+    pub fn group_count(&self) -> usize {
+        self.groups.len() + 1
+    }
+
+    /// The group a tensor belongs to.
+    pub fn group_of(&self, tensor: &str) -> Option<usize> {
+        let (space, j) = self.tensor_index(tensor)?;
+        Some(self.tensor_groups[space][j])
+    }
+
+    /// Where a named tensor is: its param space and index within it.
+    pub fn tensor_index(&self, name: &str) -> Option<(usize, usize)> {
+        self.tensors
+            .iter()
+            .enumerate()
+            .find_map(|(space, ts)| ts.iter().position(|t| t.name == name).map(|j| (space, j)))
+    }
+
+    /// The tensors registered for param `space`.
+    pub fn tensors(&self, space: usize) -> &[TensorSpec] {
+        &self.tensors[space]
     }
 
     /// Schedules a hyperparameter: each step uses its base value (see [`Optimizer::set_hyper`])
@@ -656,6 +946,82 @@ impl<T: Float + Default> Optimizer<T> {
     /// Runs the rest of the current step (every remaining stage, with the same inputs). The
     /// inputs of all those stages are checked before any of them runs.
     pub fn step(&mut self, inputs: &Inputs<'_, T>) -> Result<(), Error> {
+        self.step_inner(None, inputs)
+    }
+
+    /// [`Optimizer::step`] for an optimizer built with [`Optimizer::lending`]: `params[space]`
+    /// are the host's tensors of each param, in registration order, updated in place.
+    pub fn step_with(
+        &mut self,
+        params: &mut [Vec<&mut [T]>],
+        inputs: &Inputs<'_, T>,
+    ) -> Result<(), Error> {
+        self.step_inner(Some(params), inputs)
+    }
+
+    /// [`Optimizer::run_stage`] for an optimizer built with [`Optimizer::lending`].
+    pub fn run_stage_with(
+        &mut self,
+        k: usize,
+        params: &mut [Vec<&mut [T]>],
+        inputs: &Inputs<'_, T>,
+    ) -> Result<(), Error> {
+        self.run_stage_inner(k, Some(params), inputs)
+    }
+
+    /// Checks that params are lent exactly when the optimizer borrows them, with the registered lengths.
+    fn check_params(&self, params: Option<&[Vec<&mut [T]>]>) -> Result<(), Error> {
+        let ps = match (self.lent, params) {
+            (false, None) => return Ok(()),
+            (true, None) => {
+                return Err(Error::Params(
+                    "this optimizer borrows its params (Optimizer::lending): lend them with step_with / run_stage_with".into(),
+                ))
+            }
+            (false, Some(_)) => {
+                return Err(Error::Params(
+                    "this optimizer owns its params (Optimizer::new): call step / run_stage".into(),
+                ))
+            }
+            (true, Some(ps)) => ps,
+        };
+        if ps.len() != self.tensors.len() {
+            return Err(Error::Spaces {
+                rule: self.program.info.name.clone(),
+                expected: self.tensors.len(),
+                got: ps.len(),
+            });
+        }
+        for (space, (given, specs)) in ps.iter().zip(&self.tensors).enumerate() {
+            if given.len() != specs.len() {
+                return Err(Error::Length {
+                    what: format!(
+                        "param `{}` (number of tensors)",
+                        self.program.info.spaces[space]
+                    ),
+                    expected: specs.len(),
+                    got: given.len(),
+                });
+            }
+            for (d, spec) in given.iter().zip(specs) {
+                if d.len() != spec.numel() {
+                    return Err(Error::Length {
+                        what: format!("tensor `{}` of shape {:?}", spec.name, spec.shape),
+                        expected: spec.numel(),
+                        got: d.len(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn step_inner(
+        &mut self,
+        mut params: Option<&mut [Vec<&mut [T]>]>,
+        inputs: &Inputs<'_, T>,
+    ) -> Result<(), Error> {
+        self.check_params(params.as_deref())?;
         if self.next_stage == 0 {
             self.activate()?;
         }
@@ -667,7 +1033,7 @@ impl<T: Float + Default> Optimizer<T> {
             checked.push((k, scalars.clone()));
         }
         for (k, scalars) in checked {
-            if !self.exec_stage(k, inputs, scalars) {
+            if !self.exec_stage(k, params.as_deref_mut(), inputs, scalars) {
                 return self.non_finite();
             }
         }
@@ -690,6 +1056,16 @@ impl<T: Float + Default> Optimizer<T> {
     /// Runs stage `k` of the current step. Inputs the stage does not read are ignored; names the
     /// rule does not declare are errors.
     pub fn run_stage(&mut self, k: usize, inputs: &Inputs<'_, T>) -> Result<(), Error> {
+        self.run_stage_inner(k, None, inputs)
+    }
+
+    fn run_stage_inner(
+        &mut self,
+        k: usize,
+        params: Option<&mut [Vec<&mut [T]>]>,
+        inputs: &Inputs<'_, T>,
+    ) -> Result<(), Error> {
+        self.check_params(params.as_deref())?;
         if k != self.next_stage {
             let info = &self.program.info;
             return Err(Error::StageOrder {
@@ -702,7 +1078,7 @@ impl<T: Float + Default> Optimizer<T> {
             self.activate()?;
         }
         let scalars = self.check_stage(k, inputs, &self.pending_scalars)?;
-        if !self.exec_stage(k, inputs, scalars) {
+        if !self.exec_stage(k, params, inputs, scalars) {
             return self.non_finite();
         }
         Ok(())
@@ -782,7 +1158,13 @@ impl<T: Float + Default> Optimizer<T> {
     /// Runs stage `k`, whose inputs [`Self::check_stage`] accepted. Cannot fail.
     #[allow(unsafe_code)] // calls JIT kernels over the buffers this optimizer owns
     /// Returns false when the guard found non-finite inputs after the first phase (nothing written).
-    fn exec_stage(&mut self, k: usize, inputs: &Inputs<'_, T>, scalars: HashMap<u16, f64>) -> bool {
+    fn exec_stage(
+        &mut self,
+        k: usize,
+        mut params: Option<&mut [Vec<&mut [T]>]>,
+        inputs: &Inputs<'_, T>,
+        scalars: HashMap<u16, f64>,
+    ) -> bool {
         let active = Arc::clone(&self.active);
         let prog = Arc::clone(&active.program);
         let info = &prog.info;
@@ -793,12 +1175,19 @@ impl<T: Float + Default> Optimizer<T> {
                 let name = &info.buffers[b as usize].name;
                 self.bufs[b as usize] = inputs.tensors[name].iter().map(|d| d.to_vec()).collect();
             }
+            if let Some(ps) = params.as_deref() {
+                for (space, tensors) in ps.iter().enumerate() {
+                    self.bufs[space] = tensors.iter().map(|d| d.to_vec()).collect();
+                }
+            }
         }
         let scalar_inputs: Vec<f64> = (0..info.scalar_inputs.len())
             .map(|i| scalars.get(&(i as u16)).copied().unwrap_or(0.0))
             .collect();
         let env = StepEnv {
             hypers: &self.effective,
+            groups: &self.effective_groups,
+            tensor_groups: &self.tensor_groups,
             t: (self.steps + 1) as f64,
             scalar_states: &self.scalar_states,
             scalar_inputs: &scalar_inputs,
@@ -817,7 +1206,9 @@ impl<T: Float + Default> Optimizer<T> {
                                 jk.abi
                                     .uniforms
                                     .iter()
-                                    .map(|&u| T::from_f64(run.scalar(&env, u, j)))
+                                    .map(|&u| {
+                                        T::from_f64(run.uniform(&env, u, jk.space as usize, j))
+                                    })
                                     .collect()
                             })
                             .collect();
@@ -830,6 +1221,10 @@ impl<T: Float + Default> Optimizer<T> {
                                         let bi = &info.buffers[b as usize];
                                         if bi.role == BufRole::Input {
                                             inputs.tensors[&bi.name][j].as_ptr() as *mut u8
+                                        } else if let (BufRole::Param, Some(ps)) =
+                                            (bi.role, params.as_deref_mut())
+                                        {
+                                            ps[b as usize][j].as_mut_ptr() as *mut u8
                                         } else {
                                             self.bufs[b as usize][j].as_mut_ptr() as *mut u8
                                         }
@@ -857,10 +1252,17 @@ impl<T: Float + Default> Optimizer<T> {
                 &Vec::new()
             };
             if guards.iter().any(|&r| !run.scalar(&env, r, 0).is_finite()) {
-                for &b in &needs.tensors {
-                    self.bufs[b as usize] = Vec::new();
-                }
+                self.drop_borrowed(&needs, params.is_some());
                 return false;
+            }
+        }
+        if active.jit.is_none() {
+            if let Some(ps) = params.as_deref_mut() {
+                for (space, tensors) in ps.iter_mut().enumerate() {
+                    for (d, v) in tensors.iter_mut().zip(&self.bufs[space]) {
+                        d.copy_from_slice(v);
+                    }
+                }
             }
         }
         if k + 1 == info.stages.len() {
@@ -873,10 +1275,20 @@ impl<T: Float + Default> Optimizer<T> {
             self.pending_scalars = scalars;
             self.next_stage = k + 1;
         }
+        self.drop_borrowed(&needs, params.is_some());
+        true
+    }
+
+    /// Drops the interpreter's copies of the host's inputs and lent params after a stage.
+    fn drop_borrowed(&mut self, needs: &StageNeeds, lent: bool) {
         for &b in &needs.tensors {
             self.bufs[b as usize] = Vec::new();
         }
-        true
+        if lent {
+            for space in 0..self.tensors.len() {
+                self.bufs[space] = Vec::new();
+            }
+        }
     }
 }
 

@@ -23,8 +23,14 @@ pub type Buffers<T> = Vec<Vec<Vec<T>>>;
 /// The host-side values of one step.
 #[derive(Debug, Clone)]
 pub struct StepEnv<'a> {
-    /// Hyperparameter values, in declaration order (booleans as 0/1).
+    /// Hyperparameter values, in declaration order (booleans as 0/1): those of parameter group 0,
+    /// which scalar-state updates also read.
     pub hypers: &'a [f64],
+    /// The values of parameter groups 1, 2, ... (`groups[g - 1]`); empty when there is one group.
+    pub groups: &'a [Vec<f64>],
+    /// The group of each tensor, `[space][tensor]`; an empty list puts every tensor of the space in
+    /// group 0.
+    pub tensor_groups: &'a [Vec<usize>],
     /// The step counter (1 on the first step).
     pub t: f64,
     /// Scalar state values at the start of the step.
@@ -39,7 +45,7 @@ pub struct StepRun<'p> {
     prog: &'p Program,
     variant: usize,
     reductions: HashMap<NodeId, Vec<f64>>,
-    memo: HashMap<(NodeId, usize), f64>,
+    memo: HashMap<(NodeId, usize, usize), f64>,
     lens: Vec<Vec<usize>>,
 }
 
@@ -76,20 +82,40 @@ impl<'p> StepRun<'p> {
         self
     }
 
-    /// Evaluates a scalar (tensor index ignored) or per-tensor node on the host, in f64.
+    /// Evaluates a scalar (tensor index ignored) or per-tensor node on the host, in f64, with the
+    /// hyperparameter values of group 0.
     pub fn scalar(&mut self, env: &StepEnv<'_>, id: NodeId, tensor: usize) -> f64 {
+        self.eval(env, id, tensor, 0)
+    }
+
+    /// Evaluates a value a kernel over `space` reads for its tensor `tensor`, with the
+    /// hyperparameter values of that tensor's parameter group.
+    pub fn uniform(&mut self, env: &StepEnv<'_>, id: NodeId, space: usize, tensor: usize) -> f64 {
+        let group = env
+            .tensor_groups
+            .get(space)
+            .and_then(|g| g.get(tensor))
+            .copied()
+            .unwrap_or(0);
+        self.eval(env, id, tensor, group)
+    }
+
+    fn eval(&mut self, env: &StepEnv<'_>, id: NodeId, tensor: usize, group: usize) -> f64 {
         let tensor = if self.prog.graph.kind(id) == Kind::Scalar {
             0
         } else {
             tensor
         };
-        if let Some(&v) = self.memo.get(&(id, tensor)) {
+        if let Some(&v) = self.memo.get(&(id, tensor, group)) {
             return v;
         }
         let v = match self.prog.graph.node(id) {
             Node::Const(b) => f64::from_bits(b),
             Node::Bool(b) => f64::from(u8::from(b)),
-            Node::Hyper(h) => env.hypers[h as usize],
+            Node::Hyper(h) => match group {
+                0 => env.hypers[h as usize],
+                g => env.groups[g - 1][h as usize],
+            },
             Node::Step => env.t,
             Node::ScalarState(i) => env.scalar_states[i as usize],
             Node::ScalarInput(i) => env.scalar_inputs[i as usize],
@@ -101,17 +127,20 @@ impl<'p> StepRun<'p> {
                     lens.iter().sum::<usize>() as f64
                 }
             }
-            Node::Splat(_, a) => self.scalar(env, a, tensor),
-            Node::Unary(op, a) => unary_f64(op, self.scalar(env, a, tensor)),
+            Node::Splat(_, a) => self.eval(env, a, tensor, group),
+            Node::Unary(op, a) => unary_f64(op, self.eval(env, a, tensor, group)),
             Node::Binary(op, a, b) => {
-                let (a, b) = (self.scalar(env, a, tensor), self.scalar(env, b, tensor));
+                let (a, b) = (
+                    self.eval(env, a, tensor, group),
+                    self.eval(env, b, tensor, group),
+                );
                 binary_f64(op, a, b)
             }
             Node::Select(c, a, b) => {
-                if self.scalar(env, c, tensor) != 0.0 {
-                    self.scalar(env, a, tensor)
+                if self.eval(env, c, tensor, group) != 0.0 {
+                    self.eval(env, a, tensor, group)
                 } else {
-                    self.scalar(env, b, tensor)
+                    self.eval(env, b, tensor, group)
                 }
             }
             Node::Reduce { per_tensor, .. } => {
@@ -127,7 +156,7 @@ impl<'p> StepRun<'p> {
             }
             Node::Load { .. } => unreachable!("per-element node evaluated as a scalar"),
         };
-        self.memo.insert((id, tensor), v);
+        self.memo.insert((id, tensor, group), v);
         v
     }
 
@@ -185,7 +214,12 @@ impl<'p> StepRun<'p> {
             let uniforms: HashMap<NodeId, T> = kernel
                 .uniforms
                 .iter()
-                .map(|&u| (u, T::from_f64(self.scalar(env, u, j))))
+                .map(|&u| {
+                    (
+                        u,
+                        T::from_f64(self.uniform(env, u, kernel.space as usize, j)),
+                    )
+                })
                 .collect();
             let operand = |n: NodeId, cols: &[Vec<T>], i: usize| -> T {
                 match slot.get(&n) {

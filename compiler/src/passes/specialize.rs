@@ -91,6 +91,20 @@ impl Decisions {
         self.nodes.is_empty()
     }
 
+    /// The decisions on which every one of these sets of values (one per parameter group) agrees:
+    /// a program specialized on them is right for every group.
+    pub fn agreeing(&self, p: &Program, sets: &[&[f64]]) -> Decisions {
+        let keys: Vec<Vec<bool>> = sets.iter().map(|h| self.key(p, h)).collect();
+        let nodes = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| keys.iter().all(|k| k[i] == keys[0][i]))
+            .map(|(_, &n)| n)
+            .collect();
+        Decisions { nodes }
+    }
+
     /// The decisions' outcomes for these hyperparameter values (the key of a specialization).
     pub fn key(&self, p: &Program, hypers: &[f64]) -> Vec<bool> {
         let mut memo = HashMap::new();
