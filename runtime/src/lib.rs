@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 pub mod checkpoint;
 pub mod jit;
+pub mod mixed;
 pub mod schedule;
 pub use jit::JitProgram;
 use optc_compiler::backend::clif::Precision;

@@ -1,0 +1,456 @@
+//! Mixed precision: parameters (and optionally state) stored in 16-bit floats, arithmetic in f32.
+//!
+//! [`MixedOptimizer`] wraps an f32 [`Optimizer`] in lending mode. At each step it widens the
+//! host's 16-bit parameters (or uses its f32 master weights), runs the rule's kernels in f32, and
+//! rounds the results back to the storage type, to nearest or stochastically. State buffers can
+//! be kept in bf16 between steps: they are widened for the step and rounded after it.
+//!
+//! Stochastic rounding draws its randomness from Philox-4x32-10 ([`philox4x32`]), a counter-based
+//! generator, keyed by the seed and counted by (element, step, buffer): the same seed gives the
+//! same bits whatever the thread count or order, and a GPU kernel can reproduce them exactly.
+//!
+//! Conversions are separate passes over memory (in parallel), not fused into the rule's kernels:
+//! a mixed-precision step moves more bytes than an f32 one.
+
+use crate::{Error, Inputs, NonFinite, Optimizer, TensorSpec};
+pub use half::{bf16, f16};
+use optc_compiler::ir::{BufRole, Program};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Philox-4x32 with 10 rounds (Salmon et al., 2011, "Parallel random numbers: as easy as 1, 2,
+/// 3"), as in Random123 and cuRAND: four 32-bit outputs for a 128-bit counter and a 64-bit key.
+pub fn philox4x32(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
+    const M0: u64 = 0xD251_1F53;
+    const M1: u64 = 0xCD9E_8D57;
+    const W0: u32 = 0x9E37_79B9;
+    const W1: u32 = 0xBB67_AE85;
+    let (mut c, mut k) = (counter, key);
+    for round in 0..10 {
+        if round > 0 {
+            k = [k[0].wrapping_add(W0), k[1].wrapping_add(W1)];
+        }
+        let p0 = M0 * u64::from(c[0]);
+        let p1 = M1 * u64::from(c[2]);
+        c = [
+            (p1 >> 32) as u32 ^ c[1] ^ k[0],
+            p1 as u32,
+            (p0 >> 32) as u32 ^ c[3] ^ k[1],
+            p0 as u32,
+        ];
+    }
+    c
+}
+
+/// The 32 random bits stochastic rounding uses for one element.
+pub fn rounding_bits(seed: u64, step: u64, buffer: u32, element: u64) -> u32 {
+    philox4x32(
+        [element as u32, (element >> 32) as u32, step as u32, buffer],
+        [seed as u32, (seed >> 32) as u32],
+    )[0]
+}
+
+/// A storage type for parameters and state.
+pub trait Storage: Copy + Send + Sync + Default + PartialEq + std::fmt::Debug + 'static {
+    /// Its name.
+    const NAME: &'static str;
+    /// The value as f32 (exact).
+    fn to_f32(self) -> f32;
+    /// The nearest value (ties to even; NaN stays NaN).
+    fn nearest(x: f32) -> Self;
+    /// One of the two values around `x`, the upper with probability proportional to the distance
+    /// from the lower (`r`: 32 uniform random bits). Exact values and non-finite ones are kept.
+    fn stochastic(x: f32, r: u32) -> Self;
+    /// The data as f32, when it is f32 already (no copy needed).
+    fn as_f32(data: &[Self]) -> Option<&[f32]> {
+        let _ = data;
+        None
+    }
+}
+
+impl Storage for f32 {
+    const NAME: &'static str = "f32";
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn nearest(x: f32) -> Self {
+        x
+    }
+    fn stochastic(x: f32, _: u32) -> Self {
+        x
+    }
+    fn as_f32(data: &[Self]) -> Option<&[f32]> {
+        Some(data)
+    }
+}
+
+impl Storage for bf16 {
+    const NAME: &'static str = "bf16";
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    fn nearest(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+    fn stochastic(x: f32, r: u32) -> Self {
+        if !x.is_finite() {
+            return bf16::from_f32(x);
+        }
+        // Adding 16 random bits below the kept ones carries into them with probability equal to
+        // the dropped fraction of the magnitude (sign-magnitude: the same for negative values).
+        let bits = x.to_bits();
+        let (sum, overflow) = bits.overflowing_add(r & 0xFFFF);
+        if overflow || (sum ^ bits) & 0x8000_0000 != 0 {
+            return bf16::from_f32(x);
+        }
+        bf16::from_bits((sum >> 16) as u16)
+    }
+}
+
+impl Storage for f16 {
+    const NAME: &'static str = "f16";
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn nearest(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+    fn stochastic(x: f32, r: u32) -> Self {
+        let a = f16::from_f32(x);
+        let af = a.to_f32();
+        if !x.is_finite() || af == x || !af.is_finite() {
+            return a;
+        }
+        // The neighbour on the other side of x (one unit in the last place, by magnitude).
+        let step_away = |h: f16| f16::from_bits(h.to_bits() + 1);
+        let step_toward = |h: f16| {
+            if h.to_bits() & 0x7FFF == 0 {
+                f16::from_bits((h.to_bits() ^ 0x8000) + 1)
+            } else {
+                f16::from_bits(h.to_bits() - 1)
+            }
+        };
+        let b = if (af < x) == (af >= 0.0) && af != 0.0 {
+            step_away(a)
+        } else if af == 0.0 {
+            f16::from_bits(if x > 0.0 { 1 } else { 0x8001 })
+        } else {
+            step_toward(a)
+        };
+        let (lo, hi) = if a.to_f32() < b.to_f32() {
+            (a, b)
+        } else {
+            (b, a)
+        };
+        let (lof, hif) = (f64::from(lo.to_f32()), f64::from(hi.to_f32()));
+        let p = (f64::from(x) - lof) / (hif - lof);
+        let u = f64::from(r) / 4_294_967_296.0;
+        if u < p {
+            hi
+        } else {
+            lo
+        }
+    }
+}
+
+/// How results are rounded to the storage type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Rounding {
+    /// To nearest, ties to even.
+    #[default]
+    Nearest,
+    /// Stochastically, reproducibly from this seed (see [`rounding_bits`]).
+    Stochastic {
+        /// The generator's key.
+        seed: u64,
+    },
+}
+
+/// How a [`MixedOptimizer`] keeps its numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MixedOptions {
+    /// Keep an f32 copy of every parameter (the rule updates it; the 16-bit parameters are rounded
+    /// from it after each step).
+    pub master_weights: bool,
+    /// Keep the rule's state buffers in bf16 between steps.
+    pub bf16_state: bool,
+    /// How parameters (without master weights) and bf16 state are rounded.
+    pub rounding: Rounding,
+}
+
+/// A rule over parameters stored as `S` (bf16 or f16), computed in f32.
+#[derive(Debug)]
+pub struct MixedOptimizer<S: Storage> {
+    inner: Optimizer<f32>,
+    options: MixedOptions,
+    /// f32 master weights, `[space][tensor]` (created from the parameters at the first step).
+    master: Option<Vec<Vec<Vec<f32>>>>,
+    /// bf16 state buffers between steps, by buffer id.
+    state: Vec<(usize, Vec<Vec<bf16>>)>,
+    _storage: std::marker::PhantomData<S>,
+}
+
+/// Elements per parallel conversion task.
+const GRAIN: usize = 1 << 15;
+
+fn widen<S: Storage>(src: &[S], dst: &mut Vec<f32>) {
+    dst.clear();
+    dst.resize(src.len(), 0.0);
+    dst.par_chunks_mut(GRAIN)
+        .zip(src.par_chunks(GRAIN))
+        .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d = s.to_f32()));
+}
+
+/// Rounds `src` into `dst`; `first` is the global element index of `src[0]` in its buffer.
+fn round_into<S: Storage>(
+    src: &[f32],
+    dst: &mut [S],
+    rounding: Rounding,
+    step: u64,
+    buffer: u32,
+    first: u64,
+) {
+    dst.par_chunks_mut(GRAIN)
+        .zip(src.par_chunks(GRAIN))
+        .enumerate()
+        .for_each(|(c, (d, s))| {
+            let base = first + (c * GRAIN) as u64;
+            match rounding {
+                Rounding::Nearest => d.iter_mut().zip(s).for_each(|(d, &s)| *d = S::nearest(s)),
+                Rounding::Stochastic { seed } => {
+                    for (i, (d, &s)) in d.iter_mut().zip(s).enumerate() {
+                        *d = S::stochastic(s, rounding_bits(seed, step, buffer, base + i as u64));
+                    }
+                }
+            }
+        });
+}
+
+impl<S: Storage> MixedOptimizer<S> {
+    /// Binds a rule to named tensors stored as `S`, lent by the host at each step.
+    ///
+    /// ```
+    /// use half::bf16;
+    /// use optc_runtime::mixed::{MixedOptimizer, MixedOptions};
+    /// use optc_runtime::{Inputs, TensorSpec};
+    /// # let src = "rule sgd(lr = 0.5) { param theta\n input g\n theta = theta - lr * g }";
+    /// # let program = std::sync::Arc::new(optc_compiler::compile(src).programs.remove(0));
+    /// let opts = MixedOptions { master_weights: true, ..Default::default() };
+    /// let mut opt = MixedOptimizer::<bf16>::new(program, vec![vec![TensorSpec::new("w", &[2])]], opts)?;
+    /// let mut w = vec![bf16::from_f32(1.0); 2];
+    /// let g = vec![bf16::from_f32(0.25); 2];
+    /// opt.step_with(&mut [vec![&mut w[..]]], &Inputs::default().tensor("g", vec![&g]))?;
+    /// assert_eq!(w[0].to_f32(), 0.875);
+    /// # Ok::<(), optc_runtime::Error>(())
+    /// ```
+    pub fn new(
+        program: Arc<Program>,
+        tensors: Vec<Vec<TensorSpec>>,
+        options: MixedOptions,
+    ) -> Result<Self, Error> {
+        let mut inner = Optimizer::lending(program, tensors)?;
+        let state = if options.bf16_state {
+            inner
+                .state_buffers_mut()
+                .map(|(b, ts)| {
+                    let kept = ts.iter().map(|t| vec![bf16::ZERO; t.len()]).collect();
+                    *ts = Vec::new();
+                    (b, kept)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(MixedOptimizer {
+            inner,
+            options,
+            master: None,
+            state,
+            _storage: std::marker::PhantomData,
+        })
+    }
+
+    /// The f32 optimizer underneath: hyperparameters, schedules, groups, backend, steps.
+    pub fn inner(&self) -> &Optimizer<f32> {
+        &self.inner
+    }
+
+    /// The f32 optimizer underneath, to set hyperparameters, schedules and groups.
+    pub fn inner_mut(&mut self) -> &mut Optimizer<f32> {
+        &mut self.inner
+    }
+
+    /// Switches the backend of the optimizer underneath.
+    pub fn with_backend(mut self, backend: crate::Backend) -> Result<Self, Error> {
+        self.inner = self.inner.with_backend(backend)?;
+        Ok(self)
+    }
+
+    /// The options.
+    pub fn options(&self) -> MixedOptions {
+        self.options
+    }
+
+    /// The master weights, once the first step created them.
+    pub fn master_weights(&self) -> Option<&[Vec<Vec<f32>>]> {
+        self.master.as_deref()
+    }
+
+    /// A state buffer's values (widened to f32 when kept in bf16).
+    pub fn state(&self, name: &str) -> Option<Vec<Vec<f32>>> {
+        let b = self.inner.program().info.buffer(name)? as usize;
+        if let Some((_, kept)) = self.state.iter().find(|(id, _)| *id == b) {
+            return Some(
+                kept.iter()
+                    .map(|t| t.iter().map(|x| x.to_f32()).collect())
+                    .collect(),
+            );
+        }
+        self.inner.buffer(name).map(<[Vec<f32>]>::to_vec)
+    }
+
+    /// One whole step (every stage) over the host's parameters, updated in place. Inputs may be
+    /// f32 or any storage type. On an error nothing changes.
+    pub fn step_with<G: Storage>(
+        &mut self,
+        params: &mut [Vec<&mut [S]>],
+        inputs: &Inputs<'_, G>,
+    ) -> Result<(), Error> {
+        // Widen the inputs (f32 inputs are used in place).
+        let mut widened: Vec<(String, Vec<Vec<f32>>)> = Vec::new();
+        for (name, ts) in &inputs.tensors {
+            if ts.iter().all(|t| G::as_f32(t).is_some()) {
+                continue;
+            }
+            let mut out = Vec::with_capacity(ts.len());
+            for t in ts {
+                let mut w = Vec::new();
+                widen(t, &mut w);
+                out.push(w);
+            }
+            widened.push((name.clone(), out));
+        }
+        let mut f32_inputs = Inputs::<f32> {
+            tensors: Default::default(),
+            scalars: inputs.scalars.clone(),
+        };
+        for (name, ts) in &inputs.tensors {
+            if let Some(w) = widened.iter().find(|(n, _)| n == name) {
+                f32_inputs
+                    .tensors
+                    .insert(name.clone(), w.1.iter().map(Vec::as_slice).collect());
+            } else {
+                let direct: Vec<&[f32]> = ts.iter().filter_map(|t| G::as_f32(t)).collect();
+                f32_inputs.tensors.insert(name.clone(), direct);
+            }
+        }
+        // The f32 parameters the rule updates: the master weights or widened copies.
+        let masters_new = self.options.master_weights && self.master.is_none();
+        let mut work: Vec<Vec<Vec<f32>>> = match self.master.take() {
+            Some(m) => m,
+            None => params
+                .iter()
+                .map(|ts| {
+                    ts.iter()
+                        .map(|t| {
+                            let mut w = Vec::new();
+                            widen(t, &mut w);
+                            w
+                        })
+                        .collect()
+                })
+                .collect(),
+        };
+        // State kept in bf16: widen it into the optimizer for the step.
+        for (b, kept) in &self.state {
+            let mut wide = Vec::with_capacity(kept.len());
+            for t in kept {
+                let mut w = Vec::new();
+                widen(t, &mut w);
+                wide.push(w);
+            }
+            self.inner.set_state_buffer(*b, wide);
+        }
+        let steps = self.inner.steps();
+        let result = {
+            let mut lend: Vec<Vec<&mut [f32]>> = work
+                .iter_mut()
+                .map(|ts| ts.iter_mut().map(Vec::as_mut_slice).collect())
+                .collect();
+            self.inner.step_with(&mut lend, &f32_inputs)
+        };
+        let taken = self.inner.steps() > steps;
+        if let Err(e) = result {
+            if !masters_new && self.options.master_weights {
+                self.master = Some(work);
+            }
+            self.release_state();
+            return Err(e);
+        }
+        let t = self.inner.steps();
+        if taken {
+            // Params: buffer ids 0.. are the param spaces.
+            for (space, (ws, ps)) in work.iter().zip(params.iter_mut()).enumerate() {
+                let mut first = 0u64;
+                for (w, p) in ws.iter().zip(ps.iter_mut()) {
+                    let rounding = if self.options.master_weights {
+                        Rounding::Nearest
+                    } else {
+                        self.options.rounding
+                    };
+                    round_into(w, p, rounding, t, space as u32, first);
+                    first += w.len() as u64;
+                }
+            }
+            // bf16 state: round the new values.
+            let rounding = self.options.rounding;
+            for (b, kept) in &mut self.state {
+                let wide = self.inner.take_state_buffer(*b);
+                let mut first = 0u64;
+                for (w, k) in wide.iter().zip(kept.iter_mut()) {
+                    round_into(w, k, rounding, t, *b as u32, first);
+                    first += w.len() as u64;
+                }
+            }
+        }
+        self.release_state();
+        if self.options.master_weights {
+            self.master = Some(work);
+        }
+        Ok(())
+    }
+
+    /// Frees the widened copies of bf16 state.
+    fn release_state(&mut self) {
+        for (b, _) in &self.state {
+            self.inner.take_state_buffer(*b);
+        }
+    }
+
+    /// What a step does with non-finite inputs (as [`Optimizer::with_non_finite`]).
+    pub fn with_non_finite(mut self, policy: NonFinite) -> Result<Self, Error> {
+        self.inner = self.inner.with_non_finite(policy)?;
+        Ok(self)
+    }
+}
+
+impl Optimizer<f32> {
+    /// The state buffers (id and tensors), for the mixed-precision layer.
+    pub(crate) fn state_buffers_mut(
+        &mut self,
+    ) -> impl Iterator<Item = (usize, &mut Vec<Vec<f32>>)> {
+        let roles: Vec<BufRole> = self.program.info.buffers.iter().map(|b| b.role).collect();
+        self.bufs
+            .iter_mut()
+            .enumerate()
+            .filter(move |(b, _)| roles[*b] == BufRole::State)
+    }
+
+    pub(crate) fn set_state_buffer(&mut self, b: usize, data: Vec<Vec<f32>>) {
+        self.bufs[b] = data;
+    }
+
+    pub(crate) fn take_state_buffer(&mut self, b: usize) -> Vec<Vec<f32>> {
+        std::mem::take(&mut self.bufs[b])
+    }
+}
