@@ -751,6 +751,12 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
         );
         println!("{:>6}  {:>14}  {:>14}", "step", "|params|", "|update|");
     }
+    // A progress bar on a terminal (stderr); hidden when piped or with --quiet.
+    let bar = if args.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(steps as u64)
+    };
     for step in 0..steps {
         let before: Vec<Vec<T>> = (0..info.spaces.len())
             .flat_map(|s| opt.params(s).to_vec())
@@ -797,9 +803,11 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
                 .map(|(a, b)| (a.to_f64() - b.to_f64()).powi(2))
                 .sum::<f64>()
                 .sqrt();
-            println!("{:>6}  {:>14.6e}  {:>14.6e}", step + 1, norm, upd);
+            bar.suspend(|| println!("{:>6}  {:>14.6e}  {:>14.6e}", step + 1, norm, upd));
         }
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     // Write the parameters, with the names and shapes they came with.
     let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (s, ts) in spaces.iter().enumerate() {
