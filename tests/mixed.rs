@@ -366,3 +366,60 @@ fn sixteen_bit_inputs() {
     };
     assert_eq!(run(true), run(false));
 }
+
+/// A mixed-precision run resumed from a checkpoint (master weights, bf16 state, stochastic
+/// rounding) is bit-identical to one that never stopped; other settings are refused unchanged.
+#[test]
+fn mixed_checkpoints_resume_exactly() {
+    for master_weights in [false, true] {
+        let options = MixedOptions {
+            master_weights,
+            bf16_state: true,
+            rounding: Rounding::Stochastic { seed: 5 },
+        };
+        let sets = [("lr", 0.01)];
+        let (_, want) = mixed::<bf16>("adan", options, Backend::Cranelift { threads: 2 }, 6, &sets);
+        let (first, mut params) =
+            mixed::<bf16>("adan", options, Backend::Cranelift { threads: 2 }, 3, &sets);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mixed.safetensors");
+        first.save_checkpoint(&path).unwrap();
+
+        let p = Arc::new(optc::stdlib_rule("adan").unwrap());
+        let mut resumed = MixedOptimizer::<bf16>::new(Arc::clone(&p), specs(), options)
+            .unwrap()
+            .with_backend(Backend::Cranelift { threads: 1 })
+            .unwrap();
+        resumed.load_checkpoint(&path).unwrap();
+        assert_eq!(resumed.inner().steps(), 3);
+        assert_eq!(resumed.inner().hyper("lr"), Some(0.01));
+        for s in 3..6 {
+            let g = grads(s);
+            let mut lend: Vec<&mut [bf16]> = params.iter_mut().map(Vec::as_mut_slice).collect();
+            resumed
+                .step_with(
+                    std::slice::from_mut(&mut lend),
+                    &Inputs::default().tensor("g", g.iter().map(Vec::as_slice).collect()),
+                )
+                .unwrap();
+        }
+        assert_eq!(params, want, "master weights {master_weights}");
+
+        // Other settings, or a plain f32 checkpoint: refused, nothing changed.
+        let other = MixedOptions {
+            rounding: Rounding::Stochastic { seed: 6 },
+            ..options
+        };
+        let mut o = MixedOptimizer::<bf16>::new(Arc::clone(&p), specs(), other).unwrap();
+        let e = o.load_checkpoint(&path).unwrap_err();
+        assert!(e.to_string().contains("settings"), "{e}");
+        assert_eq!(o.inner().steps(), 0);
+        let mut h = MixedOptimizer::<f16>::new(Arc::clone(&p), specs(), options).unwrap();
+        assert!(h.load_checkpoint(&path).is_err());
+        let plain = Optimizer::<f32>::lending(p, specs()).unwrap();
+        let e = o
+            .load_checkpoint_bytes(&plain.checkpoint_bytes().unwrap())
+            .unwrap_err();
+        assert!(e.to_string().contains("optc.mixed"), "{e}");
+    }
+}

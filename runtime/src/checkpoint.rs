@@ -57,6 +57,52 @@ fn dtype_of<T: Float>() -> Dtype {
     }
 }
 
+/// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, rename, fsync of the folder.
+/// `fail` simulates a crash at one point (tests).
+pub(crate) fn write_atomic(
+    path: &Path,
+    bytes: &[u8],
+    fail: Option<FailPoint>,
+) -> Result<(), Error> {
+    let io = |e: std::io::Error| err(format!("cannot write `{}`: {e}", path.display()));
+    let name = path
+        .file_name()
+        .ok_or_else(|| err(format!("`{}` is not a file path", path.display())))?;
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let simulated = |at: FailPoint| {
+        if fail == Some(at) {
+            Err(err(format!("simulated failure at {at:?}")))
+        } else {
+            Ok(())
+        }
+    };
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        simulated(FailPoint::Create)?;
+        let half = bytes.len() / 2;
+        f.write_all(&bytes[..half]).map_err(io)?;
+        simulated(FailPoint::Write)?;
+        f.write_all(&bytes[half..]).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        simulated(FailPoint::Rename)?;
+        std::fs::rename(&tmp, path).map_err(io)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// A parameter group read from a checkpoint: its overrides and its tensors' places.
 type GroupRecord = (Vec<Option<f64>>, Vec<(usize, usize)>);
 
@@ -187,44 +233,7 @@ impl<T: Float + Default> Optimizer<T> {
         path: &Path,
         fail: Option<FailPoint>,
     ) -> Result<(), Error> {
-        let bytes = self.checkpoint_bytes()?;
-        let io = |e: std::io::Error| err(format!("cannot write `{}`: {e}", path.display()));
-        let name = path
-            .file_name()
-            .ok_or_else(|| err(format!("`{}` is not a file path", path.display())))?;
-        let tmp = path.with_file_name(format!(
-            ".{}.tmp-{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        let simulated = |at: FailPoint| {
-            if fail == Some(at) {
-                Err(err(format!("simulated failure at {at:?}")))
-            } else {
-                Ok(())
-            }
-        };
-        let result = (|| {
-            let mut f = std::fs::File::create(&tmp).map_err(io)?;
-            simulated(FailPoint::Create)?;
-            let half = bytes.len() / 2;
-            f.write_all(&bytes[..half]).map_err(io)?;
-            simulated(FailPoint::Write)?;
-            f.write_all(&bytes[half..]).map_err(io)?;
-            f.sync_all().map_err(io)?;
-            simulated(FailPoint::Rename)?;
-            std::fs::rename(&tmp, path).map_err(io)?;
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                if let Ok(d) = std::fs::File::open(dir) {
-                    let _ = d.sync_all();
-                }
-            }
-            Ok(())
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result
+        write_atomic(path, &self.checkpoint_bytes()?, fail)
     }
 
     /// Loads a checkpoint written by [`Optimizer::save_checkpoint`] for the same rule and tensors.

@@ -16,6 +16,8 @@ use crate::{Error, Inputs, NonFinite, Optimizer, TensorSpec};
 pub use half::{bf16, f16};
 use optc_compiler::ir::{BufRole, Program};
 use rayon::prelude::*;
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Philox-4x32 with 10 rounds (Salmon et al., 2011, "Parallel random numbers: as easy as 1, 2,
@@ -425,6 +427,153 @@ impl<S: Storage> MixedOptimizer<S> {
         for (b, _) in &self.state {
             self.inner.take_state_buffer(*b);
         }
+    }
+
+    /// The mixed-precision settings as recorded in checkpoints.
+    fn record(&self) -> String {
+        let (rounding, seed) = match self.options.rounding {
+            Rounding::Nearest => ("nearest", 0),
+            Rounding::Stochastic { seed } => ("stochastic", seed),
+        };
+        serde_json::json!({
+            "storage": S::NAME,
+            "master_weights": self.options.master_weights,
+            "bf16_state": self.options.bf16_state,
+            "rounding": rounding,
+            "seed": seed.to_string(),
+        })
+        .to_string()
+    }
+
+    /// The checkpoint as bytes: the f32 optimizer's checkpoint (state widened exactly from bf16),
+    /// the master weights as `master.SPACE.TENSOR`, and the settings in an `optc.mixed` record.
+    pub fn checkpoint_bytes(&self) -> Result<Vec<u8>, Error> {
+        let ckpt_err = |e: &dyn std::fmt::Display| Error::Checkpoint(e.to_string());
+        let mut inner = self.inner.clone();
+        for (b, kept) in &self.state {
+            let wide = kept
+                .iter()
+                .map(|t| {
+                    let mut w = Vec::new();
+                    widen(t, &mut w);
+                    w
+                })
+                .collect();
+            inner.set_state_buffer(*b, wide);
+        }
+        let base = inner.checkpoint_bytes()?;
+        let st = SafeTensors::deserialize(&base).map_err(|e| ckpt_err(&e))?;
+        let (_, header) = SafeTensors::read_metadata(&base).map_err(|e| ckpt_err(&e))?;
+        let mut meta: HashMap<String, String> = header.metadata().clone().unwrap_or_default();
+        meta.insert("optc.mixed".into(), self.record());
+        let masters: Vec<(String, Vec<u8>)> = self
+            .master
+            .iter()
+            .flat_map(|m| m.iter().enumerate())
+            .flat_map(|(s, ts)| {
+                ts.iter().enumerate().map(move |(j, t)| {
+                    (
+                        format!("master.{s}.{j}"),
+                        t.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    )
+                })
+            })
+            .collect();
+        let mut views: Vec<(String, TensorView<'_>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, v)| TensorView::new(v.dtype(), v.shape().to_vec(), v.data()).map(|v| (n, v)))
+            .collect::<Result<_, _>>()
+            .map_err(|e| ckpt_err(&e))?;
+        for (n, bytes) in &masters {
+            views.push((
+                n.clone(),
+                TensorView::new(Dtype::F32, vec![bytes.len() / 4], bytes)
+                    .map_err(|e| ckpt_err(&e))?,
+            ));
+        }
+        views.sort_by(|a, b| a.0.cmp(&b.0));
+        safetensors::serialize(views, Some(meta)).map_err(|e| ckpt_err(&e))
+    }
+
+    /// Writes a checkpoint atomically (see [`Optimizer::save_checkpoint`]).
+    pub fn save_checkpoint(&self, path: &std::path::Path) -> Result<(), Error> {
+        crate::checkpoint::write_atomic(path, &self.checkpoint_bytes()?, None)
+    }
+
+    /// Loads a checkpoint of a mixed-precision optimizer with the same rule, tensors and
+    /// settings. Everything is checked first; on any error nothing changes.
+    pub fn load_checkpoint(&mut self, path: &std::path::Path) -> Result<(), Error> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| Error::Checkpoint(format!("cannot read `{}`: {e}", path.display())))?;
+        self.load_checkpoint_bytes(&bytes)
+    }
+
+    /// Loads a checkpoint from bytes (see [`MixedOptimizer::load_checkpoint`]).
+    pub fn load_checkpoint_bytes(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        let ckpt_err = |e: &dyn std::fmt::Display| Error::Checkpoint(e.to_string());
+        let (_, header) = SafeTensors::read_metadata(bytes)
+            .map_err(|e| ckpt_err(&format!("not a valid checkpoint: {e}")))?;
+        let record = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("optc.mixed"))
+            .ok_or_else(|| ckpt_err(&"not a mixed-precision checkpoint: no `optc.mixed` record"))?;
+        if *record != self.record() {
+            return Err(ckpt_err(&format!(
+                "the checkpoint's mixed-precision settings {record} differ from this optimizer's {}",
+                self.record()
+            )));
+        }
+        let st = SafeTensors::deserialize(bytes).map_err(|e| ckpt_err(&e))?;
+        // Master weights exist once a step has run.
+        let has_masters = st.names().iter().any(|n| n.starts_with("master."));
+        let master = if self.options.master_weights && has_masters {
+            let mut m = Vec::new();
+            for s in 0..self.inner.program().info.spaces.len() {
+                let mut ts = Vec::new();
+                for (j, spec) in self.inner.tensors(s).iter().enumerate() {
+                    let name = format!("master.{s}.{j}");
+                    let v = st
+                        .tensor(&name)
+                        .map_err(|_| ckpt_err(&format!("the checkpoint lacks `{name}`")))?;
+                    if v.dtype() != Dtype::F32 || v.shape() != [spec.numel()] {
+                        return Err(ckpt_err(&format!(
+                            "`{name}` is {:?} {:?}, expected F32 [{}]",
+                            v.dtype(),
+                            v.shape(),
+                            spec.numel()
+                        )));
+                    }
+                    ts.push(
+                        v.data()
+                            .chunks_exact(4)
+                            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                            .collect::<Vec<f32>>(),
+                    );
+                }
+                m.push(ts);
+            }
+            Some(m)
+        } else {
+            None
+        };
+        let mut trial = self.inner.clone();
+        trial.load_checkpoint_bytes(bytes)?;
+        if self.options.master_weights && trial.steps() > 0 && master.is_none() {
+            return Err(ckpt_err(&"the checkpoint lacks the master weights"));
+        }
+        // Everything checked: apply.
+        self.inner = trial;
+        self.master = master;
+        for (b, kept) in &mut self.state {
+            let wide = self.inner.take_state_buffer(*b);
+            for (w, k) in wide.iter().zip(kept.iter_mut()) {
+                // Exact: the values were bf16.
+                round_into(w, k, Rounding::Nearest, 0, 0, 0);
+            }
+        }
+        Ok(())
     }
 
     /// What a step does with non-finite inputs (as [`Optimizer::with_non_finite`]).
