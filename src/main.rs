@@ -41,6 +41,12 @@ enum Cmd {
         /// Which rule, when the file has several.
         #[arg(long = "rule")]
         rule_name: Option<String>,
+        /// Element precision of the buffers, for `--emit clif|cuda|ptx`.
+        #[arg(long, value_enum, default_value = "f32")]
+        precision: PrecisionArg,
+        /// GPU architecture for `--emit ptx` (`sm_80`, `sm_90`, ...).
+        #[arg(long, default_value = "sm_90")]
+        arch: String,
     },
     /// Apply a rule to parameters stored in a safetensors file.
     Run(RunArgs),
@@ -63,8 +69,29 @@ enum Emit {
     Ir,
     /// The final kernels: phases, uniforms, per-element work, stores and reductions.
     Kernels,
-    /// Cranelift IR of every kernel (f32 buffers), before Cranelift's optimizations.
+    /// Cranelift IR of every kernel, before Cranelift's optimizations.
     Clif,
+    /// CUDA C of every kernel (both step variants, one translation unit).
+    Cuda,
+    /// PTX of every kernel, compiled by NVRTC for `--arch` (needs the NVRTC library at run time).
+    Ptx,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
+enum PrecisionArg {
+    /// f32 buffers.
+    F32,
+    /// f64 buffers.
+    F64,
+}
+
+impl PrecisionArg {
+    fn precision(self) -> compiler::backend::clif::Precision {
+        match self {
+            PrecisionArg::F32 => compiler::backend::clif::Precision::F32,
+            PrecisionArg::F64 => compiler::backend::clif::Precision::F64,
+        }
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
@@ -227,7 +254,9 @@ fn main() -> ExitCode {
             rule,
             emit,
             rule_name,
-        } => compile_cmd(&rule, rule_name.as_deref(), emit),
+            precision,
+            arch,
+        } => compile_cmd(&rule, rule_name.as_deref(), emit, precision, &arch),
         Cmd::Run(args) => run(&args),
         Cmd::Bench(args) => bench(&args),
         Cmd::List => list(),
@@ -326,7 +355,13 @@ fn compile_one(rule: &str, rule_name: Option<&str>) -> Result<(Program, String, 
     Ok((programs.swap_remove(idx), name, src))
 }
 
-fn compile_cmd(rule: &str, rule_name: Option<&str>, emit: Emit) -> Result<(), Fail> {
+fn compile_cmd(
+    rule: &str,
+    rule_name: Option<&str>,
+    emit: Emit,
+    precision: PrecisionArg,
+    arch: &str,
+) -> Result<(), Fail> {
     let (name, src) = load_source(rule)?;
     match emit {
         Emit::Ast => {
@@ -365,11 +400,41 @@ fn compile_cmd(rule: &str, rule_name: Option<&str>, emit: Emit) -> Result<(), Fa
             let (p, _, _) = compile_one(rule, rule_name)?;
             print!(
                 "{}",
-                compiler::backend::clif::clif_text(&p, compiler::backend::clif::Precision::F32)
+                compiler::backend::clif::clif_text(&p, precision.precision())
             );
+        }
+        Emit::Cuda => {
+            let (p, _, _) = compile_one(rule, rule_name)?;
+            print!(
+                "{}",
+                compiler::backend::cuda::cuda_text(&p, precision.precision())
+            );
+        }
+        Emit::Ptx => {
+            let (p, _, _) = compile_one(rule, rule_name)?;
+            print!("{}", ptx(&p, precision, arch)?);
         }
     }
     Ok(())
+}
+
+/// The PTX of a program's CUDA source, through NVRTC (and the on-disk cache).
+#[cfg(feature = "cuda")]
+fn ptx(p: &Program, precision: PrecisionArg, arch: &str) -> Result<String, Fail> {
+    use optc::runtime::cuda;
+    let source = compiler::backend::cuda::cuda_text(p, precision.precision());
+    let nvrtc = cuda::Nvrtc::load().map_err(|e| Fail(format!("error: {e}")))?;
+    let ptx = nvrtc
+        .compile_ptx_cached(&source, arch, &cuda::PtxCache::default_location())
+        .map_err(|e| Fail(format!("error: {e}")))?;
+    Ok(ptx.text)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn ptx(_: &Program, _: PrecisionArg, _: &str) -> Result<String, Fail> {
+    Err(Fail(
+        "error: this optc was built without the `cuda` feature; --emit ptx needs it".to_string(),
+    ))
 }
 
 fn list() -> Result<(), Fail> {

@@ -1,5 +1,5 @@
 //! Snapshot tests (insta): every standard-library rule at every compiler stage (AST, IR after each
-//! pass, kernels, Cranelift IR), and the rendered
+//! pass, kernels, Cranelift IR, CUDA C), and the rendered
 //! diagnostics of every program under tests/bad (uncolored). Programs under tests/good snapshot
 //! their kernels. Review changes with `cargo insta review` or `INSTA_UPDATE=always cargo test`.
 
@@ -40,6 +40,11 @@ fn stdlib_at_every_stage() {
             optc::compiler::backend::clif::Precision::F32,
         );
         insta::assert_snapshot!(format!("stdlib_{name}_clif"), clif);
+        let cuda = optc::compiler::backend::cuda::cuda_text(
+            &program,
+            optc::compiler::backend::clif::Precision::F32,
+        );
+        insta::assert_snapshot!(format!("stdlib_{name}_cuda"), cuda);
     }
 }
 

@@ -14,6 +14,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 pub mod checkpoint;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod jit;
 pub mod mixed;
 pub mod schedule;

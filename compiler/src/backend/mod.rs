@@ -2,4 +2,5 @@
 //! oracle every other backend is tested against.
 
 pub mod clif;
+pub mod cuda;
 pub mod interp;
