@@ -141,6 +141,23 @@ pub enum ReduceOp {
     Max,
 }
 
+impl ReduceOp {
+    /// Folds one more value (an element or a partial result) into an accumulator, in f64; every
+    /// backend and the host combine partials with this.
+    pub fn combine(self, acc: f64, v: f64) -> f64 {
+        match self {
+            ReduceOp::Sum => acc + v,
+            ReduceOp::Max => {
+                if acc.is_nan() || v.is_nan() {
+                    f64::NAN
+                } else {
+                    acc.max(v)
+                }
+            }
+        }
+    }
+}
+
 /// A node of the dataflow graph.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Node {

@@ -331,16 +331,7 @@ pub unsafe fn run_kernel<T: Float>(
             for (ti, &j) in owner.iter().enumerate() {
                 let v = partials[ti * nred + ri];
                 let slot = &mut out[if per_tensor { j } else { 0 }];
-                *slot = match op {
-                    optc_compiler::ir::ReduceOp::Sum => *slot + v,
-                    optc_compiler::ir::ReduceOp::Max => {
-                        if slot.is_nan() || v.is_nan() {
-                            f64::NAN
-                        } else {
-                            slot.max(v)
-                        }
-                    }
-                };
+                *slot = op.combine(*slot, v);
             }
             (r, out)
         })

@@ -9,7 +9,7 @@
 //!   group is 0 and any NaN makes it NaN;
 //! - within a kernel, every element's loads happen before its stores, so updates are in place.
 
-use crate::ir::{BufRole, Kernel, Kind, Node, NodeId, Program, ReduceOp, Ty};
+use crate::ir::{BufRole, Kernel, Kind, Node, NodeId, Program, Ty};
 use crate::ops::{binary_f64, unary_f64, Float};
 use std::collections::HashMap;
 
@@ -267,16 +267,7 @@ impl<'p> StepRun<'p> {
                     let acc = &mut partial[ri][if per_tensor { j } else { 0 }];
                     for i in 0..end - start {
                         let v = operand(a, &cols, i).to_f64();
-                        *acc = match op {
-                            ReduceOp::Sum => *acc + v,
-                            ReduceOp::Max => {
-                                if acc.is_nan() || v.is_nan() {
-                                    f64::NAN
-                                } else {
-                                    acc.max(v)
-                                }
-                            }
-                        };
+                        *acc = op.combine(*acc, v);
                     }
                 }
                 for &(b, v) in &kernel.stores {
