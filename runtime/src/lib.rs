@@ -936,7 +936,8 @@ impl<T: Float + Default> Optimizer<T> {
         Some(self.scalar_states[i])
     }
 
-    /// The tensors of param `space`.
+    /// The tensors of param `space` (empty for an optimizer built with [`Optimizer::lending`],
+    /// whose params the host keeps).
     pub fn params(&self, space: usize) -> &[Vec<T>] {
         &self.bufs[space]
     }

@@ -181,7 +181,8 @@ pub enum Rounding {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MixedOptions {
     /// Keep an f32 copy of every parameter (the rule updates it; the 16-bit parameters are rounded
-    /// from it after each step).
+    /// from it after each step). The copy is made from the parameters at the first step; changes
+    /// the host makes to its 16-bit parameters after that are overwritten by the next step.
     pub master_weights: bool,
     /// Keep the rule's state buffers in bf16 between steps.
     pub bf16_state: bool,
