@@ -995,7 +995,7 @@ fn bench(args: &BenchArgs) -> Result<(), Fail> {
     let backend = args.exec.backend();
     let threads = match backend {
         Backend::Cranelift { threads } => threads,
-        Backend::Interpreter => 1,
+        _ => 1,
     };
     let params: Vec<Vec<Vec<f32>>> = info
         .spaces

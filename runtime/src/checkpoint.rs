@@ -181,7 +181,11 @@ impl<T: Float + Default> Optimizer<T> {
             if bi.role != BufRole::State {
                 continue;
             }
-            for (j, data) in self.bufs[b].iter().enumerate() {
+            let host = self
+                .gpu
+                .host(&self.bufs, b)
+                .map_err(|e| err(e.to_string()))?;
+            for (j, data) in host.iter().enumerate() {
                 let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes_vec()).collect();
                 owned.push((format!("state.{}.{j}", bi.name), vec![data.len()], bytes));
             }
@@ -377,6 +381,7 @@ impl<T: Float + Default> Optimizer<T> {
         // Everything checked: apply.
         for (b, t) in new_bufs {
             self.bufs[b] = t;
+            self.gpu.forget(b);
         }
         self.hypers = new_hypers;
         self.groups.clear();

@@ -48,6 +48,9 @@ pub enum CudaError {
     /// Any other NVRTC failure.
     #[error("NVRTC: {0}")]
     Nvrtc(String),
+    /// The CUDA driver reported an error (no GPU, out of memory, a failed launch, ...).
+    #[error("CUDA driver: {0}")]
+    Driver(String),
 }
 
 /// Symbols of libnvrtc this module calls (through cudarc).
@@ -98,8 +101,13 @@ fn probe(lib: &str, symbols: &[&str]) -> Result<(), String> {
         return Ok(());
     }
     Err(format!(
-        "none of {} could be loaded; put the folder holding libnvrtc.so.13 on LD_LIBRARY_PATH or set {NVRTC_LIB_ENV} to the file",
-        names.join(", ")
+        "none of {} could be loaded{}",
+        names.join(", "),
+        if lib == "nvrtc" {
+            format!("; put the folder holding libnvrtc.so.13 on LD_LIBRARY_PATH or set {NVRTC_LIB_ENV} to the file")
+        } else {
+            " (is an NVIDIA driver installed?)".to_string()
+        }
     ))
 }
 
@@ -418,7 +426,13 @@ impl PtxCache {
 /// Whether the CUDA driver library (libcuda) can be loaded, checked without cudarc's panicking
 /// loader; `Err` says why not.
 pub fn driver_present() -> Result<(), CudaError> {
-    probe("cuda", &["cuInit", "cuDeviceGetCount"]).map_err(CudaError::DriverMissing)
+    driver_symbols_present(&["cuInit", "cuDeviceGetCount"])
+}
+
+/// Whether libcuda can be loaded and has every one of `symbols` (so cudarc's loader, which
+/// panics on a missing symbol, will find them).
+pub fn driver_symbols_present(symbols: &[&str]) -> Result<(), CudaError> {
+    probe("cuda", symbols).map_err(CudaError::DriverMissing)
 }
 
 /// One launch-table entry, laid out as the kernels read it (`optc_chunk`, 16 bytes).
@@ -515,16 +529,7 @@ impl LaunchTable {
                 for (c, chunk) in self.chunks.iter().enumerate() {
                     let v = partials.get(ri * n + c).copied().unwrap_or(0.0);
                     let slot = &mut out[if per_tensor { chunk.tensor as usize } else { 0 }];
-                    *slot = match op {
-                        ReduceOp::Sum => *slot + v,
-                        ReduceOp::Max => {
-                            if slot.is_nan() || v.is_nan() {
-                                f64::NAN
-                            } else {
-                                slot.max(v)
-                            }
-                        }
-                    };
+                    *slot = op.combine(*slot, v);
                 }
                 (r, out)
             })

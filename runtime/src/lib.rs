@@ -16,6 +16,32 @@ use std::sync::Arc;
 pub mod checkpoint;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+pub mod device;
+#[cfg(feature = "cuda")]
+pub mod gpu;
+#[cfg(not(feature = "cuda"))]
+mod gpu {
+    //! Without the `cuda` feature: host buffers are always the current ones.
+    use optc_compiler::backend::interp::Buffers;
+    use optc_compiler::ops::Float;
+
+    #[derive(Debug, Clone, Default)]
+    pub(crate) struct GpuSlot<T>(std::marker::PhantomData<T>);
+
+    impl<T: Float> GpuSlot<T> {
+        pub(crate) fn host<'a>(
+            &'a self,
+            bufs: &'a Buffers<T>,
+            b: usize,
+        ) -> Result<&'a Vec<Vec<T>>, std::convert::Infallible> {
+            Ok(&bufs[b])
+        }
+        pub(crate) fn forget(&mut self, _b: usize) {}
+    }
+}
+#[cfg(feature = "cuda")]
+pub use gpu::DeviceInputs;
 pub mod jit;
 pub mod mixed;
 pub mod schedule;
@@ -119,6 +145,10 @@ pub enum Error {
         /// Why not.
         why: String,
     },
+    /// The CUDA backend: no driver or GPU, a compile error, a failed launch or copy.
+    #[cfg(feature = "cuda")]
+    #[error("{0}")]
+    Cuda(#[from] cuda::CudaError),
     /// A tensor name this optimizer does not have.
     #[error("no parameter tensor named `{0}`")]
     UnknownTensor(String),
@@ -239,6 +269,8 @@ pub struct Optimizer<T: Float> {
     /// The specialization the current step runs.
     active: Arc<Active>,
     engine: Backend,
+    /// The GPU side on [`Backend::Cuda`] (device buffers, host copies downloaded on access).
+    gpu: gpu::GpuSlot<T>,
     pool: Option<Arc<rayon::ThreadPool>>,
     policy: NonFinite,
     skipped: u64,
@@ -251,6 +283,9 @@ struct Active {
     program: Arc<Program>,
     /// Compiled kernels on the Cranelift backend (the interpreter runs `program` otherwise).
     jit: Option<Arc<JitProgram>>,
+    /// Compiled and loaded kernels on the CUDA backend.
+    #[cfg(feature = "cuda")]
+    gpu: Option<Arc<device::GpuProgram>>,
     needs: [Vec<StageNeeds>; 2],
     /// Guard reductions (non-finite inputs) of stage 0, phase 0, per variant.
     guards: [Vec<NodeId>; 2],
@@ -266,6 +301,7 @@ impl Active {
         engine: Backend,
         precision: Precision,
         policy: NonFinite,
+        #[cfg(feature = "cuda")] dev: Option<&Arc<device::Device>>,
     ) -> Result<Active, Error> {
         let key = decision_key(decisions, base, sets);
         let decisions = decisions.agreeing(base, sets);
@@ -293,14 +329,28 @@ impl Active {
                 .unwrap_or_default()
         });
         let jit = match engine {
-            Backend::Interpreter => None,
             Backend::Cranelift { .. } => Some(Arc::new(JitProgram::compile(&program, precision)?)),
+            _ => None,
+        };
+        #[cfg(feature = "cuda")]
+        let gpu = match (engine, dev) {
+            (Backend::Cuda { .. }, Some(dev)) => Some(Arc::new(device::GpuProgram::compile(
+                &program, precision, dev,
+            )?)),
+            (Backend::Cuda { .. }, None) => {
+                return Err(Error::Cuda(cuda::CudaError::DriverMissing(
+                    "no GPU opened".into(),
+                )))
+            }
+            _ => None,
         };
         let needs = [needs_of(&program, 0), needs_of(&program, 1)];
         Ok(Active {
             key,
             program,
             jit,
+            #[cfg(feature = "cuda")]
+            gpu,
             needs,
             guards,
         })
@@ -328,6 +378,13 @@ pub enum Backend {
     Cranelift {
         /// Worker threads.
         threads: usize,
+    },
+    /// CUDA kernels on GPU `device` (compiled by NVRTC for its architecture); params (when
+    /// owned), state and outputs in device memory. See [`gpu`].
+    #[cfg(feature = "cuda")]
+    Cuda {
+        /// The CUDA device ordinal.
+        device: usize,
     },
 }
 
@@ -506,6 +563,8 @@ impl<T: Float + Default> Optimizer<T> {
             Backend::Interpreter,
             Self::precision(),
             NonFinite::Proceed,
+            #[cfg(feature = "cuda")]
+            None,
         )?);
         Ok(Optimizer {
             schedules: vec![None; hypers.len()],
@@ -528,6 +587,7 @@ impl<T: Float + Default> Optimizer<T> {
             active,
             program,
             engine: Backend::Interpreter,
+            gpu: Default::default(),
             pool: None,
             policy: NonFinite::Proceed,
             skipped: 0,
@@ -551,6 +611,8 @@ impl<T: Float + Default> Optimizer<T> {
             self.engine,
             Self::precision(),
             self.policy,
+            #[cfg(feature = "cuda")]
+            self.gpu.dev.as_ref(),
         )?;
         Ok(Arc::new(a))
     }
@@ -631,10 +693,25 @@ impl<T: Float + Default> Optimizer<T> {
     }
 
     /// Switches to another backend (compiling the rule for it); state and step count are kept.
+    ///
+    /// [`Backend::Cuda`] opens the GPU (an [`Error::Cuda`] without a driver or GPU) and compiles
+    /// the kernels for it with NVRTC; see [`gpu`] for where values live. Leaving it downloads
+    /// the device's values first.
     pub fn with_backend(mut self, backend: Backend) -> Result<Self, Error> {
+        #[cfg(feature = "cuda")]
+        match backend {
+            Backend::Cuda { device } => self.open_gpu(device)?,
+            _ => {
+                self.gpu.sync(&mut self.bufs)?;
+                self.gpu.release();
+                self.gpu.dev = None;
+            }
+        }
         self.engine = backend;
         self.reset_active()?;
         match backend {
+            #[cfg(feature = "cuda")]
+            Backend::Cuda { .. } => self.pool = None,
             Backend::Interpreter => self.pool = None,
             Backend::Cranelift { threads } => {
                 self.pool = if threads > 1 {
@@ -920,9 +997,15 @@ impl<T: Float + Default> Optimizer<T> {
     }
 
     /// The tensors of a per-element buffer (param, state or output) by name.
+    ///
+    /// On [`Backend::Cuda`] the first call after a step downloads the buffer (`None` if that
+    /// fails; [`Optimizer::sync_host`] reports why).
     pub fn buffer(&self, name: &str) -> Option<&[Vec<T>]> {
         let b = self.program.info.buffer(name)?;
-        Some(&self.bufs[b as usize])
+        self.gpu
+            .host(&self.bufs, b as usize)
+            .ok()
+            .map(Vec::as_slice)
     }
 
     /// A scalar state by name.
@@ -938,8 +1021,13 @@ impl<T: Float + Default> Optimizer<T> {
 
     /// The tensors of param `space` (empty for an optimizer built with [`Optimizer::lending`],
     /// whose params the host keeps).
+    ///
+    /// On [`Backend::Cuda`] the first call after a step downloads them (an empty list if that
+    /// fails; [`Optimizer::sync_host`] reports why).
     pub fn params(&self, space: usize) -> &[Vec<T>] {
-        &self.bufs[space]
+        self.gpu
+            .host(&self.bufs, space)
+            .map_or(&[][..], Vec::as_slice)
     }
 
     /// What stage `k` reads from the host in the coming step.
@@ -1037,7 +1125,7 @@ impl<T: Float + Default> Optimizer<T> {
             checked.push((k, scalars.clone()));
         }
         for (k, scalars) in checked {
-            if !self.exec_stage(k, params.as_deref_mut(), inputs, scalars) {
+            if !self.exec_stage(k, params.as_deref_mut(), inputs, scalars)? {
                 return self.non_finite();
             }
         }
@@ -1082,7 +1170,7 @@ impl<T: Float + Default> Optimizer<T> {
             self.activate()?;
         }
         let scalars = self.check_stage(k, inputs, &self.pending_scalars)?;
-        if !self.exec_stage(k, params, inputs, scalars) {
+        if !self.exec_stage(k, params, inputs, scalars)? {
             return self.non_finite();
         }
         Ok(())
@@ -1159,7 +1247,8 @@ impl<T: Float + Default> Optimizer<T> {
         Ok(scalars)
     }
 
-    /// Runs stage `k`, whose inputs [`Self::check_stage`] accepted. Cannot fail.
+    /// Runs stage `k`, whose inputs [`Self::check_stage`] accepted. Cannot fail on the CPU
+    /// backends; on the GPU a driver error is an [`Error::Cuda`].
     #[allow(unsafe_code)] // calls JIT kernels over the buffers this optimizer owns
     /// Returns false when the guard found non-finite inputs after the first phase (nothing written).
     fn exec_stage(
@@ -1168,7 +1257,11 @@ impl<T: Float + Default> Optimizer<T> {
         mut params: Option<&mut [Vec<&mut [T]>]>,
         inputs: &Inputs<'_, T>,
         scalars: HashMap<u16, f64>,
-    ) -> bool {
+    ) -> Result<bool, Error> {
+        #[cfg(feature = "cuda")]
+        if let Backend::Cuda { .. } = self.engine {
+            return self.exec_stage_cuda(k, gpu::Source::Host { params, inputs }, scalars);
+        }
         let active = Arc::clone(&self.active);
         let prog = Arc::clone(&active.program);
         let info = &prog.info;
@@ -1257,7 +1350,7 @@ impl<T: Float + Default> Optimizer<T> {
             };
             if guards.iter().any(|&r| !run.scalar(&env, r, 0).is_finite()) {
                 self.drop_borrowed(&needs, params.is_some());
-                return false;
+                return Ok(false);
             }
         }
         if active.jit.is_none() {
@@ -1280,7 +1373,7 @@ impl<T: Float + Default> Optimizer<T> {
             self.next_stage = k + 1;
         }
         self.drop_borrowed(&needs, params.is_some());
-        true
+        Ok(true)
     }
 
     /// Drops the interpreter's copies of the host's inputs and lent params after a stage.

@@ -225,7 +225,20 @@ pub fn cuda_text(p: &Program, prec: Precision) -> String {
 }
 
 /// Generates the CUDA source of every kernel of a program, with each kernel's launch ABI.
+/// Uniforms that do not depend on the tensor are kernel arguments: valid only while every
+/// parameter group agrees on them (see [`module_per_tensor`]).
 pub fn module(p: &Program, prec: Precision) -> CudaModule {
+    module_with(p, prec, false)
+}
+
+/// [`module`] with every uniform, including those that do not depend on the tensor, read from
+/// the per-tensor table `tuni` (no kernel arguments after the fixed ones): for parameter groups
+/// whose hyperparameter values differ, where one launch covers tensors of several groups.
+pub fn module_per_tensor(p: &Program, prec: Precision) -> CudaModule {
+    module_with(p, prec, true)
+}
+
+fn module_with(p: &Program, prec: Precision, all_per_tensor: bool) -> CudaModule {
     let d = Dtype { prec };
     let mut src = String::new();
     prelude(&mut src, p, d);
@@ -234,7 +247,7 @@ pub fn module(p: &Program, prec: Precision) -> CudaModule {
         for (si, s) in v.stages.iter().enumerate() {
             for (pi, ph) in s.phases.iter().enumerate() {
                 for (ki, k) in ph.kernels.iter().enumerate() {
-                    let ck = describe(p, k, prec, [vi, si, pi, ki]);
+                    let ck = describe(p, k, prec, [vi, si, pi, ki], all_per_tensor);
                     Gen { p, k, ck: &ck, d }.kernel(&mut src);
                     kernels.push(ck);
                 }
@@ -263,7 +276,13 @@ pub fn kernel_name(
     )
 }
 
-fn describe(p: &Program, k: &Kernel, prec: Precision, at: [usize; 4]) -> CudaKernel {
+fn describe(
+    p: &Program,
+    k: &Kernel,
+    prec: Precision,
+    at: [usize; 4],
+    all_per_tensor: bool,
+) -> CudaKernel {
     let a = abi(p, k);
     let mut args = Vec::new();
     let mut tensor_uniforms = Vec::new();
@@ -271,6 +290,7 @@ fn describe(p: &Program, k: &Kernel, prec: Precision, at: [usize; 4]) -> CudaKer
         match (p.graph.node(u), p.graph.kind(u)) {
             (Node::Const(_) | Node::Bool(_), _) => {}
             (_, Kind::Tensor(_)) => tensor_uniforms.push(u),
+            _ if all_per_tensor => tensor_uniforms.push(u),
             _ => args.push(u),
         }
     }
@@ -895,6 +915,16 @@ mod tests {
             .iter()
             .any(|&u| matches!(p.graph.node(u), Node::Hyper(_))));
         assert!(m.kernel(1, 0, 1, 0).is_some());
+        // For parameter groups, every uniform moves into the per-tensor table.
+        let all = module_per_tensor(&p, Precision::F32);
+        assert_eq!(all.kernels.len(), m.kernels.len());
+        for (a, k) in all.kernels.iter().zip(&m.kernels) {
+            assert!(a.args.is_empty());
+            assert_eq!(
+                a.tensor_uniforms.len(),
+                k.args.len() + k.tensor_uniforms.len()
+            );
+        }
         for k in &m.kernels {
             assert!(m
                 .source

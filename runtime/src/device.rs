@@ -1,0 +1,580 @@
+//! The CUDA driver side of the GPU backend: a device (its primary context), device memory,
+//! kernels loaded from CUBIN, and launches with the ABI of `optc_compiler::backend::cuda`.
+//!
+//! cudarc (built with `dynamic-loading`) panics when libcuda or one of its symbols is missing, so
+//! [`Device::open`] first checks, without cudarc, that libcuda loads and has every function this
+//! module calls ([`DRIVER_SYMBOLS`]); every driver failure after that is a [`CudaError::Driver`].
+//! All work goes to the legacy default stream, so a launch, the copies after it and the next
+//! launch are ordered, and a synchronous copy from the device waits for the kernels before it.
+//!
+//! Unsafe code is allowed only on the items that call the driver, each with its SAFETY argument.
+
+use crate::cuda::{driver_symbols_present, CudaError, LaunchTable};
+use cudarc::driver::result::DriverError;
+use cudarc::driver::{result, sys, CudaContext};
+use optc_compiler::backend::clif::Precision;
+use optc_compiler::backend::cuda::{self as gen, CudaKernel, CudaModule, BLOCK};
+use optc_compiler::ir::Program;
+use optc_compiler::ops::Float;
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::{Arc, OnceLock};
+
+/// Functions of libcuda this module (and the cudarc calls it makes) use.
+pub const DRIVER_SYMBOLS: &[&str] = &[
+    "cuInit",
+    "cuDeviceGetCount",
+    "cuDeviceGet",
+    "cuDeviceGetAttribute",
+    "cuDeviceGetName",
+    "cuDevicePrimaryCtxRetain",
+    "cuDevicePrimaryCtxRelease_v2",
+    "cuCtxGetCurrent",
+    "cuCtxSetCurrent",
+    "cuCtxSynchronize",
+    "cuMemAlloc_v2",
+    "cuMemFree_v2",
+    "cuMemcpyHtoD_v2",
+    "cuMemcpyDtoH_v2",
+    "cuMemcpyDtoD_v2",
+    "cuMemsetD32_v2",
+    "cuModuleLoadData",
+    "cuModuleGetFunction",
+    "cuModuleUnload",
+    "cuLaunchKernel",
+    "cuGetErrorName",
+    "cuGetErrorString",
+];
+
+fn drv(what: &'static str) -> impl Fn(DriverError) -> CudaError {
+    move |e| CudaError::Driver(format!("{what}: {e:?}"))
+}
+
+/// One GPU: its primary context (retained while any [`Device`] handle lives), name and architecture.
+pub struct Device {
+    ctx: Arc<CudaContext>,
+    ordinal: usize,
+    name: String,
+    /// `sm_XY`, what NVRTC compiles the kernels for.
+    arch: String,
+    sms: u32,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Device({}: {}, {})", self.ordinal, self.name, self.arch)
+    }
+}
+
+impl Device {
+    /// Opens GPU `ordinal`. Without libcuda, without a GPU or with a broken driver this is an
+    /// error ([`CudaError::DriverMissing`], [`CudaError::Driver`]), never a panic.
+    pub fn open(ordinal: usize) -> Result<Arc<Device>, CudaError> {
+        driver_symbols_present(DRIVER_SYMBOLS)?;
+        let ctx = CudaContext::new(ordinal).map_err(drv("cannot open the GPU"))?;
+        let attr = |a| {
+            ctx.attribute(a)
+                .map_err(drv("cannot read a device attribute"))
+        };
+        use sys::CUdevice_attribute_enum as A;
+        let major = attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+        let minor = attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+        let sms = attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let name = ctx.name().map_err(drv("cannot read the device name"))?;
+        Ok(Arc::new(Device {
+            ctx,
+            ordinal,
+            name,
+            arch: format!("sm_{major}{minor}"),
+            sms: u32::try_from(sms).unwrap_or(1),
+        }))
+    }
+
+    /// The device's name (`NVIDIA H200`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// The architecture kernels are compiled for (`sm_90`).
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+    /// The device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+    /// Streaming multiprocessors.
+    pub fn multiprocessors(&self) -> u32 {
+        self.sms
+    }
+
+    /// Makes the device's context current on the calling thread (every call below does).
+    pub fn bind(&self) -> Result<(), CudaError> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(drv("cannot make the GPU's context current"))
+    }
+
+    /// Waits for all work queued on the device.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        self.bind()?;
+        result::ctx::synchronize().map_err(drv("kernel execution failed"))
+    }
+
+    /// Allocates `bytes` of device memory (at least 256, so even an empty buffer has an address).
+    #[allow(unsafe_code)]
+    pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DeviceBuffer, CudaError> {
+        self.bind()?;
+        let size = bytes.max(256);
+        // SAFETY: the context is current; the pointer is owned by the returned buffer and freed
+        // once, in its Drop.
+        let ptr = unsafe { result::malloc_sync(size) }.map_err(|e| {
+            CudaError::Driver(format!("cannot allocate {size} bytes on the GPU: {e:?}"))
+        })?;
+        Ok(DeviceBuffer {
+            dev: Arc::clone(self),
+            ptr,
+            bytes: size,
+        })
+    }
+}
+
+/// Device memory owned by optc, freed on drop.
+pub struct DeviceBuffer {
+    dev: Arc<Device>,
+    ptr: sys::CUdeviceptr,
+    bytes: usize,
+}
+
+impl std::fmt::Debug for DeviceBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceBuffer({:#x}, {} bytes)", self.ptr, self.bytes)
+    }
+}
+
+impl Drop for DeviceBuffer {
+    #[allow(unsafe_code)]
+    fn drop(&mut self) {
+        if self.dev.bind().is_ok() {
+            // SAFETY: `ptr` was allocated by `Device::alloc` and is freed only here; cuMemFree
+            // waits for the work queued on the legacy stream that may still use it.
+            let _ = unsafe { result::free_sync(self.ptr) };
+        }
+    }
+}
+
+impl DeviceBuffer {
+    /// The device address.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    /// Its size in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+    /// The device it lives on.
+    pub fn device(&self) -> &Arc<Device> {
+        &self.dev
+    }
+
+    fn check(&self, offset: usize, len: usize) -> Result<(), CudaError> {
+        if offset.checked_add(len).is_none_or(|end| end > self.bytes) {
+            return Err(CudaError::Driver(format!(
+                "copy of {len} bytes at offset {offset} is outside a buffer of {} bytes",
+                self.bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Copies `src` to the buffer at byte `offset` (synchronous).
+    #[allow(unsafe_code)]
+    pub fn upload<T: Copy>(&self, offset: usize, src: &[T]) -> Result<(), CudaError> {
+        self.check(offset, std::mem::size_of_val(src))?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.dev.bind()?;
+        // SAFETY: the range lies inside this live allocation (checked above); `src` is a live
+        // host slice of exactly the bytes copied; the copy completes before returning.
+        unsafe { result::memcpy_htod_sync(self.ptr + offset as u64, src) }
+            .map_err(drv("copy to the GPU failed"))
+    }
+
+    /// Copies from the buffer at byte `offset` into `dst` (synchronous: waits for queued kernels).
+    #[allow(unsafe_code)]
+    pub fn download<T: Copy>(&self, offset: usize, dst: &mut [T]) -> Result<(), CudaError> {
+        self.check(offset, std::mem::size_of_val(dst))?;
+        if dst.is_empty() {
+            return Ok(());
+        }
+        self.dev.bind()?;
+        // SAFETY: the range lies inside this live allocation; `dst` is a live, exclusively
+        // borrowed host slice of exactly the bytes copied (`T: Copy` has no invalid bit
+        // patterns among the f32/f64/u32 values optc copies); the copy completes before returning.
+        unsafe { result::memcpy_dtoh_sync(dst, self.ptr + offset as u64) }
+            .map_err(drv("copy from the GPU failed"))
+    }
+
+    /// Sets the first `count` 32-bit words to `value` (asynchronous on the legacy stream).
+    #[allow(unsafe_code)]
+    pub fn fill_u32(&self, value: u32, count: usize) -> Result<(), CudaError> {
+        self.check(0, count.saturating_mul(4))?;
+        self.dev.bind()?;
+        // SAFETY: the range lies inside this live allocation (checked above).
+        unsafe { sys::cuMemsetD32_v2(self.ptr, value, count) }
+            .result()
+            .map_err(drv("memset on the GPU failed"))
+    }
+
+    /// Copies `bytes` from `src` (device to device, ordered on the legacy stream).
+    #[allow(unsafe_code)]
+    pub fn copy_from(&self, src: &DeviceBuffer, bytes: usize) -> Result<(), CudaError> {
+        self.check(0, bytes)?;
+        src.check(0, bytes)?;
+        self.dev.bind()?;
+        // SAFETY: both ranges lie inside live allocations of the same context (checked above).
+        unsafe { result::memcpy_dtod_sync(self.ptr, src.ptr, bytes) }
+            .map_err(drv("device-to-device copy failed"))
+    }
+}
+
+/// NVRTC's CUBIN for a source and architecture, compiled once per process.
+fn cubin(source: &str, arch: &str) -> Result<Arc<Vec<u8>>, CudaError> {
+    type Memo = std::sync::Mutex<HashMap<(String, String), Arc<Vec<u8>>>>;
+    static MEMO: OnceLock<Memo> = OnceLock::new();
+    let memo = MEMO.get_or_init(Default::default);
+    let key = (source.to_string(), arch.to_string());
+    if let Some(c) = memo.lock().ok().and_then(|m| m.get(&key).cloned()) {
+        return Ok(c);
+    }
+    let c = Arc::new(crate::cuda::compile_cubin(source, arch)?);
+    if let Ok(mut m) = memo.lock() {
+        m.insert(key, Arc::clone(&c));
+    }
+    Ok(c)
+}
+
+/// A CUBIN loaded into a device's context, and the function of each kernel.
+struct Loaded {
+    dev: Arc<Device>,
+    module: sys::CUmodule,
+    funcs: Vec<sys::CUfunction>,
+}
+
+// SAFETY: module and function handles are plain driver handles, valid on any thread once the
+// owning context is current (every use binds it first); they are never mutated after loading.
+#[allow(unsafe_code)]
+unsafe impl Send for Loaded {}
+// SAFETY: as above; launching a function from several threads is allowed by the driver.
+#[allow(unsafe_code)]
+unsafe impl Sync for Loaded {}
+
+impl Drop for Loaded {
+    #[allow(unsafe_code)]
+    fn drop(&mut self) {
+        if self.dev.bind().is_ok() {
+            // SAFETY: the module was loaded by `Loaded::new`, is unloaded only here, and no
+            // launch can start after its owner is dropped.
+            let _ = unsafe { result::module::unload(self.module) };
+        }
+    }
+}
+
+impl Loaded {
+    #[allow(unsafe_code)]
+    fn new(dev: &Arc<Device>, m: &CudaModule) -> Result<Loaded, CudaError> {
+        let image = cubin(&m.source, dev.arch())?;
+        dev.bind()?;
+        // SAFETY: `image` is a complete CUBIN produced by NVRTC for this device's architecture,
+        // alive for the call (the driver copies it).
+        let module = unsafe { result::module::load_data(image.as_ptr() as *const c_void) }
+            .map_err(drv("cannot load the compiled kernels"))?;
+        let mut loaded = Loaded {
+            dev: Arc::clone(dev),
+            module,
+            funcs: Vec::new(),
+        };
+        for k in &m.kernels {
+            let name = CString::new(k.name.as_str())
+                .map_err(|_| CudaError::Driver(format!("bad kernel name {}", k.name)))?;
+            // SAFETY: the module is loaded (and unloaded only when `loaded` drops).
+            let f = unsafe { result::module::get_function(loaded.module, name) }
+                .map_err(drv("a kernel is missing from the compiled module"))?;
+            loaded.funcs.push(f);
+        }
+        Ok(loaded)
+    }
+}
+
+/// A program's kernels compiled for one device: with per-launch scalar arguments (used while all
+/// parameter groups agree on them) and, compiled the first time groups disagree, with every
+/// uniform in the per-tensor table.
+pub struct GpuProgram {
+    program: Arc<Program>,
+    precision: Precision,
+    dev: Arc<Device>,
+    split: (CudaModule, Loaded),
+    per_tensor: OnceLock<Result<(CudaModule, Loaded), CudaError>>,
+    index: HashMap<[usize; 4], usize>,
+}
+
+impl std::fmt::Debug for GpuProgram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "GpuProgram({} kernels on {:?})",
+            self.split.0.kernels.len(),
+            self.dev
+        )
+    }
+}
+
+impl GpuProgram {
+    /// Compiles (NVRTC, to CUBIN for the device's architecture) and loads a program's kernels.
+    pub fn compile(
+        program: &Arc<Program>,
+        precision: Precision,
+        dev: &Arc<Device>,
+    ) -> Result<GpuProgram, CudaError> {
+        let m = gen::module(program, precision);
+        let loaded = Loaded::new(dev, &m)?;
+        let index = m
+            .kernels
+            .iter()
+            .enumerate()
+            .map(|(i, k)| ([k.variant, k.stage, k.phase, k.kernel], i))
+            .collect();
+        Ok(GpuProgram {
+            program: Arc::clone(program),
+            precision,
+            dev: Arc::clone(dev),
+            split: (m, loaded),
+            per_tensor: OnceLock::new(),
+            index,
+        })
+    }
+
+    /// The kernel descriptions (per-launch arguments variant), in program order.
+    pub fn kernels(&self) -> &[CudaKernel] {
+        &self.split.0.kernels
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<Device> {
+        &self.dev
+    }
+
+    /// The kernel at `[variant, stage, phase, kernel]`, in the split or the all-per-tensor form.
+    fn kernel(
+        &self,
+        at: [usize; 4],
+        per_tensor: bool,
+    ) -> Result<(&CudaKernel, sys::CUfunction), CudaError> {
+        let i = *self
+            .index
+            .get(&at)
+            .ok_or_else(|| CudaError::Driver(format!("no kernel at {at:?}")))?;
+        let (m, l) = if per_tensor {
+            match self.per_tensor.get_or_init(|| {
+                let m = gen::module_per_tensor(&self.program, self.precision);
+                let l = Loaded::new(&self.dev, &m)?;
+                Ok((m, l))
+            }) {
+                Ok((m, l)) => (m, l),
+                Err(e) => return Err(e.clone()),
+            }
+        } else {
+            (&self.split.0, &self.split.1)
+        };
+        Ok((&m.kernels[i], l.funcs[i]))
+    }
+}
+
+/// A table in device memory re-uploaded only when its contents change.
+#[derive(Debug)]
+struct Cached {
+    bytes: Vec<u8>,
+    buf: DeviceBuffer,
+}
+
+/// Device-side tables and partial buffers of the launches, kept across steps.
+#[derive(Debug, Default)]
+pub struct LaunchCache {
+    /// Chunk tables by tensor lengths (uploaded once per layout).
+    chunks: HashMap<Vec<usize>, (LaunchTable, DeviceBuffer)>,
+    /// Pointer and uniform tables by (kernel name, which table).
+    tables: HashMap<(String, u8), Cached>,
+    /// Partials buffers by kernel name.
+    partials: HashMap<String, DeviceBuffer>,
+    /// Kernel launches so far.
+    pub launches: u64,
+}
+
+/// Elements per chunk of the launch table.
+pub const CHUNK: usize = crate::cuda::DEFAULT_CHUNK;
+
+impl LaunchCache {
+    fn table(
+        &mut self,
+        dev: &Arc<Device>,
+        key: (String, u8),
+        bytes: Vec<u8>,
+    ) -> Result<u64, CudaError> {
+        if bytes.is_empty() {
+            return Ok(0);
+        }
+        if let Some(c) = self.tables.get(&key) {
+            if c.bytes == bytes {
+                return Ok(c.buf.ptr());
+            }
+            if c.buf.bytes() >= bytes.len() {
+                c.buf.upload(0, &bytes)?;
+                let ptr = c.buf.ptr();
+                if let Some(c) = self.tables.get_mut(&key) {
+                    c.bytes = bytes;
+                }
+                return Ok(ptr);
+            }
+        }
+        let buf = dev.alloc(bytes.len())?;
+        buf.upload(0, &bytes)?;
+        let ptr = buf.ptr();
+        self.tables.insert(key, Cached { bytes, buf });
+        Ok(ptr)
+    }
+
+    /// Runs one kernel over every tensor of its space in one launch and returns its reductions
+    /// combined in chunk order (as `jit::run_kernel` does).
+    ///
+    /// `ptrs[tensor][slot]` are device addresses of the kernel's slots; `uniforms[tensor]` the
+    /// values of every uniform of the kernel in `Kernel::uniforms` order, as computed by the
+    /// host for that tensor (constants included, ignored).
+    ///
+    /// # Safety
+    /// Every pointer must address at least `lens[tensor]` elements of the program's precision in
+    /// `prog`'s device context, live until the launch completes (the caller synchronizes by
+    /// downloading partials or by a later synchronous copy); stored slots must not overlap any
+    /// other slot of the launch.
+    #[allow(unsafe_code, clippy::too_many_arguments)]
+    pub unsafe fn run_kernel<T: Float>(
+        &mut self,
+        prog: &GpuProgram,
+        at: [usize; 4],
+        lens: &[usize],
+        uniform_ids: &[optc_compiler::ir::NodeId],
+        ptrs: &[Vec<u64>],
+        uniforms: &[Vec<T>],
+    ) -> Result<Vec<(optc_compiler::ir::NodeId, Vec<f64>)>, CudaError> {
+        let dev = &prog.dev;
+        // Per-launch arguments are valid only when every tensor has the same value.
+        let (split, _) = prog.kernel(at, false)?;
+        let col = |u| uniform_ids.iter().position(|&x| x == u);
+        let agree = split.args.iter().all(|&u| match col(u) {
+            Some(c) => uniforms
+                .iter()
+                .all(|row| row[c].to_f64().to_bits() == uniforms[0][c].to_f64().to_bits()),
+            None => true,
+        });
+        let (k, func) = prog.kernel(at, !agree)?;
+        if !self.chunks.contains_key(lens) {
+            let table = LaunchTable::new(lens, CHUNK)
+                .ok_or_else(|| CudaError::Driver("too many tensors for one launch".into()))?;
+            let buf = dev.alloc(table.chunks.len() * gen::CHUNK_ENTRY_BYTES)?;
+            buf.upload(0, &table.to_bytes())?;
+            self.chunks.insert(lens.to_vec(), (table, buf));
+        }
+        let Some((table, chunk_buf)) = self.chunks.get(lens) else {
+            return Err(CudaError::Driver("launch table missing".into()));
+        };
+        let (table, chunk_ptr) = (table.clone(), chunk_buf.ptr());
+        let nchunks = table.chunks.len();
+        if nchunks == 0 {
+            return Ok(table.combine(&prog.program, k, &[]));
+        }
+        let mut ptr_bytes = Vec::with_capacity(lens.len() * k.slots.len() * 8);
+        for row in ptrs {
+            for p in row {
+                ptr_bytes.extend_from_slice(&p.to_le_bytes());
+            }
+        }
+        let esize = std::mem::size_of::<T>();
+        let mut tuni_bytes = Vec::with_capacity(lens.len() * k.tensor_uniforms.len() * esize);
+        let tcols: Vec<usize> = k
+            .tensor_uniforms
+            .iter()
+            .map(|&u| col(u).ok_or_else(|| CudaError::Driver("uniform missing".into())))
+            .collect::<Result<_, _>>()?;
+        for row in uniforms {
+            for &c in &tcols {
+                tuni_bytes.extend_from_slice(&row[c].to_le_bytes_vec());
+            }
+        }
+        let ptrs_dev = self.table(dev, (k.name.clone(), 0), ptr_bytes)?;
+        let tuni_dev = self.table(dev, (k.name.clone(), 1), tuni_bytes)?;
+        let nred = k.reductions.len();
+        let partials_dev = if nred == 0 {
+            0
+        } else {
+            let need = nred * nchunks * 8;
+            let fits = self
+                .partials
+                .get(&k.name)
+                .is_some_and(|b| b.bytes() >= need);
+            if !fits {
+                self.partials.insert(k.name.clone(), dev.alloc(need)?);
+            }
+            self.partials.get(&k.name).map_or(0, DeviceBuffer::ptr)
+        };
+        let first = uniforms.first();
+        let mut args: Vec<T> = Vec::with_capacity(k.args.len());
+        for &u in &k.args {
+            let c = col(u).ok_or_else(|| CudaError::Driver("argument missing".into()))?;
+            match first {
+                Some(row) => args.push(row[c]),
+                None => return Ok(table.combine(&prog.program, k, &[])),
+            }
+        }
+        let nchunks32 = u32::try_from(nchunks)
+            .map_err(|_| CudaError::Driver("too many chunks for one launch".into()))?;
+        let mut fixed: [u64; 4] = [chunk_ptr, ptrs_dev, tuni_dev, partials_dev];
+        let mut n32 = nchunks32;
+        let mut params: Vec<*mut c_void> = vec![
+            &mut fixed[0] as *mut u64 as *mut c_void,
+            &mut n32 as *mut u32 as *mut c_void,
+        ];
+        let (_, rest) = fixed.split_at_mut(1);
+        for p in rest.iter_mut() {
+            params.push(p as *mut u64 as *mut c_void);
+        }
+        for a in args.iter_mut() {
+            params.push(a as *mut T as *mut c_void);
+        }
+        let grid = table.grid(1 << 30);
+        dev.bind()?;
+        // SAFETY: `func` belongs to a module loaded in this context; `params` points at one live
+        // value per kernel parameter, of the types the ABI declares (three device pointers and a
+        // u32 after the chunk table pointer, then one `T` per argument), alive for the call
+        // (the driver copies them); the tables were uploaded synchronously above; the buffers
+        // behind `ptrs` are the caller's contract.
+        unsafe {
+            result::launch_kernel(
+                func,
+                (grid, 1, 1),
+                (BLOCK, 1, 1),
+                0,
+                std::ptr::null_mut(),
+                &mut params,
+            )
+        }
+        .map_err(drv("kernel launch failed"))?;
+        self.launches += 1;
+        if nred == 0 {
+            return Ok(Vec::new());
+        }
+        let mut partials = vec![0f64; nred * nchunks];
+        if let Some(b) = self.partials.get(&k.name) {
+            b.download(0, &mut partials)?;
+        }
+        Ok(table.combine(&prog.program, k, &partials))
+    }
+}
