@@ -174,6 +174,12 @@ fn group_errors_change_nothing() {
     assert_eq!(b.group_count(), 1);
     // Others may differ.
     assert_eq!(b.add_group(&["x[0]"], &[("c_x", 0.5)]), Ok(1));
+    // Not even an override equal to today's value (group 0 may change later).
+    assert!(matches!(
+        b.set_group_hyper(1, "c_lam", 0.1),
+        Err(Error::Group(_))
+    ));
+    assert_eq!(b.group_hyper(1, "c_lam"), b.hyper("c_lam"));
 }
 
 /// An optimizer that borrows the host's params equals one that owns them, bit for bit, on both

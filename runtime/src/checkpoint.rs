@@ -152,6 +152,11 @@ impl<T: Float + Default> Optimizer<T> {
             for (name, v) in values {
                 let v = v.as_f64().ok_or_else(bad)?;
                 let h = self.check_value(name, v)?;
+                if crate::scalar_state_hypers(&self.program).contains(&(h as u16)) {
+                    return Err(err(format!(
+                        "a parameter group of the checkpoint overrides `{name}`, which the rule's scalar state reads"
+                    )));
+                }
                 overrides[h] = Some(v);
             }
             let mut places = Vec::new();

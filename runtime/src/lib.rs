@@ -906,7 +906,7 @@ impl<T: Float + Default> Optimizer<T> {
             )));
         }
         let h = self.check_value(name, value)?;
-        if scalar_state_hypers(&self.program).contains(&(h as u16)) && value != self.hypers[h] {
+        if scalar_state_hypers(&self.program).contains(&(h as u16)) {
             return Err(Error::Group(format!(
                 "`{name}` feeds the rule's scalar state, which all groups share; it cannot differ between groups"
             )));
