@@ -125,3 +125,42 @@ fn multi_stage_rules_only_proceed() {
         Err(Error::Policy(_))
     ));
 }
+
+/// The guard finds one non-finite value wherever it is: every position of tensors whose sizes
+/// exercise the unrolled vector loop, the one-vector loop and the scalar tail.
+#[test]
+fn the_guard_sees_every_position() {
+    let p = Arc::new(optc::stdlib_rule("adam").unwrap());
+    let sizes = [1usize, 4, 8, 9, 17, 37];
+    let params: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.5; n]).collect();
+    let mut o = Optimizer::new(p, vec![params.clone()])
+        .unwrap()
+        .with_backend(Backend::Cranelift { threads: 1 })
+        .unwrap()
+        .with_non_finite(NonFinite::Skip)
+        .unwrap();
+    let mut skipped = 0;
+    for (t, &n) in sizes.iter().enumerate() {
+        for pos in 0..n {
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let mut g: Vec<Vec<f32>> = sizes.iter().map(|&m| vec![-0.25; m]).collect();
+                g[t][pos] = bad;
+                o.step(&Inputs::default().tensor("g", g.iter().map(Vec::as_slice).collect()))
+                    .unwrap();
+                skipped += 1;
+                assert_eq!(
+                    o.skipped_steps(),
+                    skipped,
+                    "tensor {t}, position {pos}, {bad}"
+                );
+                assert_eq!(o.steps(), 0);
+            }
+        }
+    }
+    assert_eq!(o.params(0), &params[..]);
+    // Finite gradients (negative zeros included) are not flagged.
+    let g: Vec<Vec<f32>> = sizes.iter().map(|&m| vec![-0.0; m]).collect();
+    o.step(&Inputs::default().tensor("g", g.iter().map(Vec::as_slice).collect()))
+        .unwrap();
+    assert_eq!(o.steps(), 1);
+}

@@ -290,6 +290,9 @@ type Memo = HashMap<NodeId, Value>;
 struct Acc {
     op: ReduceOp,
     vars: Vec<Variable>,
+    /// A sum of `x * 0` (the non-finite guard): every term is +-0 or NaN, so the sum is exact in
+    /// f32 lanes too; it skips the promotion to f64.
+    zeros: bool,
 }
 
 impl Gen<'_, '_> {
@@ -351,11 +354,15 @@ impl Gen<'_, '_> {
         // Accumulators.
         let mut accs = Vec::new();
         for &r in &abi.reductions {
-            let Node::Reduce { op, .. } = self.p.graph.node(r) else {
+            let Node::Reduce { op, arg, .. } = self.p.graph.node(r) else {
                 continue;
             };
+            let zeros = op == ReduceOp::Sum
+                && prec == Precision::F32
+                && matches!(self.p.graph.node(arg), Node::Binary(BinOp::Mul, a, b)
+                    if self.p.graph.is_num(a, 0.0) || self.p.graph.is_num(b, 0.0));
             let vars = match op {
-                ReduceOp::Sum => {
+                ReduceOp::Sum if !zeros => {
                     let z = self.b.ins().f64const(0.0);
                     let zv = self.b.ins().splat(types::F64X2, z);
                     let vecs = if prec == Precision::F32 { 2 } else { 1 };
@@ -371,7 +378,7 @@ impl Gen<'_, '_> {
                     vars.push(sv);
                     vars
                 }
-                ReduceOp::Max => {
+                ReduceOp::Sum | ReduceOp::Max => {
                     let z = self.fconst(0.0);
                     let zv = self.b.ins().splat(vty, z);
                     let mut vars: Vec<Variable> = (0..UNROLL)
@@ -387,7 +394,7 @@ impl Gen<'_, '_> {
                     vars
                 }
             };
-            accs.push(Acc { op, vars });
+            accs.push(Acc { op, vars, zeros });
         }
         let i = self.b.declare_var(types::I64);
         self.b.def_var(i, start);
@@ -912,6 +919,13 @@ impl Gen<'_, '_> {
 
     fn accumulate(&mut self, acc: &Acc, x: Value, vector: bool, part: usize) {
         let scalar_var = *acc.vars.last().expect("scalar accumulator");
+        if acc.zeros {
+            let v = if vector { acc.vars[part] } else { scalar_var };
+            let a = self.b.use_var(v);
+            let s = self.b.ins().fadd(a, x);
+            self.b.def_var(v, s);
+            return;
+        }
         match acc.op {
             ReduceOp::Sum => {
                 if !vector {
@@ -963,8 +977,8 @@ impl Gen<'_, '_> {
     fn horizontal(&mut self, acc: &Acc) -> Value {
         let (vecs, scalar) = acc.vars.split_at(acc.vars.len() - 1);
         let lanes = match acc.op {
-            ReduceOp::Sum => 2,
-            ReduceOp::Max => self.prec.lanes(),
+            ReduceOp::Sum if !acc.zeros => 2,
+            _ => self.prec.lanes(),
         };
         let mut total: Option<Value> = None;
         for &v in vecs {
@@ -986,7 +1000,7 @@ impl Gen<'_, '_> {
             (Some(t), ReduceOp::Sum) => self.b.ins().fadd(t, s),
             (Some(t), ReduceOp::Max) => self.b.ins().fmax(t, s),
         };
-        if acc.op == ReduceOp::Max && self.prec == Precision::F32 {
+        if (acc.op == ReduceOp::Max || acc.zeros) && self.prec == Precision::F32 {
             self.b.ins().fpromote(types::F64, total)
         } else {
             total
