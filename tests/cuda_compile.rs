@@ -47,6 +47,11 @@ fn modules() -> Vec<(String, CudaModule)> {
         for prec in [Precision::F32, Precision::F64] {
             out.push((name.to_string(), cuda::module(&p, prec)));
         }
+        // The form parameter groups use: every uniform read per tensor.
+        out.push((
+            format!("{name} (per-tensor uniforms)"),
+            cuda::module_per_tensor(&p, Precision::F32),
+        ));
     }
     out
 }
@@ -113,7 +118,8 @@ fn every_stdlib_kernel_compiles_to_machine_code_for_sm80_and_sm90() {
     let (major, minor) = nvrtc.version();
     say(&format!(
         "NVRTC {major}.{minor}: compiled {} kernels to sm_80 CUBIN and {} to sm_90 CUBIN \
-         ({} rules, f32 and f64, both step variants; {} translation units) in {:.1} s",
+         ({} rules, f32 and f64, both step variants, and the per-tensor-uniform form for groups; \
+         {} translation units) in {:.1} s",
         per_arch[0],
         per_arch[1],
         optc::stdlib::RULES.len(),
