@@ -568,6 +568,11 @@ impl LaunchCache {
         }
         .map_err(drv("kernel launch failed"))?;
         self.launches += 1;
+        // Debugging a first run: OPTC_CUDA_SYNC=1 waits for each kernel, so a fault names it.
+        if std::env::var_os("OPTC_CUDA_SYNC").is_some_and(|v| v == "1") {
+            dev.synchronize()
+                .map_err(|e| CudaError::Driver(format!("kernel `{}` failed: {e}", k.name)))?;
+        }
         if nred == 0 {
             return Ok(Vec::new());
         }
