@@ -344,58 +344,7 @@ impl<T: Float + Default> Optimizer<T> {
         inputs: &DeviceInputs,
         pending: &HashMap<u16, f64>,
     ) -> Result<HashMap<u16, f64>, Error> {
-        let info = &self.program.info;
-        for name in inputs.tensors.keys() {
-            if !matches!(
-                info.buffer(name).map(|b| info.buffers[b as usize].role),
-                Some(BufRole::Input)
-            ) {
-                return Err(Error::UnknownInput {
-                    rule: info.name.clone(),
-                    name: name.clone(),
-                });
-            }
-        }
-        for name in inputs.scalars.keys() {
-            if !info.scalar_inputs.contains(name) {
-                return Err(Error::UnknownInput {
-                    rule: info.name.clone(),
-                    name: name.clone(),
-                });
-            }
-        }
-        let needs = self.stage_needs(k).clone();
-        let missing = |name: &str| Error::MissingInput {
-            rule: info.name.clone(),
-            stage: info.stages[k].clone(),
-            name: name.to_string(),
-        };
-        let mut scalars = pending.clone();
-        for (i, name) in info.scalar_inputs.iter().enumerate() {
-            if let Some(&v) = inputs.scalars.get(name) {
-                scalars.insert(i as u16, v);
-            }
-        }
-        for &i in &needs.scalars {
-            if !scalars.contains_key(&i) {
-                return Err(missing(&info.scalar_inputs[i as usize]));
-            }
-        }
-        for &b in &needs.tensors {
-            let bi = &info.buffers[b as usize];
-            let Some(data) = inputs.tensors.get(&bi.name) else {
-                return Err(missing(&bi.name));
-            };
-            let n = self.lens[bi.space as usize].len();
-            if data.len() != n {
-                return Err(Error::Length {
-                    what: format!("input `{}` (number of tensors)", bi.name),
-                    expected: n,
-                    got: data.len(),
-                });
-            }
-        }
-        Ok(scalars)
+        self.check_given(k, &inputs.tensors, &inputs.scalars, pending)
     }
 
     /// Runs stage `k` on the GPU (inputs already checked). `Ok(false)`: the guard found

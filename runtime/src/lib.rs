@@ -225,6 +225,25 @@ impl TensorSpec {
     }
 }
 
+/// A tensor given for an input: host data (its length is checked) or a device address (its length
+/// is the caller's contract).
+pub(crate) trait GivenTensor {
+    /// Its number of elements, when known.
+    fn elems(&self) -> Option<usize>;
+}
+
+impl<T> GivenTensor for &[T] {
+    fn elems(&self) -> Option<usize> {
+        Some(self.len())
+    }
+}
+
+impl GivenTensor for u64 {
+    fn elems(&self) -> Option<usize> {
+        None
+    }
+}
+
 /// What each stage reads from the host.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StageNeeds {
@@ -1184,8 +1203,19 @@ impl<T: Float + Default> Optimizer<T> {
         inputs: &Inputs<'_, T>,
         pending: &HashMap<u16, f64>,
     ) -> Result<HashMap<u16, f64>, Error> {
+        self.check_given(k, &inputs.tensors, &inputs.scalars, pending)
+    }
+
+    /// [`Self::check_stage`] over inputs given as host data or as device addresses.
+    pub(crate) fn check_given<L: GivenTensor>(
+        &self,
+        k: usize,
+        tensors: &HashMap<String, Vec<L>>,
+        given_scalars: &HashMap<String, f64>,
+        pending: &HashMap<u16, f64>,
+    ) -> Result<HashMap<u16, f64>, Error> {
         let info = &self.program.info;
-        for name in inputs.tensors.keys() {
+        for name in tensors.keys() {
             if !matches!(
                 info.buffer(name).map(|b| info.buffers[b as usize].role),
                 Some(BufRole::Input)
@@ -1196,7 +1226,7 @@ impl<T: Float + Default> Optimizer<T> {
                 });
             }
         }
-        for name in inputs.scalars.keys() {
+        for name in given_scalars.keys() {
             if !info.scalar_inputs.contains(name) {
                 return Err(Error::UnknownInput {
                     rule: info.name.clone(),
@@ -1212,7 +1242,7 @@ impl<T: Float + Default> Optimizer<T> {
         };
         let mut scalars = pending.clone();
         for (i, name) in info.scalar_inputs.iter().enumerate() {
-            if let Some(&v) = inputs.scalars.get(name) {
+            if let Some(&v) = given_scalars.get(name) {
                 scalars.insert(i as u16, v);
             }
         }
@@ -1223,7 +1253,7 @@ impl<T: Float + Default> Optimizer<T> {
         }
         for &b in &needs.tensors {
             let bi = &info.buffers[b as usize];
-            let Some(data) = inputs.tensors.get(&bi.name) else {
+            let Some(data) = tensors.get(&bi.name) else {
                 return Err(missing(&bi.name));
             };
             let lens = &self.lens[bi.space as usize];
@@ -1235,12 +1265,15 @@ impl<T: Float + Default> Optimizer<T> {
                 });
             }
             for (j, (d, &n)) in data.iter().zip(lens).enumerate() {
-                if d.len() != n {
-                    return Err(Error::Length {
-                        what: format!("input `{}`, tensor {j}", bi.name),
-                        expected: n,
-                        got: d.len(),
-                    });
+                match d.elems() {
+                    Some(got) if got != n => {
+                        return Err(Error::Length {
+                            what: format!("input `{}`, tensor {j}", bi.name),
+                            expected: n,
+                            got,
+                        })
+                    }
+                    _ => {}
                 }
             }
         }
