@@ -514,26 +514,15 @@ impl LaunchTable {
         kernel: &optc_compiler::backend::cuda::CudaKernel,
         partials: &[f64],
     ) -> Vec<(optc_compiler::ir::NodeId, Vec<f64>)> {
-        use optc_compiler::ir::{Node, ReduceOp};
         let n = self.chunks.len();
-        kernel
-            .reductions
-            .iter()
-            .enumerate()
-            .map(|(ri, &r)| {
-                let (op, per_tensor) = match program.graph.node(r) {
-                    Node::Reduce { op, per_tensor, .. } => (op, per_tensor),
-                    _ => (ReduceOp::Sum, false),
-                };
-                let mut out = vec![0f64; if per_tensor { self.tensors } else { 1 }];
-                for (c, chunk) in self.chunks.iter().enumerate() {
-                    let v = partials.get(ri * n + c).copied().unwrap_or(0.0);
-                    let slot = &mut out[if per_tensor { chunk.tensor as usize } else { 0 }];
-                    *slot = op.combine(*slot, v);
-                }
-                (r, out)
-            })
-            .collect()
+        let owner: Vec<usize> = self.chunks.iter().map(|c| c.tensor as usize).collect();
+        crate::jit::combine_partials(
+            program,
+            &kernel.reductions,
+            self.tensors,
+            &owner,
+            |ri, c| partials.get(ri * n + c).copied().unwrap_or(0.0),
+        )
     }
 }
 

@@ -286,40 +286,7 @@ impl<T: Float + Default> Optimizer<T> {
                 "step_device needs Backend::Cuda (with_backend)".into(),
             ));
         }
-        match (self.lent, params) {
-            (true, None) => {
-                return Err(Error::Params(
-                    "this optimizer borrows its params (Optimizer::lending): pass their device addresses".into(),
-                ))
-            }
-            (false, Some(_)) => {
-                return Err(Error::Params(
-                    "this optimizer owns its params (Optimizer::new): pass None".into(),
-                ))
-            }
-            (true, Some(ps)) => {
-                if ps.len() != self.tensors.len() {
-                    return Err(Error::Spaces {
-                        rule: self.program.info.name.clone(),
-                        expected: self.tensors.len(),
-                        got: ps.len(),
-                    });
-                }
-                for (space, (given, specs)) in ps.iter().zip(&self.tensors).enumerate() {
-                    if given.len() != specs.len() {
-                        return Err(Error::Length {
-                            what: format!(
-                                "param `{}` (number of tensors)",
-                                self.program.info.spaces[space]
-                            ),
-                            expected: specs.len(),
-                            got: given.len(),
-                        });
-                    }
-                }
-            }
-            (false, None) => {}
-        }
+        self.check_lent(params, "pass their device addresses", "pass None")?;
         if self.next_stage == 0 {
             self.activate()?;
         }

@@ -317,21 +317,33 @@ pub unsafe fn run_kernel<T: Float>(
         _ => batches.iter().for_each(run),
     }
     // Combine partials in task order.
-    let ntensors = lens.len();
-    k.abi
-        .reductions
+    combine_partials(program, &k.abi.reductions, lens.len(), &owner, |ri, ti| {
+        partials[ti * nred + ri]
+    })
+}
+
+/// Combines reduction partials in part order: part `p` belongs to tensor `owner[p]` and holds
+/// `value(reduction index, p)`. For each reduction: one value per tensor (per-tensor) or one.
+/// The JIT host (tasks) and the GPU host (chunks) both combine with this.
+pub(crate) fn combine_partials(
+    program: &Program,
+    reductions: &[optc_compiler::ir::NodeId],
+    ntensors: usize,
+    owner: &[usize],
+    value: impl Fn(usize, usize) -> f64,
+) -> Vec<(optc_compiler::ir::NodeId, Vec<f64>)> {
+    reductions
         .iter()
         .enumerate()
         .map(|(ri, &r)| {
             let (op, per_tensor) = match program.graph.node(r) {
                 Node::Reduce { op, per_tensor, .. } => (op, per_tensor),
-                _ => unreachable!("abi lists reduce nodes"),
+                _ => unreachable!("reductions lists reduce nodes"),
             };
             let mut out = vec![0f64; if per_tensor { ntensors } else { 1 }];
-            for (ti, &j) in owner.iter().enumerate() {
-                let v = partials[ti * nred + ri];
+            for (p, &j) in owner.iter().enumerate() {
                 let slot = &mut out[if per_tensor { j } else { 0 }];
-                *slot = op.combine(*slot, v);
+                *slot = op.combine(*slot, value(ri, p));
             }
             (r, out)
         })

@@ -238,6 +238,12 @@ impl<T> GivenTensor for &[T] {
     }
 }
 
+impl<T> GivenTensor for &mut [T] {
+    fn elems(&self) -> Option<usize> {
+        Some(self.len())
+    }
+}
+
 impl GivenTensor for u64 {
     fn elems(&self) -> Option<usize> {
         None
@@ -1082,17 +1088,32 @@ impl<T: Float + Default> Optimizer<T> {
 
     /// Checks that params are lent exactly when the optimizer borrows them, with the registered lengths.
     fn check_params(&self, params: Option<&[Vec<&mut [T]>]>) -> Result<(), Error> {
+        self.check_lent(
+            params,
+            "lend them with step_with / run_stage_with",
+            "call step / run_stage",
+        )
+    }
+
+    /// [`Self::check_params`] over params given as host data or as device addresses; `lend` and
+    /// `own` say what to do instead when they are missing or not expected.
+    pub(crate) fn check_lent<L: GivenTensor>(
+        &self,
+        params: Option<&[Vec<L>]>,
+        lend: &str,
+        own: &str,
+    ) -> Result<(), Error> {
         let ps = match (self.lent, params) {
             (false, None) => return Ok(()),
             (true, None) => {
-                return Err(Error::Params(
-                    "this optimizer borrows its params (Optimizer::lending): lend them with step_with / run_stage_with".into(),
-                ))
+                return Err(Error::Params(format!(
+                    "this optimizer borrows its params (Optimizer::lending): {lend}"
+                )))
             }
             (false, Some(_)) => {
-                return Err(Error::Params(
-                    "this optimizer owns its params (Optimizer::new): call step / run_stage".into(),
-                ))
+                return Err(Error::Params(format!(
+                    "this optimizer owns its params (Optimizer::new): {own}"
+                )))
             }
             (true, Some(ps)) => ps,
         };
@@ -1115,12 +1136,15 @@ impl<T: Float + Default> Optimizer<T> {
                 });
             }
             for (d, spec) in given.iter().zip(specs) {
-                if d.len() != spec.numel() {
-                    return Err(Error::Length {
-                        what: format!("tensor `{}` of shape {:?}", spec.name, spec.shape),
-                        expected: spec.numel(),
-                        got: d.len(),
-                    });
+                match d.elems() {
+                    Some(got) if got != spec.numel() => {
+                        return Err(Error::Length {
+                            what: format!("tensor `{}` of shape {:?}", spec.name, spec.shape),
+                            expected: spec.numel(),
+                            got,
+                        })
+                    }
+                    _ => {}
                 }
             }
         }
