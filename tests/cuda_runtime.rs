@@ -24,16 +24,15 @@ macro_rules! say {
 
 const SIZES: &[usize] = &[0, 1, 3, 4, 5, 7, 8, 15, 16, 17, 1023, 4097];
 const STEPS: usize = 3;
-const GPU: Backend = Backend::Cuda { device: 0 };
-
-/// Whether a GPU can be used; prints why not (and fails under OPTC_REQUIRE_GPU=1).
-fn gpu(test: &str) -> bool {
+/// The device the tests run on: GPU 0 when there is one, else the CUDA emulator (the same
+/// generated kernels and host logic, run on the CPU).
+fn device(test: &str) -> Option<Backend> {
     let why = match driver_present() {
         Err(e) => e.to_string(),
         Ok(()) => match Device::open(0) {
             Ok(d) => {
                 say!("{test}: running on {} ({})", d.name(), d.arch());
-                return true;
+                return Some(Backend::Cuda { device: 0 });
             }
             Err(e) => e.to_string(),
         },
@@ -41,8 +40,19 @@ fn gpu(test: &str) -> bool {
     if std::env::var("OPTC_REQUIRE_GPU").as_deref() == Ok("1") {
         panic!("{test}: OPTC_REQUIRE_GPU=1 but no GPU: {why}");
     }
-    say!("{test}: skipped, no GPU: {why}");
-    false
+    match Device::emulator() {
+        Ok(d) => {
+            say!("{test}: no GPU ({why}); running on {}", d.name());
+            Some(Backend::CudaEmulator)
+        }
+        Err(e) => {
+            if std::env::var("OPTC_REQUIRE_EMULATOR").as_deref() == Ok("1") {
+                panic!("{test}: OPTC_REQUIRE_EMULATOR=1 but the CUDA emulator is unavailable: {e}");
+            }
+            say!("{test}: skipped, no GPU ({why}) and no CUDA emulator ({e})");
+            None
+        }
+    }
 }
 
 mod common;
@@ -206,9 +216,9 @@ fn compare(name: &str, a: &Run, b: &Run, max_ulps: u64) -> Result<(), String> {
 
 #[test]
 fn every_stdlib_rule_matches_the_interpreter_on_the_gpu() {
-    if !gpu("every_stdlib_rule_matches_the_interpreter_on_the_gpu") {
+    let Some(gpu) = device("every_stdlib_rule_matches_the_interpreter_on_the_gpu") else {
         return;
-    }
+    };
     // Awkward sizes in one launch, and many tensors (more than one chunk each for some).
     let many: Vec<usize> = (0..300)
         .map(|j| (j * 37) % 700 + (j % 5))
@@ -221,7 +231,7 @@ fn every_stdlib_rule_matches_the_interpreter_on_the_gpu() {
         for sizes in [SIZES, &many[..]] {
             for hypers in [&[][..], OPTIONS] {
                 let reference = run(&program, sizes, Backend::Interpreter, hypers, STEPS);
-                let cuda = run(&program, sizes, GPU, hypers, STEPS);
+                let cuda = run(&program, sizes, gpu, hypers, STEPS);
                 if let Err(e) = compare(name, &reference, &cuda, 4) {
                     failures.push(e);
                 }
@@ -238,9 +248,9 @@ fn every_stdlib_rule_matches_the_interpreter_on_the_gpu() {
 
 #[test]
 fn gpu_results_are_bit_identical_across_runs() {
-    if !gpu("gpu_results_are_bit_identical_across_runs") {
+    let Some(gpu) = device("gpu_results_are_bit_identical_across_runs") else {
         return;
-    }
+    };
     let sizes = [100_000, 3, 50_001, 0, 16_384, 16_385, 200_003];
     for name in [
         "adan",
@@ -251,17 +261,17 @@ fn gpu_results_are_bit_identical_across_runs() {
         "adam",
     ] {
         let program = optc::stdlib_rule(name).expect("stdlib rule");
-        let a = run(&program, &sizes, GPU, OPTIONS, 3);
-        let b = run(&program, &sizes, GPU, OPTIONS, 3);
+        let a = run(&program, &sizes, gpu, OPTIONS, 3);
+        let b = run(&program, &sizes, gpu, OPTIONS, 3);
         assert!(a == b, "{name}: two GPU runs differ");
     }
 }
 
 #[test]
 fn groups_with_different_values_match_the_interpreter() {
-    if !gpu("groups_with_different_values_match_the_interpreter") {
+    let Some(gpu) = device("groups_with_different_values_match_the_interpreter") else {
         return;
-    }
+    };
     for name in ["adam", "lamb", "clip_global_norm"] {
         let program = optc::stdlib_rule(name).expect("stdlib rule");
         let go = |backend| {
@@ -288,16 +298,16 @@ fn groups_with_different_values_match_the_interpreter() {
             }
             snapshot(&opt)
         };
-        let (a, b) = (go(Backend::Interpreter), go(GPU));
+        let (a, b) = (go(Backend::Interpreter), go(gpu));
         compare(name, &a, &b, 4).unwrap();
     }
 }
 
 #[test]
 fn checkpoint_written_on_the_gpu_resumes_on_the_cpu() {
-    if !gpu("checkpoint_written_on_the_gpu_resumes_on_the_cpu") {
+    let Some(gpu) = device("checkpoint_written_on_the_gpu_resumes_on_the_cpu") else {
         return;
-    }
+    };
     for name in ["adam", "adan", "lamb"] {
         let program = optc::stdlib_rule(name).expect("stdlib rule");
         let cpu = Backend::Cranelift { threads: 1 };
@@ -307,7 +317,7 @@ fn checkpoint_written_on_the_gpu_resumes_on_the_cpu() {
             step(&mut reference, SIZES, s, 4);
         }
         // 2 steps on the GPU, checkpoint, params moved by hand; 2 more on the CPU.
-        let mut g = make(&program, SIZES, GPU, OPTIONS);
+        let mut g = make(&program, SIZES, gpu, OPTIONS);
         for s in 0..2 {
             step(&mut g, SIZES, s, 4);
         }
@@ -347,7 +357,7 @@ fn without_a_driver_the_gpu_backend_is_an_error() {
     let program = optc::stdlib_rule("adam").unwrap();
     let r = Optimizer::<f32>::new(Arc::new(program), vec![vec![vec![1.0; 4]]])
         .unwrap()
-        .with_backend(GPU);
+        .with_backend(Backend::Cuda { device: 0 });
     match r {
         Err(optc::runtime::Error::Cuda(e)) => say!("no driver: {e}"),
         other => panic!("expected a CUDA error, got {other:?}"),

@@ -51,6 +51,10 @@ pub enum CudaError {
     /// The CUDA driver reported an error (no GPU, out of memory, a failed launch, ...).
     #[error("CUDA driver: {0}")]
     Driver(String),
+    /// The CUDA emulator failed (no C++ compiler, a kernel that did not build, a kernel that
+    /// wrote out of bounds, ...).
+    #[error("CUDA emulator: {0}")]
+    Emulator(String),
 }
 
 /// Symbols of libnvrtc this module calls (through cudarc).
@@ -333,7 +337,7 @@ fn ptx_text(mut bytes: Vec<u8>) -> Result<String, CudaError> {
 }
 
 /// 128-bit FNV-1a of the parts, each followed by a 0xff separator byte.
-fn fnv128(parts: &[&[u8]]) -> u128 {
+pub(crate) fn fnv128(parts: &[&[u8]]) -> u128 {
     const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
     const PRIME: u128 = 0x0000000001000000000000000000013B;
     let mut h = OFFSET;

@@ -10,6 +10,7 @@
 //! Unsafe code is allowed only on the items that call the driver, each with its SAFETY argument.
 
 use crate::cuda::{driver_symbols_present, CudaError, LaunchTable};
+use crate::emulator;
 use cudarc::driver::result::DriverError;
 use cudarc::driver::{result, sys, CudaContext};
 use optc_compiler::backend::clif::Precision;
@@ -50,9 +51,17 @@ fn drv(what: &'static str) -> impl Fn(DriverError) -> CudaError {
     move |e| CudaError::Driver(format!("{what}: {e:?}"))
 }
 
-/// One GPU: its primary context (retained while any [`Device`] handle lives), name and architecture.
+/// What runs a [`Device`]'s work.
+enum Kind {
+    /// A GPU through the CUDA driver: its primary context (retained while the handle lives).
+    Driver(Arc<CudaContext>),
+    /// The CPU through the CUDA emulator ([`crate::emulator`]).
+    Emulator(emulator::Memory),
+}
+
+/// One GPU (its primary context), or the CUDA emulator: name and architecture.
 pub struct Device {
-    ctx: Arc<CudaContext>,
+    kind: Kind,
     ordinal: usize,
     name: String,
     /// `sm_XY`, what NVRTC compiles the kernels for.
@@ -82,12 +91,31 @@ impl Device {
         let sms = attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
         let name = ctx.name().map_err(drv("cannot read the device name"))?;
         Ok(Arc::new(Device {
-            ctx,
+            kind: Kind::Driver(ctx),
             ordinal,
             name,
             arch: format!("sm_{major}{minor}"),
             sms: u32::try_from(sms).unwrap_or(1),
         }))
+    }
+
+    /// The CUDA emulator ([`crate::emulator`]): the same kernels and host logic as on a GPU,
+    /// run on the CPU, for testing the GPU path without one. Needs a host C++ compiler (an
+    /// [`CudaError::Emulator`] without one); no CUDA library at all.
+    pub fn emulator() -> Result<Arc<Device>, CudaError> {
+        let cxx = emulator::Compiler::find()?;
+        Ok(Arc::new(Device {
+            kind: Kind::Emulator(emulator::Memory::default()),
+            ordinal: 0,
+            name: format!("optc CUDA emulator ({})", cxx.version()),
+            arch: "emulator".to_string(),
+            sms: 1,
+        }))
+    }
+
+    /// Whether this is the CUDA emulator rather than a GPU.
+    pub fn is_emulator(&self) -> bool {
+        matches!(self.kind, Kind::Emulator(_))
     }
 
     /// The device's name (`NVIDIA H200`).
@@ -109,15 +137,22 @@ impl Device {
 
     /// Makes the device's context current on the calling thread (every call below does).
     pub fn bind(&self) -> Result<(), CudaError> {
-        self.ctx
-            .bind_to_thread()
-            .map_err(drv("cannot make the GPU's context current"))
+        match &self.kind {
+            Kind::Driver(ctx) => ctx
+                .bind_to_thread()
+                .map_err(drv("cannot make the GPU's context current")),
+            Kind::Emulator(_) => Ok(()),
+        }
     }
 
     /// Waits for all work queued on the device.
     pub fn synchronize(&self) -> Result<(), CudaError> {
         self.bind()?;
-        result::ctx::synchronize().map_err(drv("kernel execution failed"))
+        match &self.kind {
+            Kind::Driver(_) => result::ctx::synchronize().map_err(drv("kernel execution failed")),
+            // Emulated launches complete before they return.
+            Kind::Emulator(_) => Ok(()),
+        }
     }
 
     /// Allocates `bytes` of device memory (at least 256, so even an empty buffer has an address).
@@ -125,11 +160,14 @@ impl Device {
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DeviceBuffer, CudaError> {
         self.bind()?;
         let size = bytes.max(256);
-        // SAFETY: the context is current; the pointer is owned by the returned buffer and freed
-        // once, in its Drop.
-        let ptr = unsafe { result::malloc_sync(size) }.map_err(|e| {
-            CudaError::Driver(format!("cannot allocate {size} bytes on the GPU: {e:?}"))
-        })?;
+        let ptr = match &self.kind {
+            // SAFETY: the context is current; the pointer is owned by the returned buffer and
+            // freed once, in its Drop.
+            Kind::Driver(_) => unsafe { result::malloc_sync(size) }.map_err(|e| {
+                CudaError::Driver(format!("cannot allocate {size} bytes on the GPU: {e:?}"))
+            })?,
+            Kind::Emulator(mem) => mem.alloc(size)?,
+        };
         Ok(DeviceBuffer {
             dev: Arc::clone(self),
             ptr,
@@ -154,10 +192,15 @@ impl std::fmt::Debug for DeviceBuffer {
 impl Drop for DeviceBuffer {
     #[allow(unsafe_code)]
     fn drop(&mut self) {
-        if self.dev.bind().is_ok() {
-            // SAFETY: `ptr` was allocated by `Device::alloc` and is freed only here; cuMemFree
-            // waits for the work queued on the legacy stream that may still use it.
-            let _ = unsafe { result::free_sync(self.ptr) };
+        match &self.dev.kind {
+            Kind::Driver(_) => {
+                if self.dev.bind().is_ok() {
+                    // SAFETY: `ptr` was allocated by `Device::alloc` and is freed only here;
+                    // cuMemFree waits for the work queued on the legacy stream that may use it.
+                    let _ = unsafe { result::free_sync(self.ptr) };
+                }
+            }
+            Kind::Emulator(mem) => mem.free(self.ptr),
         }
     }
 }
@@ -194,10 +237,23 @@ impl DeviceBuffer {
             return Ok(());
         }
         self.dev.bind()?;
-        // SAFETY: the range lies inside this live allocation (checked above); `src` is a live
-        // host slice of exactly the bytes copied; the copy completes before returning.
-        unsafe { result::memcpy_htod_sync(self.ptr + offset as u64, src) }
-            .map_err(drv("copy to the GPU failed"))
+        match &self.dev.kind {
+            // SAFETY: the range lies inside this live allocation (checked above); `src` is a
+            // live host slice of exactly the bytes copied; the copy completes before returning.
+            Kind::Driver(_) => unsafe { result::memcpy_htod_sync(self.ptr + offset as u64, src) }
+                .map_err(drv("copy to the GPU failed")),
+            Kind::Emulator(_) => {
+                // SAFETY: as above; emulated device memory is host memory of this allocation.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        src.as_ptr() as *const u8,
+                        (self.ptr + offset as u64) as *mut u8,
+                        std::mem::size_of_val(src),
+                    )
+                };
+                Ok(())
+            }
+        }
     }
 
     /// Copies from the buffer at byte `offset` into `dst` (synchronous: waits for queued kernels).
@@ -208,11 +264,25 @@ impl DeviceBuffer {
             return Ok(());
         }
         self.dev.bind()?;
-        // SAFETY: the range lies inside this live allocation; `dst` is a live, exclusively
-        // borrowed host slice of exactly the bytes copied (`T: Copy` has no invalid bit
-        // patterns among the f32/f64/u32 values optc copies); the copy completes before returning.
-        unsafe { result::memcpy_dtoh_sync(dst, self.ptr + offset as u64) }
-            .map_err(drv("copy from the GPU failed"))
+        match &self.dev.kind {
+            // SAFETY: the range lies inside this live allocation; `dst` is a live, exclusively
+            // borrowed host slice of exactly the bytes copied (`T: Copy` has no invalid bit
+            // patterns among the f32/f64/u32 values optc copies); the copy completes before
+            // returning.
+            Kind::Driver(_) => unsafe { result::memcpy_dtoh_sync(dst, self.ptr + offset as u64) }
+                .map_err(drv("copy from the GPU failed")),
+            Kind::Emulator(_) => {
+                // SAFETY: as above; emulated device memory is host memory of this allocation.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        (self.ptr + offset as u64) as *const u8,
+                        dst.as_mut_ptr() as *mut u8,
+                        std::mem::size_of_val(dst),
+                    )
+                };
+                Ok(())
+            }
+        }
     }
 
     /// Sets the first `count` 32-bit words to `value` (asynchronous on the legacy stream).
@@ -220,10 +290,19 @@ impl DeviceBuffer {
     pub fn fill_u32(&self, value: u32, count: usize) -> Result<(), CudaError> {
         self.check(0, count.saturating_mul(4))?;
         self.dev.bind()?;
-        // SAFETY: the range lies inside this live allocation (checked above).
-        unsafe { sys::cuMemsetD32_v2(self.ptr, value, count) }
-            .result()
-            .map_err(drv("memset on the GPU failed"))
+        match &self.dev.kind {
+            // SAFETY: the range lies inside this live allocation (checked above).
+            Kind::Driver(_) => unsafe { sys::cuMemsetD32_v2(self.ptr, value, count) }
+                .result()
+                .map_err(drv("memset on the GPU failed")),
+            Kind::Emulator(_) => {
+                // SAFETY: as above; allocations are 256-byte aligned, so u32-aligned.
+                let words =
+                    unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut u32, count) };
+                words.fill(value);
+                Ok(())
+            }
+        }
     }
 
     /// Copies `bytes` from `src` (device to device, ordered on the legacy stream).
@@ -231,10 +310,23 @@ impl DeviceBuffer {
     pub fn copy_from(&self, src: &DeviceBuffer, bytes: usize) -> Result<(), CudaError> {
         self.check(0, bytes)?;
         src.check(0, bytes)?;
+        if self.dev.is_emulator() != src.dev.is_emulator() {
+            return Err(CudaError::Driver(
+                "device-to-device copy between a GPU and the emulator".into(),
+            ));
+        }
         self.dev.bind()?;
-        // SAFETY: both ranges lie inside live allocations of the same context (checked above).
-        unsafe { result::memcpy_dtod_sync(self.ptr, src.ptr, bytes) }
-            .map_err(drv("device-to-device copy failed"))
+        match &self.dev.kind {
+            // SAFETY: both ranges lie inside live allocations of the same context (checked
+            // above).
+            Kind::Driver(_) => unsafe { result::memcpy_dtod_sync(self.ptr, src.ptr, bytes) }
+                .map_err(drv("device-to-device copy failed")),
+            Kind::Emulator(_) => {
+                // SAFETY: as above; `copy` allows the two ranges to overlap.
+                unsafe { std::ptr::copy(src.ptr as *const u8, self.ptr as *mut u8, bytes) };
+                Ok(())
+            }
+        }
     }
 }
 
@@ -254,15 +346,27 @@ fn cubin(source: &str, arch: &str) -> Result<Arc<Vec<u8>>, CudaError> {
     Ok(c)
 }
 
-/// A CUBIN loaded into a device's context, and the function of each kernel.
-struct Loaded {
-    dev: Arc<Device>,
-    module: sys::CUmodule,
-    funcs: Vec<sys::CUfunction>,
+/// A program's kernels loaded on a device: a CUBIN in a GPU's context, or a library built for
+/// the emulator.
+enum Loaded {
+    Driver {
+        dev: Arc<Device>,
+        module: sys::CUmodule,
+        funcs: Vec<sys::CUfunction>,
+    },
+    Emulator(Arc<emulator::Library>),
+}
+
+/// One kernel, ready to launch.
+#[derive(Clone, Copy)]
+enum Func {
+    Driver(sys::CUfunction),
+    Emulator(emulator::Launcher),
 }
 
 // SAFETY: module and function handles are plain driver handles, valid on any thread once the
 // owning context is current (every use binds it first); they are never mutated after loading.
+// Emulated launchers serialize their launches themselves.
 #[allow(unsafe_code)]
 unsafe impl Send for Loaded {}
 // SAFETY: as above; launching a function from several threads is allowed by the driver.
@@ -272,10 +376,12 @@ unsafe impl Sync for Loaded {}
 impl Drop for Loaded {
     #[allow(unsafe_code)]
     fn drop(&mut self) {
-        if self.dev.bind().is_ok() {
-            // SAFETY: the module was loaded by `Loaded::new`, is unloaded only here, and no
-            // launch can start after its owner is dropped.
-            let _ = unsafe { result::module::unload(self.module) };
+        if let Loaded::Driver { dev, module, .. } = self {
+            if dev.bind().is_ok() {
+                // SAFETY: the module was loaded by `Loaded::new`, is unloaded only here, and
+                // no launch can start after its owner is dropped.
+                let _ = unsafe { result::module::unload(*module) };
+            }
         }
     }
 }
@@ -283,13 +389,18 @@ impl Drop for Loaded {
 impl Loaded {
     #[allow(unsafe_code)]
     fn new(dev: &Arc<Device>, m: &CudaModule) -> Result<Loaded, CudaError> {
+        if dev.is_emulator() {
+            let names: Vec<&str> = m.kernels.iter().map(|k| k.name.as_str()).collect();
+            return Ok(Loaded::Emulator(emulator::build(&m.source, &names)?));
+        }
         let image = cubin(&m.source, dev.arch())?;
         dev.bind()?;
         // SAFETY: `image` is a complete CUBIN produced by NVRTC for this device's architecture,
         // alive for the call (the driver copies it).
         let module = unsafe { result::module::load_data(image.as_ptr() as *const c_void) }
             .map_err(drv("cannot load the compiled kernels"))?;
-        let mut loaded = Loaded {
+        let mut funcs = Vec::with_capacity(m.kernels.len());
+        let mut loaded = Loaded::Driver {
             dev: Arc::clone(dev),
             module,
             funcs: Vec::new(),
@@ -298,11 +409,21 @@ impl Loaded {
             let name = CString::new(k.name.as_str())
                 .map_err(|_| CudaError::Driver(format!("bad kernel name {}", k.name)))?;
             // SAFETY: the module is loaded (and unloaded only when `loaded` drops).
-            let f = unsafe { result::module::get_function(loaded.module, name) }
+            let f = unsafe { result::module::get_function(module, name) }
                 .map_err(drv("a kernel is missing from the compiled module"))?;
-            loaded.funcs.push(f);
+            funcs.push(f);
+        }
+        if let Loaded::Driver { funcs: f, .. } = &mut loaded {
+            *f = funcs;
         }
         Ok(loaded)
+    }
+
+    fn func(&self, i: usize) -> Option<Func> {
+        match self {
+            Loaded::Driver { funcs, .. } => funcs.get(i).copied().map(Func::Driver),
+            Loaded::Emulator(lib) => lib.launcher(i).map(Func::Emulator),
+        }
     }
 }
 
@@ -369,7 +490,7 @@ impl GpuProgram {
         &self,
         at: [usize; 4],
         per_tensor: bool,
-    ) -> Result<(&CudaKernel, sys::CUfunction), CudaError> {
+    ) -> Result<(&CudaKernel, Func), CudaError> {
         let i = *self
             .index
             .get(&at)
@@ -386,7 +507,10 @@ impl GpuProgram {
         } else {
             (&self.split.0, &self.split.1)
         };
-        Ok((&m.kernels[i], l.funcs[i]))
+        let f = l
+            .func(i)
+            .ok_or_else(|| CudaError::Driver(format!("no function for kernel {i}")))?;
+        Ok((&m.kernels[i], f))
     }
 }
 
@@ -551,22 +675,37 @@ impl LaunchCache {
         }
         let grid = table.grid(1 << 30);
         dev.bind()?;
-        // SAFETY: `func` belongs to a module loaded in this context; `params` points at one live
-        // value per kernel parameter, of the types the ABI declares (three device pointers and a
-        // u32 after the chunk table pointer, then one `T` per argument), alive for the call
-        // (the driver copies them); the tables were uploaded synchronously above; the buffers
-        // behind `ptrs` are the caller's contract.
-        unsafe {
-            result::launch_kernel(
-                func,
-                (grid, 1, 1),
-                (BLOCK, 1, 1),
-                0,
-                std::ptr::null_mut(),
-                &mut params,
-            )
+        match (func, &dev.kind) {
+            // SAFETY: `func` belongs to a module loaded in this context; `params` points at one
+            // live value per kernel parameter, of the types the ABI declares (three device
+            // pointers and a u32 after the chunk table pointer, then one `T` per argument),
+            // alive for the call (the driver copies them); the tables were uploaded
+            // synchronously above; the buffers behind `ptrs` are the caller's contract.
+            (Func::Driver(f), _) => unsafe {
+                result::launch_kernel(
+                    f,
+                    (grid, 1, 1),
+                    (BLOCK, 1, 1),
+                    0,
+                    std::ptr::null_mut(),
+                    &mut params,
+                )
+            }
+            .map_err(drv("kernel launch failed"))?,
+            (Func::Emulator(f), Kind::Emulator(mem)) => {
+                // SAFETY: as above; the launcher unpacks `params` with the kernel's own
+                // parameter types and runs it to completion before returning.
+                let code = unsafe { f(grid, BLOCK, params.as_mut_ptr()) };
+                emulator::status(code)
+                    .and_then(|()| mem.check_guards().map_err(CudaError::Emulator))
+                    .map_err(|e| CudaError::Emulator(format!("kernel `{}`: {e}", k.name)))?;
+            }
+            (Func::Emulator(_), Kind::Driver(_)) => {
+                return Err(CudaError::Driver(
+                    "an emulated kernel launched on a GPU".into(),
+                ))
+            }
         }
-        .map_err(drv("kernel launch failed"))?;
         self.launches += 1;
         // Debugging a first run: OPTC_CUDA_SYNC=1 waits for each kernel, so a fault names it.
         if std::env::var_os("OPTC_CUDA_SYNC").is_some_and(|v| v == "1") {

@@ -232,13 +232,21 @@ pub(crate) enum Source<'s, 'p, 'i, T> {
 }
 
 impl<T: Float + Default> Optimizer<T> {
-    /// Opens the GPU for [`Backend::Cuda`].
-    pub(crate) fn open_gpu(&mut self, device: usize) -> Result<(), Error> {
-        let same = self.gpu.dev.as_ref().is_some_and(|d| d.ordinal() == device);
+    /// Opens the device of [`Backend::Cuda`] or [`Backend::CudaEmulator`].
+    pub(crate) fn open_gpu(&mut self, backend: Backend) -> Result<(), Error> {
+        let same = match (backend, &self.gpu.dev) {
+            (Backend::Cuda { device }, Some(d)) => !d.is_emulator() && d.ordinal() == device,
+            (Backend::CudaEmulator, Some(d)) => d.is_emulator(),
+            _ => false,
+        };
         if !same {
+            let dev = match backend {
+                Backend::Cuda { device } => Device::open(device)?,
+                _ => Device::emulator()?,
+            };
             self.gpu.sync(&mut self.bufs)?;
             self.gpu.release();
-            self.gpu.dev = Some(Device::open(device)?);
+            self.gpu.dev = Some(dev);
         }
         Ok(())
     }
@@ -281,9 +289,9 @@ impl<T: Float + Default> Optimizer<T> {
         params: Option<&[Vec<u64>]>,
         inputs: &DeviceInputs,
     ) -> Result<(), Error> {
-        if !matches!(self.engine, Backend::Cuda { .. }) {
+        if !self.engine.is_cuda() {
             return Err(Error::Params(
-                "step_device needs Backend::Cuda (with_backend)".into(),
+                "step_device needs Backend::Cuda or Backend::CudaEmulator (with_backend)".into(),
             ));
         }
         self.check_lent(params, "pass their device addresses", "pass None")?;

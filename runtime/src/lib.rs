@@ -19,6 +19,8 @@ pub mod cuda;
 #[cfg(feature = "cuda")]
 pub mod device;
 #[cfg(feature = "cuda")]
+pub mod emulator;
+#[cfg(feature = "cuda")]
 pub mod gpu;
 #[cfg(not(feature = "cuda"))]
 mod gpu {
@@ -359,10 +361,10 @@ impl Active {
         };
         #[cfg(feature = "cuda")]
         let gpu = match (engine, dev) {
-            (Backend::Cuda { .. }, Some(dev)) => Some(Arc::new(device::GpuProgram::compile(
-                &program, precision, dev,
-            )?)),
-            (Backend::Cuda { .. }, None) => {
+            (Backend::Cuda { .. } | Backend::CudaEmulator, Some(dev)) => Some(Arc::new(
+                device::GpuProgram::compile(&program, precision, dev)?,
+            )),
+            (Backend::Cuda { .. } | Backend::CudaEmulator, None) => {
                 return Err(Error::Cuda(cuda::CudaError::DriverMissing(
                     "no GPU opened".into(),
                 )))
@@ -411,6 +413,23 @@ pub enum Backend {
         /// The CUDA device ordinal.
         device: usize,
     },
+    /// The CUDA backend with the CUDA emulator ([`emulator`]) as its device: the same generated
+    /// kernels, launch tables and host logic as [`Backend::Cuda`], built by the host's C++
+    /// compiler and run on the CPU one block at a time. For testing the GPU path where there is
+    /// no GPU; slow.
+    #[cfg(feature = "cuda")]
+    CudaEmulator,
+}
+
+impl Backend {
+    /// Whether this backend runs on a CUDA device ([`Backend::Cuda`] or the emulator).
+    pub fn is_cuda(self) -> bool {
+        #[cfg(feature = "cuda")]
+        if matches!(self, Backend::Cuda { .. } | Backend::CudaEmulator) {
+            return true;
+        }
+        false
+    }
 }
 
 /// Which specialization serves these groups' values: each decision's outcome where every group
@@ -725,7 +744,7 @@ impl<T: Float + Default> Optimizer<T> {
     pub fn with_backend(mut self, backend: Backend) -> Result<Self, Error> {
         #[cfg(feature = "cuda")]
         match backend {
-            Backend::Cuda { device } => self.open_gpu(device)?,
+            Backend::Cuda { .. } | Backend::CudaEmulator => self.open_gpu(backend)?,
             _ => {
                 self.gpu.sync(&mut self.bufs)?;
                 self.gpu.release();
@@ -736,7 +755,7 @@ impl<T: Float + Default> Optimizer<T> {
         self.reset_active()?;
         match backend {
             #[cfg(feature = "cuda")]
-            Backend::Cuda { .. } => self.pool = None,
+            Backend::Cuda { .. } | Backend::CudaEmulator => self.pool = None,
             Backend::Interpreter => self.pool = None,
             Backend::Cranelift { threads } => {
                 self.pool = if threads > 1 {
@@ -1316,7 +1335,7 @@ impl<T: Float + Default> Optimizer<T> {
         scalars: HashMap<u16, f64>,
     ) -> Result<bool, Error> {
         #[cfg(feature = "cuda")]
-        if let Backend::Cuda { .. } = self.engine {
+        if self.engine.is_cuda() {
             return self.exec_stage_cuda(k, gpu::Source::Host { params, inputs }, scalars);
         }
         let active = Arc::clone(&self.active);

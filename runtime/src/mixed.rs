@@ -313,8 +313,7 @@ impl<S: Storage> MixedOptimizer<S> {
 
     /// Switches the backend of the optimizer underneath.
     pub fn with_backend(mut self, backend: crate::Backend) -> Result<Self, Error> {
-        #[cfg(feature = "cuda")]
-        if let crate::Backend::Cuda { .. } = backend {
+        if backend.is_cuda() {
             return Err(Error::Policy(
                 "mixed precision runs on the CPU backends; the CUDA backend is f32/f64 only".into(),
             ));
