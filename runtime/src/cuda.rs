@@ -84,7 +84,10 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 /// The file names cudarc tries, in its order.
 fn candidates(lib: &str) -> Vec<String> {
-    cudarc::get_lib_name_candidates(lib)
+    let mut names = cudarc::get_lib_name_candidates(lib);
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|n| seen.insert(n.clone()));
+    names
 }
 
 /// Opens the first library cudarc would open, and checks it has `symbols`.

@@ -297,8 +297,7 @@ impl DeviceBuffer {
                 .map_err(drv("memset on the GPU failed")),
             Kind::Emulator(_) => {
                 // SAFETY: as above; allocations are 256-byte aligned, so u32-aligned.
-                let words =
-                    unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut u32, count) };
+                let words = unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut u32, count) };
                 words.fill(value);
                 Ok(())
             }
@@ -486,11 +485,7 @@ impl GpuProgram {
     }
 
     /// The kernel at `[variant, stage, phase, kernel]`, in the split or the all-per-tensor form.
-    fn kernel(
-        &self,
-        at: [usize; 4],
-        per_tensor: bool,
-    ) -> Result<(&CudaKernel, Func), CudaError> {
+    fn kernel(&self, at: [usize; 4], per_tensor: bool) -> Result<(&CudaKernel, Func), CudaError> {
         let i = *self
             .index
             .get(&at)

@@ -71,7 +71,10 @@ impl Compiler {
                 let named = std::env::var_os(CXX_ENV).filter(|v| !v.is_empty());
                 let candidates: Vec<PathBuf> = match named {
                     Some(p) => vec![PathBuf::from(p)],
-                    None => ["c++", "g++", "clang++"].iter().map(PathBuf::from).collect(),
+                    None => ["c++", "g++", "clang++"]
+                        .iter()
+                        .map(PathBuf::from)
+                        .collect(),
                 };
                 for c in &candidates {
                     if let Ok(out) = Command::new(c).arg("--version").output() {
@@ -137,20 +140,40 @@ impl Library {
     }
 }
 
-/// Builds and loads `source`'s kernels (memoized per process by source).
-#[allow(unsafe_code)] // loads the library just built and looks its launchers up
+/// Builds and loads `source`'s kernels (memoized per process by source). Concurrent calls for
+/// the same source wait for one build; calls for different sources build in parallel, each in a
+/// folder of its own.
 pub(crate) fn build(source: &str, kernels: &[&str]) -> Result<Arc<Library>, CudaError> {
-    type Memo = Mutex<HashMap<String, Arc<Library>>>;
-    static MEMO: OnceLock<Memo> = OnceLock::new();
+    type Cell = Arc<OnceLock<Result<Arc<Library>, CudaError>>>;
+    static MEMO: OnceLock<Mutex<HashMap<String, Cell>>> = OnceLock::new();
     let memo = MEMO.get_or_init(Default::default);
-    if let Some(l) = memo.lock().ok().and_then(|m| m.get(source).cloned()) {
-        return Ok(l);
+    let cell: Cell = {
+        let mut m = memo
+            .lock()
+            .map_err(|_| CudaError::Emulator("the emulator's module table is poisoned".into()))?;
+        Arc::clone(m.entry(source.to_string()).or_default())
+    };
+    let result = cell.get_or_init(|| build_uncached(source, kernels)).clone();
+    if result.is_err() {
+        // A failed build is not remembered: the next call tries again.
+        if let Ok(mut m) = memo.lock() {
+            if m.get(source).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                m.remove(source);
+            }
+        }
     }
+    result
+}
+
+#[allow(unsafe_code)] // loads the library just built and looks its launchers up
+fn build_uncached(source: &str, kernels: &[&str]) -> Result<Arc<Library>, CudaError> {
+    static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let cxx = Compiler::find()?;
     let tu = translation_unit(source, kernels);
     let key = crate::cuda::fnv128(&[tu.as_bytes(), cxx.version.as_bytes()]);
+    let n = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!(
-        "optc-emulator-{}-{key:032x}",
+        "optc-emulator-{}-{n}-{key:032x}",
         std::process::id()
     ));
     let fail = |what: &str, e: std::io::Error| {
@@ -167,9 +190,7 @@ pub(crate) fn build(source: &str, kernels: &[&str]) -> Result<Arc<Library>, Cuda
             .arg(&lib_path)
             .arg(&src_path)
             .output()
-            .map_err(|e| {
-                CudaError::Emulator(format!("cannot run {}: {e}", cxx.path.display()))
-            })?;
+            .map_err(|e| CudaError::Emulator(format!("cannot run {}: {e}", cxx.path.display())))?;
         if !out.status.success() {
             return Err(CudaError::Emulator(format!(
                 "{} could not compile the kernels:\n{}",
@@ -196,11 +217,7 @@ pub(crate) fn build(source: &str, kernels: &[&str]) -> Result<Arc<Library>, Cuda
     })();
     // The loaded library stays mapped after its file is removed.
     let _ = std::fs::remove_dir_all(&dir);
-    let lib = Arc::new(result?);
-    if let Ok(mut m) = memo.lock() {
-        m.insert(source.to_string(), Arc::clone(&lib));
-    }
-    Ok(lib)
+    Ok(Arc::new(result?))
 }
 
 /// The emulated device's memory: live allocations, each followed by a guard zone.
