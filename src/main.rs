@@ -100,6 +100,10 @@ enum BackendArg {
     Cranelift,
     /// The reference interpreter.
     Interp,
+    /// CUDA kernels on a GPU (`--device`), compiled by NVRTC.
+    Cuda,
+    /// The CUDA kernels run on the CPU by the CUDA emulator (needs a C++ compiler; for testing).
+    CudaEmulator,
 }
 
 /// Which engine runs the kernels.
@@ -111,6 +115,9 @@ struct ExecArgs {
     /// Worker threads for the Cranelift backend (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// The GPU of the cuda backend (CUDA device ordinal).
+    #[arg(long, default_value_t = 0)]
+    device: usize,
     /// What a step does when a gradient holds an infinity or a NaN.
     #[arg(long = "non-finite", value_enum, default_value = "proceed")]
     non_finite: NonFiniteArg,
@@ -139,12 +146,12 @@ impl ExecArgs {
             NonFiniteArg::Error => NonFinite::Error,
         };
         Ok(Optimizer::new(program, params)?
-            .with_backend(self.backend())?
+            .with_backend(self.backend()?)?
             .with_non_finite(policy)?)
     }
 
-    fn backend(&self) -> Backend {
-        match self.backend {
+    fn backend(&self) -> Result<Backend, Fail> {
+        Ok(match self.backend {
             BackendArg::Interp => Backend::Interpreter,
             BackendArg::Cranelift => Backend::Cranelift {
                 threads: self
@@ -152,7 +159,19 @@ impl ExecArgs {
                     .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
                     .max(1),
             },
-        }
+            #[cfg(feature = "cuda")]
+            BackendArg::Cuda => Backend::Cuda {
+                device: self.device,
+            },
+            #[cfg(feature = "cuda")]
+            BackendArg::CudaEmulator => Backend::CudaEmulator,
+            #[cfg(not(feature = "cuda"))]
+            BackendArg::Cuda | BackendArg::CudaEmulator => {
+                return Err(Fail(
+                    "error: this optc was built without the `cuda` feature".to_string(),
+                ))
+            }
+        })
     }
 }
 
@@ -992,11 +1011,15 @@ fn bench(args: &BenchArgs) -> Result<(), Fail> {
             }
         })
         .collect();
-    let backend = args.exec.backend();
+    let backend = args.exec.backend()?;
     let threads = match backend {
         Backend::Cranelift { threads } => threads,
         _ => 1,
     };
+    #[cfg(feature = "cuda")]
+    if backend.is_cuda() {
+        return bench_cuda(args, Arc::new(program), &sizes);
+    }
     let params: Vec<Vec<Vec<f32>>> = info
         .spaces
         .iter()
@@ -1058,6 +1081,103 @@ fn bench(args: &BenchArgs) -> Result<(), Fail> {
     );
     println!("  effective bandwidth        {gbs:>10.2} GB/s");
     println!("  in-place ceiling a+=s*b    {ceiling:>10.2} GB/s   (same threads, same size)");
+    println!("  ratio                      {:>10.3}", gbs / ceiling);
+    Ok(())
+}
+
+/// `optc bench` on a CUDA device: gradients in device memory, uploaded once, and steps through
+/// `step_device` (no host copies in the timed steps); the ceiling is the device-to-device copy
+/// bandwidth measured in the same run.
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+fn bench_cuda(args: &BenchArgs, program: Arc<Program>, sizes: &[usize]) -> Result<(), Fail> {
+    use optc::runtime::DeviceInputs;
+    let info = program.info.clone();
+    let params: Vec<Vec<Vec<f32>>> = info
+        .spaces
+        .iter()
+        .map(|_| sizes.iter().map(|&n| vec![0.5f32; n]).collect())
+        .collect();
+    let mut opt = args.exec.bind(Arc::clone(&program), params)?;
+    apply_sets(&mut opt, &args.sets)?;
+    let dev = Arc::clone(
+        opt.device()
+            .ok_or_else(|| Fail("error: no CUDA device".to_string()))?,
+    );
+    // Each input: one allocation, tensors 16-byte aligned, filled with 1e-3.
+    let padded: Vec<usize> = sizes.iter().map(|n| n.div_ceil(4) * 4).collect();
+    let mut held = Vec::new();
+    let mut inputs = DeviceInputs::default();
+    for b in info.buffers.iter().filter(|b| b.role == BufRole::Input) {
+        let buf = dev.alloc(padded.iter().sum::<usize>() * 4)?;
+        buf.fill_u32(1e-3f32.to_bits(), buf.bytes() / 4)?;
+        let mut at = buf.ptr();
+        let ptrs = padded
+            .iter()
+            .map(|n| {
+                let p = at;
+                at += (*n * 4) as u64;
+                p
+            })
+            .collect();
+        inputs = inputs.tensor(&b.name, ptrs);
+        held.push(buf);
+    }
+    for s in &info.scalar_inputs {
+        inputs = inputs.scalar(s, 0.5);
+    }
+    let step = |opt: &mut Optimizer<f32>| -> Result<(), Fail> {
+        // SAFETY: every input address is a tensor of its registered size in an allocation of
+        // this optimizer's device (`held`, alive until the function returns); params are owned.
+        unsafe { opt.step_device(None, &inputs)? };
+        dev.synchronize()?;
+        Ok(())
+    };
+    step(&mut opt)?; // the first step (its own variant), then a warm-up
+    step(&mut opt)?;
+    let before = opt.launches();
+    let steps = args.steps.max(1);
+    let mut times = Vec::new();
+    for _ in 0..steps {
+        let start = std::time::Instant::now();
+        step(&mut opt)?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let launches = (opt.launches() - before) as f64 / steps as f64;
+    let t = median(times);
+    let (must, moved, passes) = traffic(opt.active_program(), args.elems, 4);
+    // Ceiling: copying one param-sized buffer device to device (read + write).
+    let copy_bytes = (args.elems * 4).max(4);
+    let (a, b) = (dev.alloc(copy_bytes)?, dev.alloc(copy_bytes)?);
+    a.fill_u32(0, copy_bytes / 4)?;
+    let mut copies = Vec::new();
+    for r in 0..6 {
+        let start = std::time::Instant::now();
+        b.copy_from(&a, copy_bytes)?;
+        dev.synchronize()?;
+        if r > 0 {
+            copies.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let ceiling = 2.0 * copy_bytes as f64 / median(copies) / 1e9;
+    let gbs = must as f64 / t / 1e9;
+    println!(
+        "rule {} on {} ({}): {} elements in {} tensor(s) per param",
+        info.name,
+        dev.name(),
+        dev.arch(),
+        args.elems,
+        sizes.len()
+    );
+    println!("  step time (median of {steps})   {:>10.3} ms", t * 1e3);
+    println!(
+        "  bytes the rule must move   {:>10.1} MB   ({passes} pass(es) over memory move {:.1} MB)",
+        must as f64 / 1e6,
+        moved as f64 / 1e6
+    );
+    println!("  kernel launches per step   {launches:>10.1}");
+    println!("  effective bandwidth        {gbs:>10.2} GB/s");
+    println!("  device-to-device copy      {ceiling:>10.2} GB/s   (read + write, same size)");
     println!("  ratio                      {:>10.3}", gbs / ceiling);
     Ok(())
 }

@@ -363,3 +363,123 @@ fn without_a_driver_the_gpu_backend_is_an_error() {
         other => panic!("expected a CUDA error, got {other:?}"),
     }
 }
+
+/// Tensors packed one after another in one allocation, the first at element `skew`: with a skew
+/// of 1 and odd sizes most tensors are not 16-byte aligned (the kernels' scalar path).
+struct Packed {
+    buf: optc::runtime::device::DeviceBuffer,
+    offsets: Vec<usize>,
+}
+
+impl Packed {
+    fn new(dev: &Arc<Device>, data: &[Vec<f32>], skew: usize) -> Packed {
+        let mut offsets = Vec::new();
+        let mut at = skew;
+        for d in data {
+            offsets.push(at);
+            at += d.len();
+        }
+        let buf = dev.alloc(at * 4).expect("device memory");
+        for (d, &o) in data.iter().zip(&offsets) {
+            buf.upload(o * 4, d).expect("upload");
+        }
+        Packed { buf, offsets }
+    }
+    fn ptrs(&self) -> Vec<u64> {
+        self.offsets
+            .iter()
+            .map(|&o| self.buf.ptr() + 4 * o as u64)
+            .collect()
+    }
+    fn upload(&self, data: &[Vec<f32>]) {
+        for (d, &o) in data.iter().zip(&self.offsets) {
+            self.buf.upload(o * 4, d).expect("upload");
+        }
+    }
+    fn download(&self, sizes: &[usize]) -> Vec<Vec<f32>> {
+        sizes
+            .iter()
+            .zip(&self.offsets)
+            .map(|(&n, &o)| {
+                let mut v = vec![0f32; n];
+                self.buf.download(o * 4, &mut v).expect("download");
+                v
+            })
+            .collect()
+    }
+}
+
+#[test]
+#[allow(unsafe_code)]
+fn device_pointers_are_used_in_place_aligned_or_not() {
+    let Some(gpu) = device("device_pointers_are_used_in_place_aligned_or_not") else {
+        return;
+    };
+    let dev = match gpu {
+        Backend::Cuda { device } => Device::open(device),
+        _ => Device::emulator(),
+    }
+    .expect("device");
+    for name in ["adam", "adan", "lamb", "sgd"] {
+        let program = optc::stdlib_rule(name).expect("stdlib rule");
+        let info = program.info.clone();
+        assert_eq!(info.spaces.len(), 1, "{name}: one parameter space");
+        let reference = run(&program, SIZES, Backend::Interpreter, OPTIONS, STEPS);
+        for skew in [0, 1] {
+            let specs: Vec<optc::runtime::TensorSpec> = SIZES
+                .iter()
+                .enumerate()
+                .map(|(j, &n)| optc::runtime::TensorSpec::new(format!("p{j}"), &[n]))
+                .collect();
+            let mut opt = Optimizer::<f32>::lending(Arc::new(program.clone()), vec![specs])
+                .expect("lending")
+                .with_backend(gpu)
+                .expect("backend");
+            for (h, v) in OPTIONS {
+                if info.hyper(h).is_some() {
+                    opt.set_hyper(h, *v).expect("hyper");
+                }
+            }
+            let init: Vec<Vec<f32>> = SIZES
+                .iter()
+                .enumerate()
+                .map(|(j, &n)| fill(j as u64, n))
+                .collect();
+            let params = Packed::new(&dev, &init, skew);
+            let mut grads: Vec<(String, Packed)> = Vec::new();
+            for s in 0..STEPS {
+                let data = inputs_for(&info, SIZES, s);
+                let mut inputs = optc::runtime::DeviceInputs::default();
+                for (j, (n, d)) in data.iter().enumerate() {
+                    if grads.len() <= j {
+                        grads.push((n.clone(), Packed::new(&dev, d, skew)));
+                    } else {
+                        grads[j].1.upload(d);
+                    }
+                    inputs = inputs.tensor(n, grads[j].1.ptrs());
+                }
+                for sc in &info.scalar_inputs {
+                    inputs = inputs.scalar(sc, 0.25 + 0.5 * (s as f64 / STEPS as f64));
+                }
+                // SAFETY: every address is a tensor of its registered size inside a live
+                // allocation of this device; params and gradients are distinct allocations.
+                unsafe { opt.step_device(Some(&[params.ptrs()]), &inputs) }.expect("step");
+            }
+            let state = info
+                .buffers
+                .iter()
+                .filter(|b| b.role != BufRole::Input)
+                .map(|b| {
+                    let v = if b.role == BufRole::Param {
+                        params.download(SIZES)
+                    } else {
+                        opt.buffer(&b.name).expect("buffer").to_vec()
+                    };
+                    (b.name.clone(), v)
+                })
+                .collect();
+            compare(name, &reference, &Run { state }, 4)
+                .unwrap_or_else(|e| panic!("skew {skew}: {e}"));
+        }
+    }
+}
