@@ -47,6 +47,12 @@ enum Cmd {
         /// GPU architecture for `--emit ptx` (`sm_80`, `sm_90`, ...).
         #[arg(long, default_value = "sm_90")]
         arch: String,
+        /// Device storage of params and state for `--emit cuda|ptx` (bf16/f16: f32 arithmetic).
+        #[arg(long, value_enum, default_value = "native")]
+        storage: StorageArg,
+        /// Rounding of stores into 16-bit storage.
+        #[arg(long, value_enum, default_value = "nearest")]
+        rounding: RoundingArg,
     },
     /// Apply a rule to parameters stored in a safetensors file.
     Run(RunArgs),
@@ -75,6 +81,50 @@ enum Emit {
     Cuda,
     /// PTX of every kernel, compiled by NVRTC for `--arch` (needs the NVRTC library at run time).
     Ptx,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
+enum StorageArg {
+    /// The precision of the buffers.
+    Native,
+    /// bf16 params and state.
+    Bf16,
+    /// f16 params, bf16 state.
+    F16,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
+enum RoundingArg {
+    /// To nearest, ties to even.
+    Nearest,
+    /// Stochastically (Philox keyed by seed, step, buffer and element).
+    Stochastic,
+}
+
+/// The CUDA source of a program as `--precision`, `--storage` and `--rounding` ask.
+fn cuda_source(
+    p: &Program,
+    precision: PrecisionArg,
+    storage: StorageArg,
+    rounding: RoundingArg,
+) -> Result<String, Fail> {
+    use compiler::backend::cuda::{module_stored, Storage, StorageMap};
+    let map = match storage {
+        StorageArg::Native => StorageMap::default(),
+        StorageArg::Bf16 | StorageArg::F16 => StorageMap::mixed(
+            p,
+            if storage == StorageArg::Bf16 {
+                Storage::Bf16
+            } else {
+                Storage::F16
+            },
+            true,
+            rounding == RoundingArg::Stochastic,
+        ),
+    };
+    module_stored(p, precision.precision(), false, &map)
+        .map(|m| m.source)
+        .map_err(|e| Fail(format!("error: {e}")))
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
@@ -275,7 +325,15 @@ fn main() -> ExitCode {
             rule_name,
             precision,
             arch,
-        } => compile_cmd(&rule, rule_name.as_deref(), emit, precision, &arch),
+            storage,
+            rounding,
+        } => compile_cmd(
+            &rule,
+            rule_name.as_deref(),
+            emit,
+            (precision, storage, rounding),
+            &arch,
+        ),
         Cmd::Run(args) => run(&args),
         Cmd::Bench(args) => bench(&args),
         Cmd::List => list(),
@@ -378,7 +436,7 @@ fn compile_cmd(
     rule: &str,
     rule_name: Option<&str>,
     emit: Emit,
-    precision: PrecisionArg,
+    (precision, storage, rounding): (PrecisionArg, StorageArg, RoundingArg),
     arch: &str,
 ) -> Result<(), Fail> {
     let (name, src) = load_source(rule)?;
@@ -424,14 +482,14 @@ fn compile_cmd(
         }
         Emit::Cuda => {
             let (p, _, _) = compile_one(rule, rule_name)?;
-            print!(
-                "{}",
-                compiler::backend::cuda::cuda_text(&p, precision.precision())
-            );
+            print!("{}", cuda_source(&p, precision, storage, rounding)?);
         }
         Emit::Ptx => {
             let (p, _, _) = compile_one(rule, rule_name)?;
-            print!("{}", ptx(&p, precision, arch)?);
+            print!(
+                "{}",
+                ptx(&cuda_source(&p, precision, storage, rounding)?, arch)?
+            );
         }
     }
     Ok(())
@@ -439,18 +497,17 @@ fn compile_cmd(
 
 /// The PTX of a program's CUDA source, through NVRTC (and the on-disk cache).
 #[cfg(feature = "cuda")]
-fn ptx(p: &Program, precision: PrecisionArg, arch: &str) -> Result<String, Fail> {
+fn ptx(source: &str, arch: &str) -> Result<String, Fail> {
     use optc::runtime::cuda;
-    let source = compiler::backend::cuda::cuda_text(p, precision.precision());
     let nvrtc = cuda::Nvrtc::load().map_err(|e| Fail(format!("error: {e}")))?;
     let ptx = nvrtc
-        .compile_ptx_cached(&source, arch, &cuda::PtxCache::default_location())
+        .compile_ptx_cached(source, arch, &cuda::PtxCache::default_location())
         .map_err(|e| Fail(format!("error: {e}")))?;
     Ok(ptx.text)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn ptx(_: &Program, _: PrecisionArg, _: &str) -> Result<String, Fail> {
+fn ptx(_: &str, _: &str) -> Result<String, Fail> {
     Err(Fail(
         "error: this optc was built without the `cuda` feature; --emit ptx needs it".to_string(),
     ))

@@ -1,5 +1,6 @@
 //! The CUDA backend compiles: every standard-library rule's kernels (both step variants, f32 and
-//! f64 buffers) go through NVRTC down to machine code (CUBIN) for sm_80 and sm_90.
+//! f64 buffers, 16-bit storage with both roundings) go through NVRTC down to machine code (CUBIN)
+//! for sm_80 and sm_90.
 //!
 //! NVRTC is found as `optc_runtime::cuda::Nvrtc::load` says (`$OPTC_NVRTC_LIB`, or
 //! `LD_LIBRARY_PATH`; `.ci/run` installs it from PyPI). Without it these tests print why and pass,
@@ -7,7 +8,7 @@
 #![cfg(feature = "cuda")]
 
 use optc::compiler::backend::clif::Precision;
-use optc::compiler::backend::cuda::{self, CudaModule};
+use optc::compiler::backend::cuda::{self, CudaModule, Storage, StorageMap};
 use optc::runtime::cuda::{CudaError, Nvrtc, PtxCache};
 use std::path::Path;
 use std::process::Command;
@@ -52,6 +53,13 @@ fn modules() -> Vec<(String, CudaModule)> {
             format!("{name} (per-tensor uniforms)"),
             cuda::module_per_tensor(&p, Precision::F32),
         ));
+        // 16-bit storage (mixed precision on the GPU): bf16 params and state rounded to nearest;
+        // f16 params and bf16 state rounded stochastically.
+        for (param, stochastic) in [(Storage::Bf16, false), (Storage::F16, true)] {
+            let map = StorageMap::mixed(&p, param, true, stochastic);
+            let m = cuda::module_stored(&p, Precision::F32, false, &map).expect("f32 program");
+            out.push((format!("{name} ({param:?} storage)"), m));
+        }
     }
     out
 }
@@ -118,8 +126,8 @@ fn every_stdlib_kernel_compiles_to_machine_code_for_sm80_and_sm90() {
     let (major, minor) = nvrtc.version();
     say(&format!(
         "NVRTC {major}.{minor}: compiled {} kernels to sm_80 CUBIN and {} to sm_90 CUBIN \
-         ({} rules, f32 and f64, both step variants, and the per-tensor-uniform form for groups; \
-         {} translation units) in {:.1} s",
+         ({} rules, f32 and f64, both step variants, the per-tensor-uniform form for groups, \
+         bf16 and f16 storage; {} translation units) in {:.1} s",
         per_arch[0],
         per_arch[1],
         optc::stdlib::RULES.len(),

@@ -483,3 +483,431 @@ fn device_pointers_are_used_in_place_aligned_or_not() {
         }
     }
 }
+
+use optc::runtime::mixed::{bf16, f16, MixedOptimizer, MixedOptions, Rounding, Storage};
+use optc::runtime::{Error, TensorSpec};
+
+/// A mixed-precision run: `steps` whole steps over tensors of `sizes` in every param space,
+/// started from the same values; the params' bits and every state buffer (widened) after them.
+type MixedRun = (Vec<Vec<Vec<u16>>>, Vec<(String, Vec<Vec<f32>>)>);
+
+fn mixed_run<S: Storage>(
+    program: &Program,
+    backend: Backend,
+    options: MixedOptions,
+    hypers: &[(&str, f64)],
+    steps: usize,
+) -> Result<MixedRun, Error> {
+    let info = program.info.clone();
+    let specs: Vec<Vec<TensorSpec>> = (0..info.spaces.len())
+        .map(|s| {
+            SIZES
+                .iter()
+                .enumerate()
+                .map(|(j, &n)| TensorSpec::new(format!("s{s}.t{j}"), &[n]))
+                .collect()
+        })
+        .collect();
+    let mut opt = MixedOptimizer::<S>::new(Arc::new(program.clone()), specs, options)?
+        .with_backend(backend)?;
+    for (h, v) in hypers {
+        if info.hyper(h).is_some() {
+            opt.inner_mut().set_hyper(h, *v)?;
+        }
+    }
+    let mut params: Vec<Vec<Vec<S>>> = (0..info.spaces.len())
+        .map(|s| {
+            SIZES
+                .iter()
+                .enumerate()
+                .map(|(j, &n)| {
+                    fill(1000 * s as u64 + j as u64, n)
+                        .into_iter()
+                        .map(S::nearest)
+                        .collect()
+                })
+                .collect()
+        })
+        .collect();
+    for s in 0..steps {
+        let data = inputs_for(&info, SIZES, s);
+        let mut inputs = Inputs::default();
+        for (n, d) in &data {
+            inputs = inputs.tensor(n, d.iter().map(|v| v.as_slice()).collect());
+        }
+        for sc in &info.scalar_inputs {
+            inputs = inputs.scalar(sc, 0.25 + 0.5 * (s as f64 / steps as f64));
+        }
+        let mut lend: Vec<Vec<&mut [S]>> = params
+            .iter_mut()
+            .map(|ts| ts.iter_mut().map(Vec::as_mut_slice).collect())
+            .collect();
+        opt.step_with(&mut lend, &inputs)?;
+    }
+    let bits = params
+        .iter()
+        .map(|ts| {
+            ts.iter()
+                .map(|t| S::bits_mut(&mut t.clone()).expect("16-bit").to_vec())
+                .collect()
+        })
+        .collect();
+    let state = info
+        .buffers
+        .iter()
+        .filter(|b| b.role == BufRole::State)
+        .map(|b| (b.name.clone(), opt.state(&b.name).expect("state")))
+        .collect();
+    Ok((bits, state))
+}
+
+/// Distance between two 16-bit values of one format in units of its last place.
+fn ulps16(a: u16, b: u16) -> u64 {
+    let key = |x: u16| {
+        if x & 0x8000 != 0 {
+            -i64::from(x & 0x7fff)
+        } else {
+            i64::from(x)
+        }
+    };
+    (key(a) - key(b)).unsigned_abs()
+}
+
+/// Rules whose GPU and CPU steps agree bit for bit in f32 (no reductions, whose order differs,
+/// and no transcendental functions of elements, where CUDA and libm differ).
+const EXACT: &[&str] = &[
+    "sgd", "adam", "adamw", "amsgrad", "adagrad", "rmsprop", "adamax",
+];
+
+fn mixed_cases<S: Storage>(gpu: Backend) -> (usize, std::collections::BTreeSet<String>) {
+    let (mut compared, mut refused) = (0, std::collections::BTreeSet::new());
+    let settings = [
+        MixedOptions::default(),
+        MixedOptions {
+            bf16_state: true,
+            ..Default::default()
+        },
+        MixedOptions {
+            bf16_state: true,
+            rounding: Rounding::Stochastic {
+                seed: 0x5eed_0123_4567,
+            },
+            ..Default::default()
+        },
+    ];
+    for name in optc::stdlib::names() {
+        let program = optc::stdlib_rule(name).expect("stdlib rule");
+        for options in settings {
+            for hypers in [&[][..], OPTIONS] {
+                let cpu = mixed_run::<S>(&program, Backend::Interpreter, options, hypers, STEPS)
+                    .expect("CPU run");
+                let on_gpu = match mixed_run::<S>(&program, gpu, options, hypers, STEPS) {
+                    Ok(r) => r,
+                    Err(Error::Policy(why)) => {
+                        assert!(why.contains("again after storing it"), "{name}: {why}");
+                        refused.insert(format!("{name} ({options:?})"));
+                        continue;
+                    }
+                    Err(e) => panic!("{name} {options:?}: {e}"),
+                };
+                let tol = if EXACT.contains(&name) { 0 } else { 1 };
+                for (s, (a, b)) in on_gpu.0.iter().zip(&cpu.0).enumerate() {
+                    for (j, (x, y)) in a.iter().zip(b).enumerate() {
+                        for (e, (&p, &q)) in x.iter().zip(y).enumerate() {
+                            assert!(
+                                ulps16(p, q) <= tol,
+                                "{name} {} {options:?} {hypers:?}: space {s} tensor {j} element {e}: \
+                                 GPU {p:#06x}, CPU {q:#06x}",
+                                S::NAME
+                            );
+                        }
+                    }
+                }
+                for ((n, a), (_, b)) in on_gpu.1.iter().zip(&cpu.1) {
+                    for (x, y) in a.iter().zip(b) {
+                        for (&p, &q) in x.iter().zip(y) {
+                            let close = if tol == 0 {
+                                p.to_bits() == q.to_bits()
+                            } else {
+                                ulps(p, q) <= 4
+                                    || (p - q).abs() <= p.abs().max(q.abs()) * 2f32.powi(-6)
+                            };
+                            assert!(close, "{name} {options:?}: state {n}: GPU {p}, CPU {q}");
+                        }
+                    }
+                }
+                compared += 1;
+            }
+        }
+    }
+    (compared, refused)
+}
+
+#[test]
+fn mixed_precision_on_the_gpu_matches_the_cpu() {
+    let Some(gpu) = device("mixed_precision_on_the_gpu_matches_the_cpu") else {
+        return;
+    };
+    let (c1, mut refused) = mixed_cases::<bf16>(gpu);
+    let (c2, r2) = mixed_cases::<f16>(gpu);
+    refused.extend(r2);
+    say!(
+        "mixed precision on the GPU: {} configurations matched the CPU; refused (rules that read a stored buffer again within a step): {refused:?}",
+        c1 + c2
+    );
+    assert!(c1 + c2 > 0);
+}
+
+/// f32 values that exercise 16-bit rounding: every 65,537th bit pattern (all exponents, both
+/// signs, NaNs and infinities), ties and near-ties at the bf16 and f16 boundaries, the f16
+/// subnormal range and overflow threshold.
+fn rounding_probe() -> Vec<f32> {
+    let mut v: Vec<f32> = (0..65536u32)
+        .map(|i| f32::from_bits(i.wrapping_mul(65537)))
+        .collect();
+    for h in 0..0x400u32 {
+        let x = (h as f32 + 0.5) * 2f32.powi(-24); // f16 subnormal ties
+        v.extend([x, -x, x.next_up(), x.next_down()]);
+    }
+    for b in (0..0x10000u32).step_by(97) {
+        let tie = f32::from_bits((b << 16) | 0x8000); // bf16 ties
+        v.extend([tie, tie.next_up(), tie.next_down()]);
+    }
+    v.extend([
+        65504.0,
+        65519.99,
+        65520.0,
+        65536.0,
+        -65520.0,
+        1e-8,
+        6e-8,
+        3e-8,
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        f32::MIN_POSITIVE,
+        f32::MAX,
+        f32::MIN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+    ]);
+    v
+}
+
+fn copy_on_gpu<S: Storage>(
+    gpu: Backend,
+    src: &str,
+    theta: Vec<Vec<S>>,
+    g: &[Vec<f32>],
+    rounding: Rounding,
+) -> Vec<Vec<S>> {
+    let program = Arc::new(optc::compile_rule(src).expect("rule"));
+    let specs = theta
+        .iter()
+        .enumerate()
+        .map(|(j, t)| TensorSpec::new(format!("t{j}"), &[t.len()]))
+        .collect();
+    let options = MixedOptions {
+        rounding,
+        ..Default::default()
+    };
+    let mut opt = MixedOptimizer::<S>::new(program, vec![specs], options)
+        .and_then(|o| o.with_backend(gpu))
+        .expect("mixed optimizer on the GPU");
+    let mut theta = theta;
+    let mut lend: Vec<Vec<&mut [S]>> = vec![theta.iter_mut().map(Vec::as_mut_slice).collect()];
+    let inputs = Inputs::default().tensor("g", g.iter().map(Vec::as_slice).collect());
+    opt.step_with(&mut lend, &inputs).expect("step");
+    theta
+}
+
+fn conversions<S: Storage>(gpu: Backend) {
+    let probe = rounding_probe();
+    // Two tensors (odd sizes, so the second starts at an odd element of the buffer).
+    let cut = (probe.len() / 3) | 1;
+    let g = vec![probe[..cut].to_vec(), probe[cut..].to_vec()];
+    let zeros: Vec<Vec<S>> = g.iter().map(|t| vec![S::nearest(0.0); t.len()]).collect();
+    let copy = "rule copy() { param theta\n input g\n theta = g }";
+    let seed = 0x0123_4567_89ab_cdef;
+    for rounding in [Rounding::Nearest, Rounding::Stochastic { seed }] {
+        let out = copy_on_gpu::<S>(gpu, copy, zeros.clone(), &g, rounding);
+        let mut e = 0u64;
+        for (t, o) in g.iter().zip(&out) {
+            for (&x, &y) in t.iter().zip(o) {
+                let want = match rounding {
+                    Rounding::Nearest => S::nearest(x),
+                    Rounding::Stochastic { seed } => {
+                        S::stochastic(x, optc::runtime::mixed::rounding_bits(seed, 1, 0, e))
+                    }
+                };
+                let same = want == y || (want.to_f32().is_nan() && y.to_f32().is_nan());
+                assert!(
+                    same,
+                    "{} {rounding:?}: {x:e} ({:#010x}) became {:?}, expected {want:?}",
+                    S::NAME,
+                    x.to_bits(),
+                    y
+                );
+                e += 1;
+            }
+        }
+    }
+    // Widening: every 16-bit pattern goes through a load and a store unchanged.
+    let all: Vec<S> = (0..=u16::MAX)
+        .map(|b| {
+            let mut v = [S::nearest(0.0)];
+            S::bits_mut(&mut v).expect("16-bit")[0] = b;
+            v[0]
+        })
+        .collect();
+    let keep = "rule keep() { param theta\n input g\n theta = max(theta, g) }";
+    let out = copy_on_gpu::<S>(
+        gpu,
+        keep,
+        vec![all.clone()],
+        &[vec![f32::NEG_INFINITY; all.len()]],
+        Rounding::Nearest,
+    );
+    for (&x, &y) in all.iter().zip(&out[0]) {
+        let same = x == y && x.to_f32().to_bits() == y.to_f32().to_bits();
+        assert!(
+            same || (x.to_f32().is_nan() && y.to_f32().is_nan()),
+            "{} {x:?} became {y:?}",
+            S::NAME
+        );
+    }
+}
+
+#[test]
+fn storage_conversions_match_the_cpu_bit_for_bit() {
+    let Some(gpu) = device("storage_conversions_match_the_cpu_bit_for_bit") else {
+        return;
+    };
+    conversions::<bf16>(gpu);
+    conversions::<f16>(gpu);
+}
+
+#[test]
+fn mixed_precision_on_the_gpu_refuses_what_it_cannot_fuse() {
+    let Some(gpu) = device("mixed_precision_on_the_gpu_refuses_what_it_cannot_fuse") else {
+        return;
+    };
+    let program = Arc::new(optc::stdlib_rule("adam").expect("adam"));
+    let specs = || vec![vec![TensorSpec::new("w", &[5])]];
+    let masters = MixedOptions {
+        master_weights: true,
+        ..Default::default()
+    };
+    let err = MixedOptimizer::<bf16>::new(Arc::clone(&program), specs(), masters)
+        .and_then(|o| o.with_backend(gpu))
+        .expect_err("master weights on the GPU");
+    assert!(
+        matches!(&err, Error::Policy(m) if m.contains("master weights")),
+        "{err}"
+    );
+    let err = MixedOptimizer::<f32>::new(program, specs(), MixedOptions::default())
+        .and_then(|o| o.with_backend(gpu))
+        .expect_err("f32 storage through MixedOptimizer on the GPU");
+    assert!(
+        matches!(&err, Error::Policy(m) if m.contains("bf16 or f16")),
+        "{err}"
+    );
+    // A rule whose kernels read a state they stored earlier in the step is refused, naming it.
+    let lamb = Arc::new(optc::stdlib_rule("lamb").expect("lamb"));
+    let opts = MixedOptions {
+        bf16_state: true,
+        ..Default::default()
+    };
+    let err = MixedOptimizer::<bf16>::new(lamb, specs(), opts)
+        .and_then(|o| o.with_backend(gpu))
+        .expect_err("a reloading rule");
+    assert!(
+        matches!(&err, Error::Policy(m) if m.contains("lamb") && m.contains("again after storing it")),
+        "{err}"
+    );
+}
+
+/// Steps `from..to` of the inputs [`inputs_for`] gives, over params lent by the caller.
+fn mixed_steps<S: Storage>(
+    opt: &mut MixedOptimizer<S>,
+    params: &mut [Vec<Vec<S>>],
+    steps: std::ops::Range<usize>,
+) {
+    let info = opt.inner().program().info.clone();
+    for s in steps {
+        let data = inputs_for(&info, SIZES, s);
+        let mut inputs = Inputs::default();
+        for (n, d) in &data {
+            inputs = inputs.tensor(n, d.iter().map(|v| v.as_slice()).collect());
+        }
+        let mut lend: Vec<Vec<&mut [S]>> = params
+            .iter_mut()
+            .map(|ts| ts.iter_mut().map(Vec::as_mut_slice).collect())
+            .collect();
+        opt.step_with(&mut lend, &inputs).expect("step");
+    }
+}
+
+#[test]
+fn mixed_precision_moves_between_the_gpu_and_the_cpu() {
+    let Some(gpu) = device("mixed_precision_moves_between_the_gpu_and_the_cpu") else {
+        return;
+    };
+    let program = Arc::new(optc::stdlib_rule("adam").expect("adam"));
+    let specs = || {
+        vec![SIZES
+            .iter()
+            .enumerate()
+            .map(|(j, &n)| TensorSpec::new(format!("t{j}"), &[n]))
+            .collect::<Vec<_>>()]
+    };
+    let options = MixedOptions {
+        bf16_state: true,
+        rounding: Rounding::Stochastic { seed: 7 },
+        ..Default::default()
+    };
+    let start = || -> Vec<Vec<Vec<bf16>>> {
+        vec![SIZES
+            .iter()
+            .enumerate()
+            .map(|(j, &n)| fill(j as u64, n).into_iter().map(bf16::from_f32).collect())
+            .collect()]
+    };
+    let new = |backend| {
+        MixedOptimizer::<bf16>::new(Arc::clone(&program), specs(), options)
+            .and_then(|o| o.with_backend(backend))
+            .expect("optimizer")
+    };
+    // Reference: four steps on the CPU.
+    let mut cpu = new(Backend::Interpreter);
+    let mut want = start();
+    mixed_steps(&mut cpu, &mut want, 0..4);
+    // Two steps on the GPU, a checkpoint, two more on the CPU.
+    let mut g = new(gpu);
+    let mut got = start();
+    mixed_steps(&mut g, &mut got, 0..2);
+    let bytes = g.checkpoint_bytes().expect("checkpoint on the GPU");
+    let mut resumed = new(Backend::Interpreter);
+    resumed
+        .load_checkpoint_bytes(&bytes)
+        .expect("load on the CPU");
+    let mut got2 = got.clone();
+    mixed_steps(&mut resumed, &mut got2, 2..4);
+    assert_eq!(got2, want, "GPU checkpoint resumed on the CPU");
+    assert_eq!(resumed.state("m"), cpu.state("m"));
+    assert_eq!(resumed.state("v"), cpu.state("v"));
+    // The same optimizer moved from the GPU to the CPU, and a CPU one moved to the GPU.
+    let mut moved = g.with_backend(Backend::Interpreter).expect("to the CPU");
+    mixed_steps(&mut moved, &mut got, 2..4);
+    assert_eq!(got, want, "moved from the GPU to the CPU");
+    assert_eq!(moved.state("v"), cpu.state("v"));
+    let mut c = new(Backend::Interpreter);
+    let mut p = start();
+    mixed_steps(&mut c, &mut p, 0..2);
+    let mut up = c.with_backend(gpu).expect("to the GPU");
+    mixed_steps(&mut up, &mut p, 2..4);
+    assert_eq!(p, want, "moved from the CPU to the GPU");
+    assert_eq!(up.state("m"), cpu.state("m"));
+}

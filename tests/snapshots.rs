@@ -48,6 +48,31 @@ fn stdlib_at_every_stage() {
     }
 }
 
+/// 16-bit storage in the CUDA C: bf16 params and state rounded stochastically (adam), f16 params
+/// rounded to nearest with f32 state (adan), as `optc compile --emit cuda --storage` prints them.
+#[test]
+fn cuda_with_16_bit_storage() {
+    use optc::compiler::backend::cuda::{module_stored, Storage, StorageMap};
+    let f32 = optc::compiler::backend::clif::Precision::F32;
+    for (name, st, bf16_state, stochastic) in [
+        ("adam", Storage::Bf16, true, true),
+        ("adan", Storage::F16, false, false),
+    ] {
+        let p = optc::stdlib_rule(name).expect("compiles");
+        let m = module_stored(
+            &p,
+            f32,
+            false,
+            &StorageMap::mixed(&p, st, bf16_state, stochastic),
+        )
+        .expect("f32 program");
+        insta::assert_snapshot!(
+            format!("stdlib_{name}_cuda_{st:?}").to_lowercase(),
+            m.source
+        );
+    }
+}
+
 #[test]
 fn stdlib_rules_have_no_warnings_but_the_documented_ones() {
     for (name, src) in optc::stdlib::RULES {

@@ -432,6 +432,7 @@ impl Loaded {
 pub struct GpuProgram {
     program: Arc<Program>,
     precision: Precision,
+    storage: gen::StorageMap,
     dev: Arc<Device>,
     split: (CudaModule, Loaded),
     per_tensor: OnceLock<Result<(CudaModule, Loaded), CudaError>>,
@@ -450,13 +451,16 @@ impl std::fmt::Debug for GpuProgram {
 }
 
 impl GpuProgram {
-    /// Compiles (NVRTC, to CUBIN for the device's architecture) and loads a program's kernels.
+    /// Compiles (NVRTC, to CUBIN for the device's architecture) and loads a program's kernels,
+    /// with buffers stored as `storage` says.
     pub fn compile(
         program: &Arc<Program>,
         precision: Precision,
         dev: &Arc<Device>,
+        storage: &gen::StorageMap,
     ) -> Result<GpuProgram, CudaError> {
-        let m = gen::module(program, precision);
+        let m = gen::module_stored(program, precision, false, storage)
+            .map_err(|e| CudaError::Driver(e.to_string()))?;
         let loaded = Loaded::new(dev, &m)?;
         let index = m
             .kernels
@@ -467,6 +471,7 @@ impl GpuProgram {
         Ok(GpuProgram {
             program: Arc::clone(program),
             precision,
+            storage: storage.clone(),
             dev: Arc::clone(dev),
             split: (m, loaded),
             per_tensor: OnceLock::new(),
@@ -484,6 +489,11 @@ impl GpuProgram {
         &self.dev
     }
 
+    /// How its buffers are stored.
+    pub fn storage(&self) -> &gen::StorageMap {
+        &self.storage
+    }
+
     /// The kernel at `[variant, stage, phase, kernel]`, in the split or the all-per-tensor form.
     fn kernel(&self, at: [usize; 4], per_tensor: bool) -> Result<(&CudaKernel, Func), CudaError> {
         let i = *self
@@ -492,7 +502,8 @@ impl GpuProgram {
             .ok_or_else(|| CudaError::Driver(format!("no kernel at {at:?}")))?;
         let (m, l) = if per_tensor {
             match self.per_tensor.get_or_init(|| {
-                let m = gen::module_per_tensor(&self.program, self.precision);
+                let m = gen::module_stored(&self.program, self.precision, true, &self.storage)
+                    .map_err(|e| CudaError::Driver(e.to_string()))?;
                 let l = Loaded::new(&self.dev, &m)?;
                 Ok((m, l))
             }) {
@@ -521,6 +532,8 @@ struct Cached {
 pub struct LaunchCache {
     /// Chunk tables by tensor lengths (uploaded once per layout).
     chunks: HashMap<Vec<usize>, (LaunchTable, DeviceBuffer)>,
+    /// Per-tensor first-element indices (`tbase` of stochastic rounding) by tensor lengths.
+    bases: HashMap<Vec<usize>, DeviceBuffer>,
     /// Pointer and uniform tables by (kernel name, which table).
     tables: HashMap<(String, u8), Cached>,
     /// Partials buffers by kernel name.
@@ -567,10 +580,11 @@ impl LaunchCache {
     ///
     /// `ptrs[tensor][slot]` are device addresses of the kernel's slots; `uniforms[tensor]` the
     /// values of every uniform of the kernel in `Kernel::uniforms` order, as computed by the
-    /// host for that tensor (constants included, ignored).
+    /// host for that tensor (constants included, ignored). `key` is the (seed, step) of
+    /// stochastic rounding, read by kernels that round stochastically (zeros otherwise).
     ///
     /// # Safety
-    /// Every pointer must address at least `lens[tensor]` elements of the program's precision in
+    /// Every pointer must address at least `lens[tensor]` elements of its buffer's storage type in
     /// `prog`'s device context, live until the launch completes (the caller synchronizes by
     /// downloading partials or by a later synchronous copy); stored slots must not overlap any
     /// other slot of the launch.
@@ -583,6 +597,7 @@ impl LaunchCache {
         uniform_ids: &[optc_compiler::ir::NodeId],
         ptrs: &[Vec<u64>],
         uniforms: &[Vec<T>],
+        key: (u64, u32),
     ) -> Result<Vec<(optc_compiler::ir::NodeId, Vec<f64>)>, CudaError> {
         let dev = &prog.dev;
         // Per-launch arguments are valid only when every tensor has the same value.
@@ -655,15 +670,40 @@ impl LaunchCache {
         }
         let nchunks32 = u32::try_from(nchunks)
             .map_err(|_| CudaError::Driver("too many chunks for one launch".into()))?;
-        let mut fixed: [u64; 4] = [chunk_ptr, ptrs_dev, tuni_dev, partials_dev];
+        let mut tbase_dev = 0u64;
+        if k.rounding_key {
+            if !self.bases.contains_key(lens) {
+                let mut at = 0u64;
+                let bases: Vec<u64> = lens
+                    .iter()
+                    .map(|&n| {
+                        let b = at;
+                        at += n as u64;
+                        b
+                    })
+                    .collect();
+                let buf = dev.alloc(bases.len() * 8)?;
+                buf.upload(0, &bases)?;
+                self.bases.insert(lens.to_vec(), buf);
+            }
+            tbase_dev = self.bases.get(lens).map_or(0, DeviceBuffer::ptr);
+        }
+        let (mut seed, mut step) = key;
+        let mut fixed: [u64; 5] = [chunk_ptr, ptrs_dev, tuni_dev, partials_dev, tbase_dev];
         let mut n32 = nchunks32;
         let mut params: Vec<*mut c_void> = vec![
             &mut fixed[0] as *mut u64 as *mut c_void,
             &mut n32 as *mut u32 as *mut c_void,
         ];
         let (_, rest) = fixed.split_at_mut(1);
-        for p in rest.iter_mut() {
+        let (pointers, tbase) = rest.split_at_mut(3);
+        for p in pointers.iter_mut() {
             params.push(p as *mut u64 as *mut c_void);
+        }
+        if k.rounding_key {
+            params.push(&mut tbase[0] as *mut u64 as *mut c_void);
+            params.push(&mut seed as *mut u64 as *mut c_void);
+            params.push(&mut step as *mut u32 as *mut c_void);
         }
         for a in args.iter_mut() {
             params.push(a as *mut T as *mut c_void);
@@ -673,7 +713,8 @@ impl LaunchCache {
         match (func, &dev.kind) {
             // SAFETY: `func` belongs to a module loaded in this context; `params` points at one
             // live value per kernel parameter, of the types the ABI declares (three device
-            // pointers and a u32 after the chunk table pointer, then one `T` per argument),
+            // pointers and a u32 after the chunk table pointer; for a rounding kernel a device
+            // pointer, a u64 and a u32; then one `T` per argument),
             // alive for the call (the driver copies them); the tables were uploaded
             // synchronously above; the buffers behind `ptrs` are the caller's contract.
             (Func::Driver(f), _) => unsafe {

@@ -25,33 +25,46 @@
 use crate::cuda::CudaError;
 use crate::device::{Device, DeviceBuffer, LaunchCache};
 use crate::{Backend, Buffers, Error, Inputs, Optimizer, StageNeeds};
+use optc_compiler::backend::cuda::{Storage, StorageMap};
 use optc_compiler::backend::interp::{StepEnv, StepRun};
 use optc_compiler::ir::BufRole;
 use optc_compiler::ops::Float;
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
-/// One buffer's tensors in one device allocation, each starting 16-byte aligned.
+/// One buffer's tensors in one device allocation, each starting 16-byte aligned, stored as the
+/// program's precision or in 16 bits (converted on upload and download: widening is exact,
+/// narrowing rounds to nearest, so values that came from 16 bits go back unchanged).
 #[derive(Debug)]
 struct Arena {
     buf: DeviceBuffer,
     /// Byte offset of each tensor.
     offsets: Vec<usize>,
     lens: Vec<usize>,
+    storage: Storage,
 }
 
 impl Arena {
-    fn new<T: Float>(dev: &Arc<Device>, lens: &[usize]) -> Result<Arena, CudaError> {
+    fn new<T: Float>(
+        dev: &Arc<Device>,
+        lens: &[usize],
+        storage: Storage,
+    ) -> Result<Arena, CudaError> {
+        let esize = match storage {
+            Storage::Native => T::BYTES,
+            Storage::Bf16 | Storage::F16 => 2,
+        };
         let mut offsets = Vec::with_capacity(lens.len());
         let mut at = 0usize;
         for &n in lens {
             offsets.push(at);
-            at += (n * T::BYTES).div_ceil(16) * 16;
+            at += (n * esize).div_ceil(16) * 16;
         }
         Ok(Arena {
             buf: dev.alloc(at)?,
             offsets,
             lens: lens.to_vec(),
+            storage,
         })
     }
     fn ptr(&self, j: usize) -> u64 {
@@ -59,18 +72,66 @@ impl Arena {
     }
     fn upload<T: Float>(&self, data: &[impl AsRef<[T]>]) -> Result<(), CudaError> {
         for (j, d) in data.iter().enumerate() {
-            self.buf.upload(self.offsets[j], d.as_ref())?;
+            let d = d.as_ref();
+            match self.storage {
+                Storage::Native => self.buf.upload(self.offsets[j], d)?,
+                st => {
+                    let bits: Vec<u16> = d.iter().map(|x| narrow(st, x.to_f64())).collect();
+                    self.buf.upload(self.offsets[j], &bits)?;
+                }
+            }
         }
         Ok(())
+    }
+    /// Uploads 16-bit data as it is (the arena must hold 16-bit storage).
+    fn upload_bits(&self, data: &[&mut [u16]]) -> Result<(), CudaError> {
+        if self.storage == Storage::Native {
+            return Err(CudaError::Driver(
+                "16-bit data for a buffer stored in 32 bits".into(),
+            ));
+        }
+        for (j, d) in data.iter().enumerate() {
+            self.buf.upload(self.offsets[j], &d[..])?;
+        }
+        Ok(())
+    }
+    fn download_into<T: Float>(&self, j: usize, dst: &mut [T]) -> Result<(), CudaError> {
+        match self.storage {
+            Storage::Native => self.buf.download(self.offsets[j], dst),
+            st => {
+                let mut bits = vec![0u16; dst.len()];
+                self.buf.download(self.offsets[j], &mut bits)?;
+                for (d, b) in dst.iter_mut().zip(bits) {
+                    *d = T::from_f64(widen(st, b));
+                }
+                Ok(())
+            }
+        }
     }
     fn download<T: Float>(&self) -> Result<Vec<Vec<T>>, CudaError> {
         let mut out = Vec::with_capacity(self.lens.len());
         for (j, &n) in self.lens.iter().enumerate() {
             let mut v = vec![T::from_f64(0.0); n];
-            self.buf.download(self.offsets[j], &mut v)?;
+            self.download_into(j, &mut v)?;
             out.push(v);
         }
         Ok(out)
+    }
+}
+
+/// A value rounded to nearest into 16-bit storage, as bits.
+fn narrow(st: Storage, x: f64) -> u16 {
+    match st {
+        Storage::F16 => half::f16::from_f32(x as f32).to_bits(),
+        _ => half::bf16::from_f32(x as f32).to_bits(),
+    }
+}
+
+/// 16-bit storage bits, widened exactly.
+fn widen(st: Storage, b: u16) -> f64 {
+    match st {
+        Storage::F16 => f64::from(half::f16::from_bits(b).to_f32()),
+        _ => f64::from(half::bf16::from_bits(b).to_f32()),
     }
 }
 
@@ -95,6 +156,10 @@ pub(crate) struct GpuSlot<T> {
     mirror: Vec<OnceLock<Result<Vec<Vec<T>>, CudaError>>>,
     /// Values a clone carries from the device of the optimizer it was cloned from.
     carried: Vec<(usize, Vec<Vec<T>>)>,
+    /// How buffers are stored on the device (16-bit storage: see [`Optimizer::set_device_storage`]).
+    pub(crate) storage: Arc<StorageMap>,
+    /// The key of stochastic rounding.
+    pub(crate) seed: u64,
 }
 
 impl<T: Float> Clone for GpuSlot<T> {
@@ -120,6 +185,8 @@ impl<T: Float> Clone for GpuSlot<T> {
             host_current: Vec::new(),
             mirror: Vec::new(),
             carried,
+            storage: Arc::clone(&self.storage),
+            seed: self.seed,
         }
     }
 }
@@ -225,6 +292,11 @@ pub(crate) enum Source<'s, 'p, 'i, T> {
         params: Option<&'s mut [Vec<&'p mut [T]>]>,
         inputs: &'s Inputs<'i, T>,
     },
+    /// Host params already in their 16-bit storage type, uploaded and downloaded as they are.
+    Bits {
+        params: &'s mut [Vec<&'p mut [u16]>],
+        inputs: &'s Inputs<'i, T>,
+    },
     Device {
         params: Option<&'s [Vec<u64>]>,
         inputs: &'s DeviceInputs,
@@ -247,6 +319,76 @@ impl<T: Float + Default> Optimizer<T> {
             self.gpu.sync(&mut self.bufs)?;
             self.gpu.release();
             self.gpu.dev = Some(dev);
+        }
+        Ok(())
+    }
+
+    /// Stores buffers on the device as `storage` says (16-bit params and state, widened on load
+    /// and rounded on store inside the kernels; see
+    /// [`optc_compiler::backend::cuda::StorageMap`]), rounding stochastically under `seed` when
+    /// it asks for that. The host copies stay in `T`, as exact widenings. Values on the device
+    /// are downloaded first, and the kernels are compiled again. CPU backends ignore it.
+    pub(crate) fn set_device_storage(
+        &mut self,
+        storage: StorageMap,
+        seed: u64,
+    ) -> Result<(), Error> {
+        if T::BYTES != 4 && !storage.is_native() {
+            return Err(Error::Policy(
+                "16-bit storage needs an f32 optimizer".into(),
+            ));
+        }
+        self.gpu.sync(&mut self.bufs)?;
+        self.gpu.release();
+        let old = (
+            std::mem::replace(&mut self.gpu.storage, Arc::new(storage)),
+            self.gpu.seed,
+        );
+        self.gpu.seed = seed;
+        if let Err(e) = self.reset_active() {
+            (self.gpu.storage, self.gpu.seed) = old;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// [`Optimizer::step_with`] on the GPU backends with params already in their 16-bit device
+    /// storage type (see [`Self::set_device_storage`]): uploaded, updated and downloaded as
+    /// they are. Checked like `step_with`; on an error before the kernels run nothing changes.
+    pub(crate) fn step_with_bits(
+        &mut self,
+        params: &mut [Vec<&mut [u16]>],
+        inputs: &Inputs<'_, T>,
+    ) -> Result<(), Error> {
+        if !self.engine.is_cuda() {
+            return Err(Error::Params(
+                "16-bit params need Backend::Cuda or Backend::CudaEmulator".into(),
+            ));
+        }
+        let params_16 = (0..params.len()).all(|s| self.gpu.storage.of(s as u16) != Storage::Native);
+        if !params_16 {
+            return Err(Error::Params(
+                "the params are not stored in 16 bits on the device".into(),
+            ));
+        }
+        self.check_lent(Some(params), "lend them", "call step")?;
+        if self.next_stage == 0 {
+            self.activate()?;
+        }
+        let mut checked = Vec::new();
+        let mut scalars = self.pending_scalars.clone();
+        for k in self.next_stage..self.program.info.stages.len() {
+            scalars = self.check_stage(k, inputs, &scalars)?;
+            checked.push((k, scalars.clone()));
+        }
+        for (k, scalars) in checked {
+            let src = Source::Bits {
+                params: &mut *params,
+                inputs,
+            };
+            if !self.exec_stage_cuda(k, src, scalars)? {
+                return self.non_finite();
+            }
         }
         Ok(())
     }
@@ -355,28 +497,52 @@ impl<T: Float + Default> Optimizer<T> {
             return Err(Error::Params("no GPU state".into()));
         };
         // Upload host inputs and lent params into staging arenas.
-        if let Source::Host { params, inputs } = &src {
+        let storage = Arc::clone(&self.gpu.storage);
+        let host_inputs = match &src {
+            Source::Host { inputs, .. } | Source::Bits { inputs, .. } => Some(*inputs),
+            Source::Device { .. } => None,
+        };
+        if let Some(inputs) = host_inputs {
             for &b in &needs.tensors {
                 let bi = &info.buffers[b as usize];
                 let lens = &self.lens[bi.space as usize];
                 let slot = &mut st.staging[b as usize];
                 if slot.is_none() {
-                    *slot = Some(Arena::new::<T>(&dev, lens)?);
+                    *slot = Some(Arena::new::<T>(&dev, lens, storage.of(b))?);
                 }
                 if let Some(a) = slot {
                     a.upload::<T>(&inputs.tensors[&bi.name])?;
                 }
             }
-            if let Some(ps) = params.as_deref() {
-                for (space, tensors) in ps.iter().enumerate() {
-                    let slot = &mut st.staging[space];
-                    if slot.is_none() {
-                        *slot = Some(Arena::new::<T>(&dev, &self.lens[space])?);
-                    }
-                    if let Some(a) = slot {
-                        let views: Vec<&[T]> = tensors.iter().map(|t| &t[..]).collect();
+        }
+        let nspaces = info.spaces.len();
+        for space in 0..nspaces {
+            let lent_here = match &src {
+                Source::Host { params, .. } => params.is_some(),
+                Source::Bits { .. } => true,
+                Source::Device { .. } => false,
+            };
+            if !lent_here {
+                break;
+            }
+            let slot = &mut st.staging[space];
+            if slot.is_none() {
+                *slot = Some(Arena::new::<T>(
+                    &dev,
+                    &self.lens[space],
+                    storage.of(space as u16),
+                )?);
+            }
+            if let Some(a) = slot {
+                match &src {
+                    Source::Host {
+                        params: Some(ps), ..
+                    } => {
+                        let views: Vec<&[T]> = ps[space].iter().map(|t| &t[..]).collect();
                         a.upload::<T>(&views)?;
                     }
+                    Source::Bits { params, .. } => a.upload_bits(&params[space])?,
+                    _ => {}
                 }
             }
         }
@@ -413,7 +579,7 @@ impl<T: Float + Default> Optimizer<T> {
                     let device_owned =
                         bi.role != BufRole::Input && !(bi.role == BufRole::Param && lent);
                     if device_owned && st.arenas[b as usize].is_none() {
-                        let a = Arena::new::<T>(&dev, lens)?;
+                        let a = Arena::new::<T>(&dev, lens, storage.of(b))?;
                         a.upload::<T>(&self.bufs[b as usize])?;
                         st.arenas[b as usize] = Some(a);
                     }
@@ -464,6 +630,7 @@ impl<T: Float + Default> Optimizer<T> {
                         &kern.uniforms,
                         &ptrs,
                         &uniforms,
+                        (self.gpu.seed, (self.steps + 1) as u32),
                     )
                 }?;
                 for (r, v) in results {
@@ -490,17 +657,28 @@ impl<T: Float + Default> Optimizer<T> {
                 }
             }
         }
-        if let Source::Host {
-            params: Some(ps), ..
-        } = &mut src
-        {
-            for (space, tensors) in ps.iter_mut().enumerate() {
-                if let Some(a) = &st.staging[space] {
-                    for (j, t) in tensors.iter_mut().enumerate() {
-                        a.buf.download(a.offsets[j], t)?;
+        match &mut src {
+            Source::Host {
+                params: Some(ps), ..
+            } => {
+                for (space, tensors) in ps.iter_mut().enumerate() {
+                    if let Some(a) = &st.staging[space] {
+                        for (j, t) in tensors.iter_mut().enumerate() {
+                            a.download_into(j, t)?;
+                        }
                     }
                 }
             }
+            Source::Bits { params, .. } => {
+                for (space, tensors) in params.iter_mut().enumerate() {
+                    if let Some(a) = &st.staging[space] {
+                        for (j, t) in tensors.iter_mut().enumerate() {
+                            a.buf.download(a.offsets[j], &mut t[..])?;
+                        }
+                    }
+                }
+            }
+            _ => {}
         }
         if k + 1 == info.stages.len() {
             self.scalar_states = run.scalar_updates(&env);

@@ -328,7 +328,10 @@ impl Active {
         engine: Backend,
         precision: Precision,
         policy: NonFinite,
-        #[cfg(feature = "cuda")] dev: Option<&Arc<device::Device>>,
+        #[cfg(feature = "cuda")] (dev, storage): (
+            Option<&Arc<device::Device>>,
+            &optc_compiler::backend::cuda::StorageMap,
+        ),
     ) -> Result<Active, Error> {
         let key = decision_key(decisions, base, sets);
         let decisions = decisions.agreeing(base, sets);
@@ -360,9 +363,20 @@ impl Active {
             _ => None,
         };
         #[cfg(feature = "cuda")]
+        if engine.is_cuda() && !storage.is_native() {
+            if let Some(b) = optc_compiler::backend::cuda::rounded_then_reloaded(&program, storage)
+            {
+                return Err(Error::Policy(format!(
+                    "rule `{}` reads `{}` again after storing it within a step, so its 16-bit \
+                     storage cannot be fused into the GPU kernels; run it on a CPU backend",
+                    program.info.name, program.info.buffers[b as usize].name
+                )));
+            }
+        }
+        #[cfg(feature = "cuda")]
         let gpu = match (engine, dev) {
             (Backend::Cuda { .. } | Backend::CudaEmulator, Some(dev)) => Some(Arc::new(
-                device::GpuProgram::compile(&program, precision, dev)?,
+                device::GpuProgram::compile(&program, precision, dev, storage)?,
             )),
             (Backend::Cuda { .. } | Backend::CudaEmulator, None) => {
                 return Err(Error::Cuda(cuda::CudaError::DriverMissing(
@@ -608,7 +622,7 @@ impl<T: Float + Default> Optimizer<T> {
             Self::precision(),
             NonFinite::Proceed,
             #[cfg(feature = "cuda")]
-            None,
+            (None, &Default::default()),
         )?);
         Ok(Optimizer {
             schedules: vec![None; hypers.len()],
@@ -656,7 +670,7 @@ impl<T: Float + Default> Optimizer<T> {
             Self::precision(),
             self.policy,
             #[cfg(feature = "cuda")]
-            self.gpu.dev.as_ref(),
+            (self.gpu.dev.as_ref(), &self.gpu.storage),
         )?;
         Ok(Arc::new(a))
     }

@@ -77,6 +77,16 @@ pub trait Storage: Copy + Send + Sync + Default + PartialEq + std::fmt::Debug + 
         let _ = data;
         None
     }
+    /// How the CUDA kernels store it; `None` for f32.
+    #[cfg(feature = "cuda")]
+    fn device() -> Option<optc_compiler::backend::cuda::Storage> {
+        None
+    }
+    /// The data as its bits, when it is a 16-bit type.
+    fn bits_mut(data: &mut [Self]) -> Option<&mut [u16]> {
+        let _ = data;
+        None
+    }
 }
 
 impl Storage for f32 {
@@ -100,6 +110,13 @@ impl Storage for bf16 {
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
     }
+    #[cfg(feature = "cuda")]
+    fn device() -> Option<optc_compiler::backend::cuda::Storage> {
+        Some(optc_compiler::backend::cuda::Storage::Bf16)
+    }
+    fn bits_mut(data: &mut [Self]) -> Option<&mut [u16]> {
+        Some(half::slice::HalfFloatSliceExt::reinterpret_cast_mut(data))
+    }
     fn nearest(x: f32) -> Self {
         bf16::from_f32(x)
     }
@@ -122,6 +139,13 @@ impl Storage for f16 {
     const NAME: &'static str = "f16";
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
+    }
+    #[cfg(feature = "cuda")]
+    fn device() -> Option<optc_compiler::backend::cuda::Storage> {
+        Some(optc_compiler::backend::cuda::Storage::F16)
+    }
+    fn bits_mut(data: &mut [Self]) -> Option<&mut [u16]> {
+        Some(half::slice::HalfFloatSliceExt::reinterpret_cast_mut(data))
     }
     fn nearest(x: f32) -> Self {
         f16::from_f32(x)
@@ -312,14 +336,94 @@ impl<S: Storage> MixedOptimizer<S> {
     }
 
     /// Switches the backend of the optimizer underneath.
+    ///
+    /// On [`crate::Backend::Cuda`] (and the emulator) the conversions are fused into the rule's
+    /// kernels: parameters (and bf16 state) are stored in 16 bits in device memory, widened as
+    /// the kernels load them and rounded as they store them, with the same results as on the
+    /// CPU (the same rounding, and for stochastic rounding the same Philox bits). Each step
+    /// uploads the host's 16-bit parameters and downloads them after the update; inputs are
+    /// uploaded in f32. Not on the GPU: master weights (use an f32 [`Optimizer`] there; its
+    /// parameters are the master weights), and rules whose kernels, as specialized for the
+    /// current hyperparameters, read a parameter or state buffer again after storing it within
+    /// one step (they would read the rounded value; LAMB, N-HARPG and N-PG-IGT with bf16 state,
+    /// Adan with bf16 state and clipping on): an [`Error::Policy`] from this call or the step.
     pub fn with_backend(mut self, backend: crate::Backend) -> Result<Self, Error> {
-        if backend.is_cuda() {
+        #[cfg(feature = "cuda")]
+        {
+            let map = if backend.is_cuda() {
+                self.device_storage()?
+            } else {
+                Default::default()
+            };
+            let seed = match self.options.rounding {
+                Rounding::Stochastic { seed } => seed,
+                Rounding::Nearest => 0,
+            };
+            let was_gpu = self.inner.backend().is_cuda();
+            if backend.is_cuda() && !was_gpu {
+                // bf16 state moves into the optimizer underneath (the device keeps it in bf16).
+                for (b, kept) in std::mem::take(&mut self.state) {
+                    let wide = kept
+                        .iter()
+                        .map(|t| {
+                            let mut w = Vec::new();
+                            widen(t, &mut w);
+                            w
+                        })
+                        .collect();
+                    self.inner.set_state_buffer(b, wide);
+                }
+            }
+            self.inner.set_device_storage(map, seed)?;
+            self.inner = self.inner.with_backend(backend)?;
+            if !backend.is_cuda() && was_gpu && self.options.bf16_state {
+                // Back on the CPU: bf16 state is kept here again (exact: the values are bf16).
+                let ids: Vec<usize> = self.inner.state_buffers_mut().map(|(b, _)| b).collect();
+                for b in ids {
+                    let wide = self.inner.take_state_buffer(b);
+                    let kept = wide
+                        .iter()
+                        .map(|w| {
+                            let mut k = vec![bf16::ZERO; w.len()];
+                            round_into(w, &mut k, Rounding::Nearest, 0, 0, 0);
+                            k
+                        })
+                        .collect();
+                    self.state.push((b, kept));
+                }
+            }
+            Ok(self)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            self.inner = self.inner.with_backend(backend)?;
+            Ok(self)
+        }
+    }
+
+    /// How the rule's buffers are stored on the GPU, or why it cannot run there.
+    #[cfg(feature = "cuda")]
+    fn device_storage(&self) -> Result<optc_compiler::backend::cuda::StorageMap, Error> {
+        use optc_compiler::backend::cuda::StorageMap;
+        let Some(param) = S::device() else {
             return Err(Error::Policy(
-                "mixed precision runs on the CPU backends; the CUDA backend is f32/f64 only".into(),
+                "mixed precision on the GPU needs bf16 or f16 parameters (for f32 use Optimizer)"
+                    .into(),
+            ));
+        };
+        if self.options.master_weights {
+            return Err(Error::Policy(
+                "master weights are not kept on the GPU: use an f32 Optimizer there (its \
+                 parameters are the master weights)"
+                    .into(),
             ));
         }
-        self.inner = self.inner.with_backend(backend)?;
-        Ok(self)
+        Ok(StorageMap::mixed(
+            self.inner.program(),
+            param,
+            self.options.bf16_state,
+            matches!(self.options.rounding, Rounding::Stochastic { .. }),
+        ))
     }
 
     /// The options.
@@ -379,6 +483,29 @@ impl<S: Storage> MixedOptimizer<S> {
                 let direct: Vec<&[f32]> = ts.iter().filter_map(|t| G::as_f32(t)).collect();
                 f32_inputs.tensors.insert(name.clone(), direct);
             }
+        }
+        #[cfg(feature = "cuda")]
+        if self.inner.backend().is_cuda() {
+            // The kernels read and write the 16-bit params themselves.
+            let mut bits: Vec<Vec<&mut [u16]>> = Vec::with_capacity(params.len());
+            for ts in params.iter_mut() {
+                let mut space = Vec::with_capacity(ts.len());
+                for t in ts.iter_mut() {
+                    match S::bits_mut(t) {
+                        Some(b) => space.push(b),
+                        None => {
+                            return Err(Error::Policy(
+                                "mixed precision on the GPU needs 16-bit parameters".into(),
+                            ))
+                        }
+                    }
+                }
+                bits.push(space);
+            }
+            let result = self.inner.step_with_bits(&mut bits, &f32_inputs);
+            drop(f32_inputs);
+            self.pool.extend(widened.into_iter().flat_map(|(_, ts)| ts));
+            return result;
         }
         // The f32 parameters the rule updates: the master weights or widened copies.
         let masters_new = self.options.master_weights && self.master.is_none();

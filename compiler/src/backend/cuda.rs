@@ -68,6 +68,121 @@ pub const NVRTC_OPTIONS: &[&str] = &[
     "--ftz=false",
 ];
 
+/// How a buffer's elements are stored in device memory. Arithmetic is always in the compute type;
+/// 16-bit storage (f32 programs only) is widened exactly on load and rounded on store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Storage {
+    /// The program's precision (`float` or `double`).
+    #[default]
+    Native,
+    /// bfloat16 (`optc_bf16`: 8 exponent bits, 7 mantissa bits).
+    Bf16,
+    /// IEEE binary16 (`optc_f16`).
+    F16,
+}
+
+impl Storage {
+    /// Bytes per element for a program of precision `prec`.
+    pub fn bytes(self, prec: Precision) -> usize {
+        match self {
+            Storage::Native => prec.size(),
+            Storage::Bf16 | Storage::F16 => 2,
+        }
+    }
+    /// The C type of an element.
+    fn c_type(self, prec: Precision) -> &'static str {
+        match (self, prec) {
+            (Storage::Native, Precision::F32) => "float",
+            (Storage::Native, Precision::F64) => "double",
+            (Storage::Bf16, _) => "optc_bf16",
+            (Storage::F16, _) => "optc_f16",
+        }
+    }
+}
+
+/// Where each buffer's elements live in device memory and how stores round them.
+///
+/// Stores into 16-bit buffers round to nearest (ties to even, as `half::bf16::from_f32`), or,
+/// with `stochastic`, up or down with probability proportional to the distance, from the 32 bits
+/// Philox-4x32-10 gives element `E` of buffer `B` at step `t` under key `seed`: output `E % 4` of
+/// counter `(E / 4 low word, E / 4 high word, t, B)`, where `E` counts the buffer's elements over
+/// all tensors of its space in order and `B` is the space index for params and the buffer id
+/// otherwise (the conventions of the runtime's mixed-precision optimizer, so both give the same
+/// bits). Such kernels take three more fixed parameters (see [`CudaKernel::rounding_key`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct StorageMap {
+    /// By buffer id; buffers past the end are [`Storage::Native`].
+    pub buffers: Vec<Storage>,
+    /// Round stores into 16-bit buffers stochastically instead of to nearest.
+    pub stochastic: bool,
+}
+
+impl StorageMap {
+    /// Mixed precision: params stored as `param`, states as bf16 (`bf16_state`) or in the
+    /// program's precision, inputs and outputs in the program's precision.
+    pub fn mixed(p: &Program, param: Storage, bf16_state: bool, stochastic: bool) -> StorageMap {
+        StorageMap {
+            buffers: p
+                .info
+                .buffers
+                .iter()
+                .map(|b| match b.role {
+                    crate::ir::BufRole::Param => param,
+                    crate::ir::BufRole::State if bf16_state => Storage::Bf16,
+                    _ => Storage::Native,
+                })
+                .collect(),
+            stochastic,
+        }
+    }
+
+    /// The storage of buffer `b`.
+    pub fn of(&self, b: BufId) -> Storage {
+        self.buffers.get(b as usize).copied().unwrap_or_default()
+    }
+    /// Whether every buffer is stored in the program's precision.
+    pub fn is_native(&self) -> bool {
+        self.buffers.iter().all(|&s| s == Storage::Native)
+    }
+}
+
+/// The first buffer with 16-bit storage in `storage` that a step of `p` stores and then reads
+/// again (in a later phase or stage of the same step), if any. Such a buffer would be read back
+/// rounded, where a step computed wholly in f32 and rounded at its end reads the unrounded value;
+/// hosts that promise the latter refuse these programs.
+pub fn rounded_then_reloaded(p: &Program, storage: &StorageMap) -> Option<BufId> {
+    for v in &p.variants {
+        let mut stored: BTreeSet<BufId> = BTreeSet::new();
+        for st in &v.stages {
+            for ph in &st.phases {
+                for k in &ph.kernels {
+                    for &n in &k.loads {
+                        if let Node::Load { buf, .. } = p.graph.node(n) {
+                            if stored.contains(&buf) && storage.of(buf) != Storage::Native {
+                                return Some(buf);
+                            }
+                        }
+                    }
+                }
+                for k in &ph.kernels {
+                    stored.extend(k.stores.iter().map(|s| s.0));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// A 16-bit storage type asked of a program that computes in f64.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("16-bit storage needs f32 arithmetic; buffer `{buffer}` of an f64 program cannot be {storage:?}")]
+pub struct StorageError {
+    /// The buffer's name.
+    pub buffer: String,
+    /// What it was asked to be.
+    pub storage: Storage,
+}
+
 /// How a kernel is launched: everything a host needs besides the source.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CudaKernel {
@@ -93,6 +208,11 @@ pub struct CudaKernel {
     pub tensor_uniforms: Vec<NodeId>,
     /// Reduce nodes: row `r` of `partials` (one partial per chunk).
     pub reductions: Vec<NodeId>,
+    /// The kernel rounds stores stochastically ([`StorageMap::stochastic`]): after `partials` it
+    /// takes `const unsigned long long* tbase` (per tensor, the index in its buffers of the
+    /// tensor's first element: the sum of the lengths of the tensors before it),
+    /// `unsigned long long seed` and `unsigned int step` (the step `t`), then its arguments.
+    pub rounding_key: bool,
 }
 
 /// The CUDA source of a program for one precision, and how to launch each of its kernels.
@@ -238,17 +358,70 @@ pub fn module_per_tensor(p: &Program, prec: Precision) -> CudaModule {
     module_with(p, prec, true)
 }
 
+/// [`module`] (or, with `all_per_tensor`, [`module_per_tensor`]) with buffers stored as
+/// `storage` says: 16-bit buffers are widened on load and rounded on store.
+pub fn module_stored(
+    p: &Program,
+    prec: Precision,
+    all_per_tensor: bool,
+    storage: &StorageMap,
+) -> Result<CudaModule, StorageError> {
+    if prec == Precision::F64 {
+        if let Some((b, &st)) = storage
+            .buffers
+            .iter()
+            .enumerate()
+            .find(|(_, &s)| s != Storage::Native)
+        {
+            return Err(StorageError {
+                buffer: p
+                    .info
+                    .buffers
+                    .get(b)
+                    .map_or_else(|| format!("#{b}"), |bi| bi.name.clone()),
+                storage: st,
+            });
+        }
+    }
+    Ok(module_with_storage(p, prec, all_per_tensor, storage))
+}
+
 fn module_with(p: &Program, prec: Precision, all_per_tensor: bool) -> CudaModule {
+    module_with_storage(p, prec, all_per_tensor, &StorageMap::default())
+}
+
+fn module_with_storage(
+    p: &Program,
+    prec: Precision,
+    all_per_tensor: bool,
+    storage: &StorageMap,
+) -> CudaModule {
     let d = Dtype { prec };
     let mut src = String::new();
     prelude(&mut src, p, d);
+    let used: BTreeSet<Storage> = (0..p.info.buffers.len())
+        .map(|b| storage.of(b as BufId))
+        .filter(|&s| s != Storage::Native)
+        .collect();
+    if !used.is_empty() {
+        half_helpers(&mut src, &used, storage.stochastic);
+    }
     let mut kernels = Vec::new();
     for (vi, v) in p.variants.iter().enumerate() {
         for (si, s) in v.stages.iter().enumerate() {
             for (pi, ph) in s.phases.iter().enumerate() {
                 for (ki, k) in ph.kernels.iter().enumerate() {
-                    let ck = describe(p, k, prec, [vi, si, pi, ki], all_per_tensor);
-                    Gen { p, k, ck: &ck, d }.kernel(&mut src);
+                    let mut ck = describe(p, k, prec, [vi, si, pi, ki], all_per_tensor);
+                    ck.rounding_key = storage.stochastic
+                        && ck.stored.iter().any(|&b| storage.of(b) != Storage::Native);
+                    Gen {
+                        p,
+                        k,
+                        ck: &ck,
+                        d,
+                        storage,
+                    }
+                    .kernel(&mut src);
                     kernels.push(ck);
                 }
             }
@@ -258,6 +431,147 @@ fn module_with(p: &Program, prec: Precision, all_per_tensor: bool) -> CudaModule
         precision: prec,
         source: src,
         kernels,
+    }
+}
+
+/// Conversions between f32 and the 16-bit storage types `used`, bit for bit as the `half`
+/// crate's (`to_f32`, `from_f32`) and the runtime's stochastic rounding, in integer arithmetic
+/// (no CUDA headers needed).
+fn half_helpers(out: &mut String, used: &BTreeSet<Storage>, stochastic: bool) {
+    out.push_str(
+        "
+// 16-bit storage: widened exactly on load, rounded on store (ties to even, or stochastically).
+static __device__ __forceinline__ bool optc_aligned8(const void* p) { return (reinterpret_cast<unsigned long long>(p) & 7ull) == 0; }
+static __device__ __forceinline__ bool optc_finite_bits(unsigned int x) { return (x & 0x7f800000u) != 0x7f800000u; }
+",
+    );
+    if stochastic {
+        out.push_str(
+            "// Philox-4x32-10 (Salmon et al., 2011): the 32 random bits of element e of a buffer.
+static __device__ __forceinline__ unsigned int optc_rbits(unsigned long long seed, unsigned int step, unsigned int buf, unsigned long long e) {
+    const unsigned long long blk = e >> 2;
+    unsigned int c0 = (unsigned int)blk, c1 = (unsigned int)(blk >> 32), c2 = step, c3 = buf;
+    unsigned int k0 = (unsigned int)seed, k1 = (unsigned int)(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+        if (round > 0) { k0 += 0x9E3779B9u; k1 += 0xBB67AE85u; }
+        const unsigned long long p0 = 0xD2511F53ull * c0;
+        const unsigned long long p1 = 0xCD9E8D57ull * c2;
+        const unsigned int n0 = (unsigned int)(p1 >> 32) ^ c1 ^ k0;
+        const unsigned int n2 = (unsigned int)(p0 >> 32) ^ c3 ^ k1;
+        c0 = n0; c1 = (unsigned int)p1; c2 = n2; c3 = (unsigned int)p0;
+    }
+    const unsigned int l = (unsigned int)(e & 3ull);
+    return l == 0 ? c0 : (l == 1 ? c1 : (l == 2 ? c2 : c3));
+}
+",
+        );
+    }
+    for st in used {
+        let (t, widen, nearest, sr) = match st {
+            Storage::Bf16 => (
+                "optc_bf16",
+                "__int_as_float((int)((unsigned int)h << 16))",
+                "optc_f2bf",
+                "optc_bf_sr",
+            ),
+            Storage::F16 => ("optc_f16", "optc_h2f(h)", "optc_f2h", "optc_h_sr"),
+            Storage::Native => continue,
+        };
+        match st {
+            Storage::Bf16 => out.push_str(
+                "struct optc_bf16 { unsigned short b; };
+static __device__ __forceinline__ unsigned short optc_f2bf(float f) {
+    const unsigned int x = (unsigned int)__float_as_int(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((x >> 16) | 0x40u);
+    return (unsigned short)(((x & 0x8000u) != 0 && (x & 0x17fffu) != 0) ? (x >> 16) + 1u : (x >> 16));
+}
+static __device__ __forceinline__ unsigned short optc_bf_sr(float f, unsigned int r) {
+    const unsigned int x = (unsigned int)__float_as_int(f);
+    if (!optc_finite_bits(x)) return optc_f2bf(f);
+    const unsigned int s = x + (r & 0xffffu);
+    if (s < x || ((s ^ x) & 0x80000000u) != 0) return optc_f2bf(f);
+    return (unsigned short)(s >> 16);
+}
+",
+            ),
+            Storage::F16 => {
+                out.push_str(
+                    "struct optc_f16 { unsigned short b; };
+static __device__ __forceinline__ float optc_h2f(unsigned short h) {
+    const unsigned int s = ((unsigned int)h & 0x8000u) << 16, e = ((unsigned int)h >> 10) & 0x1fu, m = (unsigned int)h & 0x3ffu;
+    if (e == 0x1fu) return __int_as_float((int)(s | 0x7f800000u | (m << 13)));
+    if (e == 0u) { const float f = (float)m * 5.9604644775390625e-8f; return s != 0u ? -f : f; }
+    return __int_as_float((int)(s | ((e + 112u) << 23) | (m << 13)));
+}
+static __device__ __forceinline__ unsigned short optc_f2h(float f) {
+    const unsigned int x = (unsigned int)__float_as_int(f);
+    const unsigned int sign = (x >> 16) & 0x8000u, exp = x & 0x7f800000u, man = x & 0x7fffffu;
+    if (exp == 0x7f800000u) return (unsigned short)(sign | 0x7c00u | (man != 0u ? 0x200u : 0u) | (man >> 13));
+    const int he = (int)(exp >> 23) - 127 + 15;
+    if (he >= 0x1f) return (unsigned short)(sign | 0x7c00u);
+    if (he <= 0) {
+        if (14 - he > 24) return (unsigned short)sign;
+        const unsigned int m = man | 0x800000u;
+        unsigned int hm = m >> (14 - he);
+        const unsigned int rb = 1u << (13 - he);
+        if ((m & rb) != 0u && (m & (3u * rb - 1u)) != 0u) hm += 1u;
+        return (unsigned short)(sign | hm);
+    }
+    const unsigned int h = sign | ((unsigned int)he << 10) | (man >> 13);
+    return (unsigned short)(((man & 0x1000u) != 0u && (man & 0x2fffu) != 0u) ? h + 1u : h);
+}
+",
+                );
+                if stochastic {
+                    out.push_str(
+                        "static __device__ __forceinline__ unsigned short optc_h_sr(float x, unsigned int r) {
+    const unsigned short a = optc_f2h(x);
+    const float af = optc_h2f(a);
+    if (!optc_finite_bits((unsigned int)__float_as_int(x)) || af == x || !optc_finite_bits((unsigned int)__float_as_int(af))) return a;
+    unsigned short b;
+    if ((af < x) == (af >= 0.0f) && af != 0.0f) b = (unsigned short)(a + 1u);
+    else if (af == 0.0f) b = (unsigned short)(x > 0.0f ? 1u : 0x8001u);
+    else b = (unsigned short)((a & 0x7fffu) == 0u ? ((a ^ 0x8000u) + 1u) : (a - 1u));
+    const bool a_lo = optc_h2f(a) < optc_h2f(b);
+    const unsigned short lo = a_lo ? a : b, hi = a_lo ? b : a;
+    const double lof = (double)optc_h2f(lo), hif = (double)optc_h2f(hi);
+    const double p = ((double)x - lof) / (hif - lof);
+    const double u = (double)r / 4294967296.0;
+    return u < p ? hi : lo;
+}
+",
+                    );
+                }
+            }
+            Storage::Native => {}
+        }
+        let _ = write!(
+            out,
+            "static __device__ __forceinline__ float optc_ld(const {t}* p, unsigned int i) {{ const unsigned short h = p[i].b; return {widen}; }}
+static __device__ __forceinline__ void optc_st({t}* p, unsigned int i, float x) {{ p[i].b = {nearest}(x); }}
+static __device__ __forceinline__ void optc_ldv(const {t}* p, unsigned int g, float* v) {{
+    const unsigned long long q = reinterpret_cast<const unsigned long long*>(p)[g];
+    for (int l = 0; l < 4; ++l) {{ const unsigned short h = (unsigned short)(q >> (16 * l)); v[l] = {widen}; }}
+}}
+static __device__ __forceinline__ void optc_stv({t}* p, unsigned int g, const float* v) {{
+    unsigned long long q = 0;
+    for (int l = 0; l < 4; ++l) q |= (unsigned long long){nearest}(v[l]) << (16 * l);
+    reinterpret_cast<unsigned long long*>(p)[g] = q;
+}}
+"
+        );
+        if stochastic {
+            let _ = write!(
+                out,
+                "static __device__ __forceinline__ void optc_st_sr({t}* p, unsigned int i, float x, unsigned int r) {{ p[i].b = {sr}(x, r); }}
+static __device__ __forceinline__ void optc_stv_sr({t}* p, unsigned int g, const float* v, unsigned long long seed, unsigned int step, unsigned int buf, unsigned long long e) {{
+    unsigned long long q = 0;
+    for (int l = 0; l < 4; ++l) q |= (unsigned long long){sr}(v[l], optc_rbits(seed, step, buf, e + l)) << (16 * l);
+    reinterpret_cast<unsigned long long*>(p)[g] = q;
+}}
+"
+            );
+        }
     }
 }
 
@@ -307,6 +621,7 @@ fn describe(
         args,
         tensor_uniforms,
         reductions: a.reductions,
+        rounding_key: false,
     }
 }
 
@@ -366,6 +681,7 @@ struct Gen<'a> {
     k: &'a Kernel,
     ck: &'a CudaKernel,
     d: Dtype,
+    storage: &'a StorageMap,
 }
 
 impl Gen<'_> {
@@ -375,6 +691,39 @@ impl Gen<'_> {
             .iter()
             .position(|&b| b == buf)
             .expect("every loaded or stored buffer has a slot")
+    }
+
+    /// The storage of slot `i`.
+    fn slot_storage(&self, i: usize) -> Storage {
+        self.storage.of(self.ck.slots[i])
+    }
+
+    /// Whether stores into slot `i` round stochastically.
+    fn stochastic(&self, i: usize) -> bool {
+        self.ck.rounding_key && self.slot_storage(i) != Storage::Native
+    }
+
+    /// The buffer number of slot `i` in the rounding key: the space for params, else the id.
+    fn key_buffer(&self, i: usize) -> u32 {
+        let b = self.ck.slots[i];
+        let bi = &self.p.info.buffers[b as usize];
+        if bi.role == crate::ir::BufRole::Param {
+            u32::from(bi.space)
+        } else {
+            u32::from(b)
+        }
+    }
+
+    /// The store of lane value `y{i}` at element `e` (scalar path).
+    fn store(&self, i: usize) -> String {
+        if self.stochastic(i) {
+            format!(
+                "optc_st_sr(s{i}, e, y{i}, optc_rbits(seed, step, {}u, eb + e));",
+                self.key_buffer(i)
+            )
+        } else {
+            format!("optc_st(s{i}, e, y{i});")
+        }
     }
 
     /// Slots the kernel reads.
@@ -601,13 +950,13 @@ impl Gen<'_> {
             .collect();
         let _ = writeln!(out, "{indent}{}", self.call(&loaded, ""));
         for s in stored {
-            let _ = writeln!(out, "{indent}optc_st(s{s}, e, y{s});");
+            let _ = writeln!(out, "{indent}{}", self.store(s));
         }
     }
 
     fn kernel(&self, out: &mut String) {
         let (p, ck, d) = (self.p, self.ck, self.d);
-        let (c, st) = (d.compute(), d.storage());
+        let c = d.compute();
         let lanes = d.lanes();
         let _ = writeln!(
             out,
@@ -650,6 +999,11 @@ impl Gen<'_> {
             format!("const {c}* __restrict__ tuni"),
             "double* __restrict__ partials".to_string(),
         ];
+        if ck.rounding_key {
+            params.push("const unsigned long long* __restrict__ tbase".to_string());
+            params.push("unsigned long long seed".to_string());
+            params.push("unsigned int step".to_string());
+        }
         params.extend(ck.args.iter().map(|u| format!("{c} a{}", u.0)));
         let _ = writeln!(
             out,
@@ -684,6 +1038,7 @@ impl Gen<'_> {
         let stored = self.stored();
         for i in 0..nslots {
             let cq = if stored.contains(&i) { "" } else { "const " };
+            let st = self.slot_storage(i).c_type(d.prec);
             let _ = writeln!(
                 out,
                 "        {cq}{st}* __restrict__ s{i} = static_cast<{cq}{st}*>(bp[{i}]) + ch.offset;"
@@ -700,7 +1055,18 @@ impl Gen<'_> {
                 ReduceOp::Max => writeln!(out, "        {c} r{i} = {};", d.lit(0.0)),
             };
         }
-        let aligned: Vec<String> = (0..nslots).map(|i| format!("optc_aligned(s{i})")).collect();
+        if ck.rounding_key {
+            let _ = writeln!(
+                out,
+                "        const unsigned long long eb = tbase[ch.tensor] + ch.offset;"
+            );
+        }
+        let aligned: Vec<String> = (0..nslots)
+            .map(|i| match self.slot_storage(i) {
+                Storage::Native => format!("optc_aligned(s{i})"),
+                _ => format!("optc_aligned8(s{i})"),
+            })
+            .collect();
         let _ = writeln!(out, "        const unsigned int n = ch.count;");
         let _ = writeln!(out, "        const unsigned int groups = n / OPTC_LANES;");
         let _ = writeln!(
@@ -734,8 +1100,16 @@ impl Gen<'_> {
         let lane_args: Vec<String> = loaded.iter().map(|s| format!("x{s}[l]")).collect();
         let _ = writeln!(out, "                    {}", self.call(&lane_args, "[l]"));
         let _ = writeln!(out, "                }}");
-        for s in &stored {
-            let _ = writeln!(out, "                optc_stv(s{s}, g, y{s});");
+        for &s in &stored {
+            if self.stochastic(s) {
+                let _ = writeln!(
+                    out,
+                    "                optc_stv_sr(s{s}, g, y{s}, seed, step, {}u, eb + (unsigned long long)g * OPTC_LANES);",
+                    self.key_buffer(s)
+                );
+            } else {
+                let _ = writeln!(out, "                optc_stv(s{s}, g, y{s});");
+            }
         }
         let _ = writeln!(out, "            }}");
         let _ = writeln!(out, "        }} else {{");
