@@ -911,3 +911,147 @@ fn mixed_precision_moves_between_the_gpu_and_the_cpu() {
     assert_eq!(p, want, "moved from the CPU to the GPU");
     assert_eq!(up.state("m"), cpu.state("m"));
 }
+
+#[test]
+fn the_cli_runs_on_the_gpu_backends() {
+    let Some(gpu) = device("the_cli_runs_on_the_gpu_backends") else {
+        return;
+    };
+    let backend = match gpu {
+        Backend::Cuda { .. } => "cuda",
+        _ => "cuda-emulator",
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let p = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
+    let write = |path: &str, shape: Vec<usize>, data: &[f32]| {
+        let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let v =
+            safetensors::tensor::TensorView::new(safetensors::tensor::Dtype::F32, shape, &bytes)
+                .expect("view");
+        safetensors::serialize_to_file(
+            vec![("w".to_string(), v)],
+            None,
+            std::path::Path::new(path),
+        )
+        .expect("write");
+    };
+    write(&p("p.safetensors"), vec![37], &fill(1, 37));
+    write(&p("g.safetensors"), vec![5, 37], &fill(2, 5 * 37));
+    let run = |backend: &str, out: &str| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_optc"))
+            .args([
+                "run",
+                "adan",
+                "--params",
+                &p("p.safetensors"),
+                "--grads",
+                &p("g.safetensors"),
+            ])
+            .args([
+                "--set",
+                "max_grad_norm=0.5",
+                "--backend",
+                backend,
+                "--out",
+                &p(out),
+                "-q",
+            ])
+            .output()
+            .expect("optc runs");
+        assert!(
+            o.status.success(),
+            "{backend}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let bytes = std::fs::read(p(out)).expect("output");
+        let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+        st.tensor("w")
+            .expect("w")
+            .data()
+            .chunks(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect::<Vec<f32>>()
+    };
+    let want = run("interp", "cpu.safetensors");
+    let got = run(backend, "gpu.safetensors");
+    assert_ne!(want, fill(1, 37), "the run changed the params");
+    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            ulps(*a, *b) <= 8,
+            "element {i}: {backend} {a}, interpreter {b}"
+        );
+    }
+}
+
+#[test]
+#[allow(unsafe_code)]
+fn mixed_precision_steps_device_buffers_in_place() {
+    let Some(gpu) = device("mixed_precision_steps_device_buffers_in_place") else {
+        return;
+    };
+    let program = Arc::new(optc::stdlib_rule("adam").expect("adam"));
+    let specs: Vec<TensorSpec> = SIZES
+        .iter()
+        .enumerate()
+        .map(|(j, &n)| TensorSpec::new(format!("t{j}"), &[n]))
+        .collect();
+    let options = MixedOptions {
+        bf16_state: true,
+        rounding: Rounding::Stochastic { seed: 11 },
+        ..Default::default()
+    };
+    let new = || {
+        MixedOptimizer::<bf16>::new(Arc::clone(&program), vec![specs.clone()], options)
+            .and_then(|o| o.with_backend(gpu))
+            .expect("optimizer")
+    };
+    let start: Vec<Vec<bf16>> = SIZES
+        .iter()
+        .enumerate()
+        .map(|(j, &n)| fill(j as u64, n).into_iter().map(bf16::from_f32).collect())
+        .collect();
+    let mut host = vec![start.clone()];
+    let mut lent = new();
+    mixed_steps(&mut lent, &mut host, 0..STEPS);
+
+    let mut opt = new();
+    let dev = Arc::clone(opt.inner().device().expect("a device"));
+    // Params packed as bf16 (odd offsets: 2-byte aligned only), gradients as f32.
+    let bits: Vec<Vec<u16>> = start
+        .iter()
+        .map(|t| t.iter().map(|x| x.to_bits()).collect())
+        .collect();
+    let total: usize = SIZES.iter().sum::<usize>() + 1;
+    let pbuf = dev.alloc(total * 2).expect("device memory");
+    let mut offsets = Vec::new();
+    let mut at = 1usize;
+    for b in &bits {
+        pbuf.upload(at * 2, b).expect("upload");
+        offsets.push(at);
+        at += b.len();
+    }
+    let pptrs: Vec<u64> = offsets.iter().map(|&o| pbuf.ptr() + 2 * o as u64).collect();
+    let info = program.info.clone();
+    let mut grads: Option<Packed> = None;
+    for s in 0..STEPS {
+        let data = inputs_for(&info, SIZES, s);
+        let g = &data[0].1;
+        match &grads {
+            Some(p) => p.upload(g),
+            None => grads = Some(Packed::new(&dev, g, 0)),
+        }
+        let inputs = optc::runtime::DeviceInputs::default()
+            .tensor(&data[0].0, grads.as_ref().expect("grads").ptrs());
+        // SAFETY: every address is a tensor of its registered size in a live allocation of
+        // the optimizer's device; params and gradients are distinct allocations.
+        unsafe { opt.step_device(std::slice::from_ref(&pptrs), &inputs) }.expect("step");
+    }
+    for (j, (&o, want)) in offsets.iter().zip(&host[0]).enumerate() {
+        let mut got = vec![0u16; want.len()];
+        pbuf.download(o * 2, &mut got).expect("download");
+        let want: Vec<u16> = want.iter().map(|x| x.to_bits()).collect();
+        assert_eq!(got, want, "tensor {j}");
+    }
+    assert_eq!(opt.state("m"), lent.state("m"));
+    assert_eq!(opt.state("v"), lent.state("v"));
+}

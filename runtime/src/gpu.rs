@@ -19,6 +19,10 @@
 //!   kernel takes as a per-launch argument is passed that way only when every tensor has the same
 //!   value; otherwise the launch uses the same kernels compiled with every uniform in the
 //!   per-tensor table (`optc_compiler::backend::cuda::module_per_tensor`, compiled on first need).
+//! - **16-bit storage.** With a storage map (set by the mixed-precision optimizer), params and
+//!   state arenas hold bf16/f16 values that the kernels widen and round themselves; host copies
+//!   stay f32 (exact widenings), converted on upload and download; 16-bit params lent by the
+//!   host are uploaded and downloaded as they are.
 //! - **Errors.** A driver failure during a step is an [`Error::Cuda`]; unlike validation errors it
 //!   may come after some kernels ran (the device state is then unspecified).
 
@@ -691,5 +695,29 @@ impl<T: Float + Default> Optimizer<T> {
             self.next_stage = k + 1;
         }
         Ok(true)
+    }
+}
+
+impl<S: crate::mixed::Storage> crate::mixed::MixedOptimizer<S> {
+    /// [`crate::mixed::MixedOptimizer::step_with`] on the GPU backends with tensors already in
+    /// device memory: `params[space][tensor]` addresses 16-bit values of type `S`, each input's
+    /// tensors f32 values, used in place (the kernels widen and round the params themselves).
+    ///
+    /// # Safety
+    /// As [`Optimizer::step_device`], with params of `S` (2 bytes per element) and inputs of f32.
+    #[allow(unsafe_code)]
+    pub unsafe fn step_device(
+        &mut self,
+        params: &[Vec<u64>],
+        inputs: &DeviceInputs,
+    ) -> Result<(), Error> {
+        if !self.inner().backend().is_cuda() {
+            return Err(Error::Params(
+                "step_device needs Backend::Cuda or Backend::CudaEmulator (with_backend)".into(),
+            ));
+        }
+        // SAFETY: the caller's contract, passed on; the storage map the GPU backend set up for
+        // this optimizer makes the kernels read and write params as `S`.
+        unsafe { self.inner_mut().step_device(Some(params), inputs) }
     }
 }

@@ -9,7 +9,11 @@
 //! generator, keyed by the seed and counted by (element, step, buffer): the same seed gives the
 //! same bits whatever the thread count or order, and a GPU kernel can reproduce them exactly.
 //!
-//! Conversions are separate passes over memory (in parallel), not fused into the rule's kernels:
+//! On the GPU backends ([`MixedOptimizer::with_backend`]) the conversions are fused into the
+//! rule's CUDA kernels instead: 16-bit params and bf16 state live in device memory as they are,
+//! with the same results as the CPU path below, bit for bit where the f32 arithmetic agrees.
+//!
+//! On the CPU, conversions are separate passes over memory (in parallel), not fused into the rule's kernels:
 //! a mixed-precision step moves more bytes than an f32 one (adam, 16M elements, 2 threads: about 2x
 //! the f32 step with rounding to nearest, 1.8x with master weights, 4x with stochastic rounding).
 //! The f32 working copies of parameters and inputs are kept between steps; those of bf16 state are

@@ -20,12 +20,17 @@
 //!     unsigned int count;        // elements in the chunk (< 2^32)
 //! };
 //! ```
-//! `T` is the compute type (`float` or `double`); slots hold the storage type (the same today).
+//! `T` is the compute type (`float` or `double`). Slots hold each buffer's storage type: the
+//! compute type, or with a [`StorageMap`] (f32 programs) `optc_bf16` / `optc_f16`, widened
+//! exactly on load and rounded on store. Kernels that round stochastically take
+//! `const unsigned long long* tbase, unsigned long long seed, unsigned int step` after
+//! `partials` ([`CudaKernel::rounding_key`]).
 //! Blocks have [`BLOCK`] threads (the reductions' shape depends on it: launch with exactly that).
 //! Block `b` takes chunks `b, b + gridDim.x, ...`; within a chunk, element `e` belongs to thread
 //! `(e / LANES) % BLOCK` (`LANES` = 4 for f32, 2 for f64), which visits its elements in
-//! increasing order. A chunk whose slot pointers are all 16-byte aligned runs 128-bit loads and
-//! stores (`float4`, `double2`), any other chunk scalar ones; the elements a thread visits and
+//! increasing order. A chunk whose slot pointers are all aligned to a vector of `LANES` elements
+//! (16 bytes; 8 for 16-bit slots) runs vector loads and stores (`float4`, `double2`, four 16-bit
+//! values as one 64-bit access), any other chunk scalar ones; the elements a thread visits and
 //! the order it visits them in are the same either way, so results do not depend on alignment.
 //!
 //! Constants are written into the source; per-step scalars (hyperparameters, `t`, scalar state,
@@ -242,10 +247,8 @@ impl CudaModule {
 }
 
 /// Element storage and compute types. Loads and stores go through the `optc_ld`/`optc_st`
-/// (scalar) and `optc_ldv`/`optc_stv` (128-bit) helpers of [`Dtype::storage_helpers`]: a bf16
-/// or f16 storage type (`__nv_bfloat16`, `__half`, computed in `float`) adds a variant here with
-/// its four helpers (convert on load, round on store; 8 lanes per 128 bits) and nothing else in
-/// the generator changes.
+/// (scalar) and `optc_ldv`/`optc_stv` (vector) helpers, overloaded on the slot's pointer type:
+/// [`Dtype::storage_helpers`] for the compute type, `half_helpers` for 16-bit storage.
 #[derive(Debug, Clone, Copy)]
 struct Dtype {
     prec: Precision,
