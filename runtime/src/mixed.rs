@@ -378,8 +378,14 @@ impl<S: Storage> MixedOptimizer<S> {
                     self.inner.set_state_buffer(b, wide);
                 }
             }
-            self.inner.set_device_storage(map, seed)?;
-            self.inner = self.inner.with_backend(backend)?;
+            // The storage map before compiling for a GPU; after leaving one (no GPU compile).
+            if backend.is_cuda() {
+                self.inner.set_device_storage(map, seed)?;
+                self.inner = self.inner.with_backend(backend)?;
+            } else {
+                self.inner = self.inner.with_backend(backend)?;
+                self.inner.set_device_storage(map, seed)?;
+            }
             if !backend.is_cuda() && was_gpu && self.options.bf16_state {
                 // Back on the CPU: bf16 state is kept here again (exact: the values are bf16).
                 let ids: Vec<usize> = self.inner.state_buffers_mut().map(|(b, _)| b).collect();
