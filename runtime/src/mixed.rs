@@ -251,6 +251,17 @@ fn widen<S: Storage>(src: &[S], dst: &mut Vec<f32>) {
     dst.par_extend(src.par_iter().with_min_len(GRAIN).map(|s| s.to_f32()));
 }
 
+/// bf16 tensors widened into new f32 ones.
+fn widened(kept: &[Vec<bf16>]) -> Vec<Vec<f32>> {
+    kept.iter()
+        .map(|t| {
+            let mut w = Vec::new();
+            widen(t, &mut w);
+            w
+        })
+        .collect()
+}
+
 /// Rounds `src` into `dst`; `first` is the global element index of `src[0]` in its buffer.
 fn round_into<S: Storage>(
     src: &[f32],
@@ -367,14 +378,7 @@ impl<S: Storage> MixedOptimizer<S> {
             if backend.is_cuda() && !was_gpu {
                 // bf16 state moves into the optimizer underneath (the device keeps it in bf16).
                 for (b, kept) in std::mem::take(&mut self.state) {
-                    let wide = kept
-                        .iter()
-                        .map(|t| {
-                            let mut w = Vec::new();
-                            widen(t, &mut w);
-                            w
-                        })
-                        .collect();
+                    let wide = widened(&kept);
                     self.inner.set_state_buffer(b, wide);
                 }
             }
@@ -629,14 +633,7 @@ impl<S: Storage> MixedOptimizer<S> {
         let ckpt_err = |e: &dyn std::fmt::Display| Error::Checkpoint(e.to_string());
         let mut inner = self.inner.clone();
         for (b, kept) in &self.state {
-            let wide = kept
-                .iter()
-                .map(|t| {
-                    let mut w = Vec::new();
-                    widen(t, &mut w);
-                    w
-                })
-                .collect();
+            let wide = widened(kept);
             inner.set_state_buffer(*b, wide);
         }
         let base = inner.checkpoint_bytes()?;
