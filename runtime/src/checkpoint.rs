@@ -152,7 +152,7 @@ impl<T: Float + Default> Optimizer<T> {
             for (name, v) in values {
                 let v = v.as_f64().ok_or_else(bad)?;
                 let h = self.check_value(name, v)?;
-                if crate::scalar_state_hypers(&self.program).contains(&(h as u16)) {
+                if crate::optimizer::scalar_state_hypers(&self.program).contains(&(h as u16)) {
                     return Err(err(format!(
                         "a parameter group of the checkpoint overrides `{name}`, which the rule's scalar state reads"
                     )));
@@ -187,7 +187,7 @@ impl<T: Float + Default> Optimizer<T> {
                 continue;
             }
             let host = self
-                .gpu
+                .engine
                 .host(&self.bufs, b)
                 .map_err(|e| err(e.to_string()))?;
             for (j, data) in host.iter().enumerate() {
@@ -386,7 +386,7 @@ impl<T: Float + Default> Optimizer<T> {
         // Everything checked: apply.
         for (b, t) in new_bufs {
             self.bufs[b] = t;
-            self.gpu.forget(b);
+            self.engine.forget(b);
         }
         self.hypers = new_hypers;
         self.groups.clear();

@@ -191,97 +191,120 @@ impl<'p> StepRun<'p> {
     }
 
     fn run_kernel<T: Float>(&mut self, env: &StepEnv<'_>, kernel: &Kernel, bufs: &mut Buffers<T>) {
-        let prog = self.prog;
-        let g = &prog.graph;
-        let ntensors = self.lens[kernel.space as usize].len();
-        let slot: HashMap<NodeId, usize> = kernel
-            .body
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| (n, i))
-            .collect();
-        let mut partial: Vec<Vec<f64>> = kernel
-            .reductions
-            .iter()
-            .map(|&(r, _)| match g.node(r) {
-                Node::Reduce {
-                    per_tensor: true, ..
-                } => vec![0.0; ntensors],
-                _ => vec![0.0],
+        let space = kernel.space as usize;
+        let uniforms: Vec<Vec<T>> = (0..self.lens[space].len())
+            .map(|j| {
+                kernel
+                    .uniforms
+                    .iter()
+                    .map(|&u| T::from_f64(self.uniform(env, u, space, j)))
+                    .collect()
             })
             .collect();
-        for j in 0..ntensors {
-            let uniforms: HashMap<NodeId, T> = kernel
-                .uniforms
-                .iter()
-                .map(|&u| {
-                    (
-                        u,
-                        T::from_f64(self.uniform(env, u, kernel.space as usize, j)),
-                    )
-                })
-                .collect();
-            let operand = |n: NodeId, cols: &[Vec<T>], i: usize| -> T {
-                match slot.get(&n) {
-                    Some(&s) => cols[s][i],
-                    None => uniforms[&n],
-                }
-            };
-            let len = self.lens[kernel.space as usize][j];
-            let mut cols: Vec<Vec<T>> = vec![Vec::with_capacity(CHUNK); kernel.body.len()];
-            let mut start = 0;
-            while start < len {
-                let end = (start + CHUNK).min(len);
-                for (s, &n) in kernel.body.iter().enumerate() {
-                    let mut col = std::mem::take(&mut cols[s]);
-                    col.clear();
-                    match g.node(n) {
-                        Node::Load { buf, .. } => {
-                            col.extend_from_slice(&bufs[buf as usize][j][start..end])
-                        }
-                        Node::Splat(_, a) => {
-                            col.extend((0..end - start).map(|i| operand(a, &cols, i)))
-                        }
-                        Node::Unary(op, a) => {
-                            col.extend((0..end - start).map(|i| T::unary(op, operand(a, &cols, i))))
-                        }
-                        Node::Binary(op, a, b) => col
-                            .extend((0..end - start).map(|i| {
-                                T::binary(op, operand(a, &cols, i), operand(b, &cols, i))
-                            })),
-                        Node::Select(c, a, b) => col.extend((0..end - start).map(|i| {
-                            if operand(c, &cols, i).to_f64() != 0.0 {
-                                operand(a, &cols, i)
-                            } else {
-                                operand(b, &cols, i)
-                            }
-                        })),
-                        other => unreachable!("{other:?} is not per element"),
-                    }
-                    cols[s] = col;
-                }
-                for (ri, &(r, a)) in kernel.reductions.iter().enumerate() {
-                    let Node::Reduce { op, per_tensor, .. } = g.node(r) else {
-                        continue;
-                    };
-                    let acc = &mut partial[ri][if per_tensor { j } else { 0 }];
-                    for i in 0..end - start {
-                        let v = operand(a, &cols, i).to_f64();
-                        *acc = op.combine(*acc, v);
-                    }
-                }
-                for &(b, v) in &kernel.stores {
-                    debug_assert!(prog.info.buffers[b as usize].role != BufRole::Input);
-                    let vals: Vec<T> = (0..end - start).map(|i| operand(v, &cols, i)).collect();
-                    bufs[b as usize][j][start..end].copy_from_slice(&vals);
-                }
-                start = end;
-            }
-        }
-        for (ri, &(r, _)) in kernel.reductions.iter().enumerate() {
-            self.reductions.insert(r, std::mem::take(&mut partial[ri]));
+        let lens = self.lens[space].clone();
+        for (r, v) in run_kernel(self.prog, kernel, &lens, &uniforms, bufs) {
+            self.reductions.insert(r, v);
         }
     }
+}
+
+/// Runs one kernel over every tensor of its space: `lens[tensor]` elements each, `uniforms[tensor]`
+/// the kernel's uniform values (in `kernel.uniforms` order) rounded to the buffer precision.
+/// Returns each reduction's result: one value per tensor (per-tensor reductions) or one value,
+/// accumulated in f64 tensor after tensor, element after element.
+pub fn run_kernel<T: Float>(
+    prog: &Program,
+    kernel: &Kernel,
+    lens: &[usize],
+    uniforms: &[Vec<T>],
+    bufs: &mut Buffers<T>,
+) -> Vec<(NodeId, Vec<f64>)> {
+    let g = &prog.graph;
+    let ntensors = lens.len();
+    let slot: HashMap<NodeId, usize> = kernel
+        .body
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (n, i))
+        .collect();
+    let mut partial: Vec<Vec<f64>> = kernel
+        .reductions
+        .iter()
+        .map(|&(r, _)| match g.node(r) {
+            Node::Reduce {
+                per_tensor: true, ..
+            } => vec![0.0; ntensors],
+            _ => vec![0.0],
+        })
+        .collect();
+    for j in 0..ntensors {
+        let uniforms: HashMap<NodeId, T> = kernel
+            .uniforms
+            .iter()
+            .copied()
+            .zip(uniforms[j].iter().copied())
+            .collect();
+        let operand = |n: NodeId, cols: &[Vec<T>], i: usize| -> T {
+            match slot.get(&n) {
+                Some(&s) => cols[s][i],
+                None => uniforms[&n],
+            }
+        };
+        let len = lens[j];
+        let mut cols: Vec<Vec<T>> = vec![Vec::with_capacity(CHUNK); kernel.body.len()];
+        let mut start = 0;
+        while start < len {
+            let end = (start + CHUNK).min(len);
+            for (s, &n) in kernel.body.iter().enumerate() {
+                let mut col = std::mem::take(&mut cols[s]);
+                col.clear();
+                match g.node(n) {
+                    Node::Load { buf, .. } => {
+                        col.extend_from_slice(&bufs[buf as usize][j][start..end])
+                    }
+                    Node::Splat(_, a) => col.extend((0..end - start).map(|i| operand(a, &cols, i))),
+                    Node::Unary(op, a) => {
+                        col.extend((0..end - start).map(|i| T::unary(op, operand(a, &cols, i))))
+                    }
+                    Node::Binary(op, a, b) => col.extend(
+                        (0..end - start)
+                            .map(|i| T::binary(op, operand(a, &cols, i), operand(b, &cols, i))),
+                    ),
+                    Node::Select(c, a, b) => col.extend((0..end - start).map(|i| {
+                        if operand(c, &cols, i).to_f64() != 0.0 {
+                            operand(a, &cols, i)
+                        } else {
+                            operand(b, &cols, i)
+                        }
+                    })),
+                    other => unreachable!("{other:?} is not per element"),
+                }
+                cols[s] = col;
+            }
+            for (ri, &(r, a)) in kernel.reductions.iter().enumerate() {
+                let Node::Reduce { op, per_tensor, .. } = g.node(r) else {
+                    continue;
+                };
+                let acc = &mut partial[ri][if per_tensor { j } else { 0 }];
+                for i in 0..end - start {
+                    let v = operand(a, &cols, i).to_f64();
+                    *acc = op.combine(*acc, v);
+                }
+            }
+            for &(b, v) in &kernel.stores {
+                debug_assert!(prog.info.buffers[b as usize].role != BufRole::Input);
+                let vals: Vec<T> = (0..end - start).map(|i| operand(v, &cols, i)).collect();
+                bufs[b as usize][j][start..end].copy_from_slice(&vals);
+            }
+            start = end;
+        }
+    }
+    kernel
+        .reductions
+        .iter()
+        .zip(partial)
+        .map(|(&(r, _), v)| (r, v))
+        .collect()
 }
 
 /// Whether a node is a boolean (for callers printing values).

@@ -8,13 +8,16 @@
 
 #![allow(unsafe_code)] // machine code: the one place the project needs it
 
+use super::{Compiled, Engine, KernelAt, Lent, Reductions, StageIo};
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{default_libcall_names, FuncId, Linkage, Module};
 use optc_compiler::backend::clif::{self, KernelAbi, MathFn, Precision};
-use optc_compiler::ir::{BinOp, Node, Program, UnOp};
+use optc_compiler::backend::cuda::StorageMap;
+use optc_compiler::ir::{BinOp, BufRole, Kernel, Node, Program, UnOp};
 use optc_compiler::ops::Float;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Elements per task: small enough to spread over threads, large enough to amortize a call.
@@ -348,4 +351,105 @@ pub(crate) fn combine_partials(
             (r, out)
         })
         .collect()
+}
+
+/// The Cranelift engine: kernels compiled to machine code, run over host memory on `threads`
+/// threads (a rayon pool; one thread runs on the caller).
+#[derive(Debug, Clone)]
+pub struct Cranelift {
+    threads: usize,
+    pool: Option<Arc<rayon::ThreadPool>>,
+}
+
+impl Cranelift {
+    /// An engine on `threads` threads.
+    pub fn new(threads: usize) -> Result<Cranelift, crate::Error> {
+        let pool = if threads > 1 {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .map_err(|e| crate::Error::Threads {
+                    threads,
+                    why: e.to_string(),
+                })?;
+            Some(Arc::new(pool))
+        } else {
+            None
+        };
+        Ok(Cranelift { threads, pool })
+    }
+}
+
+impl<T: Float + Default> Engine<T> for Cranelift {
+    fn backend(&self) -> crate::Backend {
+        crate::Backend::Cranelift {
+            threads: self.threads,
+        }
+    }
+
+    fn boxed_clone(&self) -> Box<dyn Engine<T>> {
+        Box::new(self.clone())
+    }
+
+    fn compile(
+        &self,
+        program: &Arc<Program>,
+        storage: &StorageMap,
+    ) -> Result<Compiled, crate::Error> {
+        super::interp::native_only(program, storage, "the Cranelift engine")?;
+        let precision = if T::BYTES == 4 {
+            Precision::F32
+        } else {
+            Precision::F64
+        };
+        Ok(Arc::new(JitProgram::compile(program, precision)?))
+    }
+
+    fn run_kernel(
+        &mut self,
+        compiled: &Compiled,
+        at: KernelAt,
+        _kernel: &Kernel,
+        uniforms: &[Vec<T>],
+        io: &mut StageIo<'_, '_, '_, '_, T>,
+    ) -> Result<Reductions, crate::Error> {
+        let jit = compiled
+            .downcast_ref::<JitProgram>()
+            .ok_or_else(|| crate::Error::Params("the rule is not compiled for Cranelift".into()))?;
+        let jk = &jit.kernels[at.variant][at.stage][at.phase][at.kernel];
+        let info = &io.program.info;
+        let lens = &io.lens[jk.space as usize];
+        let mut ptrs: Vec<Vec<*mut u8>> = Vec::with_capacity(lens.len());
+        for j in 0..lens.len() {
+            let mut row = Vec::with_capacity(jk.abi.slots.len());
+            for &b in &jk.abi.slots {
+                let bi = &info.buffers[b as usize];
+                let p = match (bi.role, &mut *io.params) {
+                    (BufRole::Input, _) => {
+                        super::host_input(io.inputs, &bi.name)?[j].as_ptr() as *mut u8
+                    }
+                    (BufRole::Param, Lent::Host(ps)) => ps[b as usize][j].as_mut_ptr() as *mut u8,
+                    (BufRole::Param, Lent::Bits(_) | Lent::Device(_)) => {
+                        return Err(crate::Error::Params(
+                            "16-bit or device params need Backend::Cuda or Backend::CudaEmulator"
+                                .into(),
+                        ))
+                    }
+                    _ => io.bufs[b as usize][j].as_mut_ptr() as *mut u8,
+                };
+                row.push(p);
+            }
+            ptrs.push(row);
+        }
+        // SAFETY: every pointer addresses a live buffer of `lens[j]` elements (the step driver
+        // checked the lengths of inputs and lent params; the host buffers are allocated for them);
+        // inputs are only read; the kernel writes only its store slots, which are distinct
+        // buffers (lent params are distinct `&mut` slices), and nothing else touches them during
+        // the call.
+        Ok(unsafe { run_kernel(jk, io.program, lens, &ptrs, uniforms, self.pool.as_deref()) })
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }

@@ -9,14 +9,13 @@
 //!
 //! Unsafe code is allowed only on the items that call the driver, each with its SAFETY argument.
 
-use crate::cuda::{driver_symbols_present, CudaError, LaunchTable};
-use crate::emulator;
+use super::emulator;
+use super::nvrtc::{driver_symbols_present, CudaError};
 use cudarc::driver::result::DriverError;
 use cudarc::driver::{result, sys, CudaContext};
 use optc_compiler::backend::clif::Precision;
-use optc_compiler::backend::cuda::{self as gen, CudaKernel, CudaModule, BLOCK};
+use optc_compiler::backend::cuda::{self as gen, CudaKernel, CudaModule};
 use optc_compiler::ir::Program;
-use optc_compiler::ops::Float;
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::sync::{Arc, OnceLock};
@@ -47,12 +46,12 @@ pub const DRIVER_SYMBOLS: &[&str] = &[
     "cuGetErrorString",
 ];
 
-fn drv(what: &'static str) -> impl Fn(DriverError) -> CudaError {
+pub(super) fn drv(what: &'static str) -> impl Fn(DriverError) -> CudaError {
     move |e| CudaError::Driver(format!("{what}: {e:?}"))
 }
 
 /// What runs a [`Device`]'s work.
-enum Kind {
+pub(super) enum Kind {
     /// A GPU through the CUDA driver: its primary context (retained while the handle lives).
     Driver(Arc<CudaContext>),
     /// The CPU through the CUDA emulator ([`crate::emulator`]).
@@ -61,7 +60,7 @@ enum Kind {
 
 /// One GPU (its primary context), or the CUDA emulator: name and architecture.
 pub struct Device {
-    kind: Kind,
+    pub(super) kind: Kind,
     ordinal: usize,
     name: String,
     /// `sm_XY`, what NVRTC compiles the kernels for.
@@ -338,7 +337,7 @@ fn cubin(source: &str, arch: &str) -> Result<Arc<Vec<u8>>, CudaError> {
     if let Some(c) = memo.lock().ok().and_then(|m| m.get(&key).cloned()) {
         return Ok(c);
     }
-    let c = Arc::new(crate::cuda::compile_cubin(source, arch)?);
+    let c = Arc::new(super::nvrtc::compile_cubin(source, arch)?);
     if let Ok(mut m) = memo.lock() {
         m.insert(key, Arc::clone(&c));
     }
@@ -358,7 +357,7 @@ enum Loaded {
 
 /// One kernel, ready to launch.
 #[derive(Clone, Copy)]
-enum Func {
+pub(super) enum Func {
     Driver(sys::CUfunction),
     Emulator(emulator::Launcher),
 }
@@ -430,10 +429,10 @@ impl Loaded {
 /// parameter groups agree on them) and, compiled the first time groups disagree, with every
 /// uniform in the per-tensor table.
 pub struct GpuProgram {
-    program: Arc<Program>,
+    pub(super) program: Arc<Program>,
     precision: Precision,
     storage: gen::StorageMap,
-    dev: Arc<Device>,
+    pub(super) dev: Arc<Device>,
     split: (CudaModule, Loaded),
     per_tensor: OnceLock<Result<(CudaModule, Loaded), CudaError>>,
     index: HashMap<[usize; 4], usize>,
@@ -495,7 +494,11 @@ impl GpuProgram {
     }
 
     /// The kernel at `[variant, stage, phase, kernel]`, in the split or the all-per-tensor form.
-    fn kernel(&self, at: [usize; 4], per_tensor: bool) -> Result<(&CudaKernel, Func), CudaError> {
+    pub(super) fn kernel(
+        &self,
+        at: [usize; 4],
+        per_tensor: bool,
+    ) -> Result<(&CudaKernel, Func), CudaError> {
         let i = *self
             .index
             .get(&at)
@@ -517,244 +520,5 @@ impl GpuProgram {
             .func(i)
             .ok_or_else(|| CudaError::Driver(format!("no function for kernel {i}")))?;
         Ok((&m.kernels[i], f))
-    }
-}
-
-/// A table in device memory re-uploaded only when its contents change.
-#[derive(Debug)]
-struct Cached {
-    bytes: Vec<u8>,
-    buf: DeviceBuffer,
-}
-
-/// Device-side tables and partial buffers of the launches, kept across steps.
-#[derive(Debug, Default)]
-pub struct LaunchCache {
-    /// Chunk tables by tensor lengths (uploaded once per layout).
-    chunks: HashMap<Vec<usize>, (LaunchTable, DeviceBuffer)>,
-    /// Per-tensor first-element indices (`tbase` of stochastic rounding) by tensor lengths.
-    bases: HashMap<Vec<usize>, DeviceBuffer>,
-    /// Pointer and uniform tables by (kernel name, which table).
-    tables: HashMap<(String, u8), Cached>,
-    /// Partials buffers by kernel name.
-    partials: HashMap<String, DeviceBuffer>,
-    /// Kernel launches so far.
-    pub launches: u64,
-}
-
-/// Elements per chunk of the launch table.
-pub const CHUNK: usize = crate::cuda::DEFAULT_CHUNK;
-
-impl LaunchCache {
-    fn table(
-        &mut self,
-        dev: &Arc<Device>,
-        key: (String, u8),
-        bytes: Vec<u8>,
-    ) -> Result<u64, CudaError> {
-        if bytes.is_empty() {
-            return Ok(0);
-        }
-        if let Some(c) = self.tables.get(&key) {
-            if c.bytes == bytes {
-                return Ok(c.buf.ptr());
-            }
-            if c.buf.bytes() >= bytes.len() {
-                c.buf.upload(0, &bytes)?;
-                let ptr = c.buf.ptr();
-                if let Some(c) = self.tables.get_mut(&key) {
-                    c.bytes = bytes;
-                }
-                return Ok(ptr);
-            }
-        }
-        let buf = dev.alloc(bytes.len())?;
-        buf.upload(0, &bytes)?;
-        let ptr = buf.ptr();
-        self.tables.insert(key, Cached { bytes, buf });
-        Ok(ptr)
-    }
-
-    /// Runs one kernel over every tensor of its space in one launch and returns its reductions
-    /// combined in chunk order (as `jit::run_kernel` does).
-    ///
-    /// `ptrs[tensor][slot]` are device addresses of the kernel's slots; `uniforms[tensor]` the
-    /// values of every uniform of the kernel in `Kernel::uniforms` order, as computed by the
-    /// host for that tensor (constants included, ignored). `key` is the (seed, step) of
-    /// stochastic rounding, read by kernels that round stochastically (zeros otherwise).
-    ///
-    /// # Safety
-    /// Every pointer must address at least `lens[tensor]` elements of its buffer's storage type in
-    /// `prog`'s device context, live until the launch completes (the caller synchronizes by
-    /// downloading partials or by a later synchronous copy); stored slots must not overlap any
-    /// other slot of the launch.
-    #[allow(unsafe_code, clippy::too_many_arguments)]
-    pub unsafe fn run_kernel<T: Float>(
-        &mut self,
-        prog: &GpuProgram,
-        at: [usize; 4],
-        lens: &[usize],
-        uniform_ids: &[optc_compiler::ir::NodeId],
-        ptrs: &[Vec<u64>],
-        uniforms: &[Vec<T>],
-        key: (u64, u32),
-    ) -> Result<Vec<(optc_compiler::ir::NodeId, Vec<f64>)>, CudaError> {
-        let dev = &prog.dev;
-        // Per-launch arguments are valid only when every tensor has the same value.
-        let (split, _) = prog.kernel(at, false)?;
-        let col = |u| uniform_ids.iter().position(|&x| x == u);
-        let agree = split.args.iter().all(|&u| match col(u) {
-            Some(c) => uniforms
-                .iter()
-                .all(|row| row[c].to_f64().to_bits() == uniforms[0][c].to_f64().to_bits()),
-            None => true,
-        });
-        let (k, func) = prog.kernel(at, !agree)?;
-        if !self.chunks.contains_key(lens) {
-            let table = LaunchTable::new(lens, CHUNK)
-                .ok_or_else(|| CudaError::Driver("too many tensors for one launch".into()))?;
-            let buf = dev.alloc(table.chunks.len() * gen::CHUNK_ENTRY_BYTES)?;
-            buf.upload(0, &table.to_bytes())?;
-            self.chunks.insert(lens.to_vec(), (table, buf));
-        }
-        let Some((table, chunk_buf)) = self.chunks.get(lens) else {
-            return Err(CudaError::Driver("launch table missing".into()));
-        };
-        let (table, chunk_ptr) = (table.clone(), chunk_buf.ptr());
-        let nchunks = table.chunks.len();
-        if nchunks == 0 {
-            return Ok(table.combine(&prog.program, k, &[]));
-        }
-        let mut ptr_bytes = Vec::with_capacity(lens.len() * k.slots.len() * 8);
-        for row in ptrs {
-            for p in row {
-                ptr_bytes.extend_from_slice(&p.to_le_bytes());
-            }
-        }
-        let esize = std::mem::size_of::<T>();
-        let mut tuni_bytes = Vec::with_capacity(lens.len() * k.tensor_uniforms.len() * esize);
-        let tcols: Vec<usize> = k
-            .tensor_uniforms
-            .iter()
-            .map(|&u| col(u).ok_or_else(|| CudaError::Driver("uniform missing".into())))
-            .collect::<Result<_, _>>()?;
-        for row in uniforms {
-            for &c in &tcols {
-                tuni_bytes.extend_from_slice(&row[c].to_le_bytes_vec());
-            }
-        }
-        let ptrs_dev = self.table(dev, (k.name.clone(), 0), ptr_bytes)?;
-        let tuni_dev = self.table(dev, (k.name.clone(), 1), tuni_bytes)?;
-        let nred = k.reductions.len();
-        let partials_dev = if nred == 0 {
-            0
-        } else {
-            let need = nred * nchunks * 8;
-            let fits = self
-                .partials
-                .get(&k.name)
-                .is_some_and(|b| b.bytes() >= need);
-            if !fits {
-                self.partials.insert(k.name.clone(), dev.alloc(need)?);
-            }
-            self.partials.get(&k.name).map_or(0, DeviceBuffer::ptr)
-        };
-        let first = uniforms.first();
-        let mut args: Vec<T> = Vec::with_capacity(k.args.len());
-        for &u in &k.args {
-            let c = col(u).ok_or_else(|| CudaError::Driver("argument missing".into()))?;
-            match first {
-                Some(row) => args.push(row[c]),
-                None => return Ok(table.combine(&prog.program, k, &[])),
-            }
-        }
-        let nchunks32 = u32::try_from(nchunks)
-            .map_err(|_| CudaError::Driver("too many chunks for one launch".into()))?;
-        let mut tbase_dev = 0u64;
-        if k.rounding_key {
-            if !self.bases.contains_key(lens) {
-                let mut at = 0u64;
-                let bases: Vec<u64> = lens
-                    .iter()
-                    .map(|&n| {
-                        let b = at;
-                        at += n as u64;
-                        b
-                    })
-                    .collect();
-                let buf = dev.alloc(bases.len() * 8)?;
-                buf.upload(0, &bases)?;
-                self.bases.insert(lens.to_vec(), buf);
-            }
-            tbase_dev = self.bases.get(lens).map_or(0, DeviceBuffer::ptr);
-        }
-        let (mut seed, mut step) = key;
-        let mut fixed: [u64; 5] = [chunk_ptr, ptrs_dev, tuni_dev, partials_dev, tbase_dev];
-        let mut n32 = nchunks32;
-        let mut params: Vec<*mut c_void> = vec![
-            &mut fixed[0] as *mut u64 as *mut c_void,
-            &mut n32 as *mut u32 as *mut c_void,
-        ];
-        let (_, rest) = fixed.split_at_mut(1);
-        let (pointers, tbase) = rest.split_at_mut(3);
-        for p in pointers.iter_mut() {
-            params.push(p as *mut u64 as *mut c_void);
-        }
-        if k.rounding_key {
-            params.push(&mut tbase[0] as *mut u64 as *mut c_void);
-            params.push(&mut seed as *mut u64 as *mut c_void);
-            params.push(&mut step as *mut u32 as *mut c_void);
-        }
-        for a in args.iter_mut() {
-            params.push(a as *mut T as *mut c_void);
-        }
-        let grid = table.grid(1 << 30);
-        dev.bind()?;
-        match (func, &dev.kind) {
-            // SAFETY: `func` belongs to a module loaded in this context; `params` points at one
-            // live value per kernel parameter, of the types the ABI declares (three device
-            // pointers and a u32 after the chunk table pointer; for a rounding kernel a device
-            // pointer, a u64 and a u32; then one `T` per argument),
-            // alive for the call (the driver copies them); the tables were uploaded
-            // synchronously above; the buffers behind `ptrs` are the caller's contract.
-            (Func::Driver(f), _) => unsafe {
-                result::launch_kernel(
-                    f,
-                    (grid, 1, 1),
-                    (BLOCK, 1, 1),
-                    0,
-                    std::ptr::null_mut(),
-                    &mut params,
-                )
-            }
-            .map_err(drv("kernel launch failed"))?,
-            (Func::Emulator(f), Kind::Emulator(mem)) => {
-                // SAFETY: as above; the launcher unpacks `params` with the kernel's own
-                // parameter types and runs it to completion before returning.
-                let code = unsafe { f(grid, BLOCK, params.as_mut_ptr()) };
-                emulator::status(code)
-                    .and_then(|()| mem.check_guards().map_err(CudaError::Emulator))
-                    .map_err(|e| CudaError::Emulator(format!("kernel `{}`: {e}", k.name)))?;
-            }
-            (Func::Emulator(_), Kind::Driver(_)) => {
-                return Err(CudaError::Driver(
-                    "an emulated kernel launched on a GPU".into(),
-                ))
-            }
-        }
-        self.launches += 1;
-        // Debugging a first run: OPTC_CUDA_SYNC=1 waits for each kernel, so a fault names it.
-        if std::env::var_os("OPTC_CUDA_SYNC").is_some_and(|v| v == "1") {
-            dev.synchronize()
-                .map_err(|e| CudaError::Driver(format!("kernel `{}` failed: {e}", k.name)))?;
-        }
-        if nred == 0 {
-            return Ok(Vec::new());
-        }
-        let mut partials = vec![0f64; nred * nchunks];
-        if let Some(b) = self.partials.get(&k.name) {
-            b.download(0, &mut partials)?;
-        }
-        Ok(table.combine(&prog.program, k, &partials))
     }
 }

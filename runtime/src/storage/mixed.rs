@@ -19,7 +19,7 @@
 //! The f32 working copies of parameters and inputs are kept between steps; those of bf16 state are
 //! not (bf16 state saves memory between steps at the price of an allocation per step).
 
-use crate::{Error, Inputs, NonFinite, Optimizer, TensorSpec};
+use crate::{DeviceInputs, Error, Inputs, NonFinite, Optimizer, TensorSpec};
 pub use half::{bf16, f16};
 use optc_compiler::ir::{BufRole, Program};
 use rayon::prelude::*;
@@ -82,7 +82,6 @@ pub trait Storage: Copy + Send + Sync + Default + PartialEq + std::fmt::Debug + 
         None
     }
     /// How the CUDA kernels store it; `None` for f32.
-    #[cfg(feature = "cuda")]
     fn device() -> Option<optc_compiler::backend::cuda::Storage> {
         None
     }
@@ -114,7 +113,6 @@ impl Storage for bf16 {
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
     }
-    #[cfg(feature = "cuda")]
     fn device() -> Option<optc_compiler::backend::cuda::Storage> {
         Some(optc_compiler::backend::cuda::Storage::Bf16)
     }
@@ -144,7 +142,6 @@ impl Storage for f16 {
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
     }
-    #[cfg(feature = "cuda")]
     fn device() -> Option<optc_compiler::backend::cuda::Storage> {
         Some(optc_compiler::backend::cuda::Storage::F16)
     }
@@ -363,60 +360,44 @@ impl<S: Storage> MixedOptimizer<S> {
     /// one step (they would read the rounded value; LAMB, N-HARPG and N-PG-IGT with bf16 state,
     /// Adan with bf16 state and clipping on): an [`Error::Policy`] from this call or the step.
     pub fn with_backend(mut self, backend: crate::Backend) -> Result<Self, Error> {
-        #[cfg(feature = "cuda")]
-        {
-            let map = if backend.is_cuda() {
-                self.device_storage()?
-            } else {
-                Default::default()
-            };
-            let seed = match self.options.rounding {
-                Rounding::Stochastic { seed } => seed,
-                Rounding::Nearest => 0,
-            };
-            let was_gpu = self.inner.backend().is_cuda();
-            if backend.is_cuda() && !was_gpu {
-                // bf16 state moves into the optimizer underneath (the device keeps it in bf16).
-                for (b, kept) in std::mem::take(&mut self.state) {
-                    let wide = widened(&kept);
-                    self.inner.set_state_buffer(b, wide);
-                }
+        let map = if backend.is_cuda() {
+            self.device_storage()?
+        } else {
+            Default::default()
+        };
+        let seed = match self.options.rounding {
+            Rounding::Stochastic { seed } => seed,
+            Rounding::Nearest => 0,
+        };
+        let was_gpu = self.inner.backend().is_cuda();
+        self.inner.reconfigure(backend, map, seed)?;
+        if backend.is_cuda() && !was_gpu {
+            // bf16 state moves into the optimizer underneath (the device keeps it in bf16).
+            for (b, kept) in std::mem::take(&mut self.state) {
+                let wide = widened(&kept);
+                self.inner.set_state_buffer(b, wide);
             }
-            // The storage map before compiling for a GPU; after leaving one (no GPU compile).
-            if backend.is_cuda() {
-                self.inner.set_device_storage(map, seed)?;
-                self.inner = self.inner.with_backend(backend)?;
-            } else {
-                self.inner = self.inner.with_backend(backend)?;
-                self.inner.set_device_storage(map, seed)?;
-            }
-            if !backend.is_cuda() && was_gpu && self.options.bf16_state {
-                // Back on the CPU: bf16 state is kept here again (exact: the values are bf16).
-                let ids: Vec<usize> = self.inner.state_buffers_mut().map(|(b, _)| b).collect();
-                for b in ids {
-                    let wide = self.inner.take_state_buffer(b);
-                    let kept = wide
-                        .iter()
-                        .map(|w| {
-                            let mut k = vec![bf16::ZERO; w.len()];
-                            round_into(w, &mut k, Rounding::Nearest, 0, 0, 0);
-                            k
-                        })
-                        .collect();
-                    self.state.push((b, kept));
-                }
-            }
-            Ok(self)
         }
-        #[cfg(not(feature = "cuda"))]
-        {
-            self.inner = self.inner.with_backend(backend)?;
-            Ok(self)
+        if !backend.is_cuda() && was_gpu && self.options.bf16_state {
+            // Back on the CPU: bf16 state is kept here again (exact: the values are bf16).
+            let ids: Vec<usize> = self.inner.state_buffers_mut().map(|(b, _)| b).collect();
+            for b in ids {
+                let wide = self.inner.take_state_buffer(b);
+                let kept = wide
+                    .iter()
+                    .map(|w| {
+                        let mut k = vec![bf16::ZERO; w.len()];
+                        round_into(w, &mut k, Rounding::Nearest, 0, 0, 0);
+                        k
+                    })
+                    .collect();
+                self.state.push((b, kept));
+            }
         }
+        Ok(self)
     }
 
     /// How the rule's buffers are stored on the GPU, or why it cannot run there.
-    #[cfg(feature = "cuda")]
     fn device_storage(&self) -> Result<optc_compiler::backend::cuda::StorageMap, Error> {
         use optc_compiler::backend::cuda::StorageMap;
         let Some(param) = S::device() else {
@@ -498,7 +479,6 @@ impl<S: Storage> MixedOptimizer<S> {
                 f32_inputs.tensors.insert(name.clone(), direct);
             }
         }
-        #[cfg(feature = "cuda")]
         if self.inner.backend().is_cuda() {
             // The kernels read and write the 16-bit params themselves.
             let mut bits: Vec<Vec<&mut [u16]>> = Vec::with_capacity(params.len());
@@ -776,5 +756,29 @@ impl Optimizer<f32> {
 
     pub(crate) fn take_state_buffer(&mut self, b: usize) -> Vec<Vec<f32>> {
         std::mem::take(&mut self.bufs[b])
+    }
+}
+
+impl<S: Storage> MixedOptimizer<S> {
+    /// [`crate::mixed::MixedOptimizer::step_with`] on the GPU backends with tensors already in
+    /// device memory: `params[space][tensor]` addresses 16-bit values of type `S`, each input's
+    /// tensors f32 values, used in place (the kernels widen and round the params themselves).
+    ///
+    /// # Safety
+    /// As [`Optimizer::step_device`], with params of `S` (2 bytes per element) and inputs of f32.
+    #[allow(unsafe_code)]
+    pub unsafe fn step_device(
+        &mut self,
+        params: &[Vec<u64>],
+        inputs: &DeviceInputs,
+    ) -> Result<(), Error> {
+        if !self.inner().backend().is_cuda() {
+            return Err(Error::Params(
+                "step_device needs Backend::Cuda or Backend::CudaEmulator (with_backend)".into(),
+            ));
+        }
+        // SAFETY: the caller's contract, passed on; the storage map the GPU backend set up for
+        // this optimizer makes the kernels read and write params as `S`.
+        unsafe { self.inner_mut().step_device(Some(params), inputs) }
     }
 }

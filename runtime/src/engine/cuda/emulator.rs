@@ -19,7 +19,7 @@
 //! - **Compiler.** `$OPTC_CXX`, else the first of `c++`, `g++`, `clang++` that runs. None is a
 //!   [`CudaError::Emulator`], never a panic.
 
-use crate::cuda::CudaError;
+use super::nvrtc::CudaError;
 use std::alloc::Layout;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::c_void;
@@ -170,7 +170,7 @@ fn build_uncached(source: &str, kernels: &[&str]) -> Result<Arc<Library>, CudaEr
     static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let cxx = Compiler::find()?;
     let tu = translation_unit(source, kernels);
-    let key = crate::cuda::fnv128(&[tu.as_bytes(), cxx.version.as_bytes()]);
+    let key = super::nvrtc::fnv128(&[tu.as_bytes(), cxx.version.as_bytes()]);
     let n = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!(
         "optc-emulator-{}-{n}-{key:032x}",

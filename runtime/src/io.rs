@@ -1,0 +1,106 @@
+//! What the host hands a step: named tensors, inputs (host slices or device addresses).
+
+use std::collections::HashMap;
+
+/// Inputs of one stage: per-element inputs by name (one array per tensor) and scalar inputs by name.
+#[derive(Debug, Clone)]
+pub struct Inputs<'a, T> {
+    /// Per-element inputs.
+    pub tensors: HashMap<String, Vec<&'a [T]>>,
+    /// Scalar inputs.
+    pub scalars: HashMap<String, f64>,
+}
+
+impl<T> Default for Inputs<'_, T> {
+    fn default() -> Self {
+        Inputs {
+            tensors: HashMap::new(),
+            scalars: HashMap::new(),
+        }
+    }
+}
+
+impl<'a, T> Inputs<'a, T> {
+    /// Adds a per-element input.
+    pub fn tensor(mut self, name: &str, data: Vec<&'a [T]>) -> Self {
+        self.tensors.insert(name.to_string(), data);
+        self
+    }
+    /// Adds a scalar input.
+    pub fn scalar(mut self, name: &str, v: f64) -> Self {
+        self.scalars.insert(name.to_string(), v);
+        self
+    }
+}
+
+/// A parameter tensor registered with an optimizer: its name and shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpec {
+    /// The name (unique within the optimizer).
+    pub name: String,
+    /// The shape; the tensor holds the product of its dimensions (1 for a 0-d tensor).
+    pub shape: Vec<usize>,
+}
+
+impl TensorSpec {
+    /// A named tensor of this shape.
+    pub fn new(name: impl Into<String>, shape: &[usize]) -> Self {
+        TensorSpec {
+            name: name.into(),
+            shape: shape.to_vec(),
+        }
+    }
+
+    /// Its number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// A tensor given for an input: host data (its length is checked) or a device address (its length
+/// is the caller's contract).
+pub(crate) trait GivenTensor {
+    /// Its number of elements, when known.
+    fn elems(&self) -> Option<usize>;
+}
+
+impl<T> GivenTensor for &[T] {
+    fn elems(&self) -> Option<usize> {
+        Some(self.len())
+    }
+}
+
+impl<T> GivenTensor for &mut [T] {
+    fn elems(&self) -> Option<usize> {
+        Some(self.len())
+    }
+}
+
+impl GivenTensor for u64 {
+    fn elems(&self) -> Option<usize> {
+        None
+    }
+}
+
+/// Device addresses of per-element inputs (one per tensor) and scalar inputs, for
+/// [`crate::Optimizer::step_device`].
+#[derive(Debug, Clone, Default)]
+pub struct DeviceInputs {
+    /// Per-element inputs by name: the device address of each tensor's data.
+    pub tensors: HashMap<String, Vec<u64>>,
+    /// Scalar inputs by name.
+    pub scalars: HashMap<String, f64>,
+}
+
+impl DeviceInputs {
+    /// Adds a per-element input.
+    pub fn tensor(mut self, name: &str, ptrs: Vec<u64>) -> Self {
+        self.tensors.insert(name.to_string(), ptrs);
+        self
+    }
+    /// Adds a scalar input.
+    pub fn scalar(mut self, name: &str, v: f64) -> Self {
+        self.scalars.insert(name.to_string(), v);
+        self
+    }
+}

@@ -1,0 +1,749 @@
+//! [`Optimizer`]: a compiled rule bound to tensors. It composes the owners of its state: the
+//! hyperparameter values (with ranges, schedules and groups), the specializations, the step
+//! state (step counter, scalar state, what carries between stages), the host buffers, the storage
+//! policy and a boxed [`Engine`]. The step itself is in [`crate::step`].
+
+use crate::engine::cranelift::JitProgram;
+use crate::engine::interp::Interp;
+use crate::engine::Engine;
+use crate::io::TensorSpec;
+use crate::specialize::{How, Specializations, StageNeeds};
+use crate::{Error, Schedule};
+use optc_compiler::backend::cuda::StorageMap;
+use optc_compiler::backend::interp::Buffers;
+use optc_compiler::ir::{BufRole, Node, NodeId, Program, Ty};
+use optc_compiler::ops::Float;
+use optc_compiler::passes::specialize::Decisions;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+/// A rule bound to a set of tensors: parameters, state, step counter and hyperparameters.
+#[derive(Debug)]
+pub struct Optimizer<T: Float> {
+    pub(crate) program: Arc<Program>,
+    pub(crate) hypers: Vec<f64>,
+    /// Completed steps.
+    pub(crate) steps: u64,
+    pub(crate) scalar_states: Vec<f64>,
+    /// Host buffers by buffer id: owned params, state, outputs (inputs and lent params are not
+    /// kept; an engine may keep newer values in its own memory, see [`Engine::host`]).
+    pub(crate) bufs: Buffers<T>,
+    pub(crate) lens: Vec<Vec<usize>>,
+    /// The registered tensors, `[space][tensor]`.
+    pub(crate) tensors: Vec<Vec<TensorSpec>>,
+    /// Whether the host lends the params at each step (they are not stored in `bufs`).
+    pub(crate) lent: bool,
+    /// Hyperparameter overrides of parameter groups 1, 2, ... (`None`: follows group 0).
+    pub(crate) groups: Vec<Vec<Option<f64>>>,
+    /// The group of each tensor, `[space][tensor]` (0 unless assigned).
+    pub(crate) tensor_groups: Vec<Vec<usize>>,
+    /// The values of groups 1, 2, ... in the current (or next) step.
+    pub(crate) effective_groups: Vec<Vec<f64>>,
+    /// Stage to run next (0 between steps).
+    pub(crate) next_stage: usize,
+    /// Reduction results carried from one stage to the next within a step.
+    pub(crate) pending: HashMap<NodeId, Vec<f64>>,
+    /// Scalar inputs given earlier in the current step.
+    pub(crate) pending_scalars: HashMap<u16, f64>,
+    /// Schedules by hyperparameter index.
+    pub(crate) schedules: Vec<Option<Schedule>>,
+    /// The values the current (or next) step uses: base values times their schedules' factors.
+    pub(crate) effective: Vec<f64>,
+    /// The specializations compiled so far and the active one.
+    pub(crate) specs: Specializations,
+    /// What runs the kernels.
+    pub(crate) engine: Box<dyn Engine<T>>,
+    /// How each buffer is stored (16-bit storage: see [`Optimizer::set_storage`]).
+    pub(crate) storage: Arc<StorageMap>,
+    /// The key of stochastic rounding.
+    pub(crate) seed: u64,
+    pub(crate) policy: NonFinite,
+    pub(crate) skipped: u64,
+}
+
+impl<T: Float> Clone for Optimizer<T> {
+    /// A clone shares compiled kernels and devices, not buffers: on a device engine it carries
+    /// host copies of the device's current values.
+    fn clone(&self) -> Self {
+        Optimizer {
+            program: Arc::clone(&self.program),
+            hypers: self.hypers.clone(),
+            steps: self.steps,
+            scalar_states: self.scalar_states.clone(),
+            bufs: self.bufs.clone(),
+            lens: self.lens.clone(),
+            tensors: self.tensors.clone(),
+            lent: self.lent,
+            groups: self.groups.clone(),
+            tensor_groups: self.tensor_groups.clone(),
+            effective_groups: self.effective_groups.clone(),
+            next_stage: self.next_stage,
+            pending: self.pending.clone(),
+            pending_scalars: self.pending_scalars.clone(),
+            schedules: self.schedules.clone(),
+            effective: self.effective.clone(),
+            specs: self.specs.clone(),
+            engine: self.engine.boxed_clone(),
+            storage: Arc::clone(&self.storage),
+            seed: self.seed,
+            policy: self.policy,
+            skipped: self.skipped,
+        }
+    }
+}
+
+/// What a step does when an input (a gradient) holds an infinity or a NaN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NonFinite {
+    /// Run the step anyway (the default; the values propagate as IEEE arithmetic says).
+    #[default]
+    Proceed,
+    /// Skip the step: parameters, state and the step counter stay as they were; the skip is counted.
+    Skip,
+    /// Return [`Error::NonFinite`], with nothing changed.
+    Error,
+}
+
+/// Which engine runs a rule's kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The reference interpreter (the oracle; slow).
+    Interpreter,
+    /// Cranelift machine code on `threads` threads (1: the calling thread only).
+    Cranelift {
+        /// Worker threads.
+        threads: usize,
+    },
+    /// CUDA kernels on GPU `device` (compiled by NVRTC for its architecture); params (when
+    /// owned), state and outputs in device memory. See [`crate::engine::cuda`].
+    #[cfg(feature = "cuda")]
+    Cuda {
+        /// The CUDA device ordinal.
+        device: usize,
+    },
+    /// The CUDA backend with the CUDA emulator ([`crate::engine::cuda::emulator`]) as its device: the same generated
+    /// kernels, launch tables and host logic as [`Backend::Cuda`], built by the host's C++
+    /// compiler and run on the CPU one block at a time. For testing the GPU path where there is
+    /// no GPU; slow.
+    #[cfg(feature = "cuda")]
+    CudaEmulator,
+}
+
+impl Backend {
+    /// Whether this backend runs on a CUDA device ([`Backend::Cuda`] or the emulator).
+    pub fn is_cuda(self) -> bool {
+        #[cfg(feature = "cuda")]
+        if matches!(self, Backend::Cuda { .. } | Backend::CudaEmulator) {
+            return true;
+        }
+        false
+    }
+}
+
+/// The hyperparameters the scalar-state updates read (they cannot differ between groups).
+pub(crate) fn scalar_state_hypers(p: &Program) -> BTreeSet<u16> {
+    let mut out = BTreeSet::new();
+    let mut seen = BTreeSet::new();
+    let mut stack: Vec<NodeId> = p
+        .variants
+        .iter()
+        .flat_map(|v| v.scalar_updates.iter().map(|u| u.1))
+        .collect();
+    while let Some(id) = stack.pop() {
+        if !seen.insert(id) {
+            continue;
+        }
+        match p.graph.node(id) {
+            Node::Hyper(h) => {
+                out.insert(h);
+            }
+            // A reduction's elements may use each tensor's own group values.
+            Node::Reduce { .. } => {}
+            node => stack.extend(node.children()),
+        }
+    }
+    out
+}
+
+impl<T: Float + Default> Optimizer<T> {
+    /// Binds a compiled rule to tensors: `params[space]` lists the initial values of each tensor of
+    /// that param. States start zero-filled; hyperparameters at their defaults.
+    pub fn new(program: Arc<Program>, params: Vec<Vec<Vec<T>>>) -> Result<Self, Error> {
+        let info = &program.info;
+        if params.len() != info.spaces.len() {
+            return Err(Error::Spaces {
+                rule: info.name.clone(),
+                expected: info.spaces.len(),
+                got: params.len(),
+            });
+        }
+        let tensors: Vec<Vec<TensorSpec>> = params
+            .iter()
+            .zip(&info.spaces)
+            .map(|(ts, space)| {
+                ts.iter()
+                    .enumerate()
+                    .map(|(j, t)| TensorSpec::new(format!("{space}[{j}]"), &[t.len()]))
+                    .collect()
+            })
+            .collect();
+        Self::build(program, tensors, Some(params))
+    }
+
+    /// Binds a compiled rule to named tensors of any shape, `tensors[space]` for each param of
+    /// the rule, whose buffers the host keeps: it lends them to every step
+    /// ([`Optimizer::step_with`]). The optimizer owns the state (zero-filled), the step counter and
+    /// the hyperparameter values.
+    ///
+    /// ```
+    /// use optc_runtime::{Inputs, Optimizer, TensorSpec};
+    /// # let src = "rule sgd(lr = 0.1) { param theta\n input g\n theta = theta - lr * g }";
+    /// # let program = std::sync::Arc::new(optc_compiler::compile(src).programs.remove(0));
+    /// let mut opt = Optimizer::<f32>::lending(
+    ///     program,
+    ///     vec![vec![TensorSpec::new("w", &[2, 2]), TensorSpec::new("b", &[2])]],
+    /// )?;
+    /// let (mut w, mut b) = (vec![1.0f32; 4], vec![0.0f32; 2]);
+    /// let (gw, gb) = (vec![1.0f32; 4], vec![-1.0f32; 2]);
+    /// opt.step_with(
+    ///     &mut [vec![&mut w[..], &mut b[..]]],
+    ///     &Inputs::default().tensor("g", vec![&gw, &gb]),
+    /// )?;
+    /// assert_eq!(w, [0.9; 4]);
+    /// assert_eq!(b, [0.1; 2]);
+    /// # Ok::<(), optc_runtime::Error>(())
+    /// ```
+    pub fn lending(program: Arc<Program>, tensors: Vec<Vec<TensorSpec>>) -> Result<Self, Error> {
+        Self::build(program, tensors, None)
+    }
+
+    fn build(
+        program: Arc<Program>,
+        tensors: Vec<Vec<TensorSpec>>,
+        params: Option<Vec<Vec<Vec<T>>>>,
+    ) -> Result<Self, Error> {
+        let info = &program.info;
+        if tensors.len() != info.spaces.len() {
+            return Err(Error::Spaces {
+                rule: info.name.clone(),
+                expected: info.spaces.len(),
+                got: tensors.len(),
+            });
+        }
+        let mut names = BTreeSet::new();
+        for t in tensors.iter().flatten() {
+            if !names.insert(t.name.as_str()) {
+                return Err(Error::Params(format!("two tensors are named `{}`", t.name)));
+            }
+        }
+        let lens: Vec<Vec<usize>> = tensors
+            .iter()
+            .map(|ts| ts.iter().map(TensorSpec::numel).collect())
+            .collect();
+        let lent = params.is_none();
+        let mut params = params
+            .unwrap_or_else(|| vec![Vec::new(); tensors.len()])
+            .into_iter();
+        let bufs = info
+            .buffers
+            .iter()
+            .map(|b| match b.role {
+                BufRole::Param => params.next().unwrap_or_default(),
+                BufRole::Input => Vec::new(),
+                _ => lens[b.space as usize]
+                    .iter()
+                    .map(|&n| vec![T::default(); n])
+                    .collect(),
+            })
+            .collect();
+        let hypers: Vec<f64> = info.hypers.iter().map(|h| h.default).collect();
+        let engine: Box<dyn Engine<T>> = Box::new(Interp);
+        let storage = Arc::new(StorageMap::default());
+        let how = How {
+            engine: engine.as_ref(),
+            storage: &storage,
+            policy: NonFinite::Proceed,
+        };
+        let specs = Specializations::new(&program, Decisions::of(&program), &[&hypers], &how)?;
+        Ok(Optimizer {
+            schedules: vec![None; hypers.len()],
+            effective: hypers.clone(),
+            hypers,
+            scalar_states: vec![0.0; info.scalar_states.len()],
+            steps: 0,
+            bufs,
+            tensor_groups: lens.iter().map(|l| vec![0; l.len()]).collect(),
+            lens,
+            tensors,
+            lent,
+            groups: Vec::new(),
+            effective_groups: Vec::new(),
+            next_stage: 0,
+            pending: HashMap::new(),
+            pending_scalars: HashMap::new(),
+            specs,
+            program,
+            engine,
+            storage,
+            seed: 0,
+            policy: NonFinite::Proceed,
+            skipped: 0,
+        })
+    }
+
+    /// Rebuilds the active specialization after a setting changed (engine, storage, policy,
+    /// decisions), dropping the cached ones.
+    pub(crate) fn reset_active(&mut self) -> Result<(), Error> {
+        let decisions = self.specs.decisions().clone();
+        self.reset_with(decisions)
+    }
+
+    fn reset_with(&mut self, decisions: Decisions) -> Result<(), Error> {
+        let how = How {
+            engine: self.engine.as_ref(),
+            storage: &self.storage,
+            policy: self.policy,
+        };
+        self.specs = Specializations::new(&self.program, decisions, &self.value_sets(), &how)?;
+        Ok(())
+    }
+
+    /// Makes the specialization for the current hyperparameter values active (compiling it the
+    /// first time those decisions are seen). Called at the start of each step.
+    pub(crate) fn activate(&mut self) -> Result<(), Error> {
+        let t = self.steps + 1;
+        let effective = self.scheduled(&self.hypers, t)?;
+        let mut groups = Vec::with_capacity(self.groups.len());
+        for overrides in &self.groups {
+            let base: Vec<f64> = overrides
+                .iter()
+                .zip(&self.hypers)
+                .map(|(o, &v)| o.unwrap_or(v))
+                .collect();
+            groups.push(self.scheduled(&base, t)?);
+        }
+        self.effective = effective;
+        self.effective_groups = groups;
+        let how = How {
+            engine: self.engine.as_ref(),
+            storage: &self.storage,
+            policy: self.policy,
+        };
+        let sets: Vec<&[f64]> = std::iter::once(self.effective.as_slice())
+            .chain(self.effective_groups.iter().map(Vec::as_slice))
+            .collect();
+        self.specs.activate(&self.program, &sets, &how)
+    }
+
+    /// Base values times their schedules' factors at step `t`, each checked against its range.
+    fn scheduled(&self, base: &[f64], t: u64) -> Result<Vec<f64>, Error> {
+        let mut out = base.to_vec();
+        for (h, s) in self.schedules.iter().enumerate() {
+            if let Some(s) = s {
+                let v = base[h] * s.factor(t);
+                if !v.is_finite() {
+                    return Err(Error::BadHyper {
+                        name: self.program.info.hypers[h].name.clone(),
+                        value: v,
+                        why: "its schedule gives a value that is not finite",
+                    });
+                }
+                if let Some(range) = self.program.info.hypers[h].range {
+                    if !range.contains(v) {
+                        return Err(Error::OutOfRange {
+                            name: self.program.info.hypers[h].name.clone(),
+                            value: v,
+                            range: range.to_string(),
+                        });
+                    }
+                }
+                out[h] = v;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The effective values of every group, group 0 first.
+    fn value_sets(&self) -> Vec<&[f64]> {
+        std::iter::once(self.effective.as_slice())
+            .chain(self.effective_groups.iter().map(Vec::as_slice))
+            .collect()
+    }
+
+    /// Switches to another backend (compiling the rule for it); state and step count are kept.
+    ///
+    /// [`Backend::Cuda`] opens the GPU (an [`Error::Cuda`] without a driver or GPU) and compiles
+    /// the kernels for it with NVRTC; see [`crate::engine::cuda`] for where values live. Leaving
+    /// it downloads the device's values first.
+    pub fn with_backend(mut self, backend: Backend) -> Result<Self, Error> {
+        let storage = (*self.storage).clone();
+        self.reconfigure(backend, storage, self.seed)?;
+        Ok(self)
+    }
+
+    /// Moves to `backend` with buffers stored as `storage` says (16-bit params and state,
+    /// widened on load and rounded on store inside the kernels; see [`StorageMap`]), rounding
+    /// stochastically under `seed` when it asks for that. Host copies stay in `T`, as exact
+    /// widenings. The kernels are compiled first; then the values the old engine holds are
+    /// brought to the host and the new engine takes over. On an error nothing changes.
+    pub(crate) fn reconfigure(
+        &mut self,
+        backend: Backend,
+        storage: StorageMap,
+        seed: u64,
+    ) -> Result<(), Error> {
+        if T::BYTES != 4 && !storage.is_native() {
+            return Err(Error::Policy(
+                "16-bit storage needs an f32 optimizer".into(),
+            ));
+        }
+        let engine = crate::engine::open(backend, Some(self.engine.as_ref()))?;
+        let how = How {
+            engine: engine.as_ref(),
+            storage: &storage,
+            policy: self.policy,
+        };
+        let specs = Specializations::new(
+            &self.program,
+            self.specs.decisions().clone(),
+            &self.value_sets(),
+            &how,
+        )?;
+        self.engine.sync(&mut self.bufs)?;
+        self.engine = engine;
+        self.specs = specs;
+        self.storage = Arc::new(storage);
+        self.seed = seed;
+        Ok(())
+    }
+
+    /// The storage of every buffer.
+    pub fn storage(&self) -> &StorageMap {
+        &self.storage
+    }
+
+    /// Turns specialization on hyperparameter decisions on (the default) or off. Off, every
+    /// step runs the general program: options that are switched off still cost their traffic.
+    pub fn with_specialization(mut self, on: bool) -> Result<Self, Error> {
+        let decisions = if on {
+            Decisions::of(&self.program)
+        } else {
+            Decisions::none()
+        };
+        self.reset_with(decisions)?;
+        Ok(self)
+    }
+
+    /// Sets what a step does with non-finite inputs. `Skip` and `Error` decide before anything is
+    /// written: the check joins a pass that already reads the inputs before the update (a clipping
+    /// norm) for free, or costs one read of the inputs. Rules with several stages support `Proceed` only.
+    pub fn with_non_finite(mut self, policy: NonFinite) -> Result<Self, Error> {
+        if policy != NonFinite::Proceed && self.program.info.stages.len() > 1 {
+            return Err(Error::Policy(format!(
+                "rule `{}` has several stages; a non-finite input found in a later stage could not undo the earlier ones",
+                self.program.info.name
+            )));
+        }
+        self.policy = policy;
+        self.reset_active()?;
+        Ok(self)
+    }
+
+    /// Steps skipped because of non-finite inputs (policy [`NonFinite::Skip`]).
+    pub fn skipped_steps(&self) -> u64 {
+        self.skipped
+    }
+
+    /// The backend in use.
+    pub fn backend(&self) -> Backend {
+        self.engine.backend()
+    }
+
+    /// The compiled kernels, on the Cranelift backend.
+    pub fn jit(&self) -> Option<&JitProgram> {
+        self.specs.active.compiled.downcast_ref::<JitProgram>()
+    }
+
+    /// Brings every host copy up to date with the engine's memory, so [`Optimizer::params`] and
+    /// [`Optimizer::buffer`] need no download (and report no error silently). A no-op on the CPU
+    /// engines.
+    pub fn sync_host(&mut self) -> Result<(), Error> {
+        self.engine.sync(&mut self.bufs)
+    }
+
+    /// Kernel launches made on a device so far (0 on the CPU engines).
+    pub fn launches(&self) -> u64 {
+        self.engine.launches()
+    }
+
+    /// The GPU this optimizer runs on ([`Backend::Cuda`], [`Backend::CudaEmulator`]).
+    #[cfg(feature = "cuda")]
+    pub fn device(&self) -> Option<&Arc<crate::engine::cuda::device::Device>> {
+        self.engine
+            .as_any()
+            .downcast_ref::<crate::engine::cuda::Cuda<T>>()
+            .map(|c| c.device())
+    }
+
+    /// The program the current step runs: the rule specialized for the hyperparameter decisions
+    /// (`amsgrad`, `max_grad_norm > 0`, ...) of the current values.
+    pub fn active_program(&self) -> &Program {
+        &self.specs.active.program
+    }
+
+    /// The compiled rule.
+    pub fn program(&self) -> &Program {
+        &self.program
+    }
+
+    /// Completed steps.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// The index of a hyperparameter, or the error naming the ones the rule has.
+    fn hyper_index(&self, name: &str) -> Result<usize, Error> {
+        let info = &self.program.info;
+        info.hyper(name).ok_or_else(|| Error::UnknownHyper {
+            rule: info.name.clone(),
+            name: name.to_string(),
+            known: info
+                .hypers
+                .iter()
+                .map(|h| h.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+    }
+
+    /// Sets a hyperparameter (booleans as 0/1) for group 0 and every group that does not override it.
+    pub fn set_hyper(&mut self, name: &str, value: f64) -> Result<(), Error> {
+        let h = self.check_value(name, value)?;
+        self.hypers[h] = value;
+        Ok(())
+    }
+
+    /// The index of hyperparameter `name` if `value` is acceptable for it.
+    pub(crate) fn check_value(&self, name: &str, value: f64) -> Result<usize, Error> {
+        let h = self.hyper_index(name)?;
+        let info = &self.program.info;
+        if !value.is_finite() {
+            return Err(Error::BadHyper {
+                name: name.to_string(),
+                value,
+                why: "not a finite number",
+            });
+        }
+        if let Some(range) = info.hypers[h].range {
+            if !range.contains(value) {
+                return Err(Error::OutOfRange {
+                    name: name.to_string(),
+                    value,
+                    range: range.to_string(),
+                });
+            }
+        }
+        if info.hypers[h].ty == Ty::Bool && value != 0.0 && value != 1.0 {
+            return Err(Error::BadHyper {
+                name: name.to_string(),
+                value,
+                why: "a boolean is true (1) or false (0)",
+            });
+        }
+        Ok(h)
+    }
+
+    /// Starts a parameter group holding the named tensors (taken out of the groups they were in),
+    /// with its own values for some hyperparameters; the others follow group 0 (the values of
+    /// [`Optimizer::set_hyper`]). Returns the group's number (groups count from 1; group 0 holds
+    /// every tensor not assigned elsewhere). Schedules scale every group's value.
+    ///
+    /// Reductions over all tensors (a global gradient norm) still span every group; each tensor
+    /// updates with its own group's values. A hyperparameter that scalar state reads cannot differ
+    /// between groups.
+    ///
+    /// ```
+    /// use optc_runtime::{Inputs, Optimizer, TensorSpec};
+    /// # let src = "rule sgdw(lr = 0.1, wd = 0.5) { param theta\n input g\n theta = theta - lr * (g + wd * theta) }";
+    /// # let program = std::sync::Arc::new(optc_compiler::compile(src).programs.remove(0));
+    /// let mut opt = Optimizer::<f64>::lending(
+    ///     program,
+    ///     vec![vec![TensorSpec::new("weight", &[3]), TensorSpec::new("bias", &[1])]],
+    /// )?;
+    /// let no_decay = opt.add_group(&["bias"], &[("wd", 0.0)])?;
+    /// assert_eq!(opt.group_hyper(no_decay, "wd"), Some(0.0));
+    /// let (mut w, mut b) = (vec![1.0; 3], vec![1.0]);
+    /// let g = vec![0.0; 3];
+    /// opt.step_with(&mut [vec![&mut w[..], &mut b[..]]], &Inputs::default().tensor("g", vec![&g, &[0.0]]))?;
+    /// assert_eq!(w, [0.95; 3]); // decayed
+    /// assert_eq!(b, [1.0]); // not decayed
+    /// # Ok::<(), optc_runtime::Error>(())
+    /// ```
+    pub fn add_group(&mut self, tensors: &[&str], values: &[(&str, f64)]) -> Result<usize, Error> {
+        let mut overrides = vec![None; self.hypers.len()];
+        let fixed = scalar_state_hypers(&self.program);
+        for &(name, v) in values {
+            let h = self.check_value(name, v)?;
+            if fixed.contains(&(h as u16)) {
+                return Err(Error::Group(format!(
+                    "`{name}` feeds the rule's scalar state, which all groups share; it cannot differ between groups"
+                )));
+            }
+            overrides[h] = Some(v);
+        }
+        let mut places = Vec::new();
+        for &name in tensors {
+            places.push(
+                self.tensor_index(name)
+                    .ok_or_else(|| Error::UnknownTensor(name.to_string()))?,
+            );
+        }
+        self.groups.push(overrides);
+        let g = self.groups.len();
+        for (space, j) in places {
+            self.tensor_groups[space][j] = g;
+        }
+        Ok(g)
+    }
+
+    /// Sets a hyperparameter of one group (group 0: as [`Optimizer::set_hyper`]).
+    pub fn set_group_hyper(&mut self, group: usize, name: &str, value: f64) -> Result<(), Error> {
+        if group == 0 {
+            return self.set_hyper(name, value);
+        }
+        if group > self.groups.len() {
+            return Err(Error::Group(format!(
+                "there is no group {group} (groups: 0 to {})",
+                self.groups.len()
+            )));
+        }
+        let h = self.check_value(name, value)?;
+        if scalar_state_hypers(&self.program).contains(&(h as u16)) {
+            return Err(Error::Group(format!(
+                "`{name}` feeds the rule's scalar state, which all groups share; it cannot differ between groups"
+            )));
+        }
+        self.groups[group - 1][h] = Some(value);
+        Ok(())
+    }
+
+    /// The (base) value of a hyperparameter in a group.
+    pub fn group_hyper(&self, group: usize, name: &str) -> Option<f64> {
+        let h = self.program.info.hyper(name)?;
+        match group {
+            0 => Some(self.hypers[h]),
+            g => self
+                .groups
+                .get(g - 1)
+                .map(|o| o[h].unwrap_or(self.hypers[h])),
+        }
+    }
+
+    /// The number of parameter groups, group 0 included.
+    pub fn group_count(&self) -> usize {
+        self.groups.len() + 1
+    }
+
+    /// The group a tensor belongs to.
+    pub fn group_of(&self, tensor: &str) -> Option<usize> {
+        let (space, j) = self.tensor_index(tensor)?;
+        Some(self.tensor_groups[space][j])
+    }
+
+    /// Where a named tensor is: its param space and index within it.
+    pub fn tensor_index(&self, name: &str) -> Option<(usize, usize)> {
+        self.tensors
+            .iter()
+            .enumerate()
+            .find_map(|(space, ts)| ts.iter().position(|t| t.name == name).map(|j| (space, j)))
+    }
+
+    /// The tensors registered for param `space`.
+    pub fn tensors(&self, space: usize) -> &[TensorSpec] {
+        &self.tensors[space]
+    }
+
+    /// Schedules a hyperparameter: each step uses its base value (see [`Optimizer::set_hyper`])
+    /// times the schedule's factor at that step.
+    pub fn set_schedule(&mut self, name: &str, schedule: Schedule) -> Result<(), Error> {
+        let h = self.hyper_index(name)?;
+        let info = &self.program.info;
+        if info.hypers[h].ty == Ty::Bool {
+            return Err(Error::BadHyper {
+                name: name.to_string(),
+                value: self.hypers[h],
+                why: "a boolean cannot follow a schedule",
+            });
+        }
+        self.schedules[h] = Some(schedule);
+        Ok(())
+    }
+
+    /// Removes a hyperparameter's schedule.
+    pub fn clear_schedule(&mut self, name: &str) {
+        if let Some(h) = self.program.info.hyper(name) {
+            self.schedules[h] = None;
+        }
+    }
+
+    /// The schedules, by hyperparameter name.
+    pub fn schedules(&self) -> Vec<(String, Schedule)> {
+        self.schedules
+            .iter()
+            .enumerate()
+            .filter_map(|(h, s)| {
+                s.clone()
+                    .map(|s| (self.program.info.hypers[h].name.clone(), s))
+            })
+            .collect()
+    }
+
+    /// The value a hyperparameter had in the last step (its base value times its schedule).
+    pub fn effective_hyper(&self, name: &str) -> Option<f64> {
+        self.program.info.hyper(name).map(|h| self.effective[h])
+    }
+
+    /// Current (base) value of a hyperparameter.
+    pub fn hyper(&self, name: &str) -> Option<f64> {
+        self.program.info.hyper(name).map(|h| self.hypers[h])
+    }
+
+    /// The tensors of a per-element buffer (param, state or output) by name.
+    ///
+    /// On [`Backend::Cuda`] the first call after a step downloads the buffer (`None` if that
+    /// fails; [`Optimizer::sync_host`] reports why).
+    pub fn buffer(&self, name: &str) -> Option<&[Vec<T>]> {
+        let b = self.program.info.buffer(name)?;
+        self.engine
+            .host(&self.bufs, b as usize)
+            .ok()
+            .map(Vec::as_slice)
+    }
+
+    /// A scalar state by name.
+    pub fn scalar_state(&self, name: &str) -> Option<f64> {
+        let i = self
+            .program
+            .info
+            .scalar_states
+            .iter()
+            .position(|s| s == name)?;
+        Some(self.scalar_states[i])
+    }
+
+    /// The tensors of param `space` (empty for an optimizer built with [`Optimizer::lending`],
+    /// whose params the host keeps).
+    ///
+    /// On [`Backend::Cuda`] the first call after a step downloads them (an empty list if that
+    /// fails; [`Optimizer::sync_host`] reports why).
+    pub fn params(&self, space: usize) -> &[Vec<T>] {
+        self.engine
+            .host(&self.bufs, space)
+            .map_or(&[][..], Vec::as_slice)
+    }
+
+    /// What stage `k` reads from the host in the coming step.
+    pub fn stage_needs(&self, k: usize) -> &StageNeeds {
+        &self.specs.active.needs[usize::from(self.steps > 0)][k]
+    }
+}

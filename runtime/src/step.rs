@@ -1,0 +1,394 @@
+//! The step driver: the one stage loop of the runtime. Every way in — `step`, `step_with`,
+//! `run_stage`, `run_stage_with`, `step_device`, the mixed-precision optimizer — comes here:
+//! validate every stage the call runs, pick the specialization, run each phase's kernels through
+//! the engine, feed reduction results to the next phases, apply the non-finite policy after the
+//! first phase, and advance scalar state and the step counter.
+
+use crate::engine::{Given, KernelAt, Lent, StageIo};
+use crate::io::{DeviceInputs, GivenTensor, Inputs};
+use crate::{Error, NonFinite, Optimizer};
+use optc_compiler::backend::interp::{StepEnv, StepRun};
+use optc_compiler::ir::BufRole;
+use optc_compiler::ops::Float;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Which stages a call runs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Stages {
+    /// The rest of the current step.
+    Rest,
+    /// Stage `k` only (it must be the next one).
+    One(usize),
+}
+
+impl<T: Float + Default> Optimizer<T> {
+    /// Runs the rest of the current step (every remaining stage, with the same inputs). The
+    /// inputs of all those stages are checked before any of them runs.
+    pub fn step(&mut self, inputs: &Inputs<'_, T>) -> Result<(), Error> {
+        self.drive(Lent::Owned, Given::Host(inputs), Stages::Rest)
+    }
+
+    /// [`Optimizer::step`] for an optimizer built with [`Optimizer::lending`]: `params[space]`
+    /// are the host's tensors of each param, in registration order, updated in place.
+    pub fn step_with(
+        &mut self,
+        params: &mut [Vec<&mut [T]>],
+        inputs: &Inputs<'_, T>,
+    ) -> Result<(), Error> {
+        self.drive(Lent::Host(params), Given::Host(inputs), Stages::Rest)
+    }
+
+    /// Runs stage `k` of the current step. Inputs the stage does not read are ignored; names the
+    /// rule does not declare are errors.
+    pub fn run_stage(&mut self, k: usize, inputs: &Inputs<'_, T>) -> Result<(), Error> {
+        self.drive(Lent::Owned, Given::Host(inputs), Stages::One(k))
+    }
+
+    /// [`Optimizer::run_stage`] for an optimizer built with [`Optimizer::lending`].
+    pub fn run_stage_with(
+        &mut self,
+        k: usize,
+        params: &mut [Vec<&mut [T]>],
+        inputs: &Inputs<'_, T>,
+    ) -> Result<(), Error> {
+        self.drive(Lent::Host(params), Given::Host(inputs), Stages::One(k))
+    }
+
+    /// [`Optimizer::step`] / [`Optimizer::step_with`] on [`crate::Backend::Cuda`] with tensors
+    /// already in device memory: `params[space][tensor]` (only for an optimizer built with
+    /// [`Optimizer::lending`]; `None` otherwise) and each input's tensors are device addresses,
+    /// used in place. Names, counts of tensors and scalar inputs are checked as in `step`.
+    ///
+    /// # Safety
+    /// Every address must point at the data of its tensor in this optimizer's device context
+    /// (see [`Optimizer::device`]): at least as many elements of `T` as the tensor registered
+    /// at that place, readable, and for params writable; alive and not accessed by anything
+    /// else until this call returns. Params must not overlap each other or any input. Addresses
+    /// need no particular alignment (16-byte-aligned tensors get 128-bit accesses).
+    #[allow(unsafe_code)]
+    pub unsafe fn step_device(
+        &mut self,
+        params: Option<&[Vec<u64>]>,
+        inputs: &DeviceInputs,
+    ) -> Result<(), Error> {
+        if !self.backend().is_cuda() {
+            return Err(Error::Params(
+                "step_device needs Backend::Cuda or Backend::CudaEmulator (with_backend)".into(),
+            ));
+        }
+        let lent = match params {
+            Some(ps) => Lent::Device(ps),
+            None => Lent::Owned,
+        };
+        self.drive(lent, Given::Device(inputs), Stages::Rest)
+    }
+
+    /// [`Optimizer::step_with`] on the GPU backends with params already in their 16-bit device
+    /// storage type (see [`Optimizer::set_storage`]): uploaded, updated and downloaded as they
+    /// are. Checked like `step_with`; on an error before the kernels run nothing changes.
+    pub(crate) fn step_with_bits(
+        &mut self,
+        params: &mut [Vec<&mut [u16]>],
+        inputs: &Inputs<'_, T>,
+    ) -> Result<(), Error> {
+        if !self.backend().is_cuda() {
+            return Err(Error::Params(
+                "16-bit params need Backend::Cuda or Backend::CudaEmulator".into(),
+            ));
+        }
+        let params_16 = (0..params.len())
+            .all(|s| self.storage.of(s as u16) != optc_compiler::backend::cuda::Storage::Native);
+        if !params_16 {
+            return Err(Error::Params(
+                "the params are not stored in 16 bits on the device".into(),
+            ));
+        }
+        self.drive(Lent::Bits(params), Given::Host(inputs), Stages::Rest)
+    }
+
+    /// The one stage loop: checks every stage the call runs before any runs, then runs them.
+    fn drive(
+        &mut self,
+        mut params: Lent<'_, '_, T>,
+        inputs: Given<'_, '_, T>,
+        stages: Stages,
+    ) -> Result<(), Error> {
+        let (lend, own) = match &params {
+            Lent::Device(_) => ("pass their device addresses", "pass None"),
+            Lent::Bits(_) => ("lend them", "call step"),
+            _ => (
+                "lend them with step_with / run_stage_with",
+                "call step / run_stage",
+            ),
+        };
+        match &params {
+            Lent::Owned => self.check_lent::<&[T]>(None, lend, own)?,
+            Lent::Host(ps) => self.check_lent(Some(&ps[..]), lend, own)?,
+            Lent::Bits(ps) => self.check_lent(Some(&ps[..]), lend, own)?,
+            Lent::Device(ps) => self.check_lent(Some(ps), lend, own)?,
+        }
+        let range = match stages {
+            Stages::Rest => self.next_stage..self.program.info.stages.len(),
+            Stages::One(k) => {
+                if k != self.next_stage {
+                    let info = &self.program.info;
+                    return Err(Error::StageOrder {
+                        expected: self.next_stage,
+                        name: info.stages[self.next_stage].clone(),
+                        got: k,
+                    });
+                }
+                k..k + 1
+            }
+        };
+        if self.next_stage == 0 {
+            self.activate()?;
+        }
+        // Check every stage first; each check gives the scalar inputs its stage sees.
+        let mut checked = Vec::new();
+        let mut scalars = self.pending_scalars.clone();
+        for k in range {
+            scalars = match inputs {
+                Given::Host(i) => self.check_given(k, &i.tensors, &i.scalars, &scalars)?,
+                Given::Device(i) => self.check_given(k, &i.tensors, &i.scalars, &scalars)?,
+            };
+            checked.push((k, scalars.clone()));
+        }
+        for (k, scalars) in checked {
+            if !self.run_stage_checked(k, &mut params, inputs, scalars)? {
+                return match self.policy {
+                    NonFinite::Error => Err(Error::NonFinite {
+                        rule: self.program.info.name.clone(),
+                    }),
+                    _ => {
+                        self.skipped += 1;
+                        Ok(())
+                    }
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs stage `k`, whose inputs were checked. Returns false when the guard found non-finite
+    /// inputs after the first phase (which stores nothing). Cannot fail on the CPU engines; on
+    /// the GPU a driver error is an [`Error::Cuda`](crate::Error).
+    fn run_stage_checked(
+        &mut self,
+        k: usize,
+        params: &mut Lent<'_, '_, T>,
+        inputs: Given<'_, '_, T>,
+        scalars: HashMap<u16, f64>,
+    ) -> Result<bool, Error> {
+        let active = Arc::clone(&self.specs.active);
+        let prog = Arc::clone(&active.program);
+        let info = &prog.info;
+        let needs = self.stage_needs(k).clone();
+        let scalar_inputs: Vec<f64> = (0..info.scalar_inputs.len())
+            .map(|i| scalars.get(&(i as u16)).copied().unwrap_or(0.0))
+            .collect();
+        let env = StepEnv {
+            hypers: &self.effective,
+            groups: &self.effective_groups,
+            tensor_groups: &self.tensor_groups,
+            t: (self.steps + 1) as f64,
+            scalar_states: &self.scalar_states,
+            scalar_inputs: &scalar_inputs,
+        };
+        let mut run = StepRun::new(&prog, self.steps == 0, self.lens.clone())
+            .with_reductions(std::mem::take(&mut self.pending));
+        let variant = run.variant();
+        let mut io = StageIo {
+            program: &prog,
+            variant,
+            stage: k,
+            bufs: &mut self.bufs,
+            lens: &self.lens,
+            params,
+            inputs,
+            needs: &needs,
+            storage: &self.storage,
+            seed: self.seed,
+            t: self.steps + 1,
+        };
+        let engine = &mut self.engine;
+        engine.begin_stage(&mut io)?;
+        let stage = &prog.variants[variant].stages[k];
+        for (pi, ph) in stage.phases.iter().enumerate() {
+            for (ki, kern) in ph.kernels.iter().enumerate() {
+                let space = kern.space as usize;
+                let uniforms: Vec<Vec<T>> = (0..io.lens[space].len())
+                    .map(|j| {
+                        kern.uniforms
+                            .iter()
+                            .map(|&u| T::from_f64(run.uniform(&env, u, space, j)))
+                            .collect()
+                    })
+                    .collect();
+                let at = KernelAt {
+                    variant,
+                    stage: k,
+                    phase: pi,
+                    kernel: ki,
+                };
+                let results = engine.run_kernel(&active.compiled, at, kern, &uniforms, &mut io)?;
+                for (r, v) in results {
+                    run.set_reduction(r, v);
+                }
+            }
+            // The guard: after the first phase, which stores nothing when guards exist.
+            if k == 0 && pi == 0 {
+                let guards = &active.guards[variant];
+                if guards.iter().any(|&r| !run.scalar(&env, r, 0).is_finite()) {
+                    engine.end_stage(&mut io, false)?;
+                    return Ok(false);
+                }
+            }
+        }
+        engine.end_stage(&mut io, true)?;
+        if k + 1 == info.stages.len() {
+            self.scalar_states = run.scalar_updates(&env);
+            self.steps += 1;
+            self.next_stage = 0;
+            self.pending_scalars.clear();
+        } else {
+            self.pending = run.take_reductions();
+            self.pending_scalars = scalars;
+            self.next_stage = k + 1;
+        }
+        Ok(true)
+    }
+
+    /// Checks that params are lent exactly when the optimizer borrows them, with the registered
+    /// lengths, given as host data or as device addresses; `lend` and
+    /// `own` say what to do instead when they are missing or not expected.
+    pub(crate) fn check_lent<L: GivenTensor>(
+        &self,
+        params: Option<&[Vec<L>]>,
+        lend: &str,
+        own: &str,
+    ) -> Result<(), Error> {
+        let ps = match (self.lent, params) {
+            (false, None) => return Ok(()),
+            (true, None) => {
+                return Err(Error::Params(format!(
+                    "this optimizer borrows its params (Optimizer::lending): {lend}"
+                )))
+            }
+            (false, Some(_)) => {
+                return Err(Error::Params(format!(
+                    "this optimizer owns its params (Optimizer::new): {own}"
+                )))
+            }
+            (true, Some(ps)) => ps,
+        };
+        if ps.len() != self.tensors.len() {
+            return Err(Error::Spaces {
+                rule: self.program.info.name.clone(),
+                expected: self.tensors.len(),
+                got: ps.len(),
+            });
+        }
+        for (space, (given, specs)) in ps.iter().zip(&self.tensors).enumerate() {
+            if given.len() != specs.len() {
+                return Err(Error::Length {
+                    what: format!(
+                        "param `{}` (number of tensors)",
+                        self.program.info.spaces[space]
+                    ),
+                    expected: specs.len(),
+                    got: given.len(),
+                });
+            }
+            for (d, spec) in given.iter().zip(specs) {
+                match d.elems() {
+                    Some(got) if got != spec.numel() => {
+                        return Err(Error::Length {
+                            what: format!("tensor `{}` of shape {:?}", spec.name, spec.shape),
+                            expected: spec.numel(),
+                            got,
+                        })
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the inputs of stage `k` (host data or device addresses); returns the scalar inputs
+    /// it will see (those given earlier in the step, updated by these).
+    pub(crate) fn check_given<L: GivenTensor>(
+        &self,
+        k: usize,
+        tensors: &HashMap<String, Vec<L>>,
+        given_scalars: &HashMap<String, f64>,
+        pending: &HashMap<u16, f64>,
+    ) -> Result<HashMap<u16, f64>, Error> {
+        let info = &self.program.info;
+        for name in tensors.keys() {
+            if !matches!(
+                info.buffer(name).map(|b| info.buffers[b as usize].role),
+                Some(BufRole::Input)
+            ) {
+                return Err(Error::UnknownInput {
+                    rule: info.name.clone(),
+                    name: name.clone(),
+                });
+            }
+        }
+        for name in given_scalars.keys() {
+            if !info.scalar_inputs.contains(name) {
+                return Err(Error::UnknownInput {
+                    rule: info.name.clone(),
+                    name: name.clone(),
+                });
+            }
+        }
+        let needs = self.stage_needs(k).clone();
+        let missing = |name: &str| Error::MissingInput {
+            rule: info.name.clone(),
+            stage: info.stages[k].clone(),
+            name: name.to_string(),
+        };
+        let mut scalars = pending.clone();
+        for (i, name) in info.scalar_inputs.iter().enumerate() {
+            if let Some(&v) = given_scalars.get(name) {
+                scalars.insert(i as u16, v);
+            }
+        }
+        for &i in &needs.scalars {
+            if !scalars.contains_key(&i) {
+                return Err(missing(&info.scalar_inputs[i as usize]));
+            }
+        }
+        for &b in &needs.tensors {
+            let bi = &info.buffers[b as usize];
+            let Some(data) = tensors.get(&bi.name) else {
+                return Err(missing(&bi.name));
+            };
+            let lens = &self.lens[bi.space as usize];
+            if data.len() != lens.len() {
+                return Err(Error::Length {
+                    what: format!("input `{}` (number of tensors)", bi.name),
+                    expected: lens.len(),
+                    got: data.len(),
+                });
+            }
+            for (j, (d, &n)) in data.iter().zip(lens).enumerate() {
+                match d.elems() {
+                    Some(got) if got != n => {
+                        return Err(Error::Length {
+                            what: format!("input `{}`, tensor {j}", bi.name),
+                            expected: n,
+                            got,
+                        })
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(scalars)
+    }
+}
