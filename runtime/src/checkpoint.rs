@@ -111,6 +111,7 @@ impl<T: Float + Default> Optimizer<T> {
     fn groups_record(&self) -> serde_json::Value {
         let info = &self.program.info;
         let groups: Vec<serde_json::Value> = self
+            .hp
             .groups
             .iter()
             .enumerate()
@@ -118,7 +119,7 @@ impl<T: Float + Default> Optimizer<T> {
                 let tensors: Vec<&str> = self
                     .tensors
                     .iter()
-                    .zip(&self.tensor_groups)
+                    .zip(&self.hp.tensor_groups)
                     .flat_map(|(ts, gs)| ts.iter().zip(gs))
                     .filter(|(_, &tg)| tg == g + 1)
                     .map(|(t, _)| t.name.as_str())
@@ -148,7 +149,7 @@ impl<T: Float + Default> Optimizer<T> {
                 .get("hyperparameters")
                 .and_then(|t| t.as_object())
                 .ok_or_else(bad)?;
-            let mut overrides = vec![None; self.hypers.len()];
+            let mut overrides = vec![None; self.hp.values.len()];
             for (name, v) in values {
                 let v = v.as_f64().ok_or_else(bad)?;
                 let h = self.check_value(name, v)?;
@@ -175,7 +176,7 @@ impl<T: Float + Default> Optimizer<T> {
 
     /// The checkpoint as bytes (safetensors).
     pub fn checkpoint_bytes(&self) -> Result<Vec<u8>, Error> {
-        if self.next_stage != 0 {
+        if self.st.next_stage != 0 {
             return Err(err(
                 "cannot checkpoint in the middle of a step (between stages)",
             ));
@@ -205,13 +206,13 @@ impl<T: Float + Default> Optimizer<T> {
         let hypers: serde_json::Map<String, serde_json::Value> = info
             .hypers
             .iter()
-            .zip(&self.hypers)
+            .zip(&self.hp.values)
             .map(|(h, v)| (h.name.clone(), serde_json::json!(v)))
             .collect();
         let scalars: serde_json::Map<String, serde_json::Value> = info
             .scalar_states
             .iter()
-            .zip(&self.scalar_states)
+            .zip(&self.st.scalar_states)
             .map(|(n, v)| (n.clone(), serde_json::json!(v)))
             .collect();
         // One metadata entry holding a JSON object with sorted keys, so equal states give equal bytes.
@@ -219,7 +220,7 @@ impl<T: Float + Default> Optimizer<T> {
             "format": FORMAT,
             "rule": info.name,
             "program_hash": program_hash(&self.program),
-            "steps": self.steps,
+            "steps": self.st.steps,
             "hyperparameters": hypers,
             "scalar_states": scalars,
             "schedules": self.schedules().into_iter().map(|(n, s)| (n, serde_json::Value::String(s.to_string()))).collect::<serde_json::Map<_, _>>(),
@@ -255,7 +256,7 @@ impl<T: Float + Default> Optimizer<T> {
 
     /// Loads a checkpoint from bytes (see [`Optimizer::load_checkpoint`]).
     pub fn load_checkpoint_bytes(&mut self, bytes: &[u8]) -> Result<(), Error> {
-        if self.next_stage != 0 {
+        if self.st.next_stage != 0 {
             return Err(err(
                 "cannot load a checkpoint in the middle of a step (between stages)",
             ));
@@ -388,22 +389,22 @@ impl<T: Float + Default> Optimizer<T> {
             self.bufs[b] = t;
             self.engine.forget(b);
         }
-        self.hypers = new_hypers;
-        self.groups.clear();
-        for row in &mut self.tensor_groups {
+        self.hp.values = new_hypers;
+        self.hp.groups.clear();
+        for row in &mut self.hp.tensor_groups {
             row.iter_mut().for_each(|g| *g = 0);
         }
         for (overrides, places) in new_groups {
-            self.groups.push(overrides);
+            self.hp.groups.push(overrides);
             for (space, j) in places {
-                self.tensor_groups[space][j] = self.groups.len();
+                self.hp.tensor_groups[space][j] = self.hp.groups.len();
             }
         }
-        self.schedules = new_schedules;
-        self.scalar_states = new_scalars;
-        self.steps = steps;
-        self.pending.clear();
-        self.pending_scalars.clear();
+        self.hp.schedules = new_schedules;
+        self.st.scalar_states = new_scalars;
+        self.st.steps = steps;
+        self.st.pending.clear();
+        self.st.pending_scalars.clear();
         self.activate()?;
         Ok(())
     }

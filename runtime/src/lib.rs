@@ -22,6 +22,7 @@ use optc_compiler::ir::{Kind, NodeId, Program};
 pub mod checkpoint;
 pub mod engine;
 mod error;
+mod hypers;
 mod io;
 mod optimizer;
 pub mod schedule;

@@ -6,25 +6,27 @@
 use crate::engine::cranelift::JitProgram;
 use crate::engine::interp::Interp;
 use crate::engine::Engine;
+use crate::hypers::Hypers;
 use crate::io::TensorSpec;
 use crate::specialize::{How, Specializations, StageNeeds};
+use crate::step::StepState;
 use crate::{Error, Schedule};
 use optc_compiler::backend::cuda::StorageMap;
 use optc_compiler::backend::interp::Buffers;
 use optc_compiler::ir::{BufRole, Node, NodeId, Program, Ty};
 use optc_compiler::ops::Float;
 use optc_compiler::passes::specialize::Decisions;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 /// A rule bound to a set of tensors: parameters, state, step counter and hyperparameters.
 #[derive(Debug)]
 pub struct Optimizer<T: Float> {
     pub(crate) program: Arc<Program>,
-    pub(crate) hypers: Vec<f64>,
-    /// Completed steps.
-    pub(crate) steps: u64,
-    pub(crate) scalar_states: Vec<f64>,
+    /// Hyperparameter values, schedules and parameter groups.
+    pub(crate) hp: Hypers,
+    /// The step counter, scalar state and what carries between the stages of a step.
+    pub(crate) st: StepState,
     /// Host buffers by buffer id: owned params, state, outputs (inputs and lent params are not
     /// kept; an engine may keep newer values in its own memory, see [`Engine::host`]).
     pub(crate) bufs: Buffers<T>,
@@ -33,22 +35,6 @@ pub struct Optimizer<T: Float> {
     pub(crate) tensors: Vec<Vec<TensorSpec>>,
     /// Whether the host lends the params at each step (they are not stored in `bufs`).
     pub(crate) lent: bool,
-    /// Hyperparameter overrides of parameter groups 1, 2, ... (`None`: follows group 0).
-    pub(crate) groups: Vec<Vec<Option<f64>>>,
-    /// The group of each tensor, `[space][tensor]` (0 unless assigned).
-    pub(crate) tensor_groups: Vec<Vec<usize>>,
-    /// The values of groups 1, 2, ... in the current (or next) step.
-    pub(crate) effective_groups: Vec<Vec<f64>>,
-    /// Stage to run next (0 between steps).
-    pub(crate) next_stage: usize,
-    /// Reduction results carried from one stage to the next within a step.
-    pub(crate) pending: HashMap<NodeId, Vec<f64>>,
-    /// Scalar inputs given earlier in the current step.
-    pub(crate) pending_scalars: HashMap<u16, f64>,
-    /// Schedules by hyperparameter index.
-    pub(crate) schedules: Vec<Option<Schedule>>,
-    /// The values the current (or next) step uses: base values times their schedules' factors.
-    pub(crate) effective: Vec<f64>,
     /// The specializations compiled so far and the active one.
     pub(crate) specs: Specializations,
     /// What runs the kernels.
@@ -58,7 +44,6 @@ pub struct Optimizer<T: Float> {
     /// The key of stochastic rounding.
     pub(crate) seed: u64,
     pub(crate) policy: NonFinite,
-    pub(crate) skipped: u64,
 }
 
 impl<T: Float> Clone for Optimizer<T> {
@@ -67,27 +52,17 @@ impl<T: Float> Clone for Optimizer<T> {
     fn clone(&self) -> Self {
         Optimizer {
             program: Arc::clone(&self.program),
-            hypers: self.hypers.clone(),
-            steps: self.steps,
-            scalar_states: self.scalar_states.clone(),
+            hp: self.hp.clone(),
+            st: self.st.clone(),
             bufs: self.bufs.clone(),
             lens: self.lens.clone(),
             tensors: self.tensors.clone(),
             lent: self.lent,
-            groups: self.groups.clone(),
-            tensor_groups: self.tensor_groups.clone(),
-            effective_groups: self.effective_groups.clone(),
-            next_stage: self.next_stage,
-            pending: self.pending.clone(),
-            pending_scalars: self.pending_scalars.clone(),
-            schedules: self.schedules.clone(),
-            effective: self.effective.clone(),
             specs: self.specs.clone(),
             engine: self.engine.boxed_clone(),
             storage: Arc::clone(&self.storage),
             seed: self.seed,
             policy: self.policy,
-            skipped: self.skipped,
         }
     }
 }
@@ -266,28 +241,28 @@ impl<T: Float + Default> Optimizer<T> {
         };
         let specs = Specializations::new(&program, Decisions::of(&program), &[&hypers], &how)?;
         Ok(Optimizer {
-            schedules: vec![None; hypers.len()],
-            effective: hypers.clone(),
-            hypers,
-            scalar_states: vec![0.0; info.scalar_states.len()],
-            steps: 0,
+            hp: Hypers {
+                schedules: vec![None; hypers.len()],
+                effective: hypers.clone(),
+                values: hypers,
+                groups: Vec::new(),
+                tensor_groups: lens.iter().map(|l| vec![0; l.len()]).collect(),
+                effective_groups: Vec::new(),
+            },
+            st: StepState {
+                scalar_states: vec![0.0; info.scalar_states.len()],
+                ..StepState::default()
+            },
             bufs,
-            tensor_groups: lens.iter().map(|l| vec![0; l.len()]).collect(),
             lens,
             tensors,
             lent,
-            groups: Vec::new(),
-            effective_groups: Vec::new(),
-            next_stage: 0,
-            pending: HashMap::new(),
-            pending_scalars: HashMap::new(),
             specs,
             program,
             engine,
             storage,
             seed: 0,
             policy: NonFinite::Proceed,
-            skipped: 0,
         })
     }
 
@@ -304,41 +279,39 @@ impl<T: Float + Default> Optimizer<T> {
             storage: &self.storage,
             policy: self.policy,
         };
-        self.specs = Specializations::new(&self.program, decisions, &self.value_sets(), &how)?;
+        self.specs = Specializations::new(&self.program, decisions, &self.hp.value_sets(), &how)?;
         Ok(())
     }
 
     /// Makes the specialization for the current hyperparameter values active (compiling it the
     /// first time those decisions are seen). Called at the start of each step.
     pub(crate) fn activate(&mut self) -> Result<(), Error> {
-        let t = self.steps + 1;
-        let effective = self.scheduled(&self.hypers, t)?;
-        let mut groups = Vec::with_capacity(self.groups.len());
-        for overrides in &self.groups {
+        let t = self.st.steps + 1;
+        let effective = self.scheduled(&self.hp.values, t)?;
+        let mut groups = Vec::with_capacity(self.hp.groups.len());
+        for overrides in &self.hp.groups {
             let base: Vec<f64> = overrides
                 .iter()
-                .zip(&self.hypers)
+                .zip(&self.hp.values)
                 .map(|(o, &v)| o.unwrap_or(v))
                 .collect();
             groups.push(self.scheduled(&base, t)?);
         }
-        self.effective = effective;
-        self.effective_groups = groups;
+        self.hp.effective = effective;
+        self.hp.effective_groups = groups;
         let how = How {
             engine: self.engine.as_ref(),
             storage: &self.storage,
             policy: self.policy,
         };
-        let sets: Vec<&[f64]> = std::iter::once(self.effective.as_slice())
-            .chain(self.effective_groups.iter().map(Vec::as_slice))
-            .collect();
-        self.specs.activate(&self.program, &sets, &how)
+        self.specs
+            .activate(&self.program, &self.hp.value_sets(), &how)
     }
 
     /// Base values times their schedules' factors at step `t`, each checked against its range.
     fn scheduled(&self, base: &[f64], t: u64) -> Result<Vec<f64>, Error> {
         let mut out = base.to_vec();
-        for (h, s) in self.schedules.iter().enumerate() {
+        for (h, s) in self.hp.schedules.iter().enumerate() {
             if let Some(s) = s {
                 let v = base[h] * s.factor(t);
                 if !v.is_finite() {
@@ -361,13 +334,6 @@ impl<T: Float + Default> Optimizer<T> {
             }
         }
         Ok(out)
-    }
-
-    /// The effective values of every group, group 0 first.
-    fn value_sets(&self) -> Vec<&[f64]> {
-        std::iter::once(self.effective.as_slice())
-            .chain(self.effective_groups.iter().map(Vec::as_slice))
-            .collect()
     }
 
     /// Switches to another backend (compiling the rule for it); state and step count are kept.
@@ -406,7 +372,7 @@ impl<T: Float + Default> Optimizer<T> {
         let specs = Specializations::new(
             &self.program,
             self.specs.decisions().clone(),
-            &self.value_sets(),
+            &self.hp.value_sets(),
             &how,
         )?;
         self.engine.sync(&mut self.bufs)?;
@@ -451,7 +417,7 @@ impl<T: Float + Default> Optimizer<T> {
 
     /// Steps skipped because of non-finite inputs (policy [`NonFinite::Skip`]).
     pub fn skipped_steps(&self) -> u64 {
-        self.skipped
+        self.st.skipped
     }
 
     /// The backend in use.
@@ -498,7 +464,7 @@ impl<T: Float + Default> Optimizer<T> {
 
     /// Completed steps.
     pub fn steps(&self) -> u64 {
-        self.steps
+        self.st.steps
     }
 
     /// The index of a hyperparameter, or the error naming the ones the rule has.
@@ -519,7 +485,7 @@ impl<T: Float + Default> Optimizer<T> {
     /// Sets a hyperparameter (booleans as 0/1) for group 0 and every group that does not override it.
     pub fn set_hyper(&mut self, name: &str, value: f64) -> Result<(), Error> {
         let h = self.check_value(name, value)?;
-        self.hypers[h] = value;
+        self.hp.values[h] = value;
         Ok(())
     }
 
@@ -580,7 +546,7 @@ impl<T: Float + Default> Optimizer<T> {
     /// # Ok::<(), optc_runtime::Error>(())
     /// ```
     pub fn add_group(&mut self, tensors: &[&str], values: &[(&str, f64)]) -> Result<usize, Error> {
-        let mut overrides = vec![None; self.hypers.len()];
+        let mut overrides = vec![None; self.hp.values.len()];
         let fixed = scalar_state_hypers(&self.program);
         for &(name, v) in values {
             let h = self.check_value(name, v)?;
@@ -598,10 +564,10 @@ impl<T: Float + Default> Optimizer<T> {
                     .ok_or_else(|| Error::UnknownTensor(name.to_string()))?,
             );
         }
-        self.groups.push(overrides);
-        let g = self.groups.len();
+        self.hp.groups.push(overrides);
+        let g = self.hp.groups.len();
         for (space, j) in places {
-            self.tensor_groups[space][j] = g;
+            self.hp.tensor_groups[space][j] = g;
         }
         Ok(g)
     }
@@ -611,10 +577,10 @@ impl<T: Float + Default> Optimizer<T> {
         if group == 0 {
             return self.set_hyper(name, value);
         }
-        if group > self.groups.len() {
+        if group > self.hp.groups.len() {
             return Err(Error::Group(format!(
                 "there is no group {group} (groups: 0 to {})",
-                self.groups.len()
+                self.hp.groups.len()
             )));
         }
         let h = self.check_value(name, value)?;
@@ -623,7 +589,7 @@ impl<T: Float + Default> Optimizer<T> {
                 "`{name}` feeds the rule's scalar state, which all groups share; it cannot differ between groups"
             )));
         }
-        self.groups[group - 1][h] = Some(value);
+        self.hp.groups[group - 1][h] = Some(value);
         Ok(())
     }
 
@@ -631,23 +597,24 @@ impl<T: Float + Default> Optimizer<T> {
     pub fn group_hyper(&self, group: usize, name: &str) -> Option<f64> {
         let h = self.program.info.hyper(name)?;
         match group {
-            0 => Some(self.hypers[h]),
+            0 => Some(self.hp.values[h]),
             g => self
+                .hp
                 .groups
                 .get(g - 1)
-                .map(|o| o[h].unwrap_or(self.hypers[h])),
+                .map(|o| o[h].unwrap_or(self.hp.values[h])),
         }
     }
 
     /// The number of parameter groups, group 0 included.
     pub fn group_count(&self) -> usize {
-        self.groups.len() + 1
+        self.hp.groups.len() + 1
     }
 
     /// The group a tensor belongs to.
     pub fn group_of(&self, tensor: &str) -> Option<usize> {
         let (space, j) = self.tensor_index(tensor)?;
-        Some(self.tensor_groups[space][j])
+        Some(self.hp.tensor_groups[space][j])
     }
 
     /// Where a named tensor is: its param space and index within it.
@@ -671,24 +638,25 @@ impl<T: Float + Default> Optimizer<T> {
         if info.hypers[h].ty == Ty::Bool {
             return Err(Error::BadHyper {
                 name: name.to_string(),
-                value: self.hypers[h],
+                value: self.hp.values[h],
                 why: "a boolean cannot follow a schedule",
             });
         }
-        self.schedules[h] = Some(schedule);
+        self.hp.schedules[h] = Some(schedule);
         Ok(())
     }
 
     /// Removes a hyperparameter's schedule.
     pub fn clear_schedule(&mut self, name: &str) {
         if let Some(h) = self.program.info.hyper(name) {
-            self.schedules[h] = None;
+            self.hp.schedules[h] = None;
         }
     }
 
     /// The schedules, by hyperparameter name.
     pub fn schedules(&self) -> Vec<(String, Schedule)> {
-        self.schedules
+        self.hp
+            .schedules
             .iter()
             .enumerate()
             .filter_map(|(h, s)| {
@@ -700,12 +668,12 @@ impl<T: Float + Default> Optimizer<T> {
 
     /// The value a hyperparameter had in the last step (its base value times its schedule).
     pub fn effective_hyper(&self, name: &str) -> Option<f64> {
-        self.program.info.hyper(name).map(|h| self.effective[h])
+        self.program.info.hyper(name).map(|h| self.hp.effective[h])
     }
 
     /// Current (base) value of a hyperparameter.
     pub fn hyper(&self, name: &str) -> Option<f64> {
-        self.program.info.hyper(name).map(|h| self.hypers[h])
+        self.program.info.hyper(name).map(|h| self.hp.values[h])
     }
 
     /// The tensors of a per-element buffer (param, state or output) by name.
@@ -728,7 +696,7 @@ impl<T: Float + Default> Optimizer<T> {
             .scalar_states
             .iter()
             .position(|s| s == name)?;
-        Some(self.scalar_states[i])
+        Some(self.st.scalar_states[i])
     }
 
     /// The tensors of param `space` (empty for an optimizer built with [`Optimizer::lending`],
@@ -744,6 +712,6 @@ impl<T: Float + Default> Optimizer<T> {
 
     /// What stage `k` reads from the host in the coming step.
     pub fn stage_needs(&self, k: usize) -> &StageNeeds {
-        &self.specs.active.needs[usize::from(self.steps > 0)][k]
+        &self.specs.active.needs[usize::from(self.st.steps > 0)][k]
     }
 }

@@ -8,10 +8,27 @@ use crate::engine::{Given, KernelAt, Lent, StageIo};
 use crate::io::{DeviceInputs, GivenTensor, Inputs};
 use crate::{Error, NonFinite, Optimizer};
 use optc_compiler::backend::interp::{StepEnv, StepRun};
-use optc_compiler::ir::BufRole;
+use optc_compiler::ir::{BufRole, NodeId};
 use optc_compiler::ops::Float;
 use std::collections::HashMap;
 use std::sync::Arc;
+
+/// Where the optimizer is in its steps.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct StepState {
+    /// Completed steps.
+    pub(crate) steps: u64,
+    /// Scalar state values.
+    pub(crate) scalar_states: Vec<f64>,
+    /// Stage to run next (0 between steps).
+    pub(crate) next_stage: usize,
+    /// Reduction results carried from one stage to the next within a step.
+    pub(crate) pending: HashMap<NodeId, Vec<f64>>,
+    /// Scalar inputs given earlier in the current step.
+    pub(crate) pending_scalars: HashMap<u16, f64>,
+    /// Steps skipped because of non-finite inputs.
+    pub(crate) skipped: u64,
+}
 
 /// Which stages a call runs.
 #[derive(Debug, Clone, Copy)]
@@ -129,25 +146,25 @@ impl<T: Float + Default> Optimizer<T> {
             Lent::Device(ps) => self.check_lent(Some(ps), lend, own)?,
         }
         let range = match stages {
-            Stages::Rest => self.next_stage..self.program.info.stages.len(),
+            Stages::Rest => self.st.next_stage..self.program.info.stages.len(),
             Stages::One(k) => {
-                if k != self.next_stage {
+                if k != self.st.next_stage {
                     let info = &self.program.info;
                     return Err(Error::StageOrder {
-                        expected: self.next_stage,
-                        name: info.stages[self.next_stage].clone(),
+                        expected: self.st.next_stage,
+                        name: info.stages[self.st.next_stage].clone(),
                         got: k,
                     });
                 }
                 k..k + 1
             }
         };
-        if self.next_stage == 0 {
+        if self.st.next_stage == 0 {
             self.activate()?;
         }
         // Check every stage first; each check gives the scalar inputs its stage sees.
         let mut checked = Vec::new();
-        let mut scalars = self.pending_scalars.clone();
+        let mut scalars = self.st.pending_scalars.clone();
         for k in range {
             scalars = match inputs {
                 Given::Host(i) => self.check_given(k, &i.tensors, &i.scalars, &scalars)?,
@@ -162,7 +179,7 @@ impl<T: Float + Default> Optimizer<T> {
                         rule: self.program.info.name.clone(),
                     }),
                     _ => {
-                        self.skipped += 1;
+                        self.st.skipped += 1;
                         Ok(())
                     }
                 };
@@ -189,15 +206,15 @@ impl<T: Float + Default> Optimizer<T> {
             .map(|i| scalars.get(&(i as u16)).copied().unwrap_or(0.0))
             .collect();
         let env = StepEnv {
-            hypers: &self.effective,
-            groups: &self.effective_groups,
-            tensor_groups: &self.tensor_groups,
-            t: (self.steps + 1) as f64,
-            scalar_states: &self.scalar_states,
+            hypers: &self.hp.effective,
+            groups: &self.hp.effective_groups,
+            tensor_groups: &self.hp.tensor_groups,
+            t: (self.st.steps + 1) as f64,
+            scalar_states: &self.st.scalar_states,
             scalar_inputs: &scalar_inputs,
         };
-        let mut run = StepRun::new(&prog, self.steps == 0, self.lens.clone())
-            .with_reductions(std::mem::take(&mut self.pending));
+        let mut run = StepRun::new(&prog, self.st.steps == 0, self.lens.clone())
+            .with_reductions(std::mem::take(&mut self.st.pending));
         let variant = run.variant();
         let mut io = StageIo {
             program: &prog,
@@ -210,7 +227,7 @@ impl<T: Float + Default> Optimizer<T> {
             needs: &needs,
             storage: &self.storage,
             seed: self.seed,
-            t: self.steps + 1,
+            t: self.st.steps + 1,
         };
         let engine = &mut self.engine;
         engine.begin_stage(&mut io)?;
@@ -248,14 +265,14 @@ impl<T: Float + Default> Optimizer<T> {
         }
         engine.end_stage(&mut io, true)?;
         if k + 1 == info.stages.len() {
-            self.scalar_states = run.scalar_updates(&env);
-            self.steps += 1;
-            self.next_stage = 0;
-            self.pending_scalars.clear();
+            self.st.scalar_states = run.scalar_updates(&env);
+            self.st.steps += 1;
+            self.st.next_stage = 0;
+            self.st.pending_scalars.clear();
         } else {
-            self.pending = run.take_reductions();
-            self.pending_scalars = scalars;
-            self.next_stage = k + 1;
+            self.st.pending = run.take_reductions();
+            self.st.pending_scalars = scalars;
+            self.st.next_stage = k + 1;
         }
         Ok(true)
     }
