@@ -1,7 +1,7 @@
 //! The Cranelift CPU backend at run time: compiles every kernel of a program to machine code in a
 //! JIT module, and runs kernels over tensors on a thread pool.
 //!
-//! Work is cut into tasks of at most [`CHUNK`] elements of one tensor; consecutive small tasks are
+//! Work is cut into tasks of at most [`TASK_ELEMS`] elements of one tensor; consecutive small tasks are
 //! batched into one call (a multi-tensor table), and batches run in parallel. Each task writes its
 //! own reduction partials, which the host combines in task order, so results are bit-identical for
 //! any number of threads.
@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Elements per task: small enough to spread over threads, large enough to amortize a call.
-pub const CHUNK: usize = 1 << 14;
+pub const TASK_ELEMS: usize = 1 << 14;
 
 /// Why the JIT could not compile a program.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -278,7 +278,7 @@ pub unsafe fn run_kernel<T: Float>(
     for (j, &len) in lens.iter().enumerate() {
         let mut s = 0;
         while s < len {
-            let e = (s + CHUNK).min(len);
+            let e = (s + TASK_ELEMS).min(len);
             tasks.push(Task {
                 bufs: ptrs[j].as_ptr(),
                 start: s as u64,
@@ -294,13 +294,13 @@ pub unsafe fn run_kernel<T: Float>(
     for (i, t) in tasks.iter_mut().enumerate() {
         t.partials = partials.as_mut_ptr().wrapping_add(i * nred.max(1));
     }
-    // Batches of consecutive tasks, about CHUNK elements each.
+    // Batches of consecutive tasks, about TASK_ELEMS elements each.
     let mut batches: Vec<SendTasks> = Vec::new();
     let mut i = 0;
     while i < tasks.len() {
         let mut n = 0;
         let mut elems = 0;
-        while i + n < tasks.len() && (n == 0 || elems < CHUNK) {
+        while i + n < tasks.len() && (n == 0 || elems < TASK_ELEMS) {
             elems += (tasks[i + n].end - tasks[i + n].start) as usize;
             n += 1;
         }

@@ -51,7 +51,7 @@ pub(super) fn drv(what: &'static str) -> impl Fn(DriverError) -> CudaError {
 }
 
 /// What runs a [`Device`]'s work.
-pub(super) enum Kind {
+pub(super) enum Backing {
     /// A GPU through the CUDA driver: its primary context (retained while the handle lives).
     Driver(Arc<CudaContext>),
     /// The CPU through the CUDA emulator ([`crate::emulator`]).
@@ -60,7 +60,7 @@ pub(super) enum Kind {
 
 /// One GPU (its primary context), or the CUDA emulator: name and architecture.
 pub struct Device {
-    pub(super) kind: Kind,
+    pub(super) kind: Backing,
     ordinal: usize,
     name: String,
     /// `sm_XY`, what NVRTC compiles the kernels for.
@@ -90,7 +90,7 @@ impl Device {
         let sms = attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
         let name = ctx.name().map_err(drv("cannot read the device name"))?;
         Ok(Arc::new(Device {
-            kind: Kind::Driver(ctx),
+            kind: Backing::Driver(ctx),
             ordinal,
             name,
             arch: format!("sm_{major}{minor}"),
@@ -104,7 +104,7 @@ impl Device {
     pub fn emulator() -> Result<Arc<Device>, CudaError> {
         let cxx = emulator::Compiler::find()?;
         Ok(Arc::new(Device {
-            kind: Kind::Emulator(emulator::Memory::default()),
+            kind: Backing::Emulator(emulator::Memory::default()),
             ordinal: 0,
             name: format!("optc CUDA emulator ({})", cxx.version()),
             arch: "emulator".to_string(),
@@ -114,7 +114,7 @@ impl Device {
 
     /// Whether this is the CUDA emulator rather than a GPU.
     pub fn is_emulator(&self) -> bool {
-        matches!(self.kind, Kind::Emulator(_))
+        matches!(self.kind, Backing::Emulator(_))
     }
 
     /// The device's name (`NVIDIA H200`).
@@ -137,10 +137,10 @@ impl Device {
     /// Makes the device's context current on the calling thread (every call below does).
     pub fn bind(&self) -> Result<(), CudaError> {
         match &self.kind {
-            Kind::Driver(ctx) => ctx
+            Backing::Driver(ctx) => ctx
                 .bind_to_thread()
                 .map_err(drv("cannot make the GPU's context current")),
-            Kind::Emulator(_) => Ok(()),
+            Backing::Emulator(_) => Ok(()),
         }
     }
 
@@ -148,9 +148,11 @@ impl Device {
     pub fn synchronize(&self) -> Result<(), CudaError> {
         self.bind()?;
         match &self.kind {
-            Kind::Driver(_) => result::ctx::synchronize().map_err(drv("kernel execution failed")),
+            Backing::Driver(_) => {
+                result::ctx::synchronize().map_err(drv("kernel execution failed"))
+            }
             // Emulated launches complete before they return.
-            Kind::Emulator(_) => Ok(()),
+            Backing::Emulator(_) => Ok(()),
         }
     }
 
@@ -162,10 +164,10 @@ impl Device {
         let ptr = match &self.kind {
             // SAFETY: the context is current; the pointer is owned by the returned buffer and
             // freed once, in its Drop.
-            Kind::Driver(_) => unsafe { result::malloc_sync(size) }.map_err(|e| {
+            Backing::Driver(_) => unsafe { result::malloc_sync(size) }.map_err(|e| {
                 CudaError::Driver(format!("cannot allocate {size} bytes on the GPU: {e:?}"))
             })?,
-            Kind::Emulator(mem) => mem.alloc(size)?,
+            Backing::Emulator(mem) => mem.alloc(size)?,
         };
         Ok(DeviceBuffer {
             dev: Arc::clone(self),
@@ -192,14 +194,14 @@ impl Drop for DeviceBuffer {
     #[allow(unsafe_code)]
     fn drop(&mut self) {
         match &self.dev.kind {
-            Kind::Driver(_) => {
+            Backing::Driver(_) => {
                 if self.dev.bind().is_ok() {
                     // SAFETY: `ptr` was allocated by `Device::alloc` and is freed only here;
                     // cuMemFree waits for the work queued on the legacy stream that may use it.
                     let _ = unsafe { result::free_sync(self.ptr) };
                 }
             }
-            Kind::Emulator(mem) => mem.free(self.ptr),
+            Backing::Emulator(mem) => mem.free(self.ptr),
         }
     }
 }
@@ -239,9 +241,11 @@ impl DeviceBuffer {
         match &self.dev.kind {
             // SAFETY: the range lies inside this live allocation (checked above); `src` is a
             // live host slice of exactly the bytes copied; the copy completes before returning.
-            Kind::Driver(_) => unsafe { result::memcpy_htod_sync(self.ptr + offset as u64, src) }
-                .map_err(drv("copy to the GPU failed")),
-            Kind::Emulator(_) => {
+            Backing::Driver(_) => {
+                unsafe { result::memcpy_htod_sync(self.ptr + offset as u64, src) }
+                    .map_err(drv("copy to the GPU failed"))
+            }
+            Backing::Emulator(_) => {
                 // SAFETY: as above; emulated device memory is host memory of this allocation.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
@@ -268,9 +272,11 @@ impl DeviceBuffer {
             // borrowed host slice of exactly the bytes copied (`T: Copy` has no invalid bit
             // patterns among the f32/f64/u32 values optc copies); the copy completes before
             // returning.
-            Kind::Driver(_) => unsafe { result::memcpy_dtoh_sync(dst, self.ptr + offset as u64) }
-                .map_err(drv("copy from the GPU failed")),
-            Kind::Emulator(_) => {
+            Backing::Driver(_) => {
+                unsafe { result::memcpy_dtoh_sync(dst, self.ptr + offset as u64) }
+                    .map_err(drv("copy from the GPU failed"))
+            }
+            Backing::Emulator(_) => {
                 // SAFETY: as above; emulated device memory is host memory of this allocation.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
@@ -291,10 +297,10 @@ impl DeviceBuffer {
         self.dev.bind()?;
         match &self.dev.kind {
             // SAFETY: the range lies inside this live allocation (checked above).
-            Kind::Driver(_) => unsafe { sys::cuMemsetD32_v2(self.ptr, value, count) }
+            Backing::Driver(_) => unsafe { sys::cuMemsetD32_v2(self.ptr, value, count) }
                 .result()
                 .map_err(drv("memset on the GPU failed")),
-            Kind::Emulator(_) => {
+            Backing::Emulator(_) => {
                 // SAFETY: as above; allocations are 256-byte aligned, so u32-aligned.
                 let words = unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut u32, count) };
                 words.fill(value);
@@ -317,9 +323,9 @@ impl DeviceBuffer {
         match &self.dev.kind {
             // SAFETY: both ranges lie inside live allocations of the same context (checked
             // above).
-            Kind::Driver(_) => unsafe { result::memcpy_dtod_sync(self.ptr, src.ptr, bytes) }
+            Backing::Driver(_) => unsafe { result::memcpy_dtod_sync(self.ptr, src.ptr, bytes) }
                 .map_err(drv("device-to-device copy failed")),
-            Kind::Emulator(_) => {
+            Backing::Emulator(_) => {
                 // SAFETY: as above; `copy` allows the two ranges to overlap.
                 unsafe { std::ptr::copy(src.ptr as *const u8, self.ptr as *mut u8, bytes) };
                 Ok(())

@@ -2,7 +2,7 @@
 //! in tensor order, partials combined in that order) and the device-side tables kept between
 //! launches.
 
-use super::device::{drv, Device, DeviceBuffer, Func, GpuProgram, Kind};
+use super::device::{drv, Backing, Device, DeviceBuffer, Func, GpuProgram};
 use super::emulator;
 use super::nvrtc::CudaError;
 use cudarc::driver::result;
@@ -124,9 +124,6 @@ pub struct LaunchCache {
     pub launches: u64,
 }
 
-/// Elements per chunk of the launch table.
-pub const CHUNK: usize = DEFAULT_CHUNK;
-
 impl LaunchCache {
     fn table(
         &mut self,
@@ -193,7 +190,7 @@ impl LaunchCache {
         });
         let (k, func) = prog.kernel(at, !agree)?;
         if !self.chunks.contains_key(lens) {
-            let table = LaunchTable::new(lens, CHUNK)
+            let table = LaunchTable::new(lens, DEFAULT_CHUNK)
                 .ok_or_else(|| CudaError::Driver("too many tensors for one launch".into()))?;
             let buf = dev.alloc(table.chunks.len() * gen::CHUNK_ENTRY_BYTES)?;
             buf.upload(0, &table.to_bytes())?;
@@ -310,7 +307,7 @@ impl LaunchCache {
                 )
             }
             .map_err(drv("kernel launch failed"))?,
-            (Func::Emulator(f), Kind::Emulator(mem)) => {
+            (Func::Emulator(f), Backing::Emulator(mem)) => {
                 // SAFETY: as above; the launcher unpacks `params` with the kernel's own
                 // parameter types and runs it to completion before returning.
                 let code = unsafe { f(grid, BLOCK, params.as_mut_ptr()) };
@@ -318,7 +315,7 @@ impl LaunchCache {
                     .and_then(|()| mem.check_guards().map_err(CudaError::Emulator))
                     .map_err(|e| CudaError::Emulator(format!("kernel `{}`: {e}", k.name)))?;
             }
-            (Func::Emulator(_), Kind::Driver(_)) => {
+            (Func::Emulator(_), Backing::Driver(_)) => {
                 return Err(CudaError::Driver(
                     "an emulated kernel launched on a GPU".into(),
                 ))
