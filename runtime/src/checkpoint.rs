@@ -128,7 +128,7 @@ impl<T: Float + Default> Optimizer<T> {
                     .hypers
                     .iter()
                     .zip(overrides)
-                    .filter_map(|(h, o)| o.map(|v| (h.name.clone(), serde_json::json!(v))))
+                    .filter_map(|(h, o)| o.map(|v| (h.name.clone(), number_json(v))))
                     .collect();
                 serde_json::json!({ "tensors": tensors, "hyperparameters": values })
             })
@@ -151,7 +151,7 @@ impl<T: Float + Default> Optimizer<T> {
                 .ok_or_else(bad)?;
             let mut overrides = vec![None; self.hp.values.len()];
             for (name, v) in values {
-                let v = v.as_f64().ok_or_else(bad)?;
+                let v = json_number(v).ok_or_else(bad)?;
                 let h = self.check_value(name, v)?;
                 if crate::optimizer::scalar_state_hypers(&self.program).contains(&(h as u16)) {
                     return Err(err(format!(
@@ -163,11 +163,19 @@ impl<T: Float + Default> Optimizer<T> {
             let mut places = Vec::new();
             for t in tensors {
                 let name = t.as_str().ok_or_else(bad)?;
-                places.push(self.tensor_index(name).ok_or_else(|| {
+                let place = self.tensor_index(name).ok_or_else(|| {
                     err(format!(
                         "a parameter group of the checkpoint holds tensor `{name}`, which this optimizer does not have"
                     ))
-                })?);
+                })?;
+                if places.contains(&place)
+                    || out.iter().any(|(_, ps): &GroupRecord| ps.contains(&place))
+                {
+                    return Err(err(format!(
+                        "the checkpoint puts tensor `{name}` in a parameter group twice"
+                    )));
+                }
+                places.push(place);
             }
             out.push((overrides, places));
         }
@@ -207,13 +215,13 @@ impl<T: Float + Default> Optimizer<T> {
             .hypers
             .iter()
             .zip(&self.hp.values)
-            .map(|(h, v)| (h.name.clone(), serde_json::json!(v)))
+            .map(|(h, &v)| (h.name.clone(), number_json(v)))
             .collect();
         let scalars: serde_json::Map<String, serde_json::Value> = info
             .scalar_states
             .iter()
             .zip(&self.st.scalar_states)
-            .map(|(n, v)| (n.clone(), serde_json::json!(v)))
+            .map(|(n, &v)| (n.clone(), number_json(v)))
             .collect();
         // One metadata entry holding a JSON object with sorted keys, so equal states give equal bytes.
         let record = serde_json::json!({
@@ -315,7 +323,8 @@ impl<T: Float + Default> Optimizer<T> {
         }
         let steps: u64 = get("steps")?
             .as_u64()
-            .ok_or_else(|| err("`steps` is not a step count"))?;
+            .filter(|&n| n < MAX_STEPS)
+            .ok_or_else(|| err("`steps` is not a step count below 2^53"))?;
         let object = |k: &str| {
             get(k).and_then(|v| {
                 v.as_object()
@@ -327,14 +336,19 @@ impl<T: Float + Default> Optimizer<T> {
         let scalars = object("scalar_states")?;
         let number = |m: &serde_json::Map<String, serde_json::Value>, k: &str| {
             m.get(k)
-                .and_then(|v| v.as_f64())
+                .and_then(json_number)
                 .ok_or_else(|| err(format!("the checkpoint lacks `{k}`")))
         };
         let new_hypers: Vec<f64> = info
             .hypers
             .iter()
-            .map(|h| number(&hypers, &h.name))
-            .collect::<Result<_, _>>()?;
+            .map(|h| {
+                let v = number(&hypers, &h.name)?;
+                // Everything `set_hyper` refuses, a checkpoint cannot bring in either.
+                self.check_value(&h.name, v)?;
+                Ok(v)
+            })
+            .collect::<Result<_, Error>>()?;
         let new_scalars: Vec<f64> = info
             .scalar_states
             .iter()
@@ -350,6 +364,11 @@ impl<T: Float + Default> Optimizer<T> {
             let text = text
                 .as_str()
                 .ok_or_else(|| err(format!("the schedule of `{name}` is not text")))?;
+            if info.hypers[h].ty == optc_compiler::ir::Ty::Bool {
+                return Err(err(format!(
+                    "the checkpoint schedules boolean hyperparameter `{name}`"
+                )));
+            }
             new_schedules[h] = Some(crate::Schedule::parse(text).map_err(|e| err(e.to_string()))?);
         }
         let new_groups = match meta.get("groups") {
@@ -407,5 +426,35 @@ impl<T: Float + Default> Optimizer<T> {
         self.st.pending_scalars.clear();
         self.activate()?;
         Ok(())
+    }
+}
+
+/// Step counts a checkpoint may hold: `t` stays exact as an f64 (2^53).
+const MAX_STEPS: u64 = 1 << 53;
+
+/// A number for the metadata record: finite values as JSON numbers (written in the shortest
+/// form that reads back to the same bits), infinities and NaN as the strings `inf`, `-inf`, `NaN`.
+fn number_json(v: f64) -> serde_json::Value {
+    if v.is_finite() {
+        serde_json::json!(v)
+    } else if v.is_nan() {
+        serde_json::Value::String("NaN".into())
+    } else if v > 0.0 {
+        serde_json::Value::String("inf".into())
+    } else {
+        serde_json::Value::String("-inf".into())
+    }
+}
+
+/// A number of the metadata record, as [`number_json`] writes it.
+fn json_number(v: &serde_json::Value) -> Option<f64> {
+    match v {
+        serde_json::Value::String(s) => match s.as_str() {
+            "NaN" => Some(f64::NAN),
+            "inf" => Some(f64::INFINITY),
+            "-inf" => Some(f64::NEG_INFINITY),
+            _ => None,
+        },
+        v => v.as_f64(),
     }
 }
