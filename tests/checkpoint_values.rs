@@ -97,6 +97,9 @@ fn non_finite_scalar_state_is_saved_and_resumed() {
     }
 }
 
+/// A change to a checkpoint's metadata record.
+type Edit = dyn Fn(&mut serde_json::Value);
+
 /// The checkpoint with its metadata record changed by `edit`.
 fn tampered(bytes: &[u8], edit: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
@@ -106,7 +109,7 @@ fn tampered(bytes: &[u8], edit: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
     edit(&mut record);
     header["__metadata__"]["optc"] = serde_json::Value::String(record.to_string());
     let mut text = header.to_string().into_bytes();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();
@@ -125,7 +128,7 @@ fn tampered_metadata_is_refused_and_changes_nothing() {
     let mut b = opt();
     b.load_checkpoint_bytes(&tampered(&good, |_| {})).unwrap();
     assert_eq!(b.steps(), 1);
-    let cases: Vec<(Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+    let cases: Vec<(Box<Edit>, &str)> = vec![
         (
             Box::new(|r| r["hyperparameters"]["beta"] = serde_json::json!(5.0)),
             "out of range",
