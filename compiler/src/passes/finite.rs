@@ -28,9 +28,18 @@ pub fn is_guard(p: &Program, r: NodeId) -> bool {
         && p.graph.is_num(z, 0.0)
 }
 
-/// The program with every stage guarded (see the module documentation).
+/// The program with every stage guarded (see the module documentation), through the passes of
+/// [`GUARDED`](crate::passes::GUARDED).
 pub fn guard_inputs(p: &Program) -> Program {
     let mut q = p.clone();
+    guard(&mut q);
+    crate::passes::run(&mut q, crate::passes::GUARDED, &mut |_, _| {});
+    q
+}
+
+/// Adds the guards to every stage's stores, leaving no kernels (the first step of
+/// [`guard_inputs`]).
+pub fn guard(q: &mut Program) {
     for v in &mut q.variants {
         for s in &mut v.stages {
             s.phases.clear();
@@ -84,7 +93,4 @@ pub fn guard_inputs(p: &Program) -> Program {
             q.variants[vi].stages[k].stores = guarded;
         }
     }
-    crate::passes::phases::run(&mut q);
-    crate::passes::hoist::run(&mut q);
-    q
 }
