@@ -10,6 +10,7 @@
 use optc_compiler::backend::interp::{Buffers, StepEnv, StepRun};
 use optc_compiler::ir::{BufRole, Kind, Node, NodeId, Program, Ty};
 use optc_compiler::ops::Float;
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
@@ -49,8 +50,9 @@ pub mod mixed;
 pub mod schedule;
 pub use jit::JitProgram;
 use optc_compiler::backend::clif::Precision;
-use optc_compiler::passes::finite::{guard_inputs, is_guard};
-use optc_compiler::passes::specialize::{specialize, Decisions};
+use optc_compiler::passes::finite::is_guard;
+use optc_compiler::passes::runnable;
+use optc_compiler::passes::specialize::Decisions;
 pub use schedule::Schedule;
 
 /// What can go wrong when driving a rule.
@@ -334,16 +336,9 @@ impl Active {
         ),
     ) -> Result<Active, Error> {
         let key = decision_key(decisions, base, sets);
-        let decisions = decisions.agreeing(base, sets);
-        let program = if decisions.is_empty() {
-            Arc::clone(base)
-        } else {
-            Arc::new(specialize(base, &decisions, sets[0]))
-        };
-        let program = if policy == NonFinite::Proceed {
-            program
-        } else {
-            Arc::new(guard_inputs(&program))
+        let program = match runnable(base, decisions, sets, policy != NonFinite::Proceed) {
+            Cow::Borrowed(_) => Arc::clone(base),
+            Cow::Owned(p) => Arc::new(p),
         };
         let guards = [0, 1].map(|v| {
             program.variants[v].stages[0]
