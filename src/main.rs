@@ -736,12 +736,7 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
         input_files.push((n.to_string(), PathBuf::from(f)));
     }
     if let Some(g) = &args.grads {
-        let elem_inputs: Vec<&str> = info
-            .buffers
-            .iter()
-            .filter(|b| b.role == BufRole::Input)
-            .map(|b| b.name.as_str())
-            .collect();
+        let elem_inputs: Vec<&str> = info.inputs().map(|(_, b)| b.name.as_str()).collect();
         let name = if elem_inputs.contains(&"g") {
             "g"
         } else if elem_inputs.len() == 1 {
@@ -761,10 +756,7 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
     let mut steps_max = 0usize;
     for (name, file) in &input_files {
         let tf = read_tensors(file)?;
-        if let Some(b) = info
-            .buffer(name)
-            .filter(|&b| info.buffers[b as usize].role == BufRole::Input)
-        {
+        if let Some(b) = info.buffer(name).filter(|&b| info.is_input(b)) {
             let space = info.buffers[b as usize].space as usize;
             let mut per = Vec::new();
             for (tname, shape, _) in &spaces[space] {
@@ -802,10 +794,8 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
             scalar_inputs.insert(name.clone(), data.clone());
         } else {
             let known: Vec<String> = info
-                .buffers
-                .iter()
-                .filter(|b| b.role == BufRole::Input)
-                .map(|b| b.name.clone())
+                .inputs()
+                .map(|(_, b)| b.name.clone())
                 .chain(info.scalar_inputs.iter().cloned())
                 .collect();
             return Err(Fail(format!(
@@ -1086,10 +1076,8 @@ fn bench(args: &BenchArgs) -> Result<(), Fail> {
     let mut opt = args.exec.bind(Arc::clone(&program), params)?;
     apply_sets(&mut opt, &args.sets)?;
     let inputs_data: Vec<(String, Vec<Vec<f32>>)> = info
-        .buffers
-        .iter()
-        .filter(|b| b.role == BufRole::Input)
-        .map(|b| {
+        .inputs()
+        .map(|(_, b)| {
             (
                 b.name.clone(),
                 sizes.iter().map(|&n| vec![1e-3f32; n]).collect(),
@@ -1165,7 +1153,7 @@ fn bench_cuda(args: &BenchArgs, program: Arc<Program>, sizes: &[usize]) -> Resul
     let padded: Vec<usize> = sizes.iter().map(|n| n.div_ceil(4) * 4).collect();
     let mut held = Vec::new();
     let mut inputs = DeviceInputs::default();
-    for b in info.buffers.iter().filter(|b| b.role == BufRole::Input) {
+    for (_, b) in info.inputs() {
         let buf = dev.alloc(padded.iter().sum::<usize>() * 4)?;
         buf.fill_u32(1e-3f32.to_bits(), buf.bytes() / 4)?;
         let mut at = buf.ptr();

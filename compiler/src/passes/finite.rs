@@ -8,7 +8,7 @@
 //! reads its inputs in a pass before the update (a clipping norm), the check joins that pass for
 //! free; otherwise it costs one read of the inputs.
 
-use crate::ir::{BinOp, BufId, BufRole, Node, NodeId, Program, ReduceOp};
+use crate::ir::{BinOp, BufId, Node, NodeId, Program, ReduceOp};
 use std::collections::{BTreeSet, HashSet};
 
 /// Whether a reduction is a guard added by [`guard_inputs`].
@@ -24,7 +24,7 @@ pub fn is_guard(p: &Program, r: NodeId) -> bool {
     let Node::Binary(BinOp::Mul, l, z) = p.graph.node(arg) else {
         return false;
     };
-    matches!(p.graph.node(l), Node::Load { buf, .. } if p.info.buffers[buf as usize].role == BufRole::Input)
+    matches!(p.graph.node(l), Node::Load { buf, .. } if p.info.is_input(buf))
         && p.graph.is_num(z, 0.0)
 }
 
@@ -57,10 +57,11 @@ pub fn guard(q: &mut Program) {
                     continue;
                 }
                 let node = q.graph.node(n);
-                if let Node::Load { buf, .. } = node {
-                    if q.info.buffers[buf as usize].role == BufRole::Input {
+                match node {
+                    Node::Load { buf, .. } if q.info.is_input(buf) => {
                         inputs.insert(buf);
                     }
+                    _ => {}
                 }
                 stack.extend(node.children());
             }
