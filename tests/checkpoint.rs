@@ -313,3 +313,29 @@ fn the_cli_resumes_from_a_checkpoint() {
     };
     assert_eq!(read("resumed.safetensors"), read("straight.safetensors"));
 }
+
+#[test]
+fn the_atomic_writer_replaces_a_file_and_leaves_no_temporary() {
+    use optc::runtime::checkpoint::write_file_atomic;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.bin");
+    write_file_atomic(&path, b"first").unwrap();
+    write_file_atomic(&path, b"second").unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), b"second");
+    // Writers in parallel: every one finishes with a whole file and no temporary file is left.
+    std::thread::scope(|s| {
+        for i in 0..8u8 {
+            let path = &path;
+            s.spawn(move || write_file_atomic(path, &[i; 4096]).unwrap());
+        }
+    });
+    let bytes = std::fs::read(&path).unwrap();
+    assert!(bytes.len() == 4096 && bytes.iter().all(|&b| b == bytes[0]));
+    // A path whose folder does not exist fails and creates nothing.
+    assert!(write_file_atomic(&dir.path().join("no/such/file"), b"x").is_err());
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("out.bin")]);
+}

@@ -1,9 +1,9 @@
-//! Reading safetensors files.
+//! Reading and writing safetensors files (every write atomic, through the runtime's one writer).
 
 use super::Fail;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 /// A parameter tensor: name, shape, data.
@@ -57,4 +57,24 @@ fn to_f64(v: &TensorView<'_>) -> Option<Vec<f64>> {
         ),
         _ => None,
     }
+}
+
+/// A safetensors file of `(name, shape, little-endian bytes)` tensors of one dtype, with metadata.
+pub(crate) fn tensors_bytes(
+    dtype: Dtype,
+    tensors: &[(String, Vec<usize>, Vec<u8>)],
+    meta: HashMap<String, String>,
+) -> Result<Vec<u8>, safetensors::SafeTensorError> {
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, shape, bytes)| Ok((n.clone(), TensorView::new(dtype, shape.clone(), bytes)?)))
+        .collect::<Result<_, safetensors::SafeTensorError>>()?;
+    safetensors::serialize(views, Some(meta))
+}
+
+/// Writes a file atomically ([`optc::runtime::checkpoint::write_file_atomic`]: a temporary file
+/// beside it, fsync, rename; removed on any error).
+pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<(), Fail> {
+    optc::runtime::checkpoint::write_file_atomic(path, bytes)
+        .map_err(|e| Fail(format!("error: cannot write `{}`: {e}", path.display())))
 }

@@ -1,11 +1,12 @@
 //! `optc run`: apply a rule to parameters in a safetensors file, step by step over inputs from
 //! safetensors files, and write the parameters (and a checkpoint).
 
-use super::io::{read_tensors, NamedTensor, Shaped, TensorFile};
+use super::io::{read_tensors, tensors_bytes, write_file, NamedTensor, Shaped, TensorFile};
 use super::{apply_sets, compile_one, ExecArgs, Fail};
-use optc::compiler::ir::Program;
-use optc::runtime::Inputs;
-use safetensors::tensor::{Dtype, TensorView};
+use optc::compiler::ir::{Program, RuleInfo};
+use optc::runtime::checkpoint::write_file_atomic;
+use optc::runtime::{Error, Inputs};
+use safetensors::tensor::Dtype;
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -122,18 +123,14 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
         input_files.push((n.to_string(), PathBuf::from(f)));
     }
     if let Some(g) = &args.grads {
-        let elem_inputs: Vec<&str> = info.inputs().map(|(_, b)| b.name.as_str()).collect();
-        let name = if elem_inputs.contains(&"g") {
-            "g"
-        } else if elem_inputs.len() == 1 {
-            elem_inputs[0]
-        } else {
-            return Err(Fail(format!(
+        let name = grads_input(&info).ok_or_else(|| {
+            let elem_inputs: Vec<&str> = info.inputs().map(|(_, b)| b.name.as_str()).collect();
+            Fail(format!(
                 "error: --grads is ambiguous for rule `{}` (inputs: {}); use --input NAME=FILE",
                 info.name,
                 elem_inputs.join(", ")
-            )));
-        };
+            ))
+        })?;
         input_files.push((name.to_string(), g.clone()));
     }
     let mut tensor_inputs: HashMap<String, Vec<Shaped>> = HashMap::new();
@@ -179,15 +176,15 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
             steps_max = steps_max.max(shape[0]);
             scalar_inputs.insert(name.clone(), data.clone());
         } else {
-            let known: Vec<String> = info
-                .inputs()
-                .map(|(_, b)| b.name.clone())
-                .chain(info.scalar_inputs.iter().cloned())
-                .collect();
+            // A file cannot be read for an input the rule does not have: the runtime's error,
+            // with the inputs it has.
+            let e = Error::UnknownInput {
+                rule: info.name.clone(),
+                name: name.clone(),
+            };
             return Err(Fail(format!(
-                "error: rule `{}` has no input `{name}` (inputs: {})",
-                info.name,
-                known.join(", ")
+                "error: {e} (inputs: {})",
+                declared_inputs(&info).join(", ")
             )));
         }
     }
@@ -196,7 +193,7 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
         .iter()
         .map(|ts| ts.iter().map(|t| t.2.clone()).collect())
         .collect();
-    let mut opt = args.exec.bind(Arc::clone(&program), initial.clone())?;
+    let mut opt = args.exec.bind(Arc::clone(&program), initial)?;
     if let Some(path) = &args.state_in {
         opt.load_checkpoint(path)
             .map_err(|e| Fail(format!("error: {e}")))?;
@@ -212,31 +209,8 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
         opt.set_schedule(n.trim(), schedule)
             .map_err(|e| Fail(format!("error: {e}")))?;
     }
-
-    // Every input the rule reads must be given.
-    for k in 0..info.stages.len() {
-        for needs in [opt.stage_needs(k).clone()] {
-            for b in needs.tensors {
-                let n = &info.buffers[b as usize].name;
-                if !tensor_inputs.contains_key(n) {
-                    return Err(Fail(format!(
-                        "error: rule `{}` reads input `{n}`; give it with --input {n}=FILE{}",
-                        info.name,
-                        if n == "g" { " or --grads FILE" } else { "" }
-                    )));
-                }
-            }
-            for i in needs.scalars {
-                let n = &info.scalar_inputs[i as usize];
-                if !scalar_inputs.contains_key(n) {
-                    return Err(Fail(format!(
-                        "error: rule `{}` reads scalar input `{n}`; give it with --input {n}=FILE",
-                        info.name
-                    )));
-                }
-            }
-        }
-    }
+    // The runtime checks every step's inputs (names, counts, lengths, what each stage reads)
+    // before it changes anything.
     let steps = match (args.steps, steps_avail) {
         (Some(s), Some(a)) if s > a => {
             return Err(Fail(format!(
@@ -251,9 +225,17 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
         }
         (None, Some(a)) => a,
         (None, None) => {
-            return Err(Fail(
-                "error: no input gives a step count; pass --steps".into(),
-            ))
+            let declared = declared_inputs(&info);
+            return Err(Fail(if declared.is_empty() {
+                "error: no input gives a step count; pass --steps".into()
+            } else {
+                format!(
+                    "error: no input gives a step count; give the inputs of rule `{}` ({}) with --input NAME=FILE{}, or pass --steps",
+                    info.name,
+                    declared.join(", "),
+                    if grads_input(&info).is_some() { " or --grads FILE" } else { "" }
+                )
+            }));
         }
     };
     let show = !args.quiet && std::io::stdout().is_terminal();
@@ -302,7 +284,7 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
             inputs = inputs.scalar(n, v[step]);
         }
         opt.step(&inputs)
-            .map_err(|e| Fail(format!("error: step {}: {e}", step + 1)))?;
+            .map_err(|e| step_failed(&info, step + 1, &e))?;
         if !args.quiet && (step + 1 == steps || (step + 1) % every == 0 || show && step < 3) {
             let after: Vec<Vec<T>> = (0..info.spaces.len())
                 .flat_map(|s| opt.params(s).to_vec())
@@ -325,25 +307,29 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
         bar.inc(1);
     }
     bar.finish_and_clear();
-    // Write the parameters, with the names and shapes they came with.
-    let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    // Every output's bytes first, then each file written atomically: an error before the first
+    // rename leaves every output as it was.
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (s, ts) in spaces.iter().enumerate() {
         for (j, (name, shape, _)) in ts.iter().enumerate() {
-            owned.push((name.clone(), shape.clone(), T::to_le(&opt.params(s)[j])));
+            tensors.push((name.clone(), shape.clone(), T::to_le(&opt.params(s)[j])));
         }
     }
-    let views: Vec<(String, TensorView<'_>)> = owned
-        .iter()
-        .map(|(n, shape, bytes)| Ok((n.clone(), TensorView::new(T::DTYPE, shape.clone(), bytes)?)))
-        .collect::<Result<_, safetensors::SafeTensorError>>()?;
-    let mut meta = HashMap::new();
-    meta.insert("rule".to_string(), info.name.clone());
-    meta.insert("steps".to_string(), steps.to_string());
-    let tmp = args.out.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(views, Some(meta), &tmp)
+    let meta = HashMap::from([
+        ("rule".to_string(), info.name.clone()),
+        ("steps".to_string(), steps.to_string()),
+    ]);
+    let out = tensors_bytes(T::DTYPE, &tensors, meta)
         .map_err(|e| Fail(format!("error: cannot write `{}`: {e}", args.out.display())))?;
-    std::fs::rename(&tmp, &args.out)
-        .map_err(|e| Fail(format!("error: cannot write `{}`: {e}", args.out.display())))?;
+    let checkpoint = match &args.state_out {
+        Some(path) => Some((
+            path,
+            opt.checkpoint_bytes()
+                .map_err(|e| Fail(format!("error: {e}")))?,
+        )),
+        None => None,
+    };
+    write_file(&args.out, &out)?;
     if !args.quiet {
         if opt.skipped_steps() > 0 {
             println!(
@@ -351,16 +337,56 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
                 opt.skipped_steps()
             );
         }
-        println!("wrote {} ({} tensor(s))", args.out.display(), owned.len());
+        println!("wrote {} ({} tensor(s))", args.out.display(), tensors.len());
     }
-    if let Some(path) = &args.state_out {
-        opt.save_checkpoint(path)
-            .map_err(|e| Fail(format!("error: {e}")))?;
+    if let Some((path, bytes)) = checkpoint {
+        write_file_atomic(path, &bytes).map_err(|e| {
+            Fail(format!(
+                "error: checkpoint: cannot write `{}`: {e}",
+                path.display()
+            ))
+        })?;
         if !args.quiet {
             println!("wrote checkpoint {} (step {})", path.display(), opt.steps());
         }
     }
     Ok(())
+}
+
+/// The per-element input `--grads` stands for: `g`, or the rule's only per-element input.
+fn grads_input(info: &RuleInfo) -> Option<&str> {
+    let names: Vec<&str> = info.inputs().map(|(_, b)| b.name.as_str()).collect();
+    if names.contains(&"g") {
+        Some("g")
+    } else if names.len() == 1 {
+        Some(names[0])
+    } else {
+        None
+    }
+}
+
+/// The rule's inputs: per-element, then scalar.
+fn declared_inputs(info: &RuleInfo) -> Vec<&str> {
+    info.inputs()
+        .map(|(_, b)| b.name.as_str())
+        .chain(info.scalar_inputs.iter().map(String::as_str))
+        .collect()
+}
+
+/// The runtime's error for step `step`, with how to give an input the rule reads.
+fn step_failed(info: &RuleInfo, step: usize, e: &Error) -> Fail {
+    let help = match e {
+        Error::MissingInput { name, .. } => format!(
+            "; give it with --input {name}=FILE{}",
+            if grads_input(info) == Some(name.as_str()) {
+                " or --grads FILE"
+            } else {
+                ""
+            }
+        ),
+        _ => String::new(),
+    };
+    Fail(format!("error: step {step}: {e}{help}"))
 }
 
 /// A schedule from the command line: the text form, or `refined(FILE[, TAU[, l1]])`.
