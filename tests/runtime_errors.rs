@@ -1027,3 +1027,26 @@ fn cli_outputs_are_written_atomically() {
     expected.sort();
     assert_eq!(listing(&f), expected, "no temporary file is left");
 }
+
+#[test]
+fn cli_compile_checks_values_as_run_does() {
+    for (args, needle) in [
+        (&["--set", "beta1=1"][..], "out of range"),
+        (&["--set", "amsgrad=0.5"], "amsgrad"),
+        (&["--set", "amsgrad=yes"], "`yes`"),
+        (&["--set", "learning_rate=0.1"], "learning_rate"),
+        (&["--set", "lr=NaN"], "lr"),
+        (&["--set", "lr"], "lr"),
+    ] {
+        for emit in ["ir", "kernels", "clif", "cuda"] {
+            let mut all = vec!["compile", "adam", "--emit", emit];
+            all.extend_from_slice(args);
+            assert_user_error(&optc(&all), &[needle]);
+        }
+    }
+    // The runtime refuses a non-finite guard for a rule with several stages; so does compile.
+    assert_user_error(
+        &optc(&["compile", "n_harpg", "--non-finite", "skip"]),
+        &["several stages"],
+    );
+}

@@ -1,9 +1,15 @@
 //! `optc compile`: print one stage of the compiler for a rule.
 
-use super::{color, compile_one, load_source, Fail, PrecisionArg};
+use super::{apply_sets, color, compile_one, load_source, Fail, NonFiniteArg, PrecisionArg};
 use clap::ValueEnum;
 use optc::compiler::ir::Program;
+use optc::compiler::passes::runnable_with;
+use optc::compiler::passes::specialize::Decisions;
+use optc::compiler::PassObserver;
+use optc::runtime::{NonFinite, Optimizer};
 use optc::{compiler, render};
+use std::borrow::Cow;
+use std::sync::Arc;
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct CompileArgs {
@@ -27,6 +33,19 @@ pub(crate) struct CompileArgs {
     /// Rounding of stores into 16-bit storage.
     #[arg(long, value_enum, default_value = "nearest")]
     pub(crate) rounding: RoundingArg,
+    /// Set a hyperparameter: NAME=VALUE (VALUE a number, true or false), checked as `optc run`
+    /// checks it. The program printed is the one the runtime runs for these values: specialized
+    /// on their decisions (`amsgrad`, `max_grad_norm > 0`, ...); unset ones take their defaults.
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    pub(crate) sets: Vec<String>,
+    /// What a step does when an input holds an infinity or a NaN: with `skip` or `error` the
+    /// program printed is guarded against non-finite inputs, as the runtime runs it.
+    #[arg(long = "non-finite", value_enum, default_value = "proceed")]
+    pub(crate) non_finite: NonFiniteArg,
+    /// Print the program without specialization on hyperparameter decisions: every option's
+    /// branches kept (as `Optimizer::with_specialization(false)` runs it).
+    #[arg(long)]
+    pub(crate) no_specialize: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
@@ -99,6 +118,7 @@ pub(crate) fn compile(args: &CompileArgs) -> Result<(), Fail> {
         ref arch,
         storage,
         rounding,
+        ..
     } = *args;
     let rule_name = rule_name.as_deref();
     let (name, src) = load_source(rule)?;
@@ -111,24 +131,36 @@ pub(crate) fn compile(args: &CompileArgs) -> Result<(), Fail> {
             println!("{file:#?}");
         }
         Emit::Ir => {
-            let mut dumps = Vec::new();
+            // Each rule after lowering and each pass of the pipeline, then after each step
+            // that makes it the program the runtime runs.
+            let mut pipeline: Vec<(String, String)> = Vec::new();
             let c = compiler::compile_with(&src, &mut |pass, p| {
                 if rule_name.is_none_or(|r| r == p.info.name) {
-                    let body = if pass == "phases" || pass == "hoist" {
-                        compiler::print::kernels(p)
-                    } else {
-                        compiler::print::graph(p)
-                    };
-                    dumps.push(format!("== {} after {pass} ==\n{body}", p.info.name));
+                    pipeline.push((p.info.name.clone(), dump(pass, p)));
                 }
             });
             if c.has_errors() {
                 return Err(Fail(render(&c.diagnostics, &src, &name, color())));
             }
+            let mut dumps = Vec::new();
+            for p in c
+                .programs
+                .iter()
+                .filter(|p| rule_name.is_none_or(|r| r == p.info.name))
+            {
+                dumps.extend(
+                    pipeline
+                        .iter()
+                        .filter(|(rule, _)| *rule == p.info.name)
+                        .map(|(_, d)| d.clone()),
+                );
+                runnable(p, args, &mut |pass, q| dumps.push(dump(pass, q)))?;
+            }
             println!("{}", dumps.join("\n"));
         }
         Emit::Kernels => {
-            let (p, _, _) = compile_one(rule, rule_name)?;
+            let (base, _, _) = compile_one(rule, rule_name)?;
+            let p = runnable(&base, args, &mut |_, _| {})?;
             print!(
                 "{}{}",
                 compiler::print::interface(&p),
@@ -136,18 +168,21 @@ pub(crate) fn compile(args: &CompileArgs) -> Result<(), Fail> {
             );
         }
         Emit::Clif => {
-            let (p, _, _) = compile_one(rule, rule_name)?;
+            let (base, _, _) = compile_one(rule, rule_name)?;
+            let p = runnable(&base, args, &mut |_, _| {})?;
             print!(
                 "{}",
                 compiler::backend::clif::clif_text(&p, precision.precision())
             );
         }
         Emit::Cuda => {
-            let (p, _, _) = compile_one(rule, rule_name)?;
+            let (base, _, _) = compile_one(rule, rule_name)?;
+            let p = runnable(&base, args, &mut |_, _| {})?;
             print!("{}", cuda_source(&p, precision, storage, rounding)?);
         }
         Emit::Ptx => {
-            let (p, _, _) = compile_one(rule, rule_name)?;
+            let (base, _, _) = compile_one(rule, rule_name)?;
+            let p = runnable(&base, args, &mut |_, _| {})?;
             print!(
                 "{}",
                 ptx(&cuda_source(&p, precision, storage, rounding)?, arch)?
@@ -155,6 +190,51 @@ pub(crate) fn compile(args: &CompileArgs) -> Result<(), Fail> {
         }
     }
     Ok(())
+}
+
+/// A program after a pass, as `--emit ir` prints it: the graph, or the kernels once planned.
+fn dump(pass: &str, p: &Program) -> String {
+    let body = if pass == "phases" || pass == "hoist" {
+        compiler::print::kernels(p)
+    } else {
+        compiler::print::graph(p)
+    };
+    format!("== {} after {pass} ==\n{body}", p.info.name)
+}
+
+/// The program the runtime runs for `base` with the values of `--set` (checked by the runtime,
+/// as `optc run` sets them) and the `--non-finite` policy: `optc_compiler::passes::runnable`, observed.
+fn runnable<'a>(
+    base: &'a Program,
+    args: &CompileArgs,
+    observe: PassObserver<'_>,
+) -> Result<Cow<'a, Program>, Fail> {
+    let info = &base.info;
+    let fail = |e: optc::runtime::Error| Fail(format!("error: {e}"));
+    // An optimizer over no tensors: it checks the values and the policy as `optc run` does.
+    let mut opt =
+        Optimizer::<f32>::lending(Arc::new(base.clone()), vec![Vec::new(); info.spaces.len()])
+            .map_err(fail)?;
+    apply_sets(&mut opt, &args.sets)?;
+    let policy = args.non_finite.policy();
+    let opt = opt.with_non_finite(policy).map_err(fail)?;
+    let values: Vec<f64> = info
+        .hypers
+        .iter()
+        .map(|h| opt.hyper(&h.name).unwrap_or(h.default))
+        .collect();
+    let decisions = if args.no_specialize {
+        Decisions::none()
+    } else {
+        Decisions::of(base)
+    };
+    Ok(runnable_with(
+        base,
+        &decisions,
+        &[&values],
+        policy != NonFinite::Proceed,
+        observe,
+    ))
 }
 
 /// The PTX of a program's CUDA source, through NVRTC (and the on-disk cache).

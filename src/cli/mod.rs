@@ -196,6 +196,17 @@ pub(crate) enum NonFiniteArg {
     Error,
 }
 
+impl NonFiniteArg {
+    /// The runtime's policy.
+    pub(crate) fn policy(self) -> NonFinite {
+        match self {
+            NonFiniteArg::Proceed => NonFinite::Proceed,
+            NonFiniteArg::Skip => NonFinite::Skip,
+            NonFiniteArg::Error => NonFinite::Error,
+        }
+    }
+}
+
 impl ExecArgs {
     /// Binds a rule with this backend and non-finite policy.
     pub(crate) fn bind<T: optc::compiler::ops::Float + Default>(
@@ -203,14 +214,9 @@ impl ExecArgs {
         program: Arc<Program>,
         params: Vec<Vec<Vec<T>>>,
     ) -> Result<Optimizer<T>, Fail> {
-        let policy = match self.non_finite {
-            NonFiniteArg::Proceed => NonFinite::Proceed,
-            NonFiniteArg::Skip => NonFinite::Skip,
-            NonFiniteArg::Error => NonFinite::Error,
-        };
         Ok(Optimizer::new(program, params)?
             .with_backend(self.backend()?)?
-            .with_non_finite(policy)?)
+            .with_non_finite(self.non_finite.policy())?)
     }
 
     pub(crate) fn backend(&self) -> Result<Backend, Fail> {
