@@ -6,11 +6,8 @@ use optc::runtime::checkpoint::FailPoint;
 use optc::runtime::{Backend, Error, Inputs, Optimizer};
 use std::sync::Arc;
 
-fn fill(seed: u64, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0) - 1.0)
-        .collect()
-}
+mod common;
+use common::fill_grid;
 
 fn sizes(rule: &str) -> Vec<Vec<usize>> {
     match rule {
@@ -43,7 +40,7 @@ fn step(o: &mut Optimizer<f32>, s: u64) {
                 o.params(b.space as usize)
                     .iter()
                     .enumerate()
-                    .map(|(j, t)| fill(s * 31 + j as u64 + b.name.len() as u64, t.len()))
+                    .map(|(j, t)| fill_grid(s * 31 + j as u64 + b.name.len() as u64, t.len()))
                     .collect(),
             )
         })
@@ -65,7 +62,7 @@ fn initial(rule: &str) -> Vec<Vec<Vec<f32>>> {
         .map(|(s, ts)| {
             ts.iter()
                 .enumerate()
-                .map(|(j, &n)| fill(1000 + 10 * s as u64 + j as u64, n))
+                .map(|(j, &n)| fill_grid(1000 + 10 * s as u64 + j as u64, n))
                 .collect()
         })
         .collect()
@@ -206,7 +203,7 @@ fn wrong_or_corrupt_checkpoints_are_refused() {
 fn no_checkpoint_between_stages() {
     let mut o = new_opt("n_harpg", initial("n_harpg"), Backend::Interpreter);
     step(&mut o, 0);
-    let (g, g2) = (fill(1, 7), fill(2, 33));
+    let (g, g2) = (fill_grid(1, 7), fill_grid(2, 33));
     let inputs = Inputs::default()
         .scalar("q", 0.5)
         .tensor("g", vec![&g, &g[..1], &g2]);
@@ -238,8 +235,8 @@ fn write_st(path: &std::path::Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
 fn the_cli_resumes_from_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
-    let theta = fill(3, 6);
-    let grads: Vec<f32> = fill(9, 30);
+    let theta = fill_grid(3, 6);
+    let grads: Vec<f32> = fill_grid(9, 30);
     write_st(&p("params.safetensors"), &[("w", vec![2, 3], theta)]);
     write_st(
         &p("g_all.safetensors"),
@@ -312,4 +309,30 @@ fn the_cli_resumes_from_a_checkpoint() {
         st.tensor("w").unwrap().data().to_vec()
     };
     assert_eq!(read("resumed.safetensors"), read("straight.safetensors"));
+}
+
+#[test]
+fn the_atomic_writer_replaces_a_file_and_leaves_no_temporary() {
+    use optc::runtime::checkpoint::write_file_atomic;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.bin");
+    write_file_atomic(&path, b"first").unwrap();
+    write_file_atomic(&path, b"second").unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), b"second");
+    // Writers in parallel: every one finishes with a whole file and no temporary file is left.
+    std::thread::scope(|s| {
+        for i in 0..8u8 {
+            let path = &path;
+            s.spawn(move || write_file_atomic(path, &[i; 4096]).unwrap());
+        }
+    });
+    let bytes = std::fs::read(&path).unwrap();
+    assert!(bytes.len() == 4096 && bytes.iter().all(|&b| b == bytes[0]));
+    // A path whose folder does not exist fails and creates nothing.
+    assert!(write_file_atomic(&dir.path().join("no/such/file"), b"x").is_err());
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("out.bin")]);
 }

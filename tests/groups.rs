@@ -4,13 +4,10 @@
 use optc::runtime::{Backend, Error, Inputs, Optimizer, Schedule, TensorSpec};
 use std::sync::Arc;
 
-const BACKENDS: [Backend; 2] = [Backend::Interpreter, Backend::Cranelift { threads: 2 }];
+mod common;
+use common::fill_grid;
 
-fn fill(seed: u64, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0) - 1.0)
-        .collect()
-}
+const BACKENDS: [Backend; 2] = [Backend::Interpreter, Backend::Cranelift { threads: 2 }];
 
 const LENS: [usize; 3] = [17, 1, 300];
 
@@ -33,7 +30,7 @@ fn lent(rule: &str, backend: Backend) -> Optimizer<f32> {
 fn grads(step: u64) -> Vec<Vec<f32>> {
     LENS.iter()
         .enumerate()
-        .map(|(j, &n)| fill(step * 7 + j as u64, n))
+        .map(|(j, &n)| fill_grid(step * 7 + j as u64, n))
         .collect()
 }
 
@@ -42,7 +39,7 @@ fn run(opt: &mut Optimizer<f32>, steps: u64) -> Vec<Vec<f32>> {
     let mut params: Vec<Vec<f32>> = LENS
         .iter()
         .enumerate()
-        .map(|(j, &n)| fill(100 + j as u64, n))
+        .map(|(j, &n)| fill_grid(100 + j as u64, n))
         .collect();
     for s in 0..steps {
         let g = grads(s);
@@ -192,7 +189,7 @@ fn lent_params_equal_owned_params() {
             let init: Vec<Vec<f32>> = LENS
                 .iter()
                 .enumerate()
-                .map(|(j, &n)| fill(100 + j as u64, n))
+                .map(|(j, &n)| fill_grid(100 + j as u64, n))
                 .collect();
             let mut owned = Optimizer::new(Arc::clone(&p), vec![init.clone()])
                 .unwrap()

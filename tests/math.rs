@@ -6,23 +6,8 @@
 use optc::runtime::{Backend, Inputs, Optimizer};
 use std::sync::Arc;
 
-fn ulps(a: f32, b: f32) -> u64 {
-    if a == b || (a.is_nan() && b.is_nan()) {
-        return 0;
-    }
-    if a.is_nan() || b.is_nan() {
-        return u64::MAX;
-    }
-    let key = |x: f32| {
-        let i = x.to_bits() as i32;
-        if i < 0 {
-            i64::from(i32::MIN) - i64::from(i)
-        } else {
-            i64::from(i)
-        }
-    };
-    (key(a) - key(b)).unsigned_abs()
-}
+mod common;
+use common::ulps_nan_max;
 
 /// Every `step`-th f32 bit pattern of both signs, plus the edge values.
 fn sweep(step: u32) -> Vec<f32> {
@@ -87,7 +72,7 @@ fn check(f: &str, reference: fn(f32) -> f32, max: u64) {
         let mut worst = (0u64, 0f32);
         for (&x, &y) in xs.iter().zip(&ys) {
             let r = reference(x);
-            let d = ulps(y, r);
+            let d = ulps_nan_max(y, r);
             if d > worst.0 {
                 worst = (d, x);
             }

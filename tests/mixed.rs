@@ -7,6 +7,9 @@ use optc::runtime::mixed::{
 use optc::runtime::{Backend, Error, Inputs, Optimizer, TensorSpec};
 use std::sync::Arc;
 
+mod common;
+use common::fill_grid;
+
 /// Known-answer vectors of Random123 (kat_vectors, philox4x32 with 10 rounds).
 #[test]
 fn philox_known_answers() {
@@ -110,23 +113,17 @@ fn specs() -> Vec<Vec<TensorSpec>> {
         .collect()]
 }
 
-fn fill(seed: u64, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0) - 1.0)
-        .collect()
-}
-
 fn grads(s: u64) -> Vec<Vec<f32>> {
     LENS.iter()
         .enumerate()
-        .map(|(j, &n)| fill(s * 13 + j as u64, n))
+        .map(|(j, &n)| fill_grid(s * 13 + j as u64, n))
         .collect()
 }
 
 fn init() -> Vec<Vec<f32>> {
     LENS.iter()
         .enumerate()
-        .map(|(j, &n)| fill(50 + j as u64, n))
+        .map(|(j, &n)| fill_grid(50 + j as u64, n))
         .collect()
 }
 

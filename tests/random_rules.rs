@@ -5,6 +5,9 @@ use optc::runtime::{Backend, Inputs, Optimizer};
 use proptest::prelude::*;
 use std::sync::Arc;
 
+mod common;
+use common::fill_xorshift;
+
 /// A random per-element expression over `theta`, `g`, `m` and a scalar `lr`.
 fn expr() -> impl Strategy<Value = String> {
     let leaf = prop_oneof![
@@ -54,24 +57,12 @@ fn rule() -> impl Strategy<Value = String> {
     })
 }
 
-fn fill(seed: u64, n: usize) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(7);
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
-}
-
 fn run(src: &str, sizes: &[usize], backend: Backend) -> Vec<Vec<f32>> {
     let program = optc::compile_rule(src).unwrap_or_else(|e| panic!("{e}\n{src}"));
     let params: Vec<Vec<f32>> = sizes
         .iter()
         .enumerate()
-        .map(|(j, &n)| fill(j as u64 + 1, n))
+        .map(|(j, &n)| fill_xorshift(j as u64 + 1, n))
         .collect();
     let mut opt = Optimizer::new(Arc::new(program), vec![params])
         .unwrap()
@@ -81,7 +72,7 @@ fn run(src: &str, sizes: &[usize], backend: Backend) -> Vec<Vec<f32>> {
         let g: Vec<Vec<f32>> = sizes
             .iter()
             .enumerate()
-            .map(|(j, &n)| fill(100 * step + j as u64 + 50, n))
+            .map(|(j, &n)| fill_xorshift(100 * step + j as u64 + 50, n))
             .collect();
         opt.step(&Inputs::default().tensor("g", g.iter().map(|v| v.as_slice()).collect()))
             .unwrap();

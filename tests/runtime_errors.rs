@@ -946,3 +946,107 @@ fn values_outside_a_declared_range_are_refused() {
     assert_eq!(o.params(0), params.as_slice());
     assert_eq!(o.steps(), 2);
 }
+
+#[test]
+fn cli_inputs_are_checked_by_the_runtime() {
+    let f = Files::new();
+    // A rule that reads `g`, given no input: the runtime's error at step 1, with what to pass.
+    let p = f.path("params.safetensors");
+    let o = f.path("out.safetensors");
+    let out = optc(&[
+        "run", "adam", "--params", &p, "--out", &o, "--steps", "2", "-q",
+    ]);
+    assert_user_error(
+        &out,
+        &[
+            "step 1",
+            "needs input `g`",
+            "--input g=FILE",
+            "--grads FILE",
+        ],
+    );
+    // No input at all and no --steps: the rule's inputs are named.
+    assert_user_error(
+        &optc(&["run", "adam", "--params", &p, "--out", &o, "-q"]),
+        &["--steps", "(g)"],
+    );
+    // An input the rule does not have.
+    let g = f.path("grads.safetensors");
+    assert_user_error(
+        &f.run(
+            "adam",
+            "params.safetensors",
+            "grads.safetensors",
+            &["--input", &format!("h={g}")],
+        ),
+        &["no input `h`", "(inputs: g)"],
+    );
+    assert!(!f.dir.path().join("out.safetensors").exists());
+}
+
+#[test]
+fn cli_outputs_are_written_atomically() {
+    let f = Files::new();
+    let listing = |f: &Files| {
+        let mut names: Vec<String> = std::fs::read_dir(f.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = listing(&f);
+    // A checkpoint that cannot be written (its folder does not exist): the outputs are written
+    // in turn, so `--out` is there, and no temporary file is left.
+    let state = f.path("missing/state.safetensors");
+    let out = f.run(
+        "adam",
+        "params.safetensors",
+        "grads.safetensors",
+        &["--state-out", &state],
+    );
+    assert_user_error(&out, &["missing/state.safetensors"]);
+    let mut expected = before.clone();
+    expected.push("out.safetensors".to_string());
+    expected.sort();
+    assert_eq!(listing(&f), expected, "no temporary file is left");
+    // A run that writes both.
+    let state = f.path("state.safetensors");
+    let out = f.run(
+        "adam",
+        "params.safetensors",
+        "grads.safetensors",
+        &["--state-out", &state],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    expected.push("state.safetensors".to_string());
+    expected.sort();
+    assert_eq!(listing(&f), expected, "no temporary file is left");
+}
+
+#[test]
+fn cli_compile_checks_values_as_run_does() {
+    for (args, needle) in [
+        (&["--set", "beta1=1"][..], "out of range"),
+        (&["--set", "amsgrad=0.5"], "amsgrad"),
+        (&["--set", "amsgrad=yes"], "`yes`"),
+        (&["--set", "learning_rate=0.1"], "learning_rate"),
+        (&["--set", "lr=NaN"], "lr"),
+        (&["--set", "lr"], "lr"),
+    ] {
+        for emit in ["ir", "kernels", "clif", "cuda"] {
+            let mut all = vec!["compile", "adam", "--emit", emit];
+            all.extend_from_slice(args);
+            assert_user_error(&optc(&all), &[needle]);
+        }
+    }
+    // The runtime refuses a non-finite guard for a rule with several stages; so does compile.
+    assert_user_error(
+        &optc(&["compile", "n_harpg", "--non-finite", "skip"]),
+        &["several stages"],
+    );
+}

@@ -121,3 +121,93 @@ fn good_programs_compile_to_these_kernels() {
         insta::assert_snapshot!(out);
     });
 }
+
+/// `optc compile --set ... --non-finite ...` prints the program the runtime runs: the same text as
+/// the active program of an optimizer with those values and that policy, at every `--emit` that
+/// prints a program (kernels for each case, Cranelift IR and CUDA C for the first).
+#[test]
+fn compile_prints_the_program_the_runtime_runs() {
+    use optc::compiler::backend::{clif, cuda};
+    use optc::runtime::{Inputs, NonFinite, Optimizer};
+    type Case<'a> = (
+        &'a str,
+        &'a [&'a str],
+        &'a [(&'a str, f64)],
+        NonFinite,
+        bool,
+    );
+    let cases: &[Case<'_>] = &[
+        (
+            "adam",
+            &["--set", "amsgrad=true"],
+            &[("amsgrad", 1.0)],
+            NonFinite::Proceed,
+            true,
+        ),
+        (
+            "adan",
+            &["--non-finite", "skip"],
+            &[],
+            NonFinite::Skip,
+            true,
+        ),
+        ("adam", &[], &[], NonFinite::Proceed, false),
+        (
+            "adan",
+            &["--set", "max_grad_norm=1", "--non-finite", "error"],
+            &[("max_grad_norm", 1.0)],
+            NonFinite::Error,
+            false,
+        ),
+    ];
+    let optc = |rule: &str, emit: &str, args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_optc"))
+            .args(["compile", rule, "--emit", emit])
+            .args(args)
+            .output()
+            .expect("run optc");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    for (i, &(rule, args, values, policy, snapshot)) in cases.iter().enumerate() {
+        let program = optc::stdlib_rule(rule).expect("compiles");
+        let mut opt = Optimizer::<f32>::new(std::sync::Arc::new(program), vec![vec![vec![0.5; 8]]])
+            .expect("bind")
+            .with_non_finite(policy)
+            .expect("policy");
+        for &(name, v) in values {
+            opt.set_hyper(name, v).expect("value");
+        }
+        // A step makes the values' specialization the active one.
+        let g = [0.25f32; 8];
+        opt.step(&Inputs::default().tensor("g", vec![&g]))
+            .expect("step");
+        let runs = opt.active_program();
+        let kernels = optc(rule, "kernels", args);
+        assert_eq!(
+            kernels,
+            format!("{}{}", print::interface(runs), print::kernels(runs)),
+            "{rule} {args:?}"
+        );
+        if snapshot {
+            let name = format!("cli_compile_{rule}_{}_kernels", args.join("_"))
+                .replace("--", "")
+                .replace(['=', '-'], "_");
+            insta::assert_snapshot!(name, kernels);
+        }
+        if i == 0 {
+            assert_eq!(
+                optc(rule, "clif", args),
+                clif::clif_text(runs, clif::Precision::F32)
+            );
+            assert_eq!(
+                optc(rule, "cuda", args),
+                cuda::cuda_text(runs, clif::Precision::F32)
+            );
+        }
+    }
+}

@@ -497,6 +497,18 @@ impl RuleInfo {
     pub fn hyper(&self, name: &str) -> Option<usize> {
         self.hypers.iter().position(|h| h.name == name)
     }
+    /// The per-element inputs (gradients, ...), in buffer order, with their ids.
+    pub fn inputs(&self) -> impl Iterator<Item = (BufId, &BufInfo)> + '_ {
+        self.buffers
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.role == BufRole::Input)
+            .map(|(i, b)| (i as BufId, b))
+    }
+    /// Whether buffer `b` is a per-element input.
+    pub fn is_input(&self, b: BufId) -> bool {
+        self.buffers[b as usize].role == BufRole::Input
+    }
 }
 
 impl LeafTypes for RuleInfo {

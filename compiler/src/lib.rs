@@ -80,10 +80,7 @@ pub fn compile_with(src: &str, observe: PassObserver<'_>) -> Compilation {
             diagnostics.extend(lowered.diagnostics);
             if let (Some(mut p), true) = (lowered.program, parse_ok) {
                 observe("lower", &p);
-                for (name, pass) in passes::PIPELINE {
-                    pass(&mut p);
-                    observe(name, &p);
-                }
+                passes::run(&mut p, passes::PIPELINE, observe);
                 programs.push(p);
             }
         }

@@ -57,39 +57,69 @@ fn dtype_of<T: Float>() -> Dtype {
     }
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, rename, fsync of the folder.
-/// `fail` simulates a crash at one point (tests).
+/// Writes `bytes` to `path` atomically: a temporary file with a unique name beside it, fsync,
+/// rename, fsync of the folder. On any error the temporary file is removed and `path` is as it
+/// was; a crash at any point leaves `path` either as it was or fully written. Every file optc
+/// writes (checkpoints, `optc run --out`) goes through this function.
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_file_failing(path, bytes, None)
+}
+
+/// [`write_file_atomic`] for checkpoints, with their error; `fail` simulates a crash at one point
+/// (tests).
 pub(crate) fn write_atomic(
     path: &Path,
     bytes: &[u8],
     fail: Option<FailPoint>,
 ) -> Result<(), Error> {
-    let io = |e: std::io::Error| err(format!("cannot write `{}`: {e}", path.display()));
+    write_file_failing(path, bytes, fail)
+        .map_err(|e| err(format!("cannot write `{}`: {e}", path.display())))
+}
+
+/// [`write_file_atomic`]; `fail` simulates a crash at one point.
+fn write_file_failing(path: &Path, bytes: &[u8], fail: Option<FailPoint>) -> std::io::Result<()> {
+    use std::io::{Error as IoError, ErrorKind};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    /// Writes started by this process, so concurrent writes get different temporary files.
+    static WRITES: AtomicU64 = AtomicU64::new(0);
     let name = path
         .file_name()
-        .ok_or_else(|| err(format!("`{}` is not a file path", path.display())))?;
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+        .ok_or_else(|| IoError::new(ErrorKind::InvalidInput, "not a file path"))?;
     let simulated = |at: FailPoint| {
         if fail == Some(at) {
-            Err(err(format!("simulated failure at {at:?}")))
+            Err(IoError::other(format!("simulated failure at {at:?}")))
         } else {
             Ok(())
         }
     };
+    // A fresh name: this process's id and write count; a file left by an earlier process that
+    // had the same id is never opened.
+    let (tmp, mut f) = loop {
+        let tmp = path.with_file_name(format!(
+            ".{}.tmp-{}-{}",
+            name.to_string_lossy(),
+            std::process::id(),
+            WRITES.fetch_add(1, Ordering::Relaxed)
+        ));
+        match std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+        {
+            Ok(f) => break (tmp, f),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    };
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
         simulated(FailPoint::Create)?;
         let half = bytes.len() / 2;
-        f.write_all(&bytes[..half]).map_err(io)?;
+        f.write_all(&bytes[..half])?;
         simulated(FailPoint::Write)?;
-        f.write_all(&bytes[half..]).map_err(io)?;
-        f.sync_all().map_err(io)?;
+        f.write_all(&bytes[half..])?;
+        f.sync_all()?;
         simulated(FailPoint::Rename)?;
-        std::fs::rename(&tmp, path).map_err(io)?;
+        std::fs::rename(&tmp, path)?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             if let Ok(d) = std::fs::File::open(dir) {
                 let _ = d.sync_all();
@@ -97,6 +127,7 @@ pub(crate) fn write_atomic(
         }
         Ok(())
     })();
+    drop(f);
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }

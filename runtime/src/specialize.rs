@@ -5,10 +5,12 @@
 use crate::engine::{Compiled, Engine};
 use crate::{Error, NonFinite};
 use optc_compiler::backend::cuda::StorageMap;
-use optc_compiler::ir::{BufRole, Node, NodeId, Program};
+use optc_compiler::ir::{Node, NodeId, Program};
 use optc_compiler::ops::Float;
-use optc_compiler::passes::finite::{guard_inputs, is_guard};
-use optc_compiler::passes::specialize::{specialize, Decisions};
+use optc_compiler::passes::finite::is_guard;
+use optc_compiler::passes::runnable;
+use optc_compiler::passes::specialize::Decisions;
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
@@ -43,16 +45,9 @@ impl Specialization {
         how: &How<'_, T>,
     ) -> Result<Specialization, Error> {
         let key = decision_key(decisions, base, sets);
-        let decisions = decisions.agreeing(base, sets);
-        let program = if decisions.is_empty() {
-            Arc::clone(base)
-        } else {
-            Arc::new(specialize(base, &decisions, sets[0]))
-        };
-        let program = if how.policy == NonFinite::Proceed {
-            program
-        } else {
-            Arc::new(guard_inputs(&program))
+        let program = match runnable(base, decisions, sets, how.policy != NonFinite::Proceed) {
+            Cow::Borrowed(_) => Arc::clone(base),
+            Cow::Owned(p) => Arc::new(p),
         };
         let guards = [0, 1].map(|v| {
             program.variants[v].stages[0]
@@ -177,7 +172,7 @@ fn needs_of(p: &Program, variant: usize) -> Vec<StageNeeds> {
                 continue;
             }
             match p.graph.node(id) {
-                Node::Load { buf, .. } if p.info.buffers[buf as usize].role == BufRole::Input => {
+                Node::Load { buf, .. } if p.info.is_input(buf) => {
                     n.tensors.insert(buf);
                 }
                 Node::ScalarInput(i) => {

@@ -1,4 +1,6 @@
-//! Helpers shared by the differential tests (Cranelift and GPU against the interpreter).
+//! Helpers shared by the integration tests: deterministic fills and ulp distances. Each test
+//! crate uses some of them.
+#![allow(dead_code)]
 
 /// Deterministic pseudo-random values in [-1, 1).
 pub fn fill(seed: u64, n: usize) -> Vec<f32> {
@@ -15,18 +17,53 @@ pub fn fill(seed: u64, n: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Distance in units in the last place (0 for equal values, including two NaNs).
+/// Deterministic values on a grid of 1/500 in [-1, 1): `((i * 2654435761 + 97 * seed) % 1000) /
+/// 500 - 1` for element `i`.
+pub fn fill_grid(seed: u64, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0) - 1.0)
+        .collect()
+}
+
+/// Deterministic pseudo-random values in [-1, 1) from a xorshift generator.
+pub fn fill_xorshift(seed: u64, n: usize) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(7);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// A value's bit pattern as an integer that orders like the values (-0 and +0 adjacent).
+fn ordered(x: f32) -> i64 {
+    let i = x.to_bits() as i32;
+    if i < 0 {
+        i64::from(i32::MIN) - i64::from(i)
+    } else {
+        i64::from(i)
+    }
+}
+
+/// Distance in units in the last place (0 for equal values, including two NaNs; a NaN against a
+/// number counts the distance between their bit patterns).
 pub fn ulps(a: f32, b: f32) -> u64 {
     if a == b || (a.is_nan() && b.is_nan()) {
         return 0;
     }
-    let key = |x: f32| {
-        let i = x.to_bits() as i32;
-        if i < 0 {
-            i64::from(i32::MIN) - i64::from(i)
-        } else {
-            i64::from(i)
-        }
-    };
-    (key(a) - key(b)).unsigned_abs()
+    (ordered(a) - ordered(b)).unsigned_abs()
+}
+
+/// [`ulps`], except that a NaN against a number is as far as can be (`u64::MAX`).
+pub fn ulps_nan_max(a: f32, b: f32) -> u64 {
+    if a == b || (a.is_nan() && b.is_nan()) {
+        return 0;
+    }
+    if a.is_nan() || b.is_nan() {
+        return u64::MAX;
+    }
+    (ordered(a) - ordered(b)).unsigned_abs()
 }

@@ -9,7 +9,7 @@
 //!   group is 0 and any NaN makes it NaN;
 //! - within a kernel, every element's loads happen before its stores, so updates are in place.
 
-use crate::ir::{BufRole, Kernel, Kind, Node, NodeId, Program, Ty};
+use crate::ir::{Kernel, Kind, Node, NodeId, Program, Ty};
 use crate::ops::{binary_f64, unary_f64, Float};
 use std::collections::HashMap;
 
@@ -292,7 +292,7 @@ pub fn run_kernel<T: Float>(
                 }
             }
             for &(b, v) in &kernel.stores {
-                debug_assert!(prog.info.buffers[b as usize].role != BufRole::Input);
+                debug_assert!(!prog.info.is_input(b));
                 let vals: Vec<T> = (0..end - start).map(|i| operand(v, &cols, i)).collect();
                 bufs[b as usize][j][start..end].copy_from_slice(&vals);
             }

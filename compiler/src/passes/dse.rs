@@ -37,6 +37,13 @@ pub fn remove_noop_stores(p: &mut Program) {
     }
 }
 
+/// Drops no-op stores only, keeping every state live (for specializations: a state their
+/// decisions leave unread may be read again when a decision flips back).
+pub fn run_keeping_states(p: &mut Program) {
+    remove_noop_stores(p);
+    p.rebuild(true, |rb, node| rb.add(node));
+}
+
 /// Runs the pass.
 pub fn run(p: &mut Program) {
     remove_noop_stores(p);

@@ -8,7 +8,7 @@
 //! reads its inputs in a pass before the update (a clipping norm), the check joins that pass for
 //! free; otherwise it costs one read of the inputs.
 
-use crate::ir::{BinOp, BufId, BufRole, Node, NodeId, Program, ReduceOp};
+use crate::ir::{BinOp, BufId, Node, NodeId, Program, ReduceOp};
 use std::collections::{BTreeSet, HashSet};
 
 /// Whether a reduction is a guard added by [`guard_inputs`].
@@ -24,13 +24,22 @@ pub fn is_guard(p: &Program, r: NodeId) -> bool {
     let Node::Binary(BinOp::Mul, l, z) = p.graph.node(arg) else {
         return false;
     };
-    matches!(p.graph.node(l), Node::Load { buf, .. } if p.info.buffers[buf as usize].role == BufRole::Input)
+    matches!(p.graph.node(l), Node::Load { buf, .. } if p.info.is_input(buf))
         && p.graph.is_num(z, 0.0)
 }
 
-/// The program with every stage guarded (see the module documentation).
+/// The program with every stage guarded (see the module documentation), through the passes of
+/// [`GUARDED`](crate::passes::GUARDED).
 pub fn guard_inputs(p: &Program) -> Program {
     let mut q = p.clone();
+    guard(&mut q);
+    crate::passes::run(&mut q, crate::passes::GUARDED, &mut |_, _| {});
+    q
+}
+
+/// Adds the guards to every stage's stores, leaving no kernels (the first step of
+/// [`guard_inputs`]).
+pub fn guard(q: &mut Program) {
     for v in &mut q.variants {
         for s in &mut v.stages {
             s.phases.clear();
@@ -48,10 +57,11 @@ pub fn guard_inputs(p: &Program) -> Program {
                     continue;
                 }
                 let node = q.graph.node(n);
-                if let Node::Load { buf, .. } = node {
-                    if q.info.buffers[buf as usize].role == BufRole::Input {
+                match node {
+                    Node::Load { buf, .. } if q.info.is_input(buf) => {
                         inputs.insert(buf);
                     }
+                    _ => {}
                 }
                 stack.extend(node.children());
             }
@@ -84,7 +94,4 @@ pub fn guard_inputs(p: &Program) -> Program {
             q.variants[vi].stages[k].stores = guarded;
         }
     }
-    crate::passes::phases::run(&mut q);
-    crate::passes::hoist::run(&mut q);
-    q
 }

@@ -1,7 +1,12 @@
-//! Passes over a [`Program`], run in the order of [`PIPELINE`]. Each is a small named rewrite in
-//! its own file; `optc compile --emit ir` dumps the program after each.
+//! Passes over a [`Program`]: small named rewrites, run from named lists. [`PIPELINE`] is what
+//! [`crate::compile`] runs after lowering; [`SPECIALIZED`] and [`GUARDED`] are what
+//! [`specialize`](specialize::specialize) and [`guard_inputs`](finite::guard_inputs) run after their
+//! own rewrite, made of the same named parts. [`runnable`] is the program the runtime runs.
+//! `optc compile --emit ir` dumps the program after each pass.
 
 use crate::ir::Program;
+use crate::PassObserver;
+use std::borrow::Cow;
 
 pub mod cse;
 pub mod dse;
@@ -15,13 +20,161 @@ pub mod specialize;
 /// A named pass.
 pub type Pass = (&'static str, fn(&mut Program));
 
-/// The pipeline, in order.
-pub const PIPELINE: &[Pass] = &[
+/// Rewrites of the graph: constants, algebra, shared subexpressions, and constants again (after
+/// `simplify` and `cse` expose more).
+pub const REWRITE: &[Pass] = &[
     ("fold", fold::run),
     ("simplify", simplify::run),
     ("cse", cse::run),
     ("fold", fold::run),
-    ("dse", dse::run),
-    ("phases", phases::run),
-    ("hoist", hoist::run),
 ];
+
+/// Dead stores: no-op stores, and stores to states nothing live reads.
+pub const PRUNE: &[Pass] = &[("dse", dse::run)];
+
+/// No-op stores only: every state stays live. A specialization keeps states its decisions leave
+/// unread, since other values may read them later.
+pub const PRUNE_NOOP_STORES: &[Pass] = &[("dse", dse::run_keeping_states)];
+
+/// Planning: passes over memory and their kernels, then the kernels' uniforms.
+pub const PLAN: &[Pass] = &[("phases", phases::run), ("hoist", hoist::run)];
+
+/// The pipeline, in order: what [`crate::compile`] runs after lowering.
+pub const PIPELINE: &[&[Pass]] = &[REWRITE, PRUNE, PLAN];
+
+/// What [`specialize::specialize`] runs after fixing the decisions.
+pub const SPECIALIZED: &[&[Pass]] = &[REWRITE, PRUNE_NOOP_STORES, PLAN];
+
+/// What [`finite::guard_inputs`] runs after adding the guards.
+pub const GUARDED: &[&[Pass]] = &[PLAN];
+
+/// Runs the passes of `pipeline` in order, calling `observe` with each pass's name and the
+/// program after it.
+pub fn run(p: &mut Program, pipeline: &[&[Pass]], observe: PassObserver<'_>) {
+    for (name, pass) in pipeline.iter().flat_map(|part| part.iter()) {
+        pass(p);
+        observe(name, p);
+    }
+}
+
+/// The program the runtime runs for these hyperparameter values (one set per parameter group):
+/// `base` specialized on the `decisions` every set agrees on (when there are any), then guarded
+/// against non-finite inputs when `guard` (a non-finite policy other than proceeding). Borrows
+/// `base` when neither applies.
+pub fn runnable<'a>(
+    base: &'a Program,
+    decisions: &specialize::Decisions,
+    sets: &[&[f64]],
+    guard: bool,
+) -> Cow<'a, Program> {
+    runnable_with(base, decisions, sets, guard, &mut |_, _| {})
+}
+
+/// [`runnable`], calling `observe` after each step: `specialize` (the decisions fixed) and the
+/// passes of [`SPECIALIZED`], then `guard` (the checks added) and the passes of [`GUARDED`].
+pub fn runnable_with<'a>(
+    base: &'a Program,
+    decisions: &specialize::Decisions,
+    sets: &[&[f64]],
+    guard: bool,
+    observe: PassObserver<'_>,
+) -> Cow<'a, Program> {
+    let mut program = Cow::Borrowed(base);
+    if let Some(first) = sets.first() {
+        let agreed = decisions.agreeing(base, sets);
+        if !agreed.is_empty() {
+            let mut q = specialize::fixed(base, &agreed, first);
+            observe("specialize", &q);
+            run(&mut q, SPECIALIZED, observe);
+            program = Cow::Owned(q);
+        }
+    }
+    if guard {
+        let mut q = program.into_owned();
+        finite::guard(&mut q);
+        observe("guard", &q);
+        run(&mut q, GUARDED, observe);
+        program = Cow::Owned(q);
+    }
+    program
+}
+
+#[cfg(test)]
+mod tests {
+    use super::specialize::{specialize, Decisions};
+    use super::{finite::guard_inputs, runnable, runnable_with};
+    use std::borrow::Cow;
+
+    const SRC: &str = "rule r(lr = 0.1, amsgrad = false) {
+        param theta
+        input g
+        state v = 0, vmax = 0
+        v = 0.9 * v + 0.1 * g * g
+        if amsgrad { vmax = max(vmax, v) }
+        let vhat = if amsgrad { vmax } else { v }
+        theta = theta - lr * g / (sqrt(vhat) + 1e-8)
+    }";
+
+    /// A program as text: interface, graph and kernels.
+    fn text(p: &crate::ir::Program) -> String {
+        use crate::print;
+        format!(
+            "{}{}{}",
+            print::interface(p),
+            print::graph(p),
+            print::kernels(p)
+        )
+    }
+
+    fn base() -> crate::ir::Program {
+        let mut c = crate::compile(SRC);
+        assert!(!c.has_errors(), "{:?}", c.diagnostics);
+        c.programs.remove(0)
+    }
+
+    #[test]
+    fn runnable_is_specialize_then_guard_inputs() {
+        let p = base();
+        let d = Decisions::of(&p);
+        assert_eq!(d.len(), 1);
+        for on in [0.0, 1.0] {
+            let set = [0.1, on];
+            let specialized = specialize(&p, &d, &set);
+            assert_eq!(text(&runnable(&p, &d, &[&set], false)), text(&specialized));
+            assert_eq!(
+                text(&runnable(&p, &d, &[&set], true)),
+                text(&guard_inputs(&specialized))
+            );
+        }
+        // Groups that disagree leave the decision in the program.
+        let (off, on) = ([0.1, 0.0], [0.1, 1.0]);
+        assert!(matches!(
+            runnable(&p, &d, &[&off, &on], false),
+            Cow::Borrowed(_)
+        ));
+        assert_eq!(
+            text(&runnable(&p, &d, &[&off, &on], true)),
+            text(&guard_inputs(&p))
+        );
+        assert!(matches!(
+            runnable(&p, &Decisions::none(), &[&on], false),
+            Cow::Borrowed(_)
+        ));
+        assert!(matches!(runnable(&p, &d, &[], false), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn runnable_with_names_every_step() {
+        let p = base();
+        let mut names = Vec::new();
+        runnable_with(
+            &p,
+            &Decisions::of(&p),
+            &[&[0.1, 1.0]],
+            true,
+            &mut |name, _| names.push(name.to_string()),
+        );
+        let expected = "specialize fold simplify cse fold dse phases hoist guard phases hoist";
+        assert_eq!(names.join(" "), expected);
+    }
+}

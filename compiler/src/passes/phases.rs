@@ -44,9 +44,7 @@ fn load_gen(p: &Program, id: NodeId) -> Option<u16> {
             continue;
         }
         match p.graph.node(n) {
-            Node::Load { gen, buf }
-                if p.info.buffers[buf as usize].role != crate::ir::BufRole::Input =>
-            {
+            Node::Load { gen, buf } if !p.info.is_input(buf) => {
                 best = Some(best.map_or(gen, |b: u16| b.max(gen)));
             }
             Node::Reduce { .. } if n != id => {}

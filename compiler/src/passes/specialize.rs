@@ -115,31 +115,29 @@ impl Decisions {
     }
 }
 
-/// The program with the decisions fixed to the outcomes of `hypers`, through the whole pipeline
-/// again (fold, simplify, cse, dse, phases, hoist).
+/// The program with the decisions fixed to the outcomes of `hypers`, through the passes of
+/// [`SPECIALIZED`](crate::passes::SPECIALIZED) (the pipeline, except that states stay live: a state
+/// that these decisions make unread must still evolve, since other values may read it later).
 pub fn specialize(p: &Program, decisions: &Decisions, hypers: &[f64]) -> Program {
+    let mut q = fixed(p, decisions, hypers);
+    crate::passes::run(&mut q, crate::passes::SPECIALIZED, &mut |_, _| {});
+    q
+}
+
+/// The program with the decisions replaced by their outcomes for `hypers`, and no kernels yet
+/// (the first step of [`specialize`]).
+pub fn fixed(p: &Program, decisions: &Decisions, hypers: &[f64]) -> Program {
     let key = decisions.key(p, hypers);
-    let fixed: HashMap<NodeId, bool> = decisions.nodes.iter().copied().zip(key).collect();
+    let outcomes: HashMap<NodeId, bool> = decisions.nodes.iter().copied().zip(key).collect();
     let mut q = p.clone();
     for v in &mut q.variants {
         for s in &mut v.stages {
             s.phases.clear();
         }
     }
-    q.rebuild_with_ids(true, |rb, old_id, node| match fixed.get(&old_id) {
+    q.rebuild_with_ids(true, |rb, old_id, node| match outcomes.get(&old_id) {
         Some(&b) => rb.add(Node::Bool(b)),
         None => rb.add(node),
     });
-    // The pipeline again, except that states stay live: a state that these decisions make
-    // unread must still evolve, since other values may read it later.
-    use crate::passes::{cse, dse, fold, phases, simplify};
-    fold::run(&mut q);
-    simplify::run(&mut q);
-    cse::run(&mut q);
-    fold::run(&mut q);
-    dse::remove_noop_stores(&mut q);
-    q.rebuild(true, |rb, node| rb.add(node));
-    phases::run(&mut q);
-    crate::passes::hoist::run(&mut q);
     q
 }

@@ -212,7 +212,7 @@ impl<T: Float + Default> Engine<T> for Cuda<T> {
         // Device copies of the buffers the kernel uses, uploaded at first use.
         for &b in &ck.slots {
             let bi = &info.buffers[b as usize];
-            let device_owned = bi.role != BufRole::Input && !(bi.role == BufRole::Param && lent);
+            let device_owned = !(info.is_input(b) || (bi.role == BufRole::Param && lent));
             if device_owned && st.arenas[b as usize].is_none() {
                 let a = Arena::new::<T>(&dev, lens, io.storage.of(b))?;
                 a.upload::<T>(&io.bufs[b as usize])?;
@@ -224,7 +224,7 @@ impl<T: Float + Default> Engine<T> for Cuda<T> {
             let mut row = Vec::with_capacity(ck.slots.len());
             for &b in &ck.slots {
                 let bi = &info.buffers[b as usize];
-                let external = bi.role == BufRole::Input || (bi.role == BufRole::Param && lent);
+                let external = info.is_input(b) || (bi.role == BufRole::Param && lent);
                 let p = match (bi.role, external, io.inputs, &*io.params) {
                     (BufRole::Input, _, Given::Device(inputs), _) => inputs.tensors[&bi.name][j],
                     (BufRole::Param, true, _, Lent::Device(ps)) => ps[b as usize][j],

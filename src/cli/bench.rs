@@ -1,0 +1,280 @@
+//! `optc bench`: a rule's step time and effective bandwidth against this machine's ceiling.
+
+use super::{apply_sets, compile_one, ExecArgs, Fail};
+use optc::compiler;
+use optc::compiler::ir::Program;
+use optc::runtime::{Backend, Inputs, Optimizer};
+use std::sync::Arc;
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct BenchArgs {
+    /// A rule file or a standard-library name.
+    pub(crate) rule: String,
+    /// Which rule, when the file has several.
+    #[arg(long = "rule")]
+    pub(crate) rule_name: Option<String>,
+    /// Elements per param, in all.
+    #[arg(long, default_value_t = 1 << 26)]
+    pub(crate) elems: usize,
+    /// Tensors the elements are split into.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) tensors: usize,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    pub(crate) steps: usize,
+    /// Set a hyperparameter: NAME=VALUE.
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    pub(crate) sets: Vec<String>,
+    #[command(flatten)]
+    pub(crate) exec: ExecArgs,
+}
+
+/// Bytes a later step must move (every buffer its kernels read, once, and every buffer they write,
+/// once), the bytes its kernels actually move (a buffer read in two passes counts twice), and the
+/// number of passes over memory.
+fn traffic(p: &Program, elems: usize, bytes: usize) -> (usize, usize, usize) {
+    use compiler::ir::Node;
+    let v = &p.variants[1];
+    let (mut read, mut written) = (
+        std::collections::BTreeSet::new(),
+        std::collections::BTreeSet::new(),
+    );
+    let (mut moved, mut passes) = (0, 0);
+    for s in &v.stages {
+        for ph in &s.phases {
+            passes += 1;
+            for k in &ph.kernels {
+                for &n in &k.loads {
+                    if let Node::Load { buf, .. } = p.graph.node(n) {
+                        read.insert(buf);
+                        moved += elems * bytes;
+                    }
+                }
+                for &(b, _) in &k.stores {
+                    written.insert(b);
+                    moved += elems * bytes;
+                }
+            }
+        }
+    }
+    ((read.len() + written.len()) * elems * bytes, moved, passes)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// The in-place update `a[i] += s * b[i]` over arrays of `n` floats on `threads` threads: the
+/// ceiling for a memory-bound step that reads two arrays and writes one of them back.
+fn inplace_ceiling(n: usize, threads: usize, runs: usize) -> Result<f64, Fail> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
+    let mut a = vec![1.0f32; n];
+    let b = vec![0.5f32; n];
+    let chunk = n.div_ceil(threads * 8).max(1 << 14);
+    let mut times = Vec::new();
+    for r in 0..runs + 1 {
+        let s = 1e-3 * (r as f32 + 1.0);
+        let start = std::time::Instant::now();
+        pool.install(|| {
+            use rayon::prelude::*;
+            a.par_chunks_mut(chunk)
+                .zip(b.par_chunks(chunk))
+                .for_each(|(x, y)| {
+                    for (x, y) in x.iter_mut().zip(y) {
+                        *x += s * y;
+                    }
+                })
+        });
+        if r > 0 {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    std::hint::black_box(&a);
+    Ok((3 * n * 4) as f64 / median(times) / 1e9)
+}
+
+pub(crate) fn bench(args: &BenchArgs) -> Result<(), Fail> {
+    let (program, _, _) = compile_one(&args.rule, args.rule_name.as_deref())?;
+    let info = program.info.clone();
+    let tensors = args.tensors.max(1);
+    let per = args.elems / tensors;
+    let sizes: Vec<usize> = (0..tensors)
+        .map(|j| {
+            if j + 1 == tensors {
+                args.elems - per * (tensors - 1)
+            } else {
+                per
+            }
+        })
+        .collect();
+    let backend = args.exec.backend()?;
+    let threads = match backend {
+        Backend::Cranelift { threads } => threads,
+        _ => 1,
+    };
+    #[cfg(feature = "cuda")]
+    if backend.is_cuda() {
+        return bench_cuda(args, Arc::new(program), &sizes);
+    }
+    let params: Vec<Vec<Vec<f32>>> = info
+        .spaces
+        .iter()
+        .map(|_| sizes.iter().map(|&n| vec![0.5f32; n]).collect())
+        .collect();
+    let program = Arc::new(program);
+    let mut opt = args.exec.bind(Arc::clone(&program), params)?;
+    apply_sets(&mut opt, &args.sets)?;
+    let inputs_data: Vec<(String, Vec<Vec<f32>>)> = info
+        .inputs()
+        .map(|(_, b)| {
+            (
+                b.name.clone(),
+                sizes.iter().map(|&n| vec![1e-3f32; n]).collect(),
+            )
+        })
+        .collect();
+    let mut inputs = Inputs::default();
+    for (n, d) in &inputs_data {
+        inputs = inputs.tensor(n, d.iter().map(|v| v.as_slice()).collect());
+    }
+    for s in &info.scalar_inputs {
+        inputs = inputs.scalar(s, 0.5);
+    }
+    if let Some(jit) = opt.jit() {
+        let n = jit.kernels.iter().flatten().flatten().flatten().count();
+        println!(
+            "compiled {n} kernels with cranelift in {:.2} ms",
+            jit.compile_time.as_secs_f64() * 1e3
+        );
+    }
+    opt.step(&inputs)?; // the first step (its own variant), then a warm-up
+    opt.step(&inputs)?;
+    let mut times = Vec::new();
+    for _ in 0..args.steps.max(1) {
+        let start = std::time::Instant::now();
+        opt.step(&inputs)?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let t = median(times);
+    let (must, moved, passes) = traffic(opt.active_program(), args.elems, 4);
+    let ceiling = inplace_ceiling(args.elems, threads, 5)?;
+    let gbs = must as f64 / t / 1e9;
+    println!(
+        "rule {} on {:?}: {} elements in {} tensor(s) per param",
+        info.name, backend, args.elems, tensors
+    );
+    println!(
+        "  step time (median of {})   {:>10.3} ms",
+        args.steps.max(1),
+        t * 1e3
+    );
+    println!(
+        "  bytes the rule must move   {:>10.1} MB   ({passes} pass(es) over memory move {:.1} MB)",
+        must as f64 / 1e6,
+        moved as f64 / 1e6
+    );
+    println!("  effective bandwidth        {gbs:>10.2} GB/s");
+    println!("  in-place ceiling a+=s*b    {ceiling:>10.2} GB/s   (same threads, same size)");
+    println!("  ratio                      {:>10.3}", gbs / ceiling);
+    Ok(())
+}
+
+/// `optc bench` on a CUDA device: gradients in device memory, uploaded once, and steps through
+/// `step_device` (no host copies in the timed steps); the ceiling is the device-to-device copy
+/// bandwidth measured in the same run.
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+fn bench_cuda(args: &BenchArgs, program: Arc<Program>, sizes: &[usize]) -> Result<(), Fail> {
+    use optc::runtime::DeviceInputs;
+    let info = program.info.clone();
+    let params: Vec<Vec<Vec<f32>>> = info
+        .spaces
+        .iter()
+        .map(|_| sizes.iter().map(|&n| vec![0.5f32; n]).collect())
+        .collect();
+    let mut opt = args.exec.bind(Arc::clone(&program), params)?;
+    apply_sets(&mut opt, &args.sets)?;
+    let dev = Arc::clone(
+        opt.device()
+            .ok_or_else(|| Fail("error: no CUDA device".to_string()))?,
+    );
+    // Each input: one allocation, tensors 16-byte aligned, filled with 1e-3.
+    let padded: Vec<usize> = sizes.iter().map(|n| n.div_ceil(4) * 4).collect();
+    let mut held = Vec::new();
+    let mut inputs = DeviceInputs::default();
+    for (_, b) in info.inputs() {
+        let buf = dev.alloc(padded.iter().sum::<usize>() * 4)?;
+        buf.fill_u32(1e-3f32.to_bits(), buf.bytes() / 4)?;
+        let mut at = buf.ptr();
+        let ptrs = padded
+            .iter()
+            .map(|n| {
+                let p = at;
+                at += (*n * 4) as u64;
+                p
+            })
+            .collect();
+        inputs = inputs.tensor(&b.name, ptrs);
+        held.push(buf);
+    }
+    for s in &info.scalar_inputs {
+        inputs = inputs.scalar(s, 0.5);
+    }
+    let step = |opt: &mut Optimizer<f32>| -> Result<(), Fail> {
+        // SAFETY: every input address is a tensor of its registered size in an allocation of
+        // this optimizer's device (`held`, alive until the function returns); params are owned.
+        unsafe { opt.step_device(None, &inputs)? };
+        dev.synchronize()?;
+        Ok(())
+    };
+    step(&mut opt)?; // the first step (its own variant), then a warm-up
+    step(&mut opt)?;
+    let before = opt.launches();
+    let steps = args.steps.max(1);
+    let mut times = Vec::new();
+    for _ in 0..steps {
+        let start = std::time::Instant::now();
+        step(&mut opt)?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let launches = (opt.launches() - before) as f64 / steps as f64;
+    let t = median(times);
+    let (must, moved, passes) = traffic(opt.active_program(), args.elems, 4);
+    // Ceiling: copying one param-sized buffer device to device (read + write).
+    let copy_bytes = (args.elems * 4).max(4);
+    let (a, b) = (dev.alloc(copy_bytes)?, dev.alloc(copy_bytes)?);
+    a.fill_u32(0, copy_bytes / 4)?;
+    let mut copies = Vec::new();
+    for r in 0..6 {
+        let start = std::time::Instant::now();
+        b.copy_from(&a, copy_bytes)?;
+        dev.synchronize()?;
+        if r > 0 {
+            copies.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let ceiling = 2.0 * copy_bytes as f64 / median(copies) / 1e9;
+    let gbs = must as f64 / t / 1e9;
+    println!(
+        "rule {} on {} ({}): {} elements in {} tensor(s) per param",
+        info.name,
+        dev.name(),
+        dev.arch(),
+        args.elems,
+        sizes.len()
+    );
+    println!("  step time (median of {steps})   {:>10.3} ms", t * 1e3);
+    println!(
+        "  bytes the rule must move   {:>10.1} MB   ({passes} pass(es) over memory move {:.1} MB)",
+        must as f64 / 1e6,
+        moved as f64 / 1e6
+    );
+    println!("  kernel launches per step   {launches:>10.1}");
+    println!("  effective bandwidth        {gbs:>10.2} GB/s");
+    println!("  device-to-device copy      {ceiling:>10.2} GB/s   (read + write, same size)");
+    println!("  ratio                      {:>10.3}", gbs / ceiling);
+    Ok(())
+}

@@ -1,0 +1,423 @@
+//! `optc run`: apply a rule to parameters in a safetensors file, step by step over inputs from
+//! safetensors files, and write the parameters (and a checkpoint).
+
+use super::io::{read_tensors, tensors_bytes, write_file, NamedTensor, Shaped, TensorFile};
+use super::{apply_sets, compile_one, ExecArgs, Fail};
+use optc::compiler::ir::{Program, RuleInfo};
+use optc::runtime::checkpoint::write_file_atomic;
+use optc::runtime::{Error, Inputs};
+use safetensors::tensor::Dtype;
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct RunArgs {
+    /// A rule file or a standard-library name.
+    pub(crate) rule: String,
+    /// Which rule, when the file has several.
+    #[arg(long = "rule")]
+    pub(crate) rule_name: Option<String>,
+    /// Initial parameters. With several params (x, y, ...), tensors named `x` or `x.*` belong to `x`.
+    #[arg(long)]
+    pub(crate) params: PathBuf,
+    /// A per-element or scalar input: NAME=FILE. The file holds, for every parameter tensor, a
+    /// tensor of the same name with a leading step axis [N, ...shape] (a scalar input: a tensor
+    /// named NAME of shape [N]).
+    #[arg(long = "input", value_name = "NAME=FILE")]
+    pub(crate) inputs: Vec<String>,
+    /// Shorthand for the rule's gradient input (`g`, or its only per-element input).
+    #[arg(long)]
+    pub(crate) grads: Option<PathBuf>,
+    /// Steps to run (default: the length of the inputs' step axis).
+    #[arg(long)]
+    pub(crate) steps: Option<usize>,
+    /// Set a hyperparameter: NAME=VALUE (VALUE a number, true or false).
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    pub(crate) sets: Vec<String>,
+    /// Where to write the parameters after the last step.
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// Schedule a hyperparameter: NAME=SCHEDULE, e.g. `lr=warmup(100) then cosine(900, 0.1)`, or
+    /// `lr=refined(NORMS, TAU)` from a file of gradient norms (one per line) of an earlier run.
+    #[arg(long = "schedule", value_name = "NAME=SCHEDULE")]
+    pub(crate) schedules: Vec<String>,
+    /// Resume from a checkpoint (optimizer state, step counter, hyperparameters); `--set` still
+    /// overrides hyperparameters.
+    #[arg(long)]
+    pub(crate) state_in: Option<PathBuf>,
+    /// Write a checkpoint after the last step.
+    #[arg(long)]
+    pub(crate) state_out: Option<PathBuf>,
+    /// Print nothing but errors.
+    #[arg(long, short)]
+    pub(crate) quiet: bool,
+    #[command(flatten)]
+    pub(crate) exec: ExecArgs,
+}
+
+pub(crate) fn run(args: &RunArgs) -> Result<(), Fail> {
+    let (program, _, _) = compile_one(&args.rule, args.rule_name.as_deref())?;
+    let params = read_tensors(&args.params)?;
+    if params.dtype == Dtype::F64 {
+        run_typed::<f64>(args, program, params)
+    } else {
+        run_typed::<f32>(args, program, params)
+    }
+}
+
+trait Elem: optc::compiler::ops::Float + Default {
+    const DTYPE: Dtype;
+    fn to_le(v: &[Self]) -> Vec<u8>;
+}
+
+impl Elem for f32 {
+    const DTYPE: Dtype = Dtype::F32;
+    fn to_le(v: &[Self]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+}
+
+impl Elem for f64 {
+    const DTYPE: Dtype = Dtype::F64;
+    fn to_le(v: &[Self]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+}
+
+fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> Result<(), Fail> {
+    let info = program.info.clone();
+    // Which tensors belong to which param.
+    let mut spaces: Vec<Vec<NamedTensor<T>>> = vec![Vec::new(); info.spaces.len()];
+    for (name, (shape, data)) in &params.tensors {
+        let space = if info.spaces.len() == 1 {
+            0
+        } else {
+            info.spaces
+                .iter()
+                .position(|s| name == s || name.starts_with(&format!("{s}.")))
+                .ok_or_else(|| Fail(format!("error: tensor `{name}` belongs to no param; name it `{}` or `{}.<anything>`", info.spaces[0], info.spaces[0])))?
+        };
+        spaces[space].push((
+            name.clone(),
+            shape.clone(),
+            data.iter().map(|&x| T::from_f64(x)).collect(),
+        ));
+    }
+    for (s, ts) in spaces.iter().enumerate() {
+        if ts.is_empty() {
+            return Err(Fail(format!(
+                "error: `{}` has no tensor for param `{}`",
+                args.params.display(),
+                info.spaces[s]
+            )));
+        }
+    }
+    // Inputs: NAME=FILE, plus --grads.
+    let mut input_files: Vec<(String, PathBuf)> = Vec::new();
+    for spec in &args.inputs {
+        let (n, f) = spec
+            .split_once('=')
+            .ok_or_else(|| Fail(format!("error: `--input {spec}`: expected NAME=FILE")))?;
+        input_files.push((n.to_string(), PathBuf::from(f)));
+    }
+    if let Some(g) = &args.grads {
+        let name = grads_input(&info).ok_or_else(|| {
+            let elem_inputs: Vec<&str> = info.inputs().map(|(_, b)| b.name.as_str()).collect();
+            Fail(format!(
+                "error: --grads is ambiguous for rule `{}` (inputs: {}); use --input NAME=FILE",
+                info.name,
+                elem_inputs.join(", ")
+            ))
+        })?;
+        input_files.push((name.to_string(), g.clone()));
+    }
+    let mut tensor_inputs: HashMap<String, Vec<Shaped>> = HashMap::new();
+    let mut scalar_inputs: HashMap<String, Vec<f64>> = HashMap::new();
+    let mut steps_avail: Option<usize> = None;
+    let mut steps_max = 0usize;
+    for (name, file) in &input_files {
+        let tf = read_tensors(file)?;
+        if let Some(b) = info.buffer(name).filter(|&b| info.is_input(b)) {
+            let space = info.buffers[b as usize].space as usize;
+            let mut per = Vec::new();
+            for (tname, shape, _) in &spaces[space] {
+                let (ishape, data) = tf.tensors.get(tname).ok_or_else(|| {
+                    Fail(format!(
+                        "error: input file `{}` has no tensor `{tname}`",
+                        file.display()
+                    ))
+                })?;
+                if ishape.len() != shape.len() + 1 || ishape[1..] != shape[..] {
+                    return Err(Fail(format!(
+                        "error: input `{name}`, tensor `{tname}`: shape {ishape:?} is not [steps, {}]",
+                        shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+                    )));
+                }
+                steps_avail = Some(steps_avail.map_or(ishape[0], |s: usize| s.min(ishape[0])));
+                steps_max = steps_max.max(ishape[0]);
+                per.push((ishape.clone(), data.clone()));
+            }
+            tensor_inputs.insert(name.clone(), per);
+        } else if info.scalar_inputs.contains(name) {
+            let (shape, data) = tf.tensors.get(name).ok_or_else(|| {
+                Fail(format!(
+                    "error: input file `{}` has no tensor `{name}`",
+                    file.display()
+                ))
+            })?;
+            if shape.len() != 1 {
+                return Err(Fail(format!(
+                    "error: scalar input `{name}` must have shape [steps], got {shape:?}"
+                )));
+            }
+            steps_avail = Some(steps_avail.map_or(shape[0], |s: usize| s.min(shape[0])));
+            steps_max = steps_max.max(shape[0]);
+            scalar_inputs.insert(name.clone(), data.clone());
+        } else {
+            // A file cannot be read for an input the rule does not have: the runtime's error,
+            // with the inputs it has.
+            let e = Error::UnknownInput {
+                rule: info.name.clone(),
+                name: name.clone(),
+            };
+            return Err(Fail(format!(
+                "error: {e} (inputs: {})",
+                declared_inputs(&info).join(", ")
+            )));
+        }
+    }
+    let program = Arc::new(program);
+    let initial: Vec<Vec<Vec<T>>> = spaces
+        .iter()
+        .map(|ts| ts.iter().map(|t| t.2.clone()).collect())
+        .collect();
+    let mut opt = args.exec.bind(Arc::clone(&program), initial)?;
+    if let Some(path) = &args.state_in {
+        opt.load_checkpoint(path)
+            .map_err(|e| Fail(format!("error: {e}")))?;
+    }
+    apply_sets(&mut opt, &args.sets)?;
+    for spec in &args.schedules {
+        let (n, text) = spec.split_once('=').ok_or_else(|| {
+            Fail(format!(
+                "error: `--schedule {spec}`: expected NAME=SCHEDULE"
+            ))
+        })?;
+        let schedule = parse_schedule(text.trim())?;
+        opt.set_schedule(n.trim(), schedule)
+            .map_err(|e| Fail(format!("error: {e}")))?;
+    }
+    // The runtime checks every step's inputs (names, counts, lengths, what each stage reads)
+    // before it changes anything.
+    let steps = match (args.steps, steps_avail) {
+        (Some(s), Some(a)) if s > a => {
+            return Err(Fail(format!(
+                "error: --steps {s}, but the inputs hold only {a} steps"
+            )))
+        }
+        (Some(s), _) => s,
+        (None, Some(a)) if a != steps_max => {
+            return Err(Fail(format!(
+                "error: the inputs hold different numbers of steps ({a} to {steps_max}); pass --steps to choose"
+            )))
+        }
+        (None, Some(a)) => a,
+        (None, None) => {
+            let declared = declared_inputs(&info);
+            return Err(Fail(if declared.is_empty() {
+                "error: no input gives a step count; pass --steps".into()
+            } else {
+                format!(
+                    "error: no input gives a step count; give the inputs of rule `{}` ({}) with --input NAME=FILE{}, or pass --steps",
+                    info.name,
+                    declared.join(", "),
+                    if grads_input(&info).is_some() { " or --grads FILE" } else { "" }
+                )
+            }));
+        }
+    };
+    let show = !args.quiet && std::io::stdout().is_terminal();
+    let every = (steps / 10).max(1);
+    if !args.quiet {
+        println!(
+            "rule {}: {} step(s) over {} tensor(s), {} elements",
+            info.name,
+            steps,
+            spaces.iter().map(|s| s.len()).sum::<usize>(),
+            spaces.iter().flatten().map(|t| t.2.len()).sum::<usize>()
+        );
+        println!("{:>6}  {:>14}  {:>14}", "step", "|params|", "|update|");
+    }
+    // A progress bar on a terminal (stderr); hidden when piped or with --quiet.
+    let bar = if args.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(steps as u64)
+    };
+    for step in 0..steps {
+        let before: Vec<Vec<T>> = (0..info.spaces.len())
+            .flat_map(|s| opt.params(s).to_vec())
+            .collect();
+        let slices: HashMap<String, Vec<Vec<T>>> = tensor_inputs
+            .iter()
+            .map(|(n, per)| {
+                let v = per
+                    .iter()
+                    .map(|(shape, data)| {
+                        let len: usize = shape[1..].iter().product();
+                        data[step * len..(step + 1) * len]
+                            .iter()
+                            .map(|&x| T::from_f64(x))
+                            .collect()
+                    })
+                    .collect();
+                (n.clone(), v)
+            })
+            .collect();
+        let mut inputs = Inputs::default();
+        for (n, v) in &slices {
+            inputs = inputs.tensor(n, v.iter().map(|x| x.as_slice()).collect());
+        }
+        for (n, v) in &scalar_inputs {
+            inputs = inputs.scalar(n, v[step]);
+        }
+        opt.step(&inputs)
+            .map_err(|e| step_failed(&info, step + 1, &e))?;
+        if !args.quiet && (step + 1 == steps || (step + 1) % every == 0 || show && step < 3) {
+            let after: Vec<Vec<T>> = (0..info.spaces.len())
+                .flat_map(|s| opt.params(s).to_vec())
+                .collect();
+            let norm = after
+                .iter()
+                .flatten()
+                .map(|x| x.to_f64().powi(2))
+                .sum::<f64>()
+                .sqrt();
+            let upd = after
+                .iter()
+                .flatten()
+                .zip(before.iter().flatten())
+                .map(|(a, b)| (a.to_f64() - b.to_f64()).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            bar.suspend(|| println!("{:>6}  {:>14.6e}  {:>14.6e}", step + 1, norm, upd));
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    // Every output's bytes first, then each file written atomically: an error before the first
+    // rename leaves every output as it was.
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (s, ts) in spaces.iter().enumerate() {
+        for (j, (name, shape, _)) in ts.iter().enumerate() {
+            tensors.push((name.clone(), shape.clone(), T::to_le(&opt.params(s)[j])));
+        }
+    }
+    let meta = HashMap::from([
+        ("rule".to_string(), info.name.clone()),
+        ("steps".to_string(), steps.to_string()),
+    ]);
+    let out = tensors_bytes(T::DTYPE, &tensors, meta)
+        .map_err(|e| Fail(format!("error: cannot write `{}`: {e}", args.out.display())))?;
+    let checkpoint = match &args.state_out {
+        Some(path) => Some((
+            path,
+            opt.checkpoint_bytes()
+                .map_err(|e| Fail(format!("error: {e}")))?,
+        )),
+        None => None,
+    };
+    write_file(&args.out, &out)?;
+    if !args.quiet {
+        if opt.skipped_steps() > 0 {
+            println!(
+                "skipped {} step(s) with non-finite inputs",
+                opt.skipped_steps()
+            );
+        }
+        println!("wrote {} ({} tensor(s))", args.out.display(), tensors.len());
+    }
+    if let Some((path, bytes)) = checkpoint {
+        write_file_atomic(path, &bytes).map_err(|e| {
+            Fail(format!(
+                "error: checkpoint: cannot write `{}`: {e}",
+                path.display()
+            ))
+        })?;
+        if !args.quiet {
+            println!("wrote checkpoint {} (step {})", path.display(), opt.steps());
+        }
+    }
+    Ok(())
+}
+
+/// The per-element input `--grads` stands for: `g`, or the rule's only per-element input.
+fn grads_input(info: &RuleInfo) -> Option<&str> {
+    let names: Vec<&str> = info.inputs().map(|(_, b)| b.name.as_str()).collect();
+    if names.contains(&"g") {
+        Some("g")
+    } else if names.len() == 1 {
+        Some(names[0])
+    } else {
+        None
+    }
+}
+
+/// The rule's inputs: per-element, then scalar.
+fn declared_inputs(info: &RuleInfo) -> Vec<&str> {
+    info.inputs()
+        .map(|(_, b)| b.name.as_str())
+        .chain(info.scalar_inputs.iter().map(String::as_str))
+        .collect()
+}
+
+/// The runtime's error for step `step`, with how to give an input the rule reads.
+fn step_failed(info: &RuleInfo, step: usize, e: &Error) -> Fail {
+    let help = match e {
+        Error::MissingInput { name, .. } => format!(
+            "; give it with --input {name}=FILE{}",
+            if grads_input(info) == Some(name.as_str()) {
+                " or --grads FILE"
+            } else {
+                ""
+            }
+        ),
+        _ => String::new(),
+    };
+    Fail(format!("error: step {step}: {e}{help}"))
+}
+
+/// A schedule from the command line: the text form, or `refined(FILE[, TAU[, l1]])`.
+fn parse_schedule(text: &str) -> Result<optc::runtime::Schedule, Fail> {
+    if let Some(args) = text
+        .strip_prefix("refined(")
+        .and_then(|r| r.strip_suffix(')'))
+    {
+        let parts: Vec<&str> = args.split(',').map(str::trim).collect();
+        let path = parts[0];
+        let tau = match parts.get(1) {
+            Some(t) => t
+                .parse::<f64>()
+                .map_err(|_| Fail(format!("error: schedule `{text}`: `{t}` is not a number")))?,
+            None => 0.1,
+        };
+        let l1 = parts.get(2) == Some(&"l1");
+        let norms: Vec<f64> = std::fs::read_to_string(path)
+            .map_err(|e| {
+                Fail(format!(
+                    "error: cannot read gradient norms from `{path}`: {e}"
+                ))
+            })?
+            .split_whitespace()
+            .map(|w| {
+                w.parse::<f64>()
+                    .map_err(|_| Fail(format!("error: `{path}`: `{w}` is not a number")))
+            })
+            .collect::<Result<_, _>>()?;
+        return optc::runtime::Schedule::refined(&norms, tau, l1)
+            .map_err(|e| Fail(format!("error: {e}")));
+    }
+    optc::runtime::Schedule::parse(text).map_err(|e| Fail(format!("error: {e}")))
+}
