@@ -18,5 +18,5 @@ fn quiet_broken_pipes() {
 
 fn main() -> ExitCode {
     quiet_broken_pipes();
-    cli::run(cli::Cli::parse())
+    cli::execute(cli::Cli::parse())
 }

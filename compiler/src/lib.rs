@@ -80,7 +80,7 @@ pub fn compile_with(src: &str, observe: PassObserver<'_>) -> Compilation {
             diagnostics.extend(lowered.diagnostics);
             if let (Some(mut p), true) = (lowered.program, parse_ok) {
                 observe("lower", &p);
-                passes::run(&mut p, passes::PIPELINE, observe);
+                passes::run_pipeline(&mut p, passes::PIPELINE, observe);
                 programs.push(p);
             }
         }

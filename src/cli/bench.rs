@@ -96,7 +96,8 @@ fn inplace_ceiling(n: usize, threads: usize, runs: usize) -> Result<f64, Fail> {
     Ok((3 * n * 4) as f64 / median(times) / 1e9)
 }
 
-pub(crate) fn bench(args: &BenchArgs) -> Result<(), Fail> {
+/// Runs `optc bench`.
+pub(crate) fn command(args: &BenchArgs) -> Result<(), Fail> {
     let (program, _, _) = compile_one(&args.rule, args.rule_name.as_deref())?;
     let info = program.info.clone();
     let tensors = args.tensors.max(1);

@@ -3,7 +3,8 @@
 use super::{color, load_source, Fail};
 use optc::{compile, render};
 
-pub(crate) fn check(files: &[String]) -> Result<(), Fail> {
+/// Runs `optc check`.
+pub(crate) fn command(files: &[String]) -> Result<(), Fail> {
     let mut failed = false;
     for f in files {
         let (name, src) = load_source(f)?;

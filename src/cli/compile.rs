@@ -109,7 +109,7 @@ fn cuda_source(
 }
 
 /// Runs `optc compile`.
-pub(crate) fn compile(args: &CompileArgs) -> Result<(), Fail> {
+pub(crate) fn command(args: &CompileArgs) -> Result<(), Fail> {
     let CompileArgs {
         ref rule,
         emit,

@@ -4,6 +4,7 @@ use super::{closest, compile_one, Fail};
 use optc::compiler::ir::{BufRole, Ty};
 use optc::stdlib;
 
+/// Runs `optc list`.
 pub(crate) fn list() -> Result<(), Fail> {
     for (name, src) in stdlib::RULES {
         let first = optc::grammar::parse(src)
@@ -16,7 +17,8 @@ pub(crate) fn list() -> Result<(), Fail> {
     Ok(())
 }
 
-pub(crate) fn doc(name: &str) -> Result<(), Fail> {
+/// Runs `optc doc`.
+pub(crate) fn show(name: &str) -> Result<(), Fail> {
     let src = stdlib::source(name).ok_or_else(|| {
         let mut m = format!("error: no standard-library rule `{name}`");
         if let Some(s) = closest(name, stdlib::names()) {

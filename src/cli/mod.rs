@@ -63,14 +63,14 @@ impl<E: std::fmt::Display> From<E> for Fail {
 }
 
 /// Runs a parsed command line: prints a failure's message on stderr.
-pub(crate) fn run(cli: Cli) -> ExitCode {
+pub(crate) fn execute(cli: Cli) -> ExitCode {
     let result = match cli.cmd {
-        Cmd::Check { files } => check::check(&files),
-        Cmd::Compile(args) => compile::compile(&args),
-        Cmd::Run(args) => run::run(&args),
-        Cmd::Bench(args) => bench::bench(&args),
+        Cmd::Check { files } => check::command(&files),
+        Cmd::Compile(args) => compile::command(&args),
+        Cmd::Run(args) => run::command(&args),
+        Cmd::Bench(args) => bench::command(&args),
         Cmd::List => doc::list(),
-        Cmd::Doc { name } => doc::doc(&name),
+        Cmd::Doc { name } => doc::show(&name),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -57,7 +57,8 @@ pub(crate) struct RunArgs {
     pub(crate) exec: ExecArgs,
 }
 
-pub(crate) fn run(args: &RunArgs) -> Result<(), Fail> {
+/// Runs `optc run`.
+pub(crate) fn command(args: &RunArgs) -> Result<(), Fail> {
     let (program, _, _) = compile_one(&args.rule, args.rule_name.as_deref())?;
     let params = read_tensors(&args.params)?;
     if params.dtype == Dtype::F64 {

@@ -13,8 +13,8 @@ use crate::ir::{Kernel, Kind, Node, NodeId, Program, Ty};
 use crate::ops::{binary_f64, unary_f64, Float};
 use std::collections::HashMap;
 
-/// Elements evaluated at a time.
-const CHUNK: usize = 1024;
+/// Elements evaluated at a time: the length of every value's column.
+const COLUMN_LEN: usize = 1024;
 
 /// Buffers of one rule: `bufs[buffer][tensor]` is the flat data of that tensor. Params come first
 /// (buffer `i` is the param of space `i`), so the tensor lengths of each space are those of its param.
@@ -251,10 +251,10 @@ pub fn run_kernel<T: Float>(
             }
         };
         let len = lens[j];
-        let mut cols: Vec<Vec<T>> = vec![Vec::with_capacity(CHUNK); kernel.body.len()];
+        let mut cols: Vec<Vec<T>> = vec![Vec::with_capacity(COLUMN_LEN); kernel.body.len()];
         let mut start = 0;
         while start < len {
-            let end = (start + CHUNK).min(len);
+            let end = (start + COLUMN_LEN).min(len);
             for (s, &n) in kernel.body.iter().enumerate() {
                 let mut col = std::mem::take(&mut cols[s]);
                 col.clear();

@@ -33,7 +33,7 @@ pub fn is_guard(p: &Program, r: NodeId) -> bool {
 pub fn guard_inputs(p: &Program) -> Program {
     let mut q = p.clone();
     guard(&mut q);
-    crate::passes::run(&mut q, crate::passes::GUARDED, &mut |_, _| {});
+    crate::passes::run_pipeline(&mut q, crate::passes::GUARDED, &mut |_, _| {});
     q
 }
 

@@ -50,7 +50,7 @@ pub const GUARDED: &[&[Pass]] = &[PLAN];
 
 /// Runs the passes of `pipeline` in order, calling `observe` with each pass's name and the
 /// program after it.
-pub fn run(p: &mut Program, pipeline: &[&[Pass]], observe: PassObserver<'_>) {
+pub fn run_pipeline(p: &mut Program, pipeline: &[&[Pass]], observe: PassObserver<'_>) {
     for (name, pass) in pipeline.iter().flat_map(|part| part.iter()) {
         pass(p);
         observe(name, p);
@@ -85,7 +85,7 @@ pub fn runnable_with<'a>(
         if !agreed.is_empty() {
             let mut q = specialize::fixed(base, &agreed, first);
             observe("specialize", &q);
-            run(&mut q, SPECIALIZED, observe);
+            run_pipeline(&mut q, SPECIALIZED, observe);
             program = Cow::Owned(q);
         }
     }
@@ -93,7 +93,7 @@ pub fn runnable_with<'a>(
         let mut q = program.into_owned();
         finite::guard(&mut q);
         observe("guard", &q);
-        run(&mut q, GUARDED, observe);
+        run_pipeline(&mut q, GUARDED, observe);
         program = Cow::Owned(q);
     }
     program

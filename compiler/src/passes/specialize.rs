@@ -120,7 +120,7 @@ impl Decisions {
 /// that these decisions make unread must still evolve, since other values may read it later).
 pub fn specialize(p: &Program, decisions: &Decisions, hypers: &[f64]) -> Program {
     let mut q = fixed(p, decisions, hypers);
-    crate::passes::run(&mut q, crate::passes::SPECIALIZED, &mut |_, _| {});
+    crate::passes::run_pipeline(&mut q, crate::passes::SPECIALIZED, &mut |_, _| {});
     q
 }
 
