@@ -201,6 +201,61 @@ pub fn rounding_block(seed: u64, step: u64, buffer: u32, block: u64) -> [u32; 4]
     )
 }
 
+/// Elements whose random bits [`BitsCache::fill`] computes at a time.
+pub const BITS_BLOCK: usize = 64;
+
+/// The random bits of a stochastically rounding Cranelift kernel, one per stored slot on its
+/// stack (`optc_compiler::backend::clif`'s module docs give the layout): the bits of
+/// [`BITS_BLOCK`] consecutive elements, and the last Philox block evaluated, so consecutive
+/// fills cost one evaluation per four elements whatever the alignment of their first element.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BitsCache {
+    /// The bits of the elements asked for by [`BitsCache::fill`].
+    pub out: [u32; BITS_BLOCK],
+    /// The outputs of Philox block `block`.
+    pub words: [u32; 4],
+    /// `E / 4` of `words`; `u64::MAX` when empty.
+    pub block: u64,
+}
+
+impl Default for BitsCache {
+    fn default() -> Self {
+        BitsCache {
+            out: [0; BITS_BLOCK],
+            words: [0; 4],
+            block: u64::MAX,
+        }
+    }
+}
+
+impl BitsCache {
+    /// Sets `out` to the [`rounding_bits`] of elements `e .. e + BITS_BLOCK` of `buffer`: one
+    /// Philox evaluation per four elements (one more on a first fill that starts inside a block).
+    pub fn fill(&mut self, seed: u64, step: u64, buffer: u32, e: u64) {
+        const N: usize = BITS_BLOCK / 4 + 1;
+        let first = e / 4;
+        let off = (e % 4) as usize;
+        let need = if off == 0 { N - 1 } else { N };
+        let mut w = [[0u32; 4]; N];
+        let from = if off != 0 && self.block == first {
+            w[0] = self.words;
+            1
+        } else {
+            0
+        };
+        for (j, b) in w.iter_mut().enumerate().take(need).skip(from) {
+            *b = rounding_block(seed, step, buffer, first.wrapping_add(j as u64));
+        }
+        for (l, o) in self.out.iter_mut().enumerate() {
+            let k = off + l;
+            *o = w[k / 4][k % 4];
+        }
+        self.words = w[need - 1];
+        self.block = first + need as u64 - 1;
+    }
+}
+
 /// The f32 value of a 16-bit value stored as `s` (exact; a signaling NaN comes back quiet).
 ///
 /// # Panics
@@ -333,6 +388,26 @@ mod tests {
             )[(e % 4) as usize];
             assert_eq!(rounding_bits(seed, step, buf, e), want, "element {e}");
         }
+    }
+
+    #[test]
+    fn the_bits_cache_gives_rounding_bits() {
+        let (seed, step, buf) = (99u64, 4u64, 1u32);
+        for start in [0u64, 1, 2, 3, 4, 5, 63, 64, 65, (1 << 34) + 3] {
+            let mut c = BitsCache::default();
+            for g in 0..3 {
+                let e = start + (BITS_BLOCK * g) as u64;
+                c.fill(seed, step, buf, e);
+                for (l, &o) in c.out.iter().enumerate() {
+                    let want = rounding_bits(seed, step, buf, e + l as u64);
+                    assert_eq!(o, want, "start {start} fill {g} element {l}");
+                }
+                let last = (e + BITS_BLOCK as u64 - 1) / 4;
+                assert_eq!(c.block, last);
+                assert_eq!(c.words, rounding_block(seed, step, buf, last));
+            }
+        }
+        assert_eq!(std::mem::size_of::<BitsCache>(), 4 * BITS_BLOCK + 24);
     }
 
     #[test]
