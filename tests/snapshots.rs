@@ -73,6 +73,21 @@ fn cuda_with_16_bit_storage() {
     }
 }
 
+/// 16-bit storage in the Cranelift kernels: adam with bf16 params and f32 state rounded to
+/// nearest (the CPU-offload pattern), and with bf16 params and state rounded stochastically.
+#[test]
+fn clif_with_16_bit_storage() {
+    use optc::compiler::storage::{Storage, StorageMap};
+    let f32 = optc::compiler::backend::clif::Precision::F32;
+    let p = optc::stdlib_rule("adam").expect("compiles");
+    for (tag, bf16_state, stochastic) in [("bf16", false, false), ("bf16_stochastic", true, true)] {
+        let map = StorageMap::mixed(&p, Storage::Bf16, bf16_state, stochastic);
+        let clif =
+            optc::compiler::backend::clif::clif_text_stored(&p, f32, &map).expect("f32 program");
+        insta::assert_snapshot!(format!("stdlib_adam_clif_{tag}"), clif);
+    }
+}
+
 #[test]
 fn stdlib_rules_have_no_warnings_but_the_documented_ones() {
     for (name, src) in optc::stdlib::RULES {

@@ -11,11 +11,11 @@ use crate::io::TensorSpec;
 use crate::specialize::{How, Specializations, StageNeeds};
 use crate::step::StepState;
 use crate::{Error, Schedule};
-use optc_compiler::backend::cuda::StorageMap;
 use optc_compiler::backend::interp::Buffers;
 use optc_compiler::ir::{BufRole, Node, NodeId, Program, Ty};
 use optc_compiler::ops::Float;
 use optc_compiler::passes::specialize::Decisions;
+use optc_compiler::storage::StorageMap;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 

@@ -4,12 +4,12 @@
 
 use crate::engine::{Compiled, Engine};
 use crate::{Error, NonFinite};
-use optc_compiler::backend::cuda::StorageMap;
 use optc_compiler::ir::{Node, NodeId, Program};
 use optc_compiler::ops::Float;
 use optc_compiler::passes::finite::is_guard;
 use optc_compiler::passes::runnable;
 use optc_compiler::passes::specialize::Decisions;
+use optc_compiler::storage::StorageMap;
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;

@@ -115,7 +115,7 @@ impl<T: Float + Default> Optimizer<T> {
             ));
         }
         let params_16 = (0..params.len())
-            .all(|s| self.storage.of(s as u16) != optc_compiler::backend::cuda::Storage::Native);
+            .all(|s| self.storage.of(s as u16) != optc_compiler::storage::Storage::Native);
         if !params_16 {
             return Err(Error::Params(
                 "the params are not stored in 16 bits on the device".into(),

@@ -4,13 +4,21 @@
 //! covers the element range `[start, end)` of one tensor:
 //!
 //! ```text
-//! struct Task {            // TASK_SIZE bytes
-//!     bufs: *const *mut T, // base pointer of each buffer slot (KernelAbi::slots) for this tensor
-//!     start: u64, end: u64,
-//!     uniforms: *const T,  // this tensor's uniform values (KernelAbi::uniforms), booleans as 0/1
-//!     partials: *mut f64,  // out: one partial per reduction (KernelAbi::reductions)
+//! struct Task {            // TASK_SIZE = 64 bytes
+//!     bufs: *const *mut u8, //  0: base pointer of each buffer slot (KernelAbi::slots) for this
+//!                           //     tensor, to elements of the slot's storage type
+//!     start: u64,           //  8: first element of the range
+//!     end: u64,             // 16: one past its last element
+//!     uniforms: *const T,   // 24: this tensor's uniform values (KernelAbi::uniforms), booleans as 0/1
+//!     partials: *mut f64,   // 32: out: one partial per reduction (KernelAbi::reductions)
+//!     base: u64,            // 40: index E of the tensor's element 0 over all tensors of its space
+//!     seed: u64,            // 48: the key of stochastic rounding
+//!     step: u64,            // 56: the step t (low 32 bits used)
 //! }
 //! ```
+//! `base`, `seed` and `step` are read only by kernels that round stochastically
+//! ([`StorageMap::stochastic`] with a 16-bit buffer stored); others ignore them.
+//!
 //! The body runs as a vectorized main loop (`UNROLL` vectors of `16 / size_of::<T>()` lanes per
 //! iteration), a one-vector loop, and a scalar tail. Sums accumulate in f64 lanes; maxima in the
 //! element type (exact). The partials of a task are combined in a fixed order, so a task's result
@@ -19,13 +27,44 @@
 //! Operations with no Cranelift instruction (`exp`, `log`, `pow`, `%`, ...) call the functions of
 //! [`MathFn`], which the JIT resolves to the same Rust functions the interpreter uses, so results
 //! are bit-identical to the interpreter.
+//!
+//! # 16-bit storage
+//! With a [`StorageMap`] ([`build_stored`], f32 programs only), a bf16 or f16 slot holds 16-bit
+//! elements. The main loop loads the eight elements of its two vectors with one 128-bit load
+//! (bf16: zero words interleaved below them; f16: zero-extended) and stores them with one
+//! (two vectors narrowed together); the one-vector loop uses 64-bit accesses (`uload16x4`,
+//! four lanes narrowed), the tail 16-bit ones. Widening is exact, in integer arithmetic (bf16
+//! shifted into the high half; f16 rebiased, its subnormals converted from their integer
+//! mantissa, infinities and NaNs given the f32 exponent). Stores round to nearest, ties to even,
+//! as `half`'s `from_f32` (the conversions of [`crate::storage`], also the CUDA generator's):
+//! in integer arithmetic, except f16 results below 2^-14, which come from `|x| + 0.5` in f32
+//! (its rounding at 2^-24 is the f16 subnormal grid). Loads keep a signaling NaN's quiet bit as
+//! it is (as the CUDA kernels do); stores set it.
+//!
+//! Stochastic stores draw element `E = base + i`'s bits from [`crate::storage::rounding_bits`]
+//! through a per-slot cache on the stack ([`crate::storage::BitsCache`]) that
+//! [`StorageFn::Bits`] fills with the bits of the next `BITS_BLOCK` (64) elements whenever a
+//! store needs bits past its end: one Philox evaluation per four elements, batched, whatever the
+//! alignment of `base`. bf16 then rounds inline (the low 16 random bits added below the kept
+//! ones), f16 calls [`StorageFn::F16Stochastic`] per element. The cache is [`BITS_CACHE_SIZE`]
+//! bytes, 16-byte aligned:
+//!
+//! ```text
+//! struct BitsCache {          // BITS_CACHE_SIZE = 280 bytes
+//!     out: [u32; BITS_BLOCK],  //   0: the bits of elements E0 .. E0 + 64 (E0: the last fill's)
+//!     words: [u32; 4],         // 256: Philox's outputs for block `block`
+//!     block: u64,              // 272: E / 4 of `words`; u64::MAX when empty (set at each task)
+//! }
+//! ```
 
 use crate::ir::{BinOp, BufId, Kernel, Kind, Node, NodeId, Program, ReduceOp, Ty, UnOp};
+use crate::storage::{key_buffer, Storage, StorageError, StorageMap, BITS_BLOCK};
 use cranelift_codegen::cursor::{Cursor, FuncCursor};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{
     self, types, AbiParam, ConstantData, Endianness, ExtFuncData, ExternalName, FuncRef,
-    InstBuilder, MemFlagsData, Signature, Type, UserExternalName, UserFuncName, Value,
+    InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Type, UserExternalName,
+    UserFuncName, Value,
 };
 use cranelift_codegen::isa::{CallConv, TargetFrontendConfig};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
@@ -33,7 +72,9 @@ use std::collections::{BTreeSet, HashMap};
 use target_lexicon::PointerWidth;
 
 /// Size of a task record in bytes.
-pub const TASK_SIZE: i32 = 40;
+pub const TASK_SIZE: i32 = 64;
+/// Size of the random-bits cache of a stochastically rounded slot ([`StorageFn::Bits`]).
+pub const BITS_CACHE_SIZE: u32 = (4 * BITS_BLOCK + 24) as u32;
 /// Vectors processed per main-loop iteration.
 pub const UNROLL: usize = 2;
 
@@ -149,6 +190,60 @@ impl MathFn {
     }
 }
 
+/// Functions 16-bit stores call (the JIT resolves them to the runtime's Rust functions over
+/// [`crate::storage`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StorageFn {
+    /// `fn(cache: *mut BitsCache, seed: u64, step: u64, buffer: u32, e: u64)`: the random bits
+    /// of elements `e .. e + BITS_BLOCK` into `cache.out` ([`crate::storage::BitsCache::fill`]).
+    Bits,
+    /// `fn(x: f32, r: u32) -> u32`: `x` rounded stochastically to f16 with the bits `r`
+    /// ([`crate::storage::stochastic`]), zero-extended.
+    F16Stochastic,
+}
+
+impl StorageFn {
+    /// Every function, for registering symbols.
+    pub fn all() -> [StorageFn; 2] {
+        [StorageFn::Bits, StorageFn::F16Stochastic]
+    }
+    /// Symbol name.
+    pub fn symbol(self) -> &'static str {
+        match self {
+            StorageFn::Bits => "optc_rounding_bits",
+            StorageFn::F16Stochastic => "optc_f16_stochastic",
+        }
+    }
+    /// Its signature (`ptr`: the pointer type).
+    pub fn signature(self, ptr: Type, call_conv: CallConv) -> Signature {
+        let mut sig = Signature::new(call_conv);
+        match self {
+            StorageFn::Bits => {
+                sig.params.push(AbiParam::new(ptr));
+                sig.params.push(AbiParam::new(types::I64));
+                sig.params.push(AbiParam::new(types::I64));
+                sig.params.push(AbiParam::new(types::I32));
+                sig.params.push(AbiParam::new(types::I64));
+            }
+            StorageFn::F16Stochastic => {
+                sig.params.push(AbiParam::new(types::F32));
+                sig.params.push(AbiParam::new(types::I32));
+                sig.returns.push(AbiParam::new(types::I32));
+            }
+        }
+        sig
+    }
+}
+
+/// A function a kernel calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Callee {
+    /// An element function.
+    Math(MathFn),
+    /// A storage conversion.
+    Storage(StorageFn),
+}
+
 /// How a kernel function's task records are laid out.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KernelAbi {
@@ -223,22 +318,97 @@ pub fn print_importer(
     }
 }
 
+/// Imports any function a kernel calls: math functions and storage conversions.
+pub type CalleeImporter<'a> = &'a mut dyn FnMut(&mut ir::Function, Callee) -> FuncRef;
+
+/// An importer for printing every callee: math functions named `u1:<index>` (as
+/// [`print_importer`]), storage functions `u2:<index>` (in [`StorageFn::all`] order).
+pub fn print_callee_importer(
+    p: Precision,
+    ptr: Type,
+    call_conv: CallConv,
+) -> impl FnMut(&mut ir::Function, Callee) -> FuncRef {
+    let mut math = print_importer(p, call_conv);
+    move |func, c| match c {
+        Callee::Math(f) => math(func, f),
+        Callee::Storage(f) => {
+            let idx = StorageFn::all().iter().position(|g| *g == f).unwrap_or(0) as u32;
+            let name = func.declare_imported_user_function(UserExternalName::new(2, idx));
+            let signature = func.import_signature(f.signature(ptr, call_conv));
+            func.import_function(ExtFuncData {
+                name: ExternalName::user(name),
+                signature,
+                colocated: false,
+                patchable: false,
+            })
+        }
+    }
+}
+
+/// The storage functions a kernel calls under `storage`.
+pub fn storage_calls(k: &Kernel, storage: &StorageMap) -> Vec<StorageFn> {
+    let rounded: Vec<Storage> = k
+        .stores
+        .iter()
+        .map(|s| storage.of(s.0))
+        .filter(|&s| s != Storage::Native)
+        .collect();
+    if !storage.stochastic || rounded.is_empty() {
+        return Vec::new();
+    }
+    let mut v = vec![StorageFn::Bits];
+    if rounded.contains(&Storage::F16) {
+        v.push(StorageFn::F16Stochastic);
+    }
+    v
+}
+
+/// Whether a kernel rounds stores stochastically under `storage` (and reads `base`, `seed` and
+/// `step` from its tasks).
+pub fn rounds_stochastically(k: &Kernel, storage: &StorageMap) -> bool {
+    !storage_calls(k, storage).is_empty()
+}
+
 struct Gen<'a, 'b> {
     p: &'a Program,
     k: &'a Kernel,
     prec: Precision,
+    storage: &'a StorageMap,
     b: FunctionBuilder<'b>,
     /// Uniform values by node, scalar and splat.
     uni: HashMap<NodeId, (Value, Value)>,
     calls: HashMap<MathFn, FuncRef>,
+    storage_fns: HashMap<StorageFn, FuncRef>,
     ptr: Type,
     /// The jump that ends a task's prologue: constants are inserted before it, outside the loops.
     prologue_end: Option<ir::Inst>,
     /// Constants already materialized there: (bits, vector) -> value.
     consts: HashMap<(u64, bool), Value>,
+    /// Stochastic rounding: this task's `base`, `seed` and `step`.
+    key: Option<(Value, Value, Value)>,
+    /// Stochastic rounding: the random-bits cache of each stored 16-bit slot.
+    caches: HashMap<BufId, BitsSlot>,
 }
 
-/// Builds the Cranelift function of a kernel.
+/// The random-bits cache of a slot: its address, and the element range `[start, end)` (indices
+/// in the tensor) whose bits it holds.
+#[derive(Clone, Copy)]
+struct BitsSlot {
+    addr: Value,
+    start: Variable,
+    end: Variable,
+}
+
+/// Where the elements of one iteration part are: element index and byte offsets.
+struct At {
+    idx: Value,
+    /// `idx * size_of::<T>()`.
+    byte: Value,
+    /// `idx * 2`, when the kernel has 16-bit slots.
+    half: Option<Value>,
+}
+
+/// Builds the Cranelift function of a kernel (every buffer in the program's precision).
 pub fn build(
     p: &Program,
     k: &Kernel,
@@ -248,13 +418,64 @@ pub fn build(
     import: Importer<'_>,
     index: u32,
 ) -> ir::Function {
+    let mut callee = |func: &mut ir::Function, c: Callee| match c {
+        Callee::Math(f) => import(func, f),
+        Callee::Storage(f) => unreachable!("native storage calls no {f:?}"),
+    };
+    build_with(
+        p,
+        k,
+        prec,
+        &StorageMap::default(),
+        ptr,
+        call_conv,
+        &mut callee,
+        index,
+    )
+}
+
+/// Builds the Cranelift function of a kernel whose buffers are stored as `storage` says:
+/// 16-bit slots widened on load and rounded on store (see the module docs). 16-bit storage
+/// needs an f32 program.
+#[allow(clippy::too_many_arguments)]
+pub fn build_stored(
+    p: &Program,
+    k: &Kernel,
+    prec: Precision,
+    storage: &StorageMap,
+    ptr: Type,
+    call_conv: CallConv,
+    import: CalleeImporter<'_>,
+    index: u32,
+) -> Result<ir::Function, StorageError> {
+    storage.check(p, prec)?;
+    Ok(build_with(
+        p, k, prec, storage, ptr, call_conv, import, index,
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_with(
+    p: &Program,
+    k: &Kernel,
+    prec: Precision,
+    storage: &StorageMap,
+    ptr: Type,
+    call_conv: CallConv,
+    import: CalleeImporter<'_>,
+    index: u32,
+) -> ir::Function {
     let abi = abi(p, k);
     let mut func =
         ir::Function::with_name_signature(UserFuncName::user(0, index), signature(ptr, call_conv));
     let calls: HashMap<MathFn, FuncRef> = abi
         .calls
         .iter()
-        .map(|&f| (f, import(&mut func, f)))
+        .map(|&f| (f, import(&mut func, Callee::Math(f))))
+        .collect();
+    let storage_fns: HashMap<StorageFn, FuncRef> = storage_calls(k, storage)
+        .into_iter()
+        .map(|f| (f, import(&mut func, Callee::Storage(f))))
         .collect();
     let mut fctx = FunctionBuilderContext::new();
     let b = FunctionBuilder::new(&mut func, &mut fctx);
@@ -262,12 +483,16 @@ pub fn build(
         p,
         k,
         prec,
+        storage,
         b,
         uni: HashMap::new(),
         calls,
+        storage_fns,
         ptr,
         prologue_end: None,
         consts: HashMap::new(),
+        key: None,
+        caches: HashMap::new(),
     };
     g.body(&abi);
     g.b.seal_all_blocks();
@@ -298,6 +523,11 @@ struct Acc {
 impl Gen<'_, '_> {
     fn flags() -> MemFlagsData {
         MemFlagsData::trusted()
+    }
+
+    /// Accesses to 16-bit slots: two-byte aligned only.
+    fn flags16() -> MemFlagsData {
+        MemFlagsData::new().with_notrap()
     }
 
     fn body(&mut self, abi: &KernelAbi) {
@@ -346,6 +576,50 @@ impl Gen<'_, '_> {
             .enumerate()
             .map(|(i, &buf)| (buf, self.b.ins().load(ptr, f, bufs, (i * 8) as i32)))
             .collect();
+        if rounds_stochastically(self.k, self.storage) {
+            // The rounding key, and an empty random-bits cache per stochastically stored slot.
+            let base = self.b.ins().load(types::I64, f, task, 40);
+            let seed = self.b.ins().load(types::I64, f, task, 48);
+            let step = self.b.ins().load(types::I64, f, task, 56);
+            self.key = Some((base, seed, step));
+            let rounded: BTreeSet<BufId> = self
+                .k
+                .stores
+                .iter()
+                .map(|s| s.0)
+                .filter(|&b| self.storage.of(b) != Storage::Native)
+                .collect();
+            for buf in rounded {
+                let ss = self.b.create_sized_stack_slot(StackSlotData::new(
+                    StackSlotKind::ExplicitSlot,
+                    BITS_CACHE_SIZE,
+                    4,
+                ));
+                let addr = self.b.ins().stack_addr(ptr, ss, 0);
+                let empty = self.b.ins().iconst(types::I64, -1);
+                self.b
+                    .ins()
+                    .store(f, empty, addr, BITS_CACHE_SIZE as i32 - 8);
+                let (s0, e0) = (
+                    self.b.declare_var(types::I64),
+                    self.b.declare_var(types::I64),
+                );
+                self.b.def_var(s0, start);
+                self.b.def_var(e0, start);
+                self.caches.insert(
+                    buf,
+                    BitsSlot {
+                        addr,
+                        start: s0,
+                        end: e0,
+                    },
+                );
+            }
+        }
+        let has16 = abi
+            .slots
+            .iter()
+            .any(|&b| self.storage.of(b) != Storage::Native);
         for (i, &u) in abi.uniforms.iter().enumerate() {
             let s = self.b.ins().load(ty, f, unis, (i as i64 * size) as i32);
             let v = self.b.ins().splat(vty, s);
@@ -413,13 +687,44 @@ impl Gen<'_, '_> {
             self.b.ins().brif(fits, body, &[], after, &[]);
             self.b.switch_to_block(body);
             let iv = self.b.use_var(i);
-            for part in 0..vectors.max(1) {
-                let vector = vectors > 0;
+            let vector = vectors > 0;
+            // 16-bit slots in the main loop: two vectors' elements per 128-bit load and store.
+            let paired = has16 && vectors >= 2 && vectors % 2 == 0;
+            let mut loaded16: Vec<Memo> = (0..vectors.max(1)).map(|_| Memo::new()).collect();
+            if paired {
+                for part in (0..vectors).step_by(2) {
+                    let idx = self.b.ins().iadd_imm_s(iv, part as i64 * lanes);
+                    let half = self.b.ins().imul_imm_s(idx, 2);
+                    for &n in &self.k.body {
+                        let Node::Load { buf, .. } = self.p.graph.node(n) else {
+                            continue;
+                        };
+                        let st = self.storage.of(buf);
+                        if st == Storage::Native {
+                            continue;
+                        }
+                        let addr = self.b.ins().iadd(bases[&buf], half);
+                        let q = self.b.ins().load(types::I16X8, Self::flags16(), addr, 0);
+                        let (lo, hi) = self.widen_pair(st, q);
+                        loaded16[part].insert(n, lo);
+                        loaded16[part + 1].insert(n, hi);
+                    }
+                }
+            }
+            // The rounded lanes of an even part's 16-bit stores, and their address, until the
+            // odd part stores both.
+            let mut pending: HashMap<BufId, (Value, Value)> = HashMap::new();
+            for (part, loaded16) in loaded16.iter().enumerate() {
                 let idx = self.b.ins().iadd_imm_s(iv, part as i64 * lanes);
                 let byte = self.b.ins().imul_imm_s(idx, size);
+                let half = has16.then(|| self.b.ins().imul_imm_s(idx, 2));
+                let at = At { idx, byte, half };
                 let mut memo = Memo::new();
                 for &n in &self.k.body {
-                    let v = self.node(n, vector, &bases, byte, &mut memo);
+                    let v = match loaded16.get(&n) {
+                        Some(&v) => v,
+                        None => self.node(n, vector, &bases, &at, &mut memo),
+                    };
                     memo.insert(n, v);
                 }
                 for &(r, a) in &self.k.reductions {
@@ -433,8 +738,19 @@ impl Gen<'_, '_> {
                 }
                 for &(buf, v) in &self.k.stores {
                     let x = self.operand(v, vector, &memo);
-                    let addr = self.b.ins().iadd(bases[&buf], byte);
-                    self.b.ins().store(Self::flags(), x, addr, 0);
+                    if !paired || self.storage.of(buf) == Storage::Native {
+                        self.store(buf, x, vector, &bases, &at);
+                        continue;
+                    }
+                    let h = self.rounded(buf, x, vector, &at);
+                    if part % 2 == 0 {
+                        let addr = self.b.ins().iadd(bases[&buf], at.half.expect("16-bit"));
+                        pending.insert(buf, (h, addr));
+                    } else {
+                        let (h0, addr) = pending.remove(&buf).expect("the even part's lanes");
+                        let n = self.b.ins().unarrow(h0, h);
+                        self.b.ins().store(Self::flags16(), n, addr, 0);
+                    }
                 }
             }
             let iv = self.b.use_var(i);
@@ -456,6 +772,266 @@ impl Gen<'_, '_> {
         self.b.ins().jump(task_head, &[]);
         self.b.switch_to_block(exit);
         self.b.ins().return_(&[]);
+    }
+
+    /// Stores `x` (a vector of element values, or one) into slot `buf` at `at`, converted to
+    /// the slot's storage.
+    fn store(
+        &mut self,
+        buf: BufId,
+        x: Value,
+        vector: bool,
+        bases: &HashMap<BufId, Value>,
+        at: &At,
+    ) {
+        let st = self.storage.of(buf);
+        if st == Storage::Native {
+            let addr = self.b.ins().iadd(bases[&buf], at.byte);
+            self.b.ins().store(Self::flags(), x, addr, 0);
+            return;
+        }
+        let h = self.rounded(buf, x, vector, at);
+        let half = at.half.expect("a 16-bit slot has 16-bit offsets");
+        let addr = self.b.ins().iadd(bases[&buf], half);
+        if vector {
+            // Lanes hold 0..=0xffff: narrowing without saturation, four lanes into 64 bits.
+            let n = self.b.ins().unarrow(h, h);
+            let q = self.bitcast(types::I64X2, n);
+            let lo = self.b.ins().extractlane(q, 0);
+            self.b.ins().store(Self::flags16(), lo, addr, 0);
+        } else {
+            self.b.ins().istore16(Self::flags16(), h, addr, 0);
+        }
+    }
+
+    /// `x` (a vector of element values, or one) rounded to the 16-bit storage of slot `buf`:
+    /// the bits zero-extended in i32 lanes.
+    fn rounded(&mut self, buf: BufId, x: Value, vector: bool, at: &At) -> Value {
+        let st = self.storage.of(buf);
+        let ity = if vector { types::I32X4 } else { types::I32 };
+        let xi = self.bitcast(ity, x);
+        match (st, self.caches.contains_key(&buf)) {
+            (Storage::Bf16, false) => self.nearest_bf16(xi, vector),
+            (_, false) => self.nearest_f16(xi, vector),
+            (Storage::Bf16, true) => {
+                let r = self.random_bits(buf, at.idx, vector);
+                self.stochastic_bf16(xi, r, vector)
+            }
+            (_, true) => {
+                let r = self.random_bits(buf, at.idx, vector);
+                let fref = self.storage_fns[&StorageFn::F16Stochastic];
+                if vector {
+                    let mut out = xi;
+                    for lane in 0..4u8 {
+                        let xl = self.b.ins().extractlane(x, lane);
+                        let rl = self.b.ins().extractlane(r, lane);
+                        let call = self.b.ins().call(fref, &[xl, rl]);
+                        let y = self.b.inst_results(call)[0];
+                        out = self.b.ins().insertlane(out, y, lane);
+                    }
+                    out
+                } else {
+                    let call = self.b.ins().call(fref, &[x, r]);
+                    self.b.inst_results(call)[0]
+                }
+            }
+        }
+    }
+
+    /// Eight 16-bit values (one 128-bit load) widened to two f32 vectors, low lanes first.
+    fn widen_pair(&mut self, st: Storage, q: Value) -> (Value, Value) {
+        if st == Storage::Bf16 {
+            // Interleaving zero words below the values (punpcklwd / punpckhwd) shifts them into
+            // the high half of each f32.
+            let zero = self.ci(0, true);
+            let z = self.bitcast(types::I8X16, zero);
+            let qb = self.bitcast(types::I8X16, q);
+            let mut halves = [z; 2];
+            for (j, first) in [0u8, 8].into_iter().enumerate() {
+                let mask: Vec<u8> = (0..4u8)
+                    .flat_map(|w| {
+                        let a = first + 2 * w;
+                        [a, a + 1, 16 + a, 17 + a]
+                    })
+                    .collect();
+                let imm = self.b.func.dfg.immediates.push(ConstantData::from(mask));
+                let v = self.b.ins().shuffle(z, qb, imm);
+                halves[j] = self.bitcast(types::F32X4, v);
+            }
+            (halves[0], halves[1])
+        } else {
+            let lo = self.b.ins().uwiden_low(q);
+            let hi = self.b.ins().uwiden_high(q);
+            (self.widen_f16(lo, true), self.widen_f16(hi, true))
+        }
+    }
+
+    /// The random bits of the elements at `idx` (four, or one) for stores into `buf`: from the
+    /// slot's cache, filled with the next `BITS_BLOCK` elements' first when it ends too early.
+    fn random_bits(&mut self, buf: BufId, idx: Value, vector: bool) -> Value {
+        let (base, seed, step) = self.key.expect("stochastic kernels load the rounding key");
+        let c = self.caches[&buf];
+        let width = if vector { 4 } else { 1 };
+        let have = self.b.use_var(c.end);
+        let need = self.b.ins().iadd_imm_s(idx, width);
+        let miss = self.b.ins().icmp(IntCC::SignedGreaterThan, need, have);
+        let fill = self.b.create_block();
+        let cont = self.b.create_block();
+        self.b.set_cold_block(fill);
+        self.b.ins().brif(miss, fill, &[], cont, &[]);
+        self.b.switch_to_block(fill);
+        let e = self.b.ins().iadd(base, idx);
+        let kb = key_buffer(self.p, buf);
+        let kb = self.b.ins().iconst(types::I32, i64::from(kb));
+        let fref = self.storage_fns[&StorageFn::Bits];
+        self.b.ins().call(fref, &[c.addr, seed, step, kb, e]);
+        self.b.def_var(c.start, idx);
+        let end = self.b.ins().iadd_imm_s(idx, BITS_BLOCK as i64);
+        self.b.def_var(c.end, end);
+        self.b.ins().jump(cont, &[]);
+        self.b.switch_to_block(cont);
+        let s0 = self.b.use_var(c.start);
+        let off = self.b.ins().isub(idx, s0);
+        let off = self.b.ins().ishl_imm_s(off, 2);
+        let addr = self.b.ins().iadd(c.addr, off);
+        let ty = if vector { types::I32X4 } else { types::I32 };
+        self.b.ins().load(ty, Self::flags16(), addr, 0)
+    }
+
+    /// Integer select: `m ? a : b` (vector masks from `icmp`).
+    fn isel(&mut self, m: Value, a: Value, b: Value, vector: bool) -> Value {
+        if vector {
+            self.b.ins().bitselect(m, a, b)
+        } else {
+            self.b.ins().select(m, a, b)
+        }
+    }
+
+    /// bf16 bits (zero-extended) as f32: the high half of the f32 bits.
+    fn widen_bf16(&mut self, h: Value, vector: bool) -> Value {
+        let fty = if vector { types::F32X4 } else { types::F32 };
+        let x = self.b.ins().ishl_imm_s(h, 16);
+        self.bitcast(fty, x)
+    }
+
+    /// f16 bits (zero-extended) as f32, exactly: normals rebiased in integer arithmetic,
+    /// subnormals converted from their integer mantissa and scaled by 2^-24 (no subnormal f32
+    /// operand, which would be slow), infinities and NaNs given the f32 exponent.
+    fn widen_f16(&mut self, h: Value, vector: bool) -> Value {
+        let (ity, fty) = if vector {
+            (types::I32X4, types::F32X4)
+        } else {
+            (types::I32, types::F32)
+        };
+        let mag = self.ci(0x7fff, vector);
+        let a = self.b.ins().band(h, mag);
+        let t = self.b.ins().ishl_imm_s(a, 13);
+        let rebias = self.ci(0x3800_0000, vector);
+        let normal = self.b.ins().iadd(t, rebias);
+        let m = self.b.ins().fcvt_from_sint(fty, a);
+        let scale = self.c(5.960_464_477_539_063e-8, vector); // 2^-24
+        let m = self.b.ins().fmul(m, scale);
+        let sub = self.bitcast(ity, m);
+        let min_normal = self.ci(0x400, vector);
+        let small = self.b.ins().icmp(IntCC::SignedLessThan, a, min_normal);
+        let r = self.isel(small, sub, normal, vector);
+        let inf = self.ci(0x7c00, vector);
+        let special = self.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, a, inf);
+        let exp = self.ci(0x7f80_0000, vector);
+        let infnan = self.b.ins().bor(t, exp);
+        let r = self.isel(special, infnan, r, vector);
+        let sbit = self.ci(0x8000, vector);
+        let sign = self.b.ins().band(h, sbit);
+        let sign = self.b.ins().ishl_imm_s(sign, 16);
+        let r = self.b.ins().bor(r, sign);
+        self.bitcast(fty, r)
+    }
+
+    /// f32 bits to the nearest bf16 (ties to even; NaN keeps its high bits, made quiet), as
+    /// `half::bf16::from_f32`: adding `0x7fff` plus the kept bits' lowest bit carries exactly when
+    /// the dropped half is above one half, or one half with an odd result.
+    fn nearest_bf16(&mut self, x: Value, vector: bool) -> Value {
+        let fty = if vector { types::F32X4 } else { types::F32 };
+        let xf = self.bitcast(fty, x);
+        let nan = self.b.ins().fcmp(FloatCC::Unordered, xf, xf);
+        let hi = self.b.ins().ushr_imm_s(x, 16);
+        let one = self.ci(1, vector);
+        let lsb = self.b.ins().band(hi, one);
+        let bias = self.ci(0x7fff, vector);
+        let r = self.b.ins().iadd(x, bias);
+        let r = self.b.ins().iadd(r, lsb);
+        let r = self.b.ins().ushr_imm_s(r, 16);
+        let quiet = self.ci(0x40, vector);
+        let q = self.b.ins().bor(hi, quiet);
+        self.isel(nan, q, r, vector)
+    }
+
+    /// f32 bits to the nearest f16 (ties to even; overflow to infinity; NaN keeps its high
+    /// mantissa bits, made quiet), as `half::f16::from_f32`. Normals round like bf16 (rebiased);
+    /// results below 2^-14 come from adding 0.5 in f32, whose rounding at 2^-24 is the f16
+    /// subnormal grid.
+    fn nearest_f16(&mut self, x: Value, vector: bool) -> Value {
+        let (ity, fty) = if vector {
+            (types::I32X4, types::F32X4)
+        } else {
+            (types::I32, types::F32)
+        };
+        let mag = self.ci(0x7fff_ffff, vector);
+        let a = self.b.ins().band(x, mag);
+        // Normal: rebias the exponent by -112 and round at bit 13.
+        let m13 = self.b.ins().ushr_imm_s(a, 13);
+        let one = self.ci(1, vector);
+        let lsb = self.b.ins().band(m13, one);
+        let bias = self.ci(0xfff - 0x3800_0000, vector);
+        let n = self.b.ins().iadd(a, bias);
+        let n = self.b.ins().iadd(n, lsb);
+        let n = self.b.ins().ushr_imm_s(n, 13);
+        let inf = self.ci(0x7c00, vector);
+        let n = self.b.ins().smin(n, inf);
+        // Subnormal (and zero): |x| + 0.5 rounds |x| to a multiple of 2^-24.
+        let af = self.bitcast(fty, a);
+        let halfc = self.c(0.5, vector);
+        let s = self.b.ins().fadd(af, halfc);
+        let si = self.bitcast(ity, s);
+        let half_bits = self.ci(0x3f00_0000, vector);
+        let sub = self.b.ins().isub(si, half_bits);
+        let min_normal = self.ci(0x3880_0000, vector);
+        let small = self.b.ins().icmp(IntCC::SignedLessThan, a, min_normal);
+        let r = self.isel(small, sub, n, vector);
+        // Infinity and NaN.
+        let mant = self.ci(0x3ff, vector);
+        let payload = self.b.ins().band(m13, mant);
+        let infnan = self.b.ins().bor(payload, inf);
+        let f32inf = self.ci(0x7f80_0000, vector);
+        let is_nan = self.b.ins().icmp(IntCC::SignedGreaterThan, a, f32inf);
+        let quiet = self.ci(0x200, vector);
+        let with_quiet = self.b.ins().bor(infnan, quiet);
+        let infnan = self.isel(is_nan, with_quiet, infnan, vector);
+        let special = self
+            .b
+            .ins()
+            .icmp(IntCC::SignedGreaterThanOrEqual, a, f32inf);
+        let r = self.isel(special, infnan, r, vector);
+        let hi = self.b.ins().ushr_imm_s(x, 16);
+        let sbit = self.ci(0x8000, vector);
+        let sign = self.b.ins().band(hi, sbit);
+        self.b.ins().bor(r, sign)
+    }
+
+    /// f32 bits rounded stochastically to bf16 with the random bits `r`: the low 16 bits of `r`
+    /// added below the kept bits, then truncated (for finite `x` the sum neither overflows nor
+    /// changes sign); non-finite values round to nearest.
+    fn stochastic_bf16(&mut self, x: Value, r: Value, vector: bool) -> Value {
+        let low = self.ci(0xffff, vector);
+        let rl = self.b.ins().band(r, low);
+        let s = self.b.ins().iadd(x, rl);
+        let s = self.b.ins().ushr_imm_s(s, 16);
+        let mag = self.ci(0x7fff_ffff, vector);
+        let a = self.b.ins().band(x, mag);
+        let inf = self.ci(0x7f80_0000, vector);
+        let finite = self.b.ins().icmp(IntCC::SignedLessThan, a, inf);
+        let near = self.nearest_bf16(x, vector);
+        self.isel(finite, s, near, vector)
     }
 
     fn fconst(&mut self, v: f64) -> Value {
@@ -506,7 +1082,7 @@ impl Gen<'_, '_> {
         n: NodeId,
         vector: bool,
         bases: &HashMap<BufId, Value>,
-        byte: Value,
+        at: &At,
         memo: &mut Memo,
     ) -> Value {
         let ty = if vector {
@@ -515,10 +1091,26 @@ impl Gen<'_, '_> {
             self.prec.ty()
         };
         match self.p.graph.node(n) {
-            Node::Load { buf, .. } => {
-                let addr = self.b.ins().iadd(bases[&buf], byte);
-                self.b.ins().load(ty, Self::flags(), addr, 0)
-            }
+            Node::Load { buf, .. } => match self.storage.of(buf) {
+                Storage::Native => {
+                    let addr = self.b.ins().iadd(bases[&buf], at.byte);
+                    self.b.ins().load(ty, Self::flags(), addr, 0)
+                }
+                st => {
+                    let half = at.half.expect("a 16-bit slot has 16-bit offsets");
+                    let addr = self.b.ins().iadd(bases[&buf], half);
+                    let h = if vector {
+                        self.b.ins().uload16x4(Self::flags16(), addr, 0)
+                    } else {
+                        self.b.ins().uload16(types::I32, Self::flags16(), addr, 0)
+                    };
+                    if st == Storage::Bf16 {
+                        self.widen_bf16(h, vector)
+                    } else {
+                        self.widen_f16(h, vector)
+                    }
+                }
+            },
             Node::Splat(_, a) => self.operand(a, vector, memo),
             Node::Unary(op, a) => {
                 let x = self.operand(a, vector, memo);
@@ -1010,6 +1602,21 @@ impl Gen<'_, '_> {
 
 /// The CLIF text of every kernel of a program (for `optc compile --emit clif`).
 pub fn clif_text(p: &Program, prec: Precision) -> String {
+    clif_text_with(p, prec, &StorageMap::default())
+}
+
+/// The CLIF text of every kernel of a program with buffers stored as `storage` says (see
+/// [`build_stored`]).
+pub fn clif_text_stored(
+    p: &Program,
+    prec: Precision,
+    storage: &StorageMap,
+) -> Result<String, StorageError> {
+    storage.check(p, prec)?;
+    Ok(clif_text_with(p, prec, storage))
+}
+
+fn clif_text_with(p: &Program, prec: Precision, storage: &StorageMap) -> String {
     let call_conv = CallConv::SystemV;
     let mut out = String::new();
     let mut index = 0;
@@ -1017,8 +1624,8 @@ pub fn clif_text(p: &Program, prec: Precision) -> String {
         for (si, s) in v.stages.iter().enumerate() {
             for (pi, ph) in s.phases.iter().enumerate() {
                 for k in &ph.kernels {
-                    let mut imp = print_importer(prec, call_conv);
-                    let f = build(p, k, prec, types::I64, call_conv, &mut imp, index);
+                    let mut imp = print_callee_importer(prec, types::I64, call_conv);
+                    let f = build_with(p, k, prec, storage, types::I64, call_conv, &mut imp, index);
                     index += 1;
                     out.push_str(&format!(
                         "; {} step, stage {}, phase {pi}, kernel over {}\n{}\n",

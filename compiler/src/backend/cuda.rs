@@ -54,6 +54,7 @@
 use super::clif::{abi, Precision};
 use crate::ir::{BinOp, BufId, Kernel, Kind, Node, NodeId, Program, ReduceOp, SpaceId, Ty, UnOp};
 use crate::print::node_text;
+pub use crate::storage::{rounded_then_reloaded, Storage, StorageError, StorageMap};
 use std::collections::BTreeSet;
 use std::fmt::Write;
 
@@ -73,119 +74,14 @@ pub const NVRTC_OPTIONS: &[&str] = &[
     "--ftz=false",
 ];
 
-/// How a buffer's elements are stored in device memory. Arithmetic is always in the compute type;
-/// 16-bit storage (f32 programs only) is widened exactly on load and rounded on store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub enum Storage {
-    /// The program's precision (`float` or `double`).
-    #[default]
-    Native,
-    /// bfloat16 (`optc_bf16`: 8 exponent bits, 7 mantissa bits).
-    Bf16,
-    /// IEEE binary16 (`optc_f16`).
-    F16,
-}
-
-impl Storage {
-    /// Bytes per element for a program of precision `prec`.
-    pub fn bytes(self, prec: Precision) -> usize {
-        match self {
-            Storage::Native => prec.size(),
-            Storage::Bf16 | Storage::F16 => 2,
-        }
+/// The C type of an element stored as `s` in a program of precision `prec`.
+fn c_type(s: Storage, prec: Precision) -> &'static str {
+    match (s, prec) {
+        (Storage::Native, Precision::F32) => "float",
+        (Storage::Native, Precision::F64) => "double",
+        (Storage::Bf16, _) => "optc_bf16",
+        (Storage::F16, _) => "optc_f16",
     }
-    /// The C type of an element.
-    fn c_type(self, prec: Precision) -> &'static str {
-        match (self, prec) {
-            (Storage::Native, Precision::F32) => "float",
-            (Storage::Native, Precision::F64) => "double",
-            (Storage::Bf16, _) => "optc_bf16",
-            (Storage::F16, _) => "optc_f16",
-        }
-    }
-}
-
-/// Where each buffer's elements live in device memory and how stores round them.
-///
-/// Stores into 16-bit buffers round to nearest (ties to even, as `half::bf16::from_f32`), or,
-/// with `stochastic`, up or down with probability proportional to the distance, from the 32 bits
-/// Philox-4x32-10 gives element `E` of buffer `B` at step `t` under key `seed`: output `E % 4` of
-/// counter `(E / 4 low word, E / 4 high word, t, B)`, where `E` counts the buffer's elements over
-/// all tensors of its space in order and `B` is the space index for params and the buffer id
-/// otherwise (the conventions of the runtime's mixed-precision optimizer, so both give the same
-/// bits). Such kernels take three more fixed parameters (see [`CudaKernel::rounding_key`]).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
-pub struct StorageMap {
-    /// By buffer id; buffers past the end are [`Storage::Native`].
-    pub buffers: Vec<Storage>,
-    /// Round stores into 16-bit buffers stochastically instead of to nearest.
-    pub stochastic: bool,
-}
-
-impl StorageMap {
-    /// Mixed precision: params stored as `param`, states as bf16 (`bf16_state`) or in the
-    /// program's precision, inputs and outputs in the program's precision.
-    pub fn mixed(p: &Program, param: Storage, bf16_state: bool, stochastic: bool) -> StorageMap {
-        StorageMap {
-            buffers: p
-                .info
-                .buffers
-                .iter()
-                .map(|b| match b.role {
-                    crate::ir::BufRole::Param => param,
-                    crate::ir::BufRole::State if bf16_state => Storage::Bf16,
-                    _ => Storage::Native,
-                })
-                .collect(),
-            stochastic,
-        }
-    }
-
-    /// The storage of buffer `b`.
-    pub fn of(&self, b: BufId) -> Storage {
-        self.buffers.get(b as usize).copied().unwrap_or_default()
-    }
-    /// Whether every buffer is stored in the program's precision.
-    pub fn is_native(&self) -> bool {
-        self.buffers.iter().all(|&s| s == Storage::Native)
-    }
-}
-
-/// The first buffer with 16-bit storage in `storage` that a step of `p` stores and then reads
-/// again (in a later phase or stage of the same step), if any. Such a buffer would be read back
-/// rounded, where a step computed wholly in f32 and rounded at its end reads the unrounded value;
-/// hosts that promise the latter refuse these programs.
-pub fn rounded_then_reloaded(p: &Program, storage: &StorageMap) -> Option<BufId> {
-    for v in &p.variants {
-        let mut stored: BTreeSet<BufId> = BTreeSet::new();
-        for st in &v.stages {
-            for ph in &st.phases {
-                for k in &ph.kernels {
-                    for &n in &k.loads {
-                        if let Node::Load { buf, .. } = p.graph.node(n) {
-                            if stored.contains(&buf) && storage.of(buf) != Storage::Native {
-                                return Some(buf);
-                            }
-                        }
-                    }
-                }
-                for k in &ph.kernels {
-                    stored.extend(k.stores.iter().map(|s| s.0));
-                }
-            }
-        }
-    }
-    None
-}
-
-/// A 16-bit storage type asked of a program that computes in f64.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("16-bit storage needs f32 arithmetic; buffer `{buffer}` of an f64 program cannot be {storage:?}")]
-pub struct StorageError {
-    /// The buffer's name.
-    pub buffer: String,
-    /// What it was asked to be.
-    pub storage: Storage,
 }
 
 /// How a kernel is launched: everything a host needs besides the source.
@@ -369,23 +265,7 @@ pub fn module_stored(
     all_per_tensor: bool,
     storage: &StorageMap,
 ) -> Result<CudaModule, StorageError> {
-    if prec == Precision::F64 {
-        if let Some((b, &st)) = storage
-            .buffers
-            .iter()
-            .enumerate()
-            .find(|(_, &s)| s != Storage::Native)
-        {
-            return Err(StorageError {
-                buffer: p
-                    .info
-                    .buffers
-                    .get(b)
-                    .map_or_else(|| format!("#{b}"), |bi| bi.name.clone()),
-                storage: st,
-            });
-        }
-    }
+    storage.check(p, prec)?;
     Ok(module_with_storage(p, prec, all_per_tensor, storage))
 }
 
@@ -708,13 +588,7 @@ impl Gen<'_> {
 
     /// The buffer number of slot `i` in the rounding key: the space for params, else the id.
     fn key_buffer(&self, i: usize) -> u32 {
-        let b = self.ck.slots[i];
-        let bi = &self.p.info.buffers[b as usize];
-        if bi.role == crate::ir::BufRole::Param {
-            u32::from(bi.space)
-        } else {
-            u32::from(b)
-        }
+        crate::storage::key_buffer(self.p, self.ck.slots[i])
     }
 
     /// The store of lane value `y{i}` at element `e` (scalar path).
@@ -1041,7 +915,7 @@ impl Gen<'_> {
         let stored = self.stored();
         for i in 0..nslots {
             let cq = if stored.contains(&i) { "" } else { "const " };
-            let st = self.slot_storage(i).c_type(d.prec);
+            let st = c_type(self.slot_storage(i), d.prec);
             let _ = writeln!(
                 out,
                 "        {cq}{st}* __restrict__ s{i} = static_cast<{cq}{st}*>(bp[{i}]) + ch.offset;"

@@ -5,6 +5,10 @@
 //! batched into one call (a multi-tensor table), and batches run in parallel. Each task writes its
 //! own reduction partials, which the host combines in task order, so results are bit-identical for
 //! any number of threads.
+//!
+//! [`JitProgram::compile_stored`] compiles kernels whose buffers are stored as a [`StorageMap`]
+//! says (bf16 or f16 slots widened on load and rounded on store, to nearest or stochastically);
+//! [`run_kernel_stored`] runs them over pointers to elements of each slot's storage type.
 
 #![allow(unsafe_code)] // machine code: the one place the project needs it
 
@@ -12,10 +16,10 @@ use super::{Compiled, Engine, KernelAt, Lent, Reductions, StageIo};
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{default_libcall_names, FuncId, Linkage, Module};
-use optc_compiler::backend::clif::{self, KernelAbi, MathFn, Precision};
-use optc_compiler::backend::cuda::StorageMap;
+use optc_compiler::backend::clif::{self, Callee, KernelAbi, MathFn, Precision, StorageFn};
 use optc_compiler::ir::{BinOp, BufRole, Kernel, Node, Program, UnOp};
 use optc_compiler::ops::Float;
+use optc_compiler::storage::{self, BitsCache, Storage, StorageMap};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,11 +41,18 @@ pub struct Task {
     end: u64,
     uniforms: *const u8,
     partials: *mut f64,
+    base: u64,
+    seed: u64,
+    step: u64,
 }
 
+const _: () = assert!(std::mem::size_of::<Task>() == clif::TASK_SIZE as usize);
+const _: () = assert!(std::mem::size_of::<BitsCache>() == clif::BITS_CACHE_SIZE as usize);
+
 type KernelFn = unsafe extern "C" fn(*const Task, u64);
-/// A kernel defined in the module, before finalization: its id, ABI and space.
-type Declared = (FuncId, KernelAbi, u16);
+/// A kernel defined in the module, before finalization: its id, ABI, space and whether it
+/// rounds stochastically.
+type Declared = (FuncId, KernelAbi, u16, bool);
 
 /// One compiled kernel.
 #[derive(Debug)]
@@ -51,6 +62,10 @@ pub struct JitKernel {
     pub abi: KernelAbi,
     /// The space it iterates over.
     pub space: u16,
+    /// The storage of each slot (`abi.slots` order): what its pointers point to.
+    pub storage: Vec<Storage>,
+    /// Whether it rounds stores stochastically (and reads [`RoundingKey`]).
+    pub rounding_key: bool,
 }
 
 /// Every kernel of a program, compiled.
@@ -61,6 +76,8 @@ pub struct JitProgram {
     pub kernels: [Vec<Vec<Vec<JitKernel>>>; 2],
     /// Element precision the kernels were compiled for.
     pub precision: Precision,
+    /// How the kernels' buffers are stored.
+    pub storage: StorageMap,
     /// Time spent compiling (Cranelift, all kernels).
     pub compile_time: Duration,
 }
@@ -112,6 +129,23 @@ extern "C" fn rem_f64(a: f64, b: f64) -> f64 {
     f64::binary(BinOp::Rem, a, b)
 }
 
+// The storage functions (clif::StorageFn), over optc_compiler::storage.
+extern "C" fn rounding_bits(cache: *mut BitsCache, seed: u64, step: u64, buffer: u32, e: u64) {
+    // SAFETY: kernels pass the cache on their own stack (BITS_CACHE_SIZE bytes, 16-byte aligned).
+    unsafe { (*cache).fill(seed, step, buffer, e) }
+}
+extern "C" fn f16_stochastic(x: f32, r: u32) -> u32 {
+    u32::from(storage::stochastic(Storage::F16, x, r))
+}
+
+/// The address of the Rust function behind a storage symbol.
+fn storage_address(f: StorageFn) -> *const u8 {
+    match f {
+        StorageFn::Bits => rounding_bits as *const u8,
+        StorageFn::F16Stochastic => f16_stochastic as *const u8,
+    }
+}
+
 /// The address of the Rust function behind a math symbol.
 fn math_address(f: MathFn, p: Precision) -> *const u8 {
     let f32s: [(MathFn, *const u8); 8] = [
@@ -145,8 +179,20 @@ fn math_address(f: MathFn, p: Precision) -> *const u8 {
 impl JitProgram {
     /// Compiles every kernel of `p` for this machine.
     pub fn compile(p: &Program, precision: Precision) -> Result<Self, JitError> {
+        Self::compile_stored(p, precision, &StorageMap::default())
+    }
+
+    /// Compiles every kernel of `p` for this machine with buffers stored as `storage` says
+    /// (16-bit storage needs f32: otherwise the [`storage::StorageError`] as a [`JitError`]).
+    /// Run the kernels with [`run_kernel_stored`].
+    pub fn compile_stored(
+        p: &Program,
+        precision: Precision,
+        storage: &StorageMap,
+    ) -> Result<Self, JitError> {
         let start = Instant::now();
         let err = |e: &dyn std::fmt::Display| JitError(e.to_string());
+        storage.check(p, precision).map_err(|e| err(&e))?;
         let mut flags = settings::builder();
         flags.set("opt_level", "speed").map_err(|e| err(&e))?;
         flags
@@ -163,6 +209,9 @@ impl JitProgram {
         for f in MathFn::all() {
             builder.symbol(f.symbol(precision), math_address(f, precision));
         }
+        for f in StorageFn::all() {
+            builder.symbol(f.symbol(), storage_address(f));
+        }
         let mut module = JITModule::new(builder);
         let mut math_ids: HashMap<MathFn, FuncId> = HashMap::new();
         for f in MathFn::all() {
@@ -174,6 +223,13 @@ impl JitProgram {
                 )
                 .map_err(|e| err(&e))?;
             math_ids.insert(f, id);
+        }
+        let mut storage_ids: HashMap<StorageFn, FuncId> = HashMap::new();
+        for f in StorageFn::all() {
+            let id = module
+                .declare_function(f.symbol(), Linkage::Import, &f.signature(ptr, call_conv))
+                .map_err(|e| err(&e))?;
+            storage_ids.insert(f, id);
         }
         let mut ctx = module.make_context();
         let mut ids: Vec<Vec<Vec<Vec<Declared>>>> = Vec::new();
@@ -188,10 +244,24 @@ impl JitProgram {
                         let func = {
                             let module_ref = &mut module;
                             let mut import =
-                                |func: &mut cranelift_codegen::ir::Function, f: MathFn| {
-                                    module_ref.declare_func_in_func(math_ids[&f], func)
+                                |func: &mut cranelift_codegen::ir::Function, c: Callee| {
+                                    let id = match c {
+                                        Callee::Math(f) => math_ids[&f],
+                                        Callee::Storage(f) => storage_ids[&f],
+                                    };
+                                    module_ref.declare_func_in_func(id, func)
                                 };
-                            clif::build(p, k, precision, ptr, call_conv, &mut import, index)
+                            clif::build_stored(
+                                p,
+                                k,
+                                precision,
+                                storage,
+                                ptr,
+                                call_conv,
+                                &mut import,
+                                index,
+                            )
+                            .map_err(|e| err(&e))?
                         };
                         ctx.func = func;
                         let id = module
@@ -205,7 +275,12 @@ impl JitProgram {
                             .define_function(id, &mut ctx)
                             .map_err(|e| JitError(format!("{e:?}")))?;
                         module.clear_context(&mut ctx);
-                        ks.push((id, clif::abi(p, k), k.space));
+                        ks.push((
+                            id,
+                            clif::abi(p, k),
+                            k.space,
+                            clif::rounds_stochastically(k, storage),
+                        ));
                         index += 1;
                     }
                     ss.push(ks);
@@ -223,13 +298,21 @@ impl JitProgram {
                     ss.into_iter()
                         .map(|ks| {
                             ks.into_iter()
-                                .map(|(id, abi, space)| {
+                                .map(|(id, abi, space, rounding_key)| {
                                     let code = module.get_finalized_function(id);
                                     // SAFETY: `code` is a finalized function built by `clif::build` with
                                     // the signature `fn(*const Task, u64)` in the platform calling convention.
                                     let func =
                                         unsafe { std::mem::transmute::<*const u8, KernelFn>(code) };
-                                    JitKernel { func, abi, space }
+                                    let storage =
+                                        abi.slots.iter().map(|&b| storage.of(b)).collect();
+                                    JitKernel {
+                                        func,
+                                        abi,
+                                        space,
+                                        storage,
+                                        rounding_key,
+                                    }
                                 })
                                 .collect()
                         })
@@ -241,6 +324,7 @@ impl JitProgram {
             _module: module,
             kernels,
             precision,
+            storage: storage.clone(),
             compile_time: start.elapsed(),
         })
     }
@@ -272,6 +356,66 @@ pub unsafe fn run_kernel<T: Float>(
     uniforms: &[Vec<T>],
     pool: Option<&rayon::ThreadPool>,
 ) -> Vec<(optc_compiler::ir::NodeId, Vec<f64>)> {
+    // SAFETY: the caller's guarantees; a kernel compiled without 16-bit storage reads no key.
+    unsafe {
+        run_kernel_stored(
+            k,
+            program,
+            lens,
+            ptrs,
+            uniforms,
+            RoundingKey::default(),
+            pool,
+        )
+    }
+}
+
+/// What stochastic rounding needs of a kernel launch (see `optc_compiler::storage`): per tensor
+/// the index `E` of its element 0 over all tensors of the kernel's space in order
+/// ([`tensor_bases`]), the seed and the step `t` (1 on the first step).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RoundingKey<'a> {
+    /// Per tensor (as `lens`), the index of its element 0 in its buffers.
+    pub bases: &'a [u64],
+    /// The key of the random bits.
+    pub seed: u64,
+    /// The step being taken.
+    pub step: u64,
+}
+
+/// The index of each tensor's element 0 over all of them in order: the running sum of `lens`.
+pub fn tensor_bases(lens: &[usize]) -> Vec<u64> {
+    lens.iter()
+        .scan(0u64, |acc, &n| {
+            let b = *acc;
+            *acc += n as u64;
+            Some(b)
+        })
+        .collect()
+}
+
+/// [`run_kernel`] for kernels of [`JitProgram::compile_stored`]: `ptrs[j][slot]` points to
+/// elements of the slot's storage type (`k.storage[slot]`: 16-bit slots to `u16` bits, any
+/// two-byte alignment); `key` is read by kernels that round stochastically
+/// (`k.rounding_key`; its `bases` must then have one entry per tensor) and ignored otherwise.
+///
+/// # Safety
+/// Every pointer in `ptrs` must be valid for `lens[j]` elements of its slot's storage type
+/// (`k.storage[slot].bytes(precision)` bytes each); slots the kernel stores to must not alias
+/// any other slot of another tensor; nothing else may access the buffers during the call.
+pub unsafe fn run_kernel_stored<T: Float>(
+    k: &JitKernel,
+    program: &Program,
+    lens: &[usize],
+    ptrs: &[Vec<*mut u8>],
+    uniforms: &[Vec<T>],
+    key: RoundingKey<'_>,
+    pool: Option<&rayon::ThreadPool>,
+) -> Vec<(optc_compiler::ir::NodeId, Vec<f64>)> {
+    assert!(
+        !k.rounding_key || key.bases.len() == lens.len(),
+        "stochastic rounding needs one base index per tensor"
+    );
     let nred = k.abi.reductions.len();
     let mut tasks: Vec<Task> = Vec::new();
     let mut owner: Vec<usize> = Vec::new();
@@ -285,6 +429,9 @@ pub unsafe fn run_kernel<T: Float>(
                 end: e as u64,
                 uniforms: uniforms[j].as_ptr() as *const u8,
                 partials: std::ptr::null_mut(),
+                base: key.bases.get(j).copied().unwrap_or(0),
+                seed: key.seed,
+                step: key.step,
             });
             owner.push(j);
             s = e;

@@ -3,10 +3,10 @@
 
 use super::{host_input, Compiled, Engine, KernelAt, Lent, Reductions, StageIo};
 use crate::{Backend, Error};
-use optc_compiler::backend::cuda::StorageMap;
 use optc_compiler::backend::interp::run_kernel;
 use optc_compiler::ir::{Kernel, Program};
 use optc_compiler::ops::Float;
+use optc_compiler::storage::StorageMap;
 use std::any::Any;
 use std::sync::Arc;
 

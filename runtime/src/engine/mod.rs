@@ -17,10 +17,10 @@
 use crate::io::{DeviceInputs, Inputs};
 use crate::specialize::StageNeeds;
 use crate::{Backend, Error};
-use optc_compiler::backend::cuda::StorageMap;
 use optc_compiler::backend::interp::Buffers;
 use optc_compiler::ir::{Kernel, NodeId, Program};
 use optc_compiler::ops::Float;
+use optc_compiler::storage::StorageMap;
 use std::any::Any;
 use std::sync::Arc;
 

@@ -22,48 +22,12 @@
 use crate::{DeviceInputs, Error, Inputs, NonFinite, Optimizer, TensorSpec};
 pub use half::{bf16, f16};
 use optc_compiler::ir::{BufRole, Program};
+use optc_compiler::storage::{self as conv, rounding_block as philox_block};
+pub use optc_compiler::storage::{philox4x32, rounding_bits};
 use rayon::prelude::*;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::HashMap;
 use std::sync::Arc;
-
-/// Philox-4x32 with 10 rounds (Salmon et al., 2011, "Parallel random numbers: as easy as 1, 2,
-/// 3"), as in Random123 and cuRAND: four 32-bit outputs for a 128-bit counter and a 64-bit key.
-pub fn philox4x32(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
-    const M0: u64 = 0xD251_1F53;
-    const M1: u64 = 0xCD9E_8D57;
-    const W0: u32 = 0x9E37_79B9;
-    const W1: u32 = 0xBB67_AE85;
-    let (mut c, mut k) = (counter, key);
-    for round in 0..10 {
-        if round > 0 {
-            k = [k[0].wrapping_add(W0), k[1].wrapping_add(W1)];
-        }
-        let p0 = M0 * u64::from(c[0]);
-        let p1 = M1 * u64::from(c[2]);
-        c = [
-            (p1 >> 32) as u32 ^ c[1] ^ k[0],
-            p1 as u32,
-            (p0 >> 32) as u32 ^ c[3] ^ k[1],
-            p0 as u32,
-        ];
-    }
-    c
-}
-
-/// The 32 random bits stochastic rounding uses for one element: output `element % 4` of Philox
-/// at counter (element / 4 as two words, step, buffer) under key `seed`.
-pub fn rounding_bits(seed: u64, step: u64, buffer: u32, element: u64) -> u32 {
-    philox_block(seed, step, buffer, element / 4)[(element % 4) as usize]
-}
-
-/// The four outputs for elements `4 * block .. 4 * block + 4`.
-fn philox_block(seed: u64, step: u64, buffer: u32, block: u64) -> [u32; 4] {
-    philox4x32(
-        [block as u32, (block >> 32) as u32, step as u32, buffer],
-        [seed as u32, (seed >> 32) as u32],
-    )
-}
 
 /// A storage type for parameters and state.
 pub trait Storage: Copy + Send + Sync + Default + PartialEq + std::fmt::Debug + 'static {
@@ -111,7 +75,7 @@ impl Storage for f32 {
 impl Storage for bf16 {
     const NAME: &'static str = "bf16";
     fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
+        conv::widen(conv::Storage::Bf16, self.to_bits())
     }
     fn device() -> Option<optc_compiler::backend::cuda::Storage> {
         Some(optc_compiler::backend::cuda::Storage::Bf16)
@@ -120,27 +84,17 @@ impl Storage for bf16 {
         Some(half::slice::HalfFloatSliceExt::reinterpret_cast_mut(data))
     }
     fn nearest(x: f32) -> Self {
-        bf16::from_f32(x)
+        bf16::from_bits(conv::nearest(conv::Storage::Bf16, x))
     }
     fn stochastic(x: f32, r: u32) -> Self {
-        if !x.is_finite() {
-            return bf16::from_f32(x);
-        }
-        // Adding 16 random bits below the kept ones carries into them with probability equal to
-        // the dropped fraction of the magnitude (sign-magnitude: the same for negative values).
-        let bits = x.to_bits();
-        let (sum, overflow) = bits.overflowing_add(r & 0xFFFF);
-        if overflow || (sum ^ bits) & 0x8000_0000 != 0 {
-            return bf16::from_f32(x);
-        }
-        bf16::from_bits((sum >> 16) as u16)
+        bf16::from_bits(conv::stochastic(conv::Storage::Bf16, x, r))
     }
 }
 
 impl Storage for f16 {
     const NAME: &'static str = "f16";
     fn to_f32(self) -> f32 {
-        f16::to_f32(self)
+        conv::widen(conv::Storage::F16, self.to_bits())
     }
     fn device() -> Option<optc_compiler::backend::cuda::Storage> {
         Some(optc_compiler::backend::cuda::Storage::F16)
@@ -149,43 +103,10 @@ impl Storage for f16 {
         Some(half::slice::HalfFloatSliceExt::reinterpret_cast_mut(data))
     }
     fn nearest(x: f32) -> Self {
-        f16::from_f32(x)
+        f16::from_bits(conv::nearest(conv::Storage::F16, x))
     }
     fn stochastic(x: f32, r: u32) -> Self {
-        let a = f16::from_f32(x);
-        let af = a.to_f32();
-        if !x.is_finite() || af == x || !af.is_finite() {
-            return a;
-        }
-        // The neighbour on the other side of x (one unit in the last place, by magnitude).
-        let step_away = |h: f16| f16::from_bits(h.to_bits() + 1);
-        let step_toward = |h: f16| {
-            if h.to_bits() & 0x7FFF == 0 {
-                f16::from_bits((h.to_bits() ^ 0x8000) + 1)
-            } else {
-                f16::from_bits(h.to_bits() - 1)
-            }
-        };
-        let b = if (af < x) == (af >= 0.0) && af != 0.0 {
-            step_away(a)
-        } else if af == 0.0 {
-            f16::from_bits(if x > 0.0 { 1 } else { 0x8001 })
-        } else {
-            step_toward(a)
-        };
-        let (lo, hi) = if a.to_f32() < b.to_f32() {
-            (a, b)
-        } else {
-            (b, a)
-        };
-        let (lof, hif) = (f64::from(lo.to_f32()), f64::from(hi.to_f32()));
-        let p = (f64::from(x) - lof) / (hif - lof);
-        let u = f64::from(r) / 4_294_967_296.0;
-        if u < p {
-            hi
-        } else {
-            lo
-        }
+        f16::from_bits(conv::stochastic(conv::Storage::F16, x, r))
     }
 }
 
