@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 mod common;
 use common::fill;
+use common::OPTIONS;
 
 /// Prints past the test harness's capture (to stderr).
 macro_rules! say {
@@ -42,20 +43,6 @@ const SEED: u64 = 0x5eed_0123_4567_89ab;
 fn small_sizes() -> Vec<usize> {
     (0..300).map(|j| (j * 7 + 3) % 10).collect()
 }
-
-/// Hyperparameters that turn options on (where a rule has them).
-const OPTIONS: &[(&str, f64)] = &[
-    ("max_grad_norm", 0.5),
-    ("weight_decay", 0.01),
-    ("momentum", 0.9),
-    ("nesterov", 1.0),
-    ("centered", 1.0),
-    ("amsgrad", 1.0),
-    ("cautious", 1.0),
-    ("x_ball", 0.5),
-    ("y_ball", 0.5),
-    ("x_box", 0.3),
-];
 
 /// Rules whose CUDA and CPU steps agree bit for bit in f32 (no reductions, no transcendental
 /// functions of elements).
@@ -202,7 +189,7 @@ fn run(
             }
         }
         let scalar_inputs: Vec<f64> = (0..info.scalar_inputs.len())
-            .map(|_| 0.25 + 0.5 * (s as f64 / STEPS as f64))
+            .map(|_| common::scalar_input(s as f64, STEPS as f64))
             .collect();
         let env = StepEnv {
             hypers: &values,
@@ -477,7 +464,7 @@ fn mixed_run<S: optc::runtime::mixed::Storage>(
             inputs = inputs.tensor(n, d.iter().map(Vec::as_slice).collect());
         }
         for sc in &info.scalar_inputs {
-            inputs = inputs.scalar(sc, 0.25 + 0.5 * (s as f64 / STEPS as f64));
+            inputs = inputs.scalar(sc, common::scalar_input(s as f64, STEPS as f64));
         }
         let mut lend: Vec<Vec<&mut [S]>> = params
             .iter_mut()

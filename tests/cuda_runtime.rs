@@ -62,6 +62,7 @@ fn device(test: &str) -> Option<Backend> {
 }
 
 mod common;
+use common::OPTIONS;
 use common::{fill, ulps};
 
 #[derive(Debug, PartialEq)]
@@ -99,7 +100,7 @@ fn step(opt: &mut Optimizer<f32>, sizes: &[usize], s: usize, steps: usize) {
         inputs = inputs.tensor(n, d.iter().map(|v| v.as_slice()).collect());
     }
     for sc in &info.scalar_inputs {
-        inputs = inputs.scalar(sc, 0.25 + 0.5 * (s as f64 / steps as f64));
+        inputs = inputs.scalar(sc, common::scalar_input(s as f64, steps as f64));
     }
     opt.step(&inputs).expect("step");
 }
@@ -162,19 +163,6 @@ fn run(
     }
     snapshot(&opt)
 }
-
-const OPTIONS: &[(&str, f64)] = &[
-    ("max_grad_norm", 0.5),
-    ("weight_decay", 0.01),
-    ("momentum", 0.9),
-    ("nesterov", 1.0),
-    ("centered", 1.0),
-    ("amsgrad", 1.0),
-    ("cautious", 1.0),
-    ("x_ball", 0.5),
-    ("y_ball", 0.5),
-    ("x_box", 0.3),
-];
 
 fn transcendental(name: &str) -> bool {
     let src = optc::stdlib::source(name).unwrap_or_default();
@@ -465,7 +453,7 @@ fn device_pointers_are_used_in_place_aligned_or_not() {
                     inputs = inputs.tensor(n, grads[j].1.ptrs());
                 }
                 for sc in &info.scalar_inputs {
-                    inputs = inputs.scalar(sc, 0.25 + 0.5 * (s as f64 / STEPS as f64));
+                    inputs = inputs.scalar(sc, common::scalar_input(s as f64, STEPS as f64));
                 }
                 // SAFETY: every address is a tensor of its registered size inside a live
                 // allocation of this device; params and gradients are distinct allocations.
@@ -542,7 +530,7 @@ fn mixed_run<S: Storage>(
             inputs = inputs.tensor(n, d.iter().map(|v| v.as_slice()).collect());
         }
         for sc in &info.scalar_inputs {
-            inputs = inputs.scalar(sc, 0.25 + 0.5 * (s as f64 / steps as f64));
+            inputs = inputs.scalar(sc, common::scalar_input(s as f64, steps as f64));
         }
         let mut lend: Vec<Vec<&mut [S]>> = params
             .iter_mut()

@@ -11,6 +11,7 @@ const SIZES: &[usize] = &[0, 1, 3, 4, 5, 7, 8, 15, 16, 17, 1023, 4097];
 const STEPS: usize = 3;
 
 mod common;
+use common::OPTIONS;
 use common::{fill, ulps};
 
 struct Run {
@@ -89,20 +90,6 @@ fn run(
         state,
     }
 }
-
-/// Hyperparameters that switch on every option whose code would otherwise be dead.
-const OPTIONS: &[(&str, f64)] = &[
-    ("max_grad_norm", 0.5),
-    ("weight_decay", 0.01),
-    ("momentum", 0.9),
-    ("nesterov", 1.0),
-    ("centered", 1.0),
-    ("amsgrad", 1.0),
-    ("cautious", 1.0),
-    ("x_ball", 0.5),
-    ("y_ball", 0.5),
-    ("x_box", 0.3),
-];
 
 /// Whether a rule's kernels use a function the backends approximate differently (within 2 ulp).
 fn transcendental(name: &str) -> bool {

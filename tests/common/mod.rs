@@ -67,3 +67,23 @@ pub fn ulps_nan_max(a: f32, b: f32) -> u64 {
     }
     (ordered(a) - ordered(b)).unsigned_abs()
 }
+
+/// Hyperparameters that switch on every option whose code would otherwise be dead (where a rule
+/// has them).
+pub const OPTIONS: &[(&str, f64)] = &[
+    ("max_grad_norm", 0.5),
+    ("weight_decay", 0.01),
+    ("momentum", 0.9),
+    ("nesterov", 1.0),
+    ("centered", 1.0),
+    ("amsgrad", 1.0),
+    ("cautious", 1.0),
+    ("x_ball", 0.5),
+    ("y_ball", 0.5),
+    ("x_box", 0.3),
+];
+
+/// The value every scalar input (a loss) takes at step `s` of `steps`: 0.25 rising to 0.75.
+pub fn scalar_input(s: f64, steps: f64) -> f64 {
+    0.25 + 0.5 * (s / steps)
+}

@@ -199,16 +199,7 @@ impl<T: Float + Default> Engine<T> for Cuda<T> {
         let lent = io.params.is_lent();
         let st = self.state(info.buffers.len());
         let lens = &io.lens[kernel.space as usize];
-        let ck = gp
-            .kernels()
-            .iter()
-            .find(|c| {
-                c.variant == at.variant
-                    && c.stage == at.stage
-                    && c.phase == at.phase
-                    && c.kernel == at.kernel
-            })
-            .ok_or_else(|| Error::Params("kernel missing from the GPU module".into()))?;
+        let (ck, _) = gp.kernel([at.variant, at.stage, at.phase, at.kernel], false)?;
         // Device copies of the buffers the kernel uses, uploaded at first use.
         for &b in &ck.slots {
             let bi = &info.buffers[b as usize];
@@ -263,18 +254,13 @@ impl<T: Float + Default> Engine<T> for Cuda<T> {
             return Ok(());
         }
         let stage = &io.program.variants[io.variant].stages[io.stage];
+        let stored: Vec<usize> = stage
+            .phases
+            .iter()
+            .flat_map(|ph| &ph.kernels)
+            .flat_map(|k| k.stores.iter().map(|&(b, _)| b as usize))
+            .collect();
         let st = self.state(io.program.info.buffers.len());
-        // Stored buffers: the device copy is newer now.
-        let mut stale = Vec::new();
-        for ph in &stage.phases {
-            for kern in &ph.kernels {
-                for &(b, _) in &kern.stores {
-                    if st.arenas[b as usize].is_some() {
-                        stale.push(b as usize);
-                    }
-                }
-            }
-        }
         match &mut io.params {
             Lent::Host(ps) => {
                 for (space, tensors) in ps.iter_mut().enumerate() {
@@ -296,17 +282,19 @@ impl<T: Float + Default> Engine<T> for Cuda<T> {
             }
             _ => {}
         }
-        for ph in &stage.phases {
-            for kern in &ph.kernels {
-                for &(b, _) in &kern.stores {
-                    if let Some(m) = self.slot.mirror.get_mut(b as usize) {
-                        *m = OnceLock::new();
-                    }
-                }
+        // Stored buffers: the device copy is newer now.
+        for b in stored {
+            if self
+                .slot
+                .state
+                .as_ref()
+                .is_some_and(|st| st.arenas[b].is_some())
+            {
+                self.slot.host_current[b] = false;
             }
-        }
-        for b in stale {
-            self.slot.host_current[b] = false;
+            if let Some(m) = self.slot.mirror.get_mut(b) {
+                *m = OnceLock::new();
+            }
         }
         Ok(())
     }
