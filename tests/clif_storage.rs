@@ -405,13 +405,16 @@ fn fused_kernels_match_rounding_after_each_kernel() {
     say!("fused Cranelift kernels: {runs} runs bit for bit with rounding after each kernel");
 }
 
-/// The same run through `MixedOptimizer` (f32 step, rounded at its end) on `backend`.
+/// The same run through `MixedOptimizer` on `backend`: with `separate`, as an f32 step with
+/// conversion passes around it; otherwise fused where it can be. The buffers include the master
+/// weights (as `NAME.master`) when there are any.
 fn mixed_run<S: optc::runtime::mixed::Storage>(
     p: &Program,
     layout: &Layout,
     options: MixedOptions,
     hypers: &[(&str, f64)],
     backend: Backend,
+    separate: bool,
 ) -> Result<Outcome, optc::runtime::Error> {
     let info = &p.info;
     let specs: Vec<Vec<TensorSpec>> = (0..info.spaces.len())
@@ -423,8 +426,9 @@ fn mixed_run<S: optc::runtime::mixed::Storage>(
                 .collect()
         })
         .collect();
-    let mut opt =
-        MixedOptimizer::<S>::new(Arc::new(p.clone()), specs, options)?.with_backend(backend)?;
+    let mut opt = MixedOptimizer::<S>::new(Arc::new(p.clone()), specs, options)?
+        .with_backend(backend)?
+        .with_separate_passes(separate)?;
     for (h, v) in hypers {
         if info.hyper(h).is_some() {
             opt.inner_mut().set_hyper(h, *v)?;
@@ -480,20 +484,20 @@ fn mixed_run<S: optc::runtime::mixed::Storage>(
                 .collect()
         })
         .collect();
-    let buffers = info
+    let bits = |v: &[Vec<f32>]| -> Vec<Vec<u32>> {
+        v.iter()
+            .map(|t| t.iter().map(|x| x.to_bits()).collect())
+            .collect()
+    };
+    let mut buffers: Vec<(String, Vec<Vec<u32>>)> = info
         .buffers
         .iter()
         .filter(|bi| matches!(bi.role, BufRole::State | BufRole::Output))
-        .map(|bi| {
-            let v = opt.state(&bi.name).expect("buffer");
-            (
-                bi.name.clone(),
-                v.iter()
-                    .map(|t| t.iter().map(|x| x.to_bits()).collect())
-                    .collect(),
-            )
-        })
+        .map(|bi| (bi.name.clone(), bits(&opt.state(&bi.name).expect("buffer"))))
         .collect();
+    for (s, m) in opt.master_weights().into_iter().flatten().enumerate() {
+        buffers.push((format!("{}.master", info.spaces[s]), bits(&m)));
+    }
     Ok(Outcome { params, buffers })
 }
 
@@ -516,10 +520,11 @@ fn mixed_by_type(
     options: MixedOptions,
     hypers: &[(&str, f64)],
     backend: Backend,
+    separate: bool,
 ) -> Result<Outcome, optc::runtime::Error> {
     match param {
-        Storage::Bf16 => mixed_run::<bf16>(p, layout, options, hypers, backend),
-        _ => mixed_run::<f16>(p, layout, options, hypers, backend),
+        Storage::Bf16 => mixed_run::<bf16>(p, layout, options, hypers, backend, separate),
+        _ => mixed_run::<f16>(p, layout, options, hypers, backend, separate),
     }
 }
 
@@ -547,6 +552,7 @@ fn fused_kernels_match_the_cpu_mixed_optimizer() {
                         options,
                         hypers,
                         Backend::Cranelift { threads: 2 },
+                        true,
                     )
                     .expect("CPU mixed run");
                     assert!(
@@ -564,6 +570,85 @@ fn fused_kernels_match_the_cpu_mixed_optimizer() {
          not comparable (a 16-bit buffer read again after its store): {skipped:?}"
     );
     assert!(compared > 0);
+}
+
+/// `MixedOptimizer` on Cranelift fuses its conversions into the kernels wherever no 16-bit
+/// buffer is read again after its store, with master weights too, and gives the bits of its
+/// separate passes (f32 step, rounded at its end).
+#[test]
+fn the_mixed_optimizer_fuses_on_cranelift() {
+    let (mut fused_runs, mut separate_only) = (0, std::collections::BTreeSet::new());
+    let backend = Backend::Cranelift { threads: 2 };
+    for name in optc::stdlib::names() {
+        let p = optc::stdlib_rule(name).expect("stdlib rule");
+        for (param, bf16_state, stochastic) in settings() {
+            for master_weights in [false, true] {
+                let options = MixedOptions {
+                    master_weights,
+                    ..mixed_options(bf16_state, stochastic)
+                };
+                for hypers in [&[][..], OPTIONS] {
+                    let (what, layout) = layouts(&p).swap_remove(0);
+                    let one = |separate| {
+                        mixed_by_type(&p, &layout, param, options, hypers, backend, separate)
+                            .expect("mixed run")
+                    };
+                    let (fused, separate) = (one(false), one(true));
+                    assert!(
+                        fused == separate,
+                        "{name} {param:?} {options:?} {hypers:?} {what}: {}",
+                        first_difference(&fused, &separate)
+                    );
+                    let probe = match param {
+                        Storage::Bf16 => MixedOptimizer::<bf16>::new(
+                            Arc::new(p.clone()),
+                            single_specs(&p),
+                            options,
+                        )
+                        .and_then(|o| o.with_backend(backend))
+                        .map(|o| o.is_fused()),
+                        _ => MixedOptimizer::<f16>::new(
+                            Arc::new(p.clone()),
+                            single_specs(&p),
+                            options,
+                        )
+                        .and_then(|o| o.with_backend(backend))
+                        .map(|o| o.is_fused()),
+                    }
+                    .expect("optimizer");
+                    let (q, map) = if master_weights {
+                        let q = storage::with_master_weights(&p);
+                        let map = StorageMap::mixed_with_masters(&q, param, bf16_state, stochastic);
+                        (q, map)
+                    } else {
+                        (
+                            p.clone(),
+                            StorageMap::mixed(&p, param, bf16_state, stochastic),
+                        )
+                    };
+                    let reloads = rounded_then_reloaded(&q, &map).is_some();
+                    assert_eq!(probe, !reloads, "{name} {options:?}: fused {probe}");
+                    if probe {
+                        fused_runs += 1;
+                    } else {
+                        separate_only.insert(format!("{name} (bf16 state {bf16_state})"));
+                    }
+                }
+            }
+        }
+    }
+    say!(
+        "MixedOptimizer on Cranelift: {fused_runs} fused runs bit for bit with separate passes; \
+         separate passes only (a 16-bit buffer read again after its store): {separate_only:?}"
+    );
+    assert!(fused_runs > 0);
+}
+
+/// One tensor of 3 elements per space.
+fn single_specs(p: &Program) -> Vec<Vec<TensorSpec>> {
+    (0..p.info.spaces.len())
+        .map(|s| vec![TensorSpec::new(format!("s{s}"), &[3])])
+        .collect()
 }
 
 #[cfg(feature = "cuda")]
@@ -588,8 +673,16 @@ fn fused_kernels_match_the_cuda_emulator() {
                 lens: vec![SIZES.to_vec(); p.info.spaces.len()],
             };
             let fused = run(&p, &layout, &map, SEED, hypers, true, &pool);
-            let gpu = mixed_by_type(&p, &layout, param, options, hypers, Backend::CudaEmulator)
-                .expect("emulator run");
+            let gpu = mixed_by_type(
+                &p,
+                &layout,
+                param,
+                options,
+                hypers,
+                Backend::CudaEmulator,
+                false,
+            )
+            .expect("emulator run");
             assert!(
                 fused == gpu,
                 "{name} {param:?} {options:?}: {}",
@@ -668,6 +761,7 @@ fn copy_kernel(
     let map = StorageMap {
         buffers: vec![st_theta, st_g],
         stochastic,
+        ..Default::default()
     };
     let jit = JitProgram::compile_stored(&p, Precision::F32, &map).expect("compile");
     let pool = pool();

@@ -22,7 +22,7 @@
 //! bits whatever the engine, the thread count or the order of work.
 
 use crate::backend::clif::Precision;
-use crate::ir::{BufId, BufRole, Node, Program};
+use crate::ir::{BufId, BufInfo, BufRole, Node, Program};
 use std::collections::BTreeSet;
 
 /// How a buffer's elements are stored. Arithmetic is always in the program's precision; 16-bit
@@ -60,6 +60,9 @@ pub struct StorageMap {
     pub buffers: Vec<Storage>,
     /// Round stores into 16-bit buffers stochastically instead of to nearest.
     pub stochastic: bool,
+    /// 16-bit buffers whose stores round to nearest even when `stochastic` (the params that
+    /// mirror master weights).
+    pub nearest: BTreeSet<BufId>,
 }
 
 impl StorageMap {
@@ -78,7 +81,32 @@ impl StorageMap {
                 })
                 .collect(),
             stochastic,
+            nearest: BTreeSet::new(),
         }
+    }
+
+    /// [`StorageMap::mixed`] for a program from [`with_master_weights`]: the params (rounded to
+    /// nearest) mirror the f32 master weights, which are native like every other buffer but the
+    /// bf16 states.
+    pub fn mixed_with_masters(
+        p: &Program,
+        param: Storage,
+        bf16_state: bool,
+        stochastic: bool,
+    ) -> StorageMap {
+        let mut map = StorageMap::mixed(p, param, bf16_state, stochastic);
+        for (b, bi) in p.info.buffers.iter().enumerate() {
+            if bi.name.ends_with(MASTER_SUFFIX) && b >= p.info.spaces.len() {
+                map.buffers[b] = Storage::Native;
+            }
+        }
+        map.nearest = (0..p.info.spaces.len() as BufId).collect();
+        map
+    }
+
+    /// Whether stores into buffer `b` round stochastically.
+    pub fn stochastic_at(&self, b: BufId) -> bool {
+        self.stochastic && self.of(b) != Storage::Native && !self.nearest.contains(&b)
     }
 
     /// The storage of buffer `b`.
@@ -112,6 +140,55 @@ impl StorageMap {
             }),
         }
     }
+}
+
+/// What [`with_master_weights`] appends to a param's name to name its master weights.
+pub const MASTER_SUFFIX: &str = ".master";
+
+/// `p` with master weights: one state buffer `NAME.master` per param space (appended after
+/// every other buffer, stored in the program's precision), which the rule reads and updates in
+/// place of the param; every store to a param stores the same value to its master too, so the
+/// param becomes a mirror the kernels only write (rounded to its storage type). The host fills
+/// the masters from the params before the first step (the rule never reads a param itself).
+/// Kernels are planned again ([`PLAN`](crate::passes::PLAN)).
+pub fn with_master_weights(p: &Program) -> Program {
+    let mut q = p.clone();
+    let spaces = q.info.spaces.len();
+    let first = q.info.buffers.len() as BufId;
+    for s in 0..spaces {
+        let param = &q.info.buffers[s];
+        q.info.buffers.push(BufInfo {
+            name: format!("{}{MASTER_SUFFIX}", param.name),
+            role: BufRole::State,
+            space: param.space,
+        });
+    }
+    for v in &mut q.variants {
+        for st in &mut v.stages {
+            st.phases.clear();
+        }
+    }
+    q.rebuild(true, |rb, n| match n {
+        Node::Load { buf, gen } if (buf as usize) < spaces => rb.add(Node::Load {
+            buf: first + buf,
+            gen,
+        }),
+        n => rb.add(n),
+    });
+    for v in &mut q.variants {
+        for st in &mut v.stages {
+            let mut stores = Vec::with_capacity(st.stores.len() + spaces);
+            for &(b, n) in &st.stores {
+                if (b as usize) < spaces {
+                    stores.push((first + b, n));
+                }
+                stores.push((b, n));
+            }
+            st.stores = stores;
+        }
+    }
+    crate::passes::run_pipeline(&mut q, &[crate::passes::PLAN], &mut |_, _| {});
+    q
 }
 
 /// The buffer number `B` of buffer `b` in the rounding key: the space index for params, the

@@ -39,7 +39,7 @@ pub struct Optimizer<T: Float> {
     pub(crate) specs: Specializations,
     /// What runs the kernels.
     pub(crate) engine: Box<dyn Engine<T>>,
-    /// How each buffer is stored (16-bit storage: see [`Optimizer::set_storage`]).
+    /// How each buffer is stored (16-bit storage is set by the mixed-precision optimizer).
     pub(crate) storage: Arc<StorageMap>,
     /// The key of stochastic rounding.
     pub(crate) seed: u64,

@@ -101,25 +101,24 @@ impl<T: Float + Default> Optimizer<T> {
         self.drive(lent, Given::Device(inputs), Stages::Rest)
     }
 
-    /// [`Optimizer::step_with`] on the GPU backends with params already in their 16-bit device
-    /// storage type (see [`Optimizer::set_storage`]): uploaded, updated and downloaded as they
-    /// are. Checked like `step_with`; on an error before the kernels run nothing changes.
+    /// [`Optimizer::step_with`] with params in their 16-bit storage type (a storage map set by
+    /// [`Optimizer::reconfigure`]): updated in place on Cranelift, uploaded, updated and
+    /// downloaded as they are on the GPU backends. Checked like `step_with`; on an error before
+    /// the kernels run nothing changes.
     pub(crate) fn step_with_bits(
         &mut self,
         params: &mut [Vec<&mut [u16]>],
         inputs: &Inputs<'_, T>,
     ) -> Result<(), Error> {
-        if !self.backend().is_cuda() {
+        if self.backend() == crate::Backend::Interpreter {
             return Err(Error::Params(
-                "16-bit params need Backend::Cuda or Backend::CudaEmulator".into(),
+                "16-bit params need the Cranelift or a CUDA backend".into(),
             ));
         }
         let params_16 = (0..params.len())
             .all(|s| self.storage.of(s as u16) != optc_compiler::storage::Storage::Native);
         if !params_16 {
-            return Err(Error::Params(
-                "the params are not stored in 16 bits on the device".into(),
-            ));
+            return Err(Error::Params("the params are not stored in 16 bits".into()));
         }
         self.drive(Lent::Bits(params), Given::Host(inputs), Stages::Rest)
     }

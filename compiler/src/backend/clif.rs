@@ -350,10 +350,10 @@ pub fn storage_calls(k: &Kernel, storage: &StorageMap) -> Vec<StorageFn> {
     let rounded: Vec<Storage> = k
         .stores
         .iter()
+        .filter(|s| storage.stochastic_at(s.0))
         .map(|s| storage.of(s.0))
-        .filter(|&s| s != Storage::Native)
         .collect();
-    if !storage.stochastic || rounded.is_empty() {
+    if rounded.is_empty() {
         return Vec::new();
     }
     let mut v = vec![StorageFn::Bits];
@@ -587,7 +587,7 @@ impl Gen<'_, '_> {
                 .stores
                 .iter()
                 .map(|s| s.0)
-                .filter(|&b| self.storage.of(b) != Storage::Native)
+                .filter(|&b| self.storage.stochastic_at(b))
                 .collect();
             for buf in rounded {
                 let ss = self.b.create_sized_stack_slot(StackSlotData::new(

@@ -295,8 +295,7 @@ fn module_with_storage(
             for (pi, ph) in s.phases.iter().enumerate() {
                 for (ki, k) in ph.kernels.iter().enumerate() {
                     let mut ck = describe(p, k, prec, [vi, si, pi, ki], all_per_tensor);
-                    ck.rounding_key = storage.stochastic
-                        && ck.stored.iter().any(|&b| storage.of(b) != Storage::Native);
+                    ck.rounding_key = ck.stored.iter().any(|&b| storage.stochastic_at(b));
                     Gen {
                         p,
                         k,
@@ -583,7 +582,7 @@ impl Gen<'_> {
 
     /// Whether stores into slot `i` round stochastically.
     fn stochastic(&self, i: usize) -> bool {
-        self.ck.rounding_key && self.slot_storage(i) != Storage::Native
+        self.ck.rounding_key && self.storage.stochastic_at(self.ck.slots[i])
     }
 
     /// The buffer number of slot `i` in the rounding key: the space for params, else the id.

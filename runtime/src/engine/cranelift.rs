@@ -17,11 +17,12 @@ use cranelift_codegen::settings::{self, Configurable};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{default_libcall_names, FuncId, Linkage, Module};
 use optc_compiler::backend::clif::{self, Callee, KernelAbi, MathFn, Precision, StorageFn};
+use optc_compiler::backend::interp::Buffers;
 use optc_compiler::ir::{BinOp, BufRole, Kernel, Node, Program, UnOp};
 use optc_compiler::ops::Float;
 use optc_compiler::storage::{self, BitsCache, Storage, StorageMap};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Elements per task: small enough to spread over threads, large enough to amortize a call.
@@ -502,15 +503,25 @@ pub(crate) fn combine_partials(
 
 /// The Cranelift engine: kernels compiled to machine code, run over host memory on `threads`
 /// threads (a rayon pool; one thread runs on the caller).
+///
+/// **16-bit storage.** With a storage map that keeps buffers in bf16 or f16 (set by the
+/// mixed-precision optimizer), the kernels widen and round those buffers themselves, in place:
+/// 16-bit params lent by the host ([`Lent::Bits`]) are used where they are, and 16-bit state,
+/// outputs and owned params are held by the engine in 16 bits (the host copy is released when
+/// the engine takes a buffer over, and rebuilt, widened exactly, on access).
 #[derive(Debug, Clone)]
-pub struct Cranelift {
+pub struct Cranelift<T> {
     threads: usize,
     pool: Option<Arc<rayon::ThreadPool>>,
+    /// By buffer: the storage type and bits of a buffer the engine holds in 16 bits.
+    held: Vec<Option<(Storage, Vec<Vec<u16>>)>>,
+    /// By buffer: the host copy of a held buffer, widened on access since the last step.
+    mirror: Vec<OnceLock<Vec<Vec<T>>>>,
 }
 
-impl Cranelift {
+impl<T> Cranelift<T> {
     /// An engine on `threads` threads.
-    pub fn new(threads: usize) -> Result<Cranelift, crate::Error> {
+    pub fn new(threads: usize) -> Result<Cranelift<T>, crate::Error> {
         let pool = if threads > 1 {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
@@ -523,11 +534,42 @@ impl Cranelift {
         } else {
             None
         };
-        Ok(Cranelift { threads, pool })
+        Ok(Cranelift {
+            threads,
+            pool,
+            held: Vec::new(),
+            mirror: Vec::new(),
+        })
     }
 }
 
-impl<T: Float + Default> Engine<T> for Cranelift {
+/// Whether buffer `b` is one the engine holds in 16 bits under `storage`: stored in 16 bits,
+/// neither an input nor a lent param.
+fn engine_held(
+    info: &optc_compiler::ir::RuleInfo,
+    storage: &StorageMap,
+    b: usize,
+    lent: bool,
+) -> bool {
+    let bi = &info.buffers[b];
+    storage.of(b as u16) != Storage::Native
+        && bi.role != BufRole::Input
+        && !(bi.role == BufRole::Param && lent)
+}
+
+/// `tensors` widened exactly from `storage`.
+fn widened<T: Float>(storage: Storage, tensors: &[Vec<u16>]) -> Vec<Vec<T>> {
+    tensors
+        .iter()
+        .map(|t| {
+            t.iter()
+                .map(|&h| T::from_f64(f64::from(storage::widen(storage, h))))
+                .collect()
+        })
+        .collect()
+}
+
+impl<T: Float + Default> Engine<T> for Cranelift<T> {
     fn backend(&self) -> crate::Backend {
         crate::Backend::Cranelift {
             threads: self.threads,
@@ -543,13 +585,50 @@ impl<T: Float + Default> Engine<T> for Cranelift {
         program: &Arc<Program>,
         storage: &StorageMap,
     ) -> Result<Compiled, crate::Error> {
-        super::interp::native_only(program, storage, "the Cranelift engine")?;
+        super::fusable(program, storage, "the Cranelift kernels")?;
         let precision = if T::BYTES == 4 {
             Precision::F32
         } else {
             Precision::F64
         };
-        Ok(Arc::new(JitProgram::compile(program, precision)?))
+        Ok(Arc::new(JitProgram::compile_stored(
+            program, precision, storage,
+        )?))
+    }
+
+    fn begin_stage(&mut self, io: &mut StageIo<'_, '_, '_, '_, T>) -> Result<(), crate::Error> {
+        let info = &io.program.info;
+        let n = info.buffers.len();
+        if self.held.len() != n {
+            self.held = vec![None; n];
+            self.mirror = (0..n).map(|_| OnceLock::new()).collect();
+        }
+        let lent = io.params.is_lent();
+        for b in 0..n {
+            let st = io.storage.of(b as u16);
+            if !engine_held(info, io.storage, b, lent) {
+                continue;
+            }
+            if self.held[b].is_none() {
+                let lens = &io.lens[info.buffers[b].space as usize];
+                let host = &io.bufs[b];
+                let bits = lens
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &len)| match host.get(j) {
+                        Some(t) => t
+                            .iter()
+                            .map(|x| storage::nearest(st, x.to_f64() as f32))
+                            .collect(),
+                        None => vec![0u16; len],
+                    })
+                    .collect();
+                self.held[b] = Some((st, bits));
+            }
+            // The engine's bits are the current values: the host copy is rebuilt on access.
+            io.bufs[b] = Vec::new();
+        }
+        Ok(())
     }
 
     fn run_kernel(
@@ -566,21 +645,42 @@ impl<T: Float + Default> Engine<T> for Cranelift {
         let jk = &jit.kernels[at.variant][at.stage][at.phase][at.kernel];
         let info = &io.program.info;
         let lens = &io.lens[jk.space as usize];
+        let lent = io.params.is_lent();
+        let mismatch = |b: u16| {
+            crate::Error::Params(format!(
+                "`{}` is stored as {:?} but was given in another precision",
+                info.buffers[b as usize].name,
+                io.storage.of(b)
+            ))
+        };
         let mut ptrs: Vec<Vec<*mut u8>> = Vec::with_capacity(lens.len());
         for j in 0..lens.len() {
             let mut row = Vec::with_capacity(jk.abi.slots.len());
-            for &b in &jk.abi.slots {
+            for (&b, &st) in jk.abi.slots.iter().zip(&jk.storage) {
                 let bi = &info.buffers[b as usize];
+                let native = st == Storage::Native;
                 let p = match (bi.role, &mut *io.params) {
-                    (BufRole::Input, _) => {
+                    (BufRole::Input, _) if native => {
                         super::host_input(io.inputs, &bi.name)?[j].as_ptr() as *mut u8
                     }
-                    (BufRole::Param, Lent::Host(ps)) => ps[b as usize][j].as_mut_ptr() as *mut u8,
-                    (BufRole::Param, Lent::Bits(_) | Lent::Device(_)) => {
+                    (BufRole::Input, _) => return Err(mismatch(b)),
+                    (BufRole::Param, Lent::Host(ps)) if native => {
+                        ps[b as usize][j].as_mut_ptr() as *mut u8
+                    }
+                    (BufRole::Param, Lent::Bits(ps)) if !native => {
+                        ps[b as usize][j].as_mut_ptr() as *mut u8
+                    }
+                    (BufRole::Param, Lent::Host(_) | Lent::Bits(_)) => return Err(mismatch(b)),
+                    (BufRole::Param, Lent::Device(_)) => {
                         return Err(crate::Error::Params(
-                            "16-bit or device params need Backend::Cuda or Backend::CudaEmulator"
-                                .into(),
+                            "device params need Backend::Cuda or Backend::CudaEmulator".into(),
                         ))
+                    }
+                    _ if engine_held(info, io.storage, b as usize, lent) => {
+                        match self.held.get_mut(b as usize).and_then(Option::as_mut) {
+                            Some((_, t)) => t[j].as_mut_ptr() as *mut u8,
+                            None => return Err(mismatch(b)),
+                        }
                     }
                     _ => io.bufs[b as usize][j].as_mut_ptr() as *mut u8,
                 };
@@ -588,12 +688,74 @@ impl<T: Float + Default> Engine<T> for Cranelift {
             }
             ptrs.push(row);
         }
-        // SAFETY: every pointer addresses a live buffer of `lens[j]` elements (the step driver
-        // checked the lengths of inputs and lent params; the host buffers are allocated for them);
-        // inputs are only read; the kernel writes only its store slots, which are distinct
-        // buffers (lent params are distinct `&mut` slices), and nothing else touches them during
-        // the call.
-        Ok(unsafe { run_kernel(jk, io.program, lens, &ptrs, uniforms, self.pool.as_deref()) })
+        let bases = if jk.rounding_key {
+            tensor_bases(lens)
+        } else {
+            Vec::new()
+        };
+        let key = RoundingKey {
+            bases: &bases,
+            seed: io.seed,
+            step: io.t,
+        };
+        // SAFETY: every pointer addresses a live buffer of `lens[j]` elements of its slot's
+        // storage type (the step driver checked the lengths of inputs and lent params; the host
+        // buffers and the engine's 16-bit buffers are allocated for them, and each slot's
+        // pointer was chosen by its storage above); inputs are only read; the kernel writes only
+        // its store slots, which are distinct buffers (lent params are distinct `&mut` slices),
+        // and nothing else touches them during the call.
+        Ok(unsafe {
+            run_kernel_stored(
+                jk,
+                io.program,
+                lens,
+                &ptrs,
+                uniforms,
+                key,
+                self.pool.as_deref(),
+            )
+        })
+    }
+
+    fn end_stage(
+        &mut self,
+        _io: &mut StageIo<'_, '_, '_, '_, T>,
+        completed: bool,
+    ) -> Result<(), crate::Error> {
+        if completed {
+            for m in &mut self.mirror {
+                *m = OnceLock::new();
+            }
+        }
+        Ok(())
+    }
+
+    fn host<'a>(&'a self, bufs: &'a Buffers<T>, b: usize) -> Result<&'a Vec<Vec<T>>, crate::Error> {
+        match (
+            self.held.get(b).and_then(Option::as_ref),
+            self.mirror.get(b),
+        ) {
+            (Some((st, bits)), Some(m)) => Ok(m.get_or_init(|| widened(*st, bits))),
+            _ => Ok(&bufs[b]),
+        }
+    }
+
+    fn sync(&mut self, bufs: &mut Buffers<T>) -> Result<(), crate::Error> {
+        for (b, held) in self.held.iter().enumerate() {
+            if let Some((st, bits)) = held {
+                bufs[b] = widened(*st, bits);
+            }
+        }
+        Ok(())
+    }
+
+    fn forget(&mut self, b: usize) {
+        if let Some(h) = self.held.get_mut(b) {
+            *h = None;
+        }
+        if let Some(m) = self.mirror.get_mut(b) {
+            *m = OnceLock::new();
+        }
     }
 
     fn as_any(&self) -> &dyn std::any::Any {

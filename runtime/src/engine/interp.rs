@@ -92,11 +92,7 @@ impl<T: Float + Default> Engine<T> for Interp {
 }
 
 /// Refuses a storage map this CPU engine cannot apply inside its kernels.
-pub(crate) fn native_only(
-    program: &Program,
-    storage: &StorageMap,
-    engine: &str,
-) -> Result<(), Error> {
+fn native_only(program: &Program, storage: &StorageMap, engine: &str) -> Result<(), Error> {
     if storage.is_native() {
         return Ok(());
     }

@@ -181,9 +181,27 @@ pub fn open<T: Float + Default>(
     let _ = &current; // only the CUDA engine reuses the current one
     match backend {
         Backend::Interpreter => Ok(Box::new(interp::Interp)),
-        Backend::Cranelift { threads } => Ok(Box::new(cranelift::Cranelift::new(threads)?)),
+        Backend::Cranelift { threads } => Ok(Box::new(cranelift::Cranelift::<T>::new(threads)?)),
         #[cfg(feature = "cuda")]
         Backend::Cuda { .. } | Backend::CudaEmulator => cuda::Cuda::open(backend, current),
+    }
+}
+
+/// Refuses a storage map whose 16-bit storage cannot be fused into `what` for `program`: a
+/// buffer stored in 16 bits that a step reads again after storing it (it would read the rounded
+/// value, where a step computed wholly in f32 and rounded at its end reads the unrounded one).
+pub(crate) fn fusable(program: &Program, storage: &StorageMap, what: &str) -> Result<(), Error> {
+    if storage.is_native() {
+        return Ok(());
+    }
+    match optc_compiler::storage::rounded_then_reloaded(program, storage) {
+        None => Ok(()),
+        Some(b) => Err(Error::Policy(format!(
+            "rule `{}` reads `{}` again after storing it within a step, so its 16-bit storage \
+             cannot be fused into {what}; the mixed-precision optimizer rounds it after the step \
+             on the CPU",
+            program.info.name, program.info.buffers[b as usize].name
+        ))),
     }
 }
 

@@ -1,31 +1,33 @@
 //! Mixed precision: parameters (and optionally state) stored in 16-bit floats, arithmetic in f32.
 //!
-//! [`MixedOptimizer`] wraps an f32 [`Optimizer`] in lending mode. At each step it widens the
-//! host's 16-bit parameters (or uses its f32 master weights), runs the rule's kernels in f32, and
-//! rounds the results back to the storage type, to nearest or stochastically. State buffers can
-//! be kept in bf16 between steps: they are widened for the step and rounded after it.
+//! [`MixedOptimizer`] wraps an f32 [`Optimizer`] in lending mode. On Cranelift and the CUDA
+//! backends its storage policy is fused into the rule's kernels: a [`StorageMap`] keeps params
+//! (and, with `bf16_state`, state) in 16 bits; the kernels widen them exactly as they load them
+//! and round as they store them, to nearest or stochastically, so a step moves the bytes the
+//! 16-bit buffers hold and nothing more. Master weights are one more buffer under the same
+//! policy: an f32 state `NAME.master` per param that the rule updates
+//! ([`optc_compiler::storage::with_master_weights`]), with the 16-bit params its rounding to
+//! nearest, written by the same kernels.
 //!
 //! Stochastic rounding draws its randomness from Philox-4x32-10 ([`philox4x32`]), a counter-based
 //! generator, keyed by the seed and counted by (element, step, buffer): the same seed gives the
-//! same bits whatever the thread count or order, and a GPU kernel can reproduce them exactly.
+//! same bits whatever the engine, the thread count or the order.
 //!
-//! On the GPU backends ([`MixedOptimizer::with_backend`]) the conversions are fused into the
-//! rule's CUDA kernels instead: 16-bit params and bf16 state live in device memory as they are,
-//! with the same results as the CPU path below, bit for bit where the f32 arithmetic agrees.
-//!
-//! On the CPU, conversions are separate passes over memory (in parallel), not fused into the rule's kernels:
-//! a mixed-precision step moves more bytes than an f32 one (adam, 16M elements, 2 threads: about 2x
-//! the f32 step with rounding to nearest, 1.8x with master weights, 4x with stochastic rounding).
-//! The f32 working copies of parameters and inputs are kept between steps; those of bf16 state are
-//! not (bf16 state saves memory between steps at the price of an allocation per step).
+//! On the interpreter, for rules that read a 16-bit buffer again after storing it within a step
+//! (on the CPU backends), and on request ([`MixedOptimizer::with_separate_passes`]), the
+//! conversions are separate passes instead: the 16-bit params are widened, the step runs in f32,
+//! and the results are rounded back, with the same bits as the fused kernels where both apply.
+//! The f32 working copies of parameters and inputs are kept between steps; those of bf16 state
+//! are not. Inputs in 16 bits are widened into f32 copies before the step on every path.
 
 use crate::{DeviceInputs, Error, Inputs, NonFinite, Optimizer, TensorSpec};
 pub use half::{bf16, f16};
 use optc_compiler::ir::{BufRole, Program};
+use optc_compiler::storage::StorageMap;
 use optc_compiler::storage::{self as conv, rounding_block as philox_block};
 pub use optc_compiler::storage::{philox4x32, rounding_bits};
 use rayon::prelude::*;
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::{SafeTensors, TensorView};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -141,9 +143,12 @@ pub struct MixedOptions {
 pub struct MixedOptimizer<S: Storage> {
     inner: Optimizer<f32>,
     options: MixedOptions,
-    /// f32 master weights, `[space][tensor]` (created from the parameters at the first step).
-    master: Option<Vec<Vec<Vec<f32>>>>,
-    /// bf16 state buffers between steps, by buffer id.
+    /// The rule's storage is fused into the kernels of the optimizer underneath (its storage
+    /// map is set); otherwise conversions are separate passes around an f32 step.
+    fused: bool,
+    /// Conversions as separate passes even where they could be fused (for comparison).
+    separate: bool,
+    /// Separate passes: bf16 state buffers between steps, by buffer id.
     state: Vec<(usize, Vec<Vec<bf16>>)>,
     /// f32 working copies of parameters and inputs, kept between steps (no allocation per step).
     pool: Vec<Vec<f32>>,
@@ -214,7 +219,10 @@ fn round_into<S: Storage>(
 }
 
 impl<S: Storage> MixedOptimizer<S> {
-    /// Binds a rule to named tensors stored as `S`, lent by the host at each step.
+    /// Binds a rule to named tensors stored as `S`, lent by the host at each step. With master
+    /// weights the rule runs as [`conv::with_master_weights`] makes it: one more state buffer
+    /// `NAME.master` per param, in f32, which the rule updates; the host's params are its
+    /// rounding to nearest.
     ///
     /// ```
     /// use half::bf16;
@@ -235,27 +243,24 @@ impl<S: Storage> MixedOptimizer<S> {
         tensors: Vec<Vec<TensorSpec>>,
         options: MixedOptions,
     ) -> Result<Self, Error> {
-        let mut inner = Optimizer::lending(program, tensors)?;
-        let state = if options.bf16_state {
-            inner
-                .state_buffers_mut()
-                .map(|(b, ts)| {
-                    let kept = ts.iter().map(|t| vec![bf16::ZERO; t.len()]).collect();
-                    *ts = Vec::new();
-                    (b, kept)
-                })
-                .collect()
+        let program = if options.master_weights {
+            Arc::new(conv::with_master_weights(&program))
         } else {
-            Vec::new()
+            program
         };
-        Ok(MixedOptimizer {
+        let inner = Optimizer::lending(program, tensors)?;
+        let backend = inner.backend();
+        let mut opt = MixedOptimizer {
             inner,
             options,
-            master: None,
-            state,
+            fused: false,
+            separate: false,
+            state: Vec::new(),
             pool: Vec::new(),
             _storage: std::marker::PhantomData,
-        })
+        };
+        opt.switch(backend)?;
+        Ok(opt)
     }
 
     /// The f32 optimizer underneath: hyperparameters, schedules, groups, backend, steps.
@@ -270,39 +275,81 @@ impl<S: Storage> MixedOptimizer<S> {
 
     /// Switches the backend of the optimizer underneath.
     ///
-    /// On [`crate::Backend::Cuda`] (and the emulator) the conversions are fused into the rule's
-    /// kernels: parameters (and bf16 state) are stored in 16 bits in device memory, widened as
-    /// the kernels load them and rounded as they store them, with the same results as on the
-    /// CPU (the same rounding, and for stochastic rounding the same Philox bits). Each step
-    /// uploads the host's 16-bit parameters and downloads them after the update; inputs are
-    /// uploaded in f32. Not on the GPU: master weights (use an f32 [`Optimizer`] there; its
-    /// parameters are the master weights), and rules whose kernels, as specialized for the
-    /// current hyperparameters, read a parameter or state buffer again after storing it within
-    /// one step (they would read the rounded value; LAMB, N-HARPG and N-PG-IGT with bf16 state,
-    /// Adan with bf16 state and clipping on): an [`Error::Policy`] from this call or the step.
+    /// On Cranelift and on [`crate::Backend::Cuda`] (and the emulator) the conversions are fused
+    /// into the rule's kernels: parameters (and bf16 state) are stored in 16 bits, widened as
+    /// the kernels load them and rounded as they store them, with the same results as the
+    /// separate passes of the interpreter (the same rounding, and for stochastic rounding the
+    /// same Philox bits). On Cranelift the host's 16-bit params are updated in place; on the GPU
+    /// each step uploads them and downloads them after the update. Inputs are read in f32.
+    /// Master weights are one more f32 state buffer per param on every backend.
+    ///
+    /// A rule whose kernels, as specialized for the current hyperparameters, read a parameter
+    /// or state buffer again after storing it within one step would read the rounded value
+    /// (LAMB, N-HARPG and N-PG-IGT with bf16 state, Adan with bf16 state): on the CPU such a
+    /// rule runs its step in f32 with separate conversion passes; on the GPU it is an
+    /// [`Error::Policy`] from this call or the step.
     pub fn with_backend(mut self, backend: crate::Backend) -> Result<Self, Error> {
-        let map = if backend.is_cuda() {
-            self.device_storage()?
-        } else {
-            Default::default()
-        };
+        self.switch(backend)?;
+        Ok(self)
+    }
+
+    /// Runs the conversions as separate passes around an f32 step even where they could be
+    /// fused into the kernels (the CPU mixed precision of earlier versions; for comparisons).
+    /// Not on the GPU backends.
+    pub fn with_separate_passes(mut self, on: bool) -> Result<Self, Error> {
+        let was = self.separate;
+        self.separate = on;
+        let backend = self.inner.backend();
+        if let Err(e) = self.switch(backend) {
+            self.separate = was;
+            return Err(e);
+        }
+        Ok(self)
+    }
+
+    /// Whether the conversions are fused into the kernels.
+    pub fn is_fused(&self) -> bool {
+        self.fused
+    }
+
+    /// Moves to `backend`, fused or with separate passes (see [`MixedOptimizer::with_backend`]).
+    /// On an error nothing changes.
+    fn switch(&mut self, backend: crate::Backend) -> Result<(), Error> {
         let seed = match self.options.rounding {
             Rounding::Stochastic { seed } => seed,
             Rounding::Nearest => 0,
         };
-        let was_gpu = self.inner.backend().is_cuda();
-        self.inner.reconfigure(backend, map, seed)?;
-        if backend.is_cuda() && !was_gpu {
-            // bf16 state moves into the optimizer underneath (the device keeps it in bf16).
+        let map = if backend.is_cuda() {
+            if self.separate {
+                return Err(Error::Policy(
+                    "separate conversion passes run on the CPU backends only".into(),
+                ));
+            }
+            Some(self.storage_map()?)
+        } else if self.separate || backend == crate::Backend::Interpreter {
+            None
+        } else {
+            self.storage_map()
+                .ok()
+                .filter(|m| conv::rounded_then_reloaded(self.inner.program(), m).is_none())
+        };
+        let fused = map.is_some();
+        self.inner
+            .reconfigure(backend, map.unwrap_or_default(), seed)?;
+        if fused && !self.state.is_empty() {
+            // bf16 state moves into the optimizer underneath (its engine keeps it in bf16).
             for (b, kept) in std::mem::take(&mut self.state) {
                 let wide = widened(&kept);
                 self.inner.set_state_buffer(b, wide);
             }
         }
-        if !backend.is_cuda() && was_gpu && self.options.bf16_state {
-            // Back on the CPU: bf16 state is kept here again (exact: the values are bf16).
+        if !fused && self.options.bf16_state && self.state.is_empty() {
+            // Separate passes: bf16 state is kept here (exact: the values are bf16).
             let ids: Vec<usize> = self.inner.state_buffers_mut().map(|(b, _)| b).collect();
             for b in ids {
+                if self.is_master(b) {
+                    continue;
+                }
                 let wide = self.inner.take_state_buffer(b);
                 let kept = wide
                     .iter()
@@ -315,31 +362,36 @@ impl<S: Storage> MixedOptimizer<S> {
                 self.state.push((b, kept));
             }
         }
-        Ok(self)
+        self.fused = fused;
+        Ok(())
     }
 
-    /// How the rule's buffers are stored on the GPU, or why it cannot run there.
-    fn device_storage(&self) -> Result<optc_compiler::backend::cuda::StorageMap, Error> {
-        use optc_compiler::backend::cuda::StorageMap;
+    /// Whether buffer `b` holds master weights.
+    fn is_master(&self, b: usize) -> bool {
+        let info = &self.inner.program().info;
+        self.options.master_weights && b >= info.buffers.len() - info.spaces.len()
+    }
+
+    /// The master weights' buffer of param space `space`.
+    fn master_buffer(&self, space: usize) -> usize {
+        let info = &self.inner.program().info;
+        info.buffers.len() - info.spaces.len() + space
+    }
+
+    /// How the kernels store the rule's buffers, when the conversions are fused.
+    fn storage_map(&self) -> Result<StorageMap, Error> {
         let Some(param) = S::device() else {
             return Err(Error::Policy(
-                "mixed precision on the GPU needs bf16 or f16 parameters (for f32 use Optimizer)"
-                    .into(),
+                "fused mixed precision needs bf16 or f16 parameters (for f32 use Optimizer)".into(),
             ));
         };
-        if self.options.master_weights {
-            return Err(Error::Policy(
-                "master weights are not kept on the GPU: use an f32 Optimizer there (its \
-                 parameters are the master weights)"
-                    .into(),
-            ));
-        }
-        Ok(StorageMap::mixed(
-            self.inner.program(),
-            param,
-            self.options.bf16_state,
-            matches!(self.options.rounding, Rounding::Stochastic { .. }),
-        ))
+        let (p, bf16_state) = (self.inner.program(), self.options.bf16_state);
+        let stochastic = matches!(self.options.rounding, Rounding::Stochastic { .. });
+        Ok(if self.options.master_weights {
+            StorageMap::mixed_with_masters(p, param, bf16_state, stochastic)
+        } else {
+            StorageMap::mixed(p, param, bf16_state, stochastic)
+        })
     }
 
     /// The options.
@@ -347,9 +399,18 @@ impl<S: Storage> MixedOptimizer<S> {
         self.options
     }
 
-    /// The master weights, once the first step created them.
-    pub fn master_weights(&self) -> Option<&[Vec<Vec<f32>>]> {
-        self.master.as_deref()
+    /// The master weights, `[space][tensor]`, once the first step created them.
+    pub fn master_weights(&self) -> Option<Vec<Vec<Vec<f32>>>> {
+        if !self.options.master_weights || self.inner.steps() == 0 {
+            return None;
+        }
+        let info = &self.inner.program().info;
+        (0..info.spaces.len())
+            .map(|s| {
+                let name = &info.buffers[self.master_buffer(s)].name;
+                self.inner.buffer(name).map(<[Vec<f32>]>::to_vec)
+            })
+            .collect()
     }
 
     /// A state buffer's values (widened to f32 when kept in bf16).
@@ -363,6 +424,25 @@ impl<S: Storage> MixedOptimizer<S> {
             );
         }
         self.inner.buffer(name).map(<[Vec<f32>]>::to_vec)
+    }
+
+    /// Before the first step with master weights: the masters are the params, widened.
+    fn fill_masters(&mut self, params: &[Vec<&mut [S]>]) {
+        if !self.options.master_weights || self.inner.steps() > 0 || self.inner.st.next_stage > 0 {
+            return;
+        }
+        for (space, ts) in params.iter().enumerate() {
+            let wide = ts
+                .iter()
+                .map(|t| {
+                    let mut w = Vec::new();
+                    widen(t, &mut w);
+                    w
+                })
+                .collect();
+            let b = self.master_buffer(space);
+            self.inner.set_state_buffer(b, wide);
+        }
     }
 
     /// One whole step (every stage) over the host's parameters, updated in place. Inputs may be
@@ -400,7 +480,13 @@ impl<S: Storage> MixedOptimizer<S> {
                 f32_inputs.tensors.insert(name.clone(), direct);
             }
         }
-        if self.inner.backend().is_cuda() {
+        if self.options.master_weights && self.inner.steps() == 0 {
+            // The lengths first: the masters are filled from the params.
+            self.inner
+                .check_lent(Some(&params[..]), "lend them", "call step")?;
+        }
+        self.fill_masters(params);
+        if self.fused {
             // The kernels read and write the 16-bit params themselves.
             let mut bits: Vec<Vec<&mut [u16]>> = Vec::with_capacity(params.len());
             for ts in params.iter_mut() {
@@ -410,7 +496,7 @@ impl<S: Storage> MixedOptimizer<S> {
                         Some(b) => space.push(b),
                         None => {
                             return Err(Error::Policy(
-                                "mixed precision on the GPU needs 16-bit parameters".into(),
+                                "fused mixed precision needs 16-bit parameters".into(),
                             ))
                         }
                     }
@@ -422,24 +508,18 @@ impl<S: Storage> MixedOptimizer<S> {
             self.pool.extend(widened.into_iter().flat_map(|(_, ts)| ts));
             return result;
         }
-        // The f32 parameters the rule updates: the master weights or widened copies.
-        let masters_new = self.options.master_weights && self.master.is_none();
-        let mut work: Vec<Vec<Vec<f32>>> = match self.master.take() {
-            Some(m) => m,
-            None => {
-                let mut work = Vec::with_capacity(params.len());
-                for ts in params.iter() {
-                    let mut space = Vec::with_capacity(ts.len());
-                    for t in ts {
-                        let mut w = take(&mut self.pool, t.len());
-                        widen(t, &mut w);
-                        space.push(w);
-                    }
-                    work.push(space);
-                }
-                work
+        // Separate passes: the f32 parameters the rule updates are widened copies (with master
+        // weights the rule reads its masters and stores the same values to these).
+        let mut work: Vec<Vec<Vec<f32>>> = Vec::with_capacity(params.len());
+        for ts in params.iter() {
+            let mut space = Vec::with_capacity(ts.len());
+            for t in ts {
+                let mut w = take(&mut self.pool, t.len());
+                widen(t, &mut w);
+                space.push(w);
             }
-        };
+            work.push(space);
+        }
         // State kept in bf16: widen it into the optimizer for the step.
         for (b, kept) in &self.state {
             let mut wide = Vec::with_capacity(kept.len());
@@ -462,11 +542,7 @@ impl<S: Storage> MixedOptimizer<S> {
         drop(f32_inputs);
         self.pool.extend(widened.into_iter().flat_map(|(_, ts)| ts));
         if let Err(e) = result {
-            if !masters_new && self.options.master_weights {
-                self.master = Some(work);
-            } else {
-                self.pool.extend(work.into_iter().flatten());
-            }
+            self.pool.extend(work.into_iter().flatten());
             self.release_state();
             return Err(e);
         }
@@ -497,11 +573,7 @@ impl<S: Storage> MixedOptimizer<S> {
             }
         }
         self.release_state();
-        if self.options.master_weights {
-            self.master = Some(work);
-        } else {
-            self.pool.extend(work.into_iter().flatten());
-        }
+        self.pool.extend(work.into_iter().flatten());
         Ok(())
     }
 
@@ -528,46 +600,30 @@ impl<S: Storage> MixedOptimizer<S> {
         .to_string()
     }
 
-    /// The checkpoint as bytes: the f32 optimizer's checkpoint (state widened exactly from bf16),
-    /// the master weights as `master.SPACE.TENSOR`, and the settings in an `optc.mixed` record.
+    /// The checkpoint as bytes: the f32 optimizer's checkpoint (state widened exactly from
+    /// bf16; master weights are its `NAME.master` state), and the settings in an `optc.mixed`
+    /// record.
     pub fn checkpoint_bytes(&self) -> Result<Vec<u8>, Error> {
         let ckpt_err = |e: &dyn std::fmt::Display| Error::Checkpoint(e.to_string());
-        let mut inner = self.inner.clone();
-        for (b, kept) in &self.state {
-            let wide = widened(kept);
-            inner.set_state_buffer(*b, wide);
-        }
-        let base = inner.checkpoint_bytes()?;
+        let base = if self.state.is_empty() {
+            self.inner.checkpoint_bytes()?
+        } else {
+            let mut inner = self.inner.clone();
+            for (b, kept) in &self.state {
+                inner.set_state_buffer(*b, widened(kept));
+            }
+            inner.checkpoint_bytes()?
+        };
         let st = SafeTensors::deserialize(&base).map_err(|e| ckpt_err(&e))?;
         let (_, header) = SafeTensors::read_metadata(&base).map_err(|e| ckpt_err(&e))?;
         let mut meta: HashMap<String, String> = header.metadata().clone().unwrap_or_default();
         meta.insert("optc.mixed".into(), self.record());
-        let masters: Vec<(String, Vec<u8>)> = self
-            .master
-            .iter()
-            .flat_map(|m| m.iter().enumerate())
-            .flat_map(|(s, ts)| {
-                ts.iter().enumerate().map(move |(j, t)| {
-                    (
-                        format!("master.{s}.{j}"),
-                        t.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                    )
-                })
-            })
-            .collect();
         let mut views: Vec<(String, TensorView<'_>)> = st
             .tensors()
             .into_iter()
             .map(|(n, v)| TensorView::new(v.dtype(), v.shape().to_vec(), v.data()).map(|v| (n, v)))
             .collect::<Result<_, _>>()
             .map_err(|e| ckpt_err(&e))?;
-        for (n, bytes) in &masters {
-            views.push((
-                n.clone(),
-                TensorView::new(Dtype::F32, vec![bytes.len() / 4], bytes)
-                    .map_err(|e| ckpt_err(&e))?,
-            ));
-        }
         views.sort_by(|a, b| a.0.cmp(&b.0));
         safetensors::serialize(views, Some(meta)).map_err(|e| ckpt_err(&e))
     }
@@ -601,47 +657,10 @@ impl<S: Storage> MixedOptimizer<S> {
                 self.record()
             )));
         }
-        let st = SafeTensors::deserialize(bytes).map_err(|e| ckpt_err(&e))?;
-        // Master weights exist once a step has run.
-        let has_masters = st.names().iter().any(|n| n.starts_with("master."));
-        let master = if self.options.master_weights && has_masters {
-            let mut m = Vec::new();
-            for s in 0..self.inner.program().info.spaces.len() {
-                let mut ts = Vec::new();
-                for (j, spec) in self.inner.tensors(s).iter().enumerate() {
-                    let name = format!("master.{s}.{j}");
-                    let v = st
-                        .tensor(&name)
-                        .map_err(|_| ckpt_err(&format!("the checkpoint lacks `{name}`")))?;
-                    if v.dtype() != Dtype::F32 || v.shape() != [spec.numel()] {
-                        return Err(ckpt_err(&format!(
-                            "`{name}` is {:?} {:?}, expected F32 [{}]",
-                            v.dtype(),
-                            v.shape(),
-                            spec.numel()
-                        )));
-                    }
-                    ts.push(
-                        v.data()
-                            .chunks_exact(4)
-                            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                            .collect::<Vec<f32>>(),
-                    );
-                }
-                m.push(ts);
-            }
-            Some(m)
-        } else {
-            None
-        };
         let mut trial = self.inner.clone();
         trial.load_checkpoint_bytes(bytes)?;
-        if self.options.master_weights && trial.steps() > 0 && master.is_none() {
-            return Err(ckpt_err(&"the checkpoint lacks the master weights"));
-        }
         // Everything checked: apply.
         self.inner = trial;
-        self.master = master;
         for (b, kept) in &mut self.state {
             let wide = self.inner.take_state_buffer(*b);
             for (w, k) in wide.iter().zip(kept.iter_mut()) {
@@ -673,6 +692,7 @@ impl Optimizer<f32> {
 
     pub(crate) fn set_state_buffer(&mut self, b: usize, data: Vec<Vec<f32>>) {
         self.bufs[b] = data;
+        self.engine.forget(b);
     }
 
     pub(crate) fn take_state_buffer(&mut self, b: usize) -> Vec<Vec<f32>> {

@@ -43,7 +43,7 @@ use optc_compiler::backend::clif::Precision;
 use optc_compiler::backend::interp::Buffers;
 use optc_compiler::ir::{BufRole, Kernel, Program};
 use optc_compiler::ops::Float;
-use optc_compiler::storage::{rounded_then_reloaded, StorageMap};
+use optc_compiler::storage::StorageMap;
 use residency::{Arena, GpuSlot, GpuState};
 use std::any::Any;
 use std::sync::{Arc, OnceLock};
@@ -120,15 +120,7 @@ impl<T: Float + Default> Engine<T> for Cuda<T> {
     }
 
     fn compile(&self, program: &Arc<Program>, storage: &StorageMap) -> Result<Compiled, Error> {
-        if !storage.is_native() {
-            if let Some(b) = rounded_then_reloaded(program, storage) {
-                return Err(Error::Policy(format!(
-                    "rule `{}` reads `{}` again after storing it within a step, so its 16-bit \
-                     storage cannot be fused into the GPU kernels; run it on a CPU backend",
-                    program.info.name, program.info.buffers[b as usize].name
-                )));
-            }
-        }
+        super::fusable(program, storage, "the GPU kernels")?;
         let precision = if T::BYTES == 4 {
             Precision::F32
         } else {
