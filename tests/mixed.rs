@@ -420,3 +420,106 @@ fn mixed_checkpoints_resume_exactly() {
         assert!(e.to_string().contains("optc.mixed"), "{e}");
     }
 }
+
+/// `optc bench --storage`: the bytes it counts follow each buffer's storage, the conversions are
+/// fused unless asked otherwise, and 16-bit-only options without 16-bit params are refused.
+#[test]
+fn bench_measures_sixteen_bit_storage() {
+    let bench = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_optc"))
+            .args([
+                "bench",
+                "adam",
+                "--elems",
+                "1000000",
+                "--steps",
+                "1",
+                "--threads",
+                "1",
+            ])
+            .args(args)
+            .output()
+            .expect("optc runs");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // adam, one pass: param, g, m, v read; param, m, v written.
+    for (args, mb, how) in [
+        (&[][..], "28.0 MB", None),
+        (
+            &["--storage", "bf16"][..],
+            "24.0 MB",
+            Some("fused into the kernels"),
+        ),
+        (
+            &["--storage", "f16", "--state-storage", "bf16"][..],
+            "16.0 MB",
+            Some("fused into the kernels"),
+        ),
+        (
+            &["--storage", "bf16", "--separate-passes"][..],
+            "24.0 MB",
+            Some("separate passes"),
+        ),
+        // Master weights: one more f32 buffer read and written; the bf16 param only written.
+        (
+            &[
+                "--storage",
+                "bf16",
+                "--master-weights",
+                "--rounding",
+                "stochastic",
+            ][..],
+            "30.0 MB",
+            Some("fused into the kernels"),
+        ),
+    ] {
+        let (code, stdout, stderr) = bench(args);
+        assert_eq!(code, Some(0), "{args:?}: {stderr}");
+        let must = stdout
+            .lines()
+            .find(|l| l.contains("bytes the rule must move"))
+            .unwrap_or_else(|| panic!("{args:?}: {stdout}"));
+        assert!(must.contains(mb), "{args:?}: {must}");
+        if let Some(how) = how {
+            assert!(stdout.contains(how), "{args:?}: {stdout}");
+        }
+    }
+    let (code, _, stderr) = bench(&["--state-storage", "bf16"]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("need 16-bit params"), "{stderr}");
+}
+
+/// On the fused path a step skipped for a non-finite gradient stores nothing: the lent 16-bit
+/// params, the bf16 state the engine holds and the masters stay as they were.
+#[test]
+fn fused_skipped_steps_change_nothing() {
+    for master_weights in [false, true] {
+        let options = MixedOptions {
+            master_weights,
+            bf16_state: true,
+            rounding: Rounding::Stochastic { seed: 9 },
+        };
+        let (o, mut params) =
+            mixed::<bf16>("adam", options, Backend::Cranelift { threads: 2 }, 2, &[]);
+        let mut o = o.with_non_finite(optc::runtime::NonFinite::Skip).unwrap();
+        assert!(o.is_fused());
+        let (before, m, masters) = (params.clone(), o.state("m"), o.master_weights());
+        let mut g = grads(5);
+        g[1][3] = f32::NAN;
+        let mut lend: Vec<&mut [bf16]> = params.iter_mut().map(Vec::as_mut_slice).collect();
+        o.step_with(
+            std::slice::from_mut(&mut lend),
+            &Inputs::default().tensor("g", g.iter().map(Vec::as_slice).collect()),
+        )
+        .unwrap();
+        assert_eq!(o.inner().skipped_steps(), 1);
+        assert_eq!(o.inner().steps(), 2);
+        assert_eq!(params, before);
+        assert_eq!(o.state("m"), m);
+        assert_eq!(o.master_weights(), masters);
+    }
+}

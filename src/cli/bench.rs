@@ -3,7 +3,8 @@
 use super::{apply_sets, compile_one, ExecArgs, Fail};
 use optc::compiler;
 use optc::compiler::ir::Program;
-use optc::runtime::{Backend, Inputs, Optimizer};
+use optc::runtime::mixed::{bf16, f16, MixedOptimizer, MixedOptions, Rounding, Storage};
+use optc::runtime::{Backend, Inputs, Optimizer, TensorSpec};
 use std::sync::Arc;
 
 #[derive(clap::Args, Debug)]
@@ -25,14 +26,64 @@ pub(crate) struct BenchArgs {
     /// Set a hyperparameter: NAME=VALUE.
     #[arg(long = "set", value_name = "NAME=VALUE")]
     pub(crate) sets: Vec<String>,
+    /// How the params are stored: f32, or 16 bits with f32 arithmetic (mixed precision, the
+    /// conversions fused into the kernels).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub(crate) storage: StorageArg,
+    /// How the state is stored (bf16 needs 16-bit params).
+    #[arg(long = "state-storage", value_enum, default_value = "f32")]
+    pub(crate) state_storage: StateStorageArg,
+    /// How stores into 16-bit buffers round.
+    #[arg(long, value_enum, default_value = "nearest")]
+    pub(crate) rounding: RoundingArg,
+    /// Keep f32 master weights of the 16-bit params (one more f32 buffer per param).
+    #[arg(long = "master-weights")]
+    pub(crate) master_weights: bool,
+    /// Convert 16-bit buffers in separate passes around an f32 step instead of inside the
+    /// kernels (CPU backends; for comparison).
+    #[arg(long = "separate-passes")]
+    pub(crate) separate_passes: bool,
     #[command(flatten)]
     pub(crate) exec: ExecArgs,
 }
 
+/// How params are stored.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StorageArg {
+    /// 32-bit floats.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half precision.
+    F16,
+}
+
+/// How state is stored.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StateStorageArg {
+    /// 32-bit floats.
+    F32,
+    /// bfloat16.
+    Bf16,
+}
+
+/// How stores into 16-bit buffers round.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RoundingArg {
+    /// To nearest, ties to even.
+    Nearest,
+    /// Stochastically (Philox bits, a fixed seed).
+    Stochastic,
+}
+
 /// Bytes a later step must move (every buffer its kernels read, once, and every buffer they write,
 /// once), the bytes its kernels actually move (a buffer read in two passes counts twice), and the
-/// number of passes over memory.
-fn traffic(p: &Program, elems: usize, bytes: usize) -> (usize, usize, usize) {
+/// number of passes over memory; `bytes(b)` is the size of an element of buffer `b`.
+fn traffic(
+    p: &Program,
+    elems: usize,
+    bytes: impl Fn(compiler::ir::BufId) -> usize,
+) -> (usize, usize, usize) {
     use compiler::ir::Node;
     let v = &p.variants[1];
     let (mut read, mut written) = (
@@ -47,17 +98,18 @@ fn traffic(p: &Program, elems: usize, bytes: usize) -> (usize, usize, usize) {
                 for &n in &k.loads {
                     if let Node::Load { buf, .. } = p.graph.node(n) {
                         read.insert(buf);
-                        moved += elems * bytes;
+                        moved += elems * bytes(buf);
                     }
                 }
                 for &(b, _) in &k.stores {
                     written.insert(b);
-                    moved += elems * bytes;
+                    moved += elems * bytes(b);
                 }
             }
         }
     }
-    ((read.len() + written.len()) * elems * bytes, moved, passes)
+    let must = read.iter().chain(&written).map(|&b| elems * bytes(b)).sum();
+    (must, moved, passes)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -116,6 +168,23 @@ pub(crate) fn command(args: &BenchArgs) -> Result<(), Fail> {
         Backend::Cranelift { threads } => threads,
         _ => 1,
     };
+    match args.storage {
+        StorageArg::Bf16 => return bench_mixed::<bf16>(args, Arc::new(program), &sizes),
+        StorageArg::F16 => return bench_mixed::<f16>(args, Arc::new(program), &sizes),
+        StorageArg::F32 => {
+            if args.state_storage != StateStorageArg::F32
+                || args.master_weights
+                || args.separate_passes
+                || args.rounding != RoundingArg::Nearest
+            {
+                return Err(Fail(
+                    "error: --state-storage, --rounding, --master-weights and --separate-passes \
+                     need 16-bit params (--storage bf16 or f16)"
+                        .into(),
+                ));
+            }
+        }
+    }
     #[cfg(feature = "cuda")]
     if backend.is_cuda() {
         return bench_cuda(args, Arc::new(program), &sizes);
@@ -160,7 +229,7 @@ pub(crate) fn command(args: &BenchArgs) -> Result<(), Fail> {
         times.push(start.elapsed().as_secs_f64());
     }
     let t = median(times);
-    let (must, moved, passes) = traffic(opt.active_program(), args.elems, 4);
+    let (must, moved, passes) = traffic(opt.active_program(), args.elems, |_| 4);
     let ceiling = inplace_ceiling(args.elems, threads, 5)?;
     let gbs = must as f64 / t / 1e9;
     println!(
@@ -174,6 +243,124 @@ pub(crate) fn command(args: &BenchArgs) -> Result<(), Fail> {
     );
     println!(
         "  bytes the rule must move   {:>10.1} MB   ({passes} pass(es) over memory move {:.1} MB)",
+        must as f64 / 1e6,
+        moved as f64 / 1e6
+    );
+    println!("  effective bandwidth        {gbs:>10.2} GB/s");
+    println!("  in-place ceiling a+=s*b    {ceiling:>10.2} GB/s   (same threads, same size)");
+    println!("  ratio                      {:>10.3}", gbs / ceiling);
+    Ok(())
+}
+
+/// The key of `--rounding stochastic`.
+const BENCH_SEED: u64 = 0x5eed;
+
+/// `optc bench --storage bf16|f16`: a [`MixedOptimizer`] over 16-bit params lent in place, f32
+/// gradients; bytes counted at each buffer's storage size (what the fused kernels move).
+fn bench_mixed<S: Storage>(
+    args: &BenchArgs,
+    program: Arc<Program>,
+    sizes: &[usize],
+) -> Result<(), Fail> {
+    let info = program.info.clone();
+    let backend = args.exec.backend()?;
+    let threads = match backend {
+        Backend::Cranelift { threads } => threads,
+        _ => 1,
+    };
+    let options = MixedOptions {
+        master_weights: args.master_weights,
+        bf16_state: args.state_storage == StateStorageArg::Bf16,
+        rounding: match args.rounding {
+            RoundingArg::Nearest => Rounding::Nearest,
+            RoundingArg::Stochastic => Rounding::Stochastic { seed: BENCH_SEED },
+        },
+    };
+    let specs: Vec<Vec<TensorSpec>> = (0..info.spaces.len())
+        .map(|s| {
+            sizes
+                .iter()
+                .enumerate()
+                .map(|(j, &n)| TensorSpec::new(format!("{}.{j}", info.spaces[s]), &[n]))
+                .collect()
+        })
+        .collect();
+    let mut opt = MixedOptimizer::<S>::new(Arc::clone(&program), specs, options)?
+        .with_backend(backend)?
+        .with_separate_passes(args.separate_passes)?
+        .with_non_finite(args.exec.non_finite.policy())?;
+    apply_sets(opt.inner_mut(), &args.sets)?;
+    let mut params: Vec<Vec<Vec<S>>> = info
+        .spaces
+        .iter()
+        .map(|_| sizes.iter().map(|&n| vec![S::nearest(0.5); n]).collect())
+        .collect();
+    let inputs_data: Vec<(String, Vec<Vec<f32>>)> = info
+        .inputs()
+        .map(|(_, b)| {
+            (
+                b.name.clone(),
+                sizes.iter().map(|&n| vec![1e-3f32; n]).collect(),
+            )
+        })
+        .collect();
+    let mut inputs = Inputs::default();
+    for (n, d) in &inputs_data {
+        inputs = inputs.tensor(n, d.iter().map(|v| v.as_slice()).collect());
+    }
+    for s in &info.scalar_inputs {
+        inputs = inputs.scalar(s, 0.5);
+    }
+    let mut step = |opt: &mut MixedOptimizer<S>| -> Result<(), Fail> {
+        let mut lend: Vec<Vec<&mut [S]>> = params
+            .iter_mut()
+            .map(|ts| ts.iter_mut().map(Vec::as_mut_slice).collect())
+            .collect();
+        opt.step_with(&mut lend, &inputs)?;
+        Ok(())
+    };
+    step(&mut opt)?; // the first step (its own variant), then a warm-up
+    step(&mut opt)?;
+    let steps = args.steps.max(1);
+    let mut times = Vec::new();
+    for _ in 0..steps {
+        let start = std::time::Instant::now();
+        step(&mut opt)?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let t = median(times);
+    // The bytes the fused kernels move, at each buffer's storage size.
+    let active = opt.inner().active_program();
+    let map = opt.storage_map().unwrap_or_default();
+    let (must, moved, passes) = traffic(active, args.elems, |b| {
+        map.of(b).bytes(compiler::backend::clif::Precision::F32)
+    });
+    let ceiling = inplace_ceiling(args.elems, threads, 5)?;
+    let gbs = must as f64 / t / 1e9;
+    let how = if opt.is_fused() {
+        "conversions fused into the kernels"
+    } else {
+        "conversions in separate passes around an f32 step"
+    };
+    println!(
+        "rule {} on {:?}: {} elements in {} tensor(s) per param, params {}, state {}, \
+         {:?} rounding{}; {how}",
+        info.name,
+        backend,
+        args.elems,
+        sizes.len(),
+        S::NAME,
+        if options.bf16_state { "bf16" } else { "f32" },
+        args.rounding,
+        if options.master_weights {
+            ", f32 master weights"
+        } else {
+            ""
+        },
+    );
+    println!("  step time (median of {steps})   {:>10.3} ms", t * 1e3);
+    println!(
+        "  bytes the rule must move   {:>10.1} MB   ({passes} pass(es) over memory move {:.1} MB in the fused kernels)",
         must as f64 / 1e6,
         moved as f64 / 1e6
     );
@@ -243,7 +430,7 @@ fn bench_cuda(args: &BenchArgs, program: Arc<Program>, sizes: &[usize]) -> Resul
     }
     let launches = (opt.launches() - before) as f64 / steps as f64;
     let t = median(times);
-    let (must, moved, passes) = traffic(opt.active_program(), args.elems, 4);
+    let (must, moved, passes) = traffic(opt.active_program(), args.elems, |_| 4);
     // Ceiling: copying one param-sized buffer device to device (read + write).
     let copy_bytes = (args.elems * 4).max(4);
     let (a, b) = (dev.alloc(copy_bytes)?, dev.alloc(copy_bytes)?);

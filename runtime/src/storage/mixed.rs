@@ -378,8 +378,9 @@ impl<S: Storage> MixedOptimizer<S> {
         info.buffers.len() - info.spaces.len() + space
     }
 
-    /// How the kernels store the rule's buffers, when the conversions are fused.
-    fn storage_map(&self) -> Result<StorageMap, Error> {
+    /// How the kernels store the rule's buffers when the conversions are fused (whether they
+    /// are or not: [`MixedOptimizer::is_fused`]); an error for f32 params.
+    pub fn storage_map(&self) -> Result<StorageMap, Error> {
         let Some(param) = S::device() else {
             return Err(Error::Policy(
                 "fused mixed precision needs bf16 or f16 parameters (for f32 use Optimizer)".into(),
