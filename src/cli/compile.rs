@@ -27,7 +27,7 @@ pub(crate) struct CompileArgs {
     /// GPU architecture for `--emit ptx` (`sm_80`, `sm_90`, ...).
     #[arg(long, default_value = "sm_90")]
     pub(crate) arch: String,
-    /// Device storage of params and state for `--emit cuda|ptx` (bf16/f16: f32 arithmetic).
+    /// Storage of params and state for `--emit clif|cuda|ptx` (bf16/f16: f32 arithmetic).
     #[arg(long, value_enum, default_value = "native")]
     pub(crate) storage: StorageArg,
     /// Rounding of stores into 16-bit storage.
@@ -82,15 +82,14 @@ pub(crate) enum RoundingArg {
     Stochastic,
 }
 
-/// The CUDA source of a program as `--precision`, `--storage` and `--rounding` ask.
-fn cuda_source(
+/// The storage map `--storage` and `--rounding` ask for.
+fn storage_map(
     p: &Program,
-    precision: PrecisionArg,
     storage: StorageArg,
     rounding: RoundingArg,
-) -> Result<String, Fail> {
-    use compiler::backend::cuda::{module_stored, Storage, StorageMap};
-    let map = match storage {
+) -> compiler::storage::StorageMap {
+    use compiler::storage::{Storage, StorageMap};
+    match storage {
         StorageArg::Native => StorageMap::default(),
         StorageArg::Bf16 | StorageArg::F16 => StorageMap::mixed(
             p,
@@ -102,8 +101,18 @@ fn cuda_source(
             true,
             rounding == RoundingArg::Stochastic,
         ),
-    };
-    module_stored(p, precision.precision(), false, &map)
+    }
+}
+
+/// The CUDA source of a program as `--precision`, `--storage` and `--rounding` ask.
+fn cuda_source(
+    p: &Program,
+    precision: PrecisionArg,
+    storage: StorageArg,
+    rounding: RoundingArg,
+) -> Result<String, Fail> {
+    let map = storage_map(p, storage, rounding);
+    compiler::backend::cuda::module_stored(p, precision.precision(), false, &map)
         .map(|m| m.source)
         .map_err(|e| Fail(format!("error: {e}")))
 }
@@ -170,10 +179,10 @@ pub(crate) fn command(args: &CompileArgs) -> Result<(), Fail> {
         Emit::Clif => {
             let (base, _, _) = compile_one(rule, rule_name)?;
             let p = runnable(&base, args, &mut |_, _| {})?;
-            print!(
-                "{}",
-                compiler::backend::clif::clif_text(&p, precision.precision())
-            );
+            let map = storage_map(&p, storage, rounding);
+            let text = compiler::backend::clif::clif_text_stored(&p, precision.precision(), &map)
+                .map_err(|e| Fail(format!("error: {e}")))?;
+            print!("{text}");
         }
         Emit::Cuda => {
             let (base, _, _) = compile_one(rule, rule_name)?;
