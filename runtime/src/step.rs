@@ -380,10 +380,17 @@ impl<T: Float + Default> Optimizer<T> {
             }
         }
         for &b in &needs.tensors {
+            if !tensors.contains_key(&info.buffers[b as usize].name) {
+                return Err(missing(&info.buffers[b as usize].name));
+            }
+        }
+        // Every input given is checked, read by this specialization or not: a tensor of the
+        // wrong shape is an error whatever the hyperparameters decide.
+        let mut given: Vec<(&String, &Vec<L>)> = tensors.iter().collect();
+        given.sort_by(|a, b| a.0.cmp(b.0));
+        for (name, data) in given {
+            let Some(b) = info.buffer(name) else { continue };
             let bi = &info.buffers[b as usize];
-            let Some(data) = tensors.get(&bi.name) else {
-                return Err(missing(&bi.name));
-            };
             let lens = &self.lens[bi.space as usize];
             if data.len() != lens.len() {
                 return Err(Error::Length {
