@@ -336,3 +336,123 @@ fn the_atomic_writer_replaces_a_file_and_leaves_no_temporary() {
         .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("out.bin")]);
 }
+
+/// The names in a folder, sorted.
+fn listing(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Several files written as one transaction: a failure at any point leaves every file as it was
+/// and no temporary file; a failure after the commit leaves a journal that `recover` completes.
+#[test]
+fn a_transaction_is_all_or_nothing() {
+    use optc::runtime::checkpoint::{recover, write_files_failing};
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.bin"), dir.path().join("b.bin"));
+    std::fs::write(&a, b"old a").unwrap();
+    std::fs::write(&b, b"old b").unwrap();
+    let files: [(&std::path::Path, &[u8]); 2] = [(&a, b"new a"), (&b, b"new b")];
+    for at in [FailPoint::Create, FailPoint::Write, FailPoint::Rename] {
+        assert!(write_files_failing(&files, Some(at)).is_err());
+        assert_eq!(std::fs::read(&a).unwrap(), b"old a", "{at:?}");
+        assert_eq!(std::fs::read(&b).unwrap(), b"old b", "{at:?}");
+        assert_eq!(listing(dir.path()), ["a.bin", "b.bin"], "{at:?}");
+    }
+    // Committed, then interrupted between the renames: the next recover completes it.
+    let e = write_files_failing(&files, Some(FailPoint::Commit)).unwrap_err();
+    assert!(e.to_string().contains("committed"), "{e}");
+    recover(&[&a]).unwrap();
+    assert_eq!(std::fs::read(&a).unwrap(), b"new a");
+    assert_eq!(std::fs::read(&b).unwrap(), b"new b");
+    assert_eq!(listing(dir.path()), ["a.bin", "b.bin"]);
+    // A directory as a target: refused before anything is written.
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    let sub = dir.path().join("sub");
+    assert!(write_files_failing(&[(&a, b"x"), (&sub, b"y")], None).is_err());
+    assert!(optc::runtime::checkpoint::write_file_atomic(&sub, b"y").is_err());
+    assert_eq!(std::fs::read(&a).unwrap(), b"new a");
+    assert_eq!(listing(dir.path()), ["a.bin", "b.bin", "sub"]);
+    assert!(listing(&sub).is_empty());
+}
+
+/// Temporary files have unique names (a user's `X.tmp` is never touched), stale ones that no
+/// live writer holds are removed by the next write or `recover`, and held ones are left alone.
+#[test]
+fn temporary_files_are_unique_and_stale_ones_are_removed() {
+    use optc::runtime::checkpoint::{recover, write_file_atomic};
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    std::fs::write(p("w.safetensors.tmp"), b"user file").unwrap();
+    std::fs::write(p(".w.safetensors.tmp-123-0"), b"not ours").unwrap();
+    write_file_atomic(&p("w.safetensors"), b"params").unwrap();
+    assert_eq!(std::fs::read(p("w.safetensors.tmp")).unwrap(), b"user file");
+    // A stale temporary file (its writer died: not locked) and a held one.
+    std::fs::write(p(".w.safetensors.optc-tmp-0123456789abcdef"), b"stale").unwrap();
+    std::fs::write(p(".w.safetensors.optc-tmp-fedcba9876543210"), b"held").unwrap();
+    let held = std::fs::File::open(p(".w.safetensors.optc-tmp-fedcba9876543210")).unwrap();
+    held.lock().unwrap();
+    recover(&[&p("w.safetensors")]).unwrap();
+    assert_eq!(
+        listing(dir.path()),
+        [
+            ".w.safetensors.optc-tmp-fedcba9876543210",
+            ".w.safetensors.tmp-123-0",
+            "w.safetensors",
+            "w.safetensors.tmp"
+        ]
+    );
+    drop(held);
+    write_file_atomic(&p("w.safetensors"), b"params 2").unwrap();
+    assert_eq!(
+        listing(dir.path()),
+        [
+            ".w.safetensors.tmp-123-0",
+            "w.safetensors",
+            "w.safetensors.tmp"
+        ]
+    );
+}
+
+/// The CLI: `--params w.safetensors.tmp --out w.safetensors` reads its input intact, and `--out`
+/// naming a folder fails leaving nothing behind.
+#[test]
+fn the_cli_never_overwrites_a_file_it_did_not_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
+    write_st(
+        std::path::Path::new(&p("w.safetensors.tmp")),
+        &[("w", vec![3], vec![1.0, 2.0, 3.0])],
+    );
+    write_st(
+        std::path::Path::new(&p("g.safetensors")),
+        &[("w", vec![1, 3], vec![0.5; 3])],
+    );
+    let input = std::fs::read(p("w.safetensors.tmp")).unwrap();
+    let run = |out: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_optc"))
+            .args(["run", "sgd", "--params", &p("w.safetensors.tmp"), "--grads"])
+            .args([&p("g.safetensors"), "--out", out, "-q"])
+            .output()
+            .unwrap()
+    };
+    assert!(run(&p("w.safetensors")).status.success());
+    assert_eq!(std::fs::read(p("w.safetensors.tmp")).unwrap(), input);
+    std::fs::create_dir(p("sub.safetensors")).unwrap();
+    let out = run(&p("sub.safetensors"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(listing(std::path::Path::new(&p("sub.safetensors"))).is_empty());
+    assert_eq!(
+        listing(dir.path()),
+        [
+            "g.safetensors",
+            "sub.safetensors",
+            "w.safetensors",
+            "w.safetensors.tmp"
+        ]
+    );
+}

@@ -164,3 +164,74 @@ fn tampered_metadata_is_refused_and_changes_nothing() {
         assert_eq!(c.checkpoint_bytes().unwrap(), before, "nothing changed");
     }
 }
+
+/// Every tensor of a checkpoint has a checksum: any flipped byte of the tensor data, and state
+/// tensors swapped between buffers, are refused; so is any edit of the record that its own
+/// validation lets through (an in-range value).
+#[test]
+fn damaged_tensors_and_records_are_refused() {
+    let adam = || {
+        let p = Arc::new(optc::stdlib_rule("adam").unwrap());
+        Optimizer::<f64>::new(p, vec![vec![vec![1.0; 3], vec![2.0; 2]]]).unwrap()
+    };
+    let mut a = adam();
+    let g = ([0.5, 0.25, -1.0], [0.125, 4.0]);
+    for _ in 0..2 {
+        a.step(&Inputs::default().tensor("g", vec![&g.0, &g.1]))
+            .unwrap();
+    }
+    let good = a.checkpoint_bytes().unwrap();
+    let n = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+    let mut c = adam();
+    let before = c.checkpoint_bytes().unwrap();
+    for i in 8 + n..good.len() {
+        let mut bad = good.clone();
+        bad[i] ^= 0x10;
+        let e = c
+            .load_checkpoint_bytes(&bad)
+            .expect_err("a flipped byte is refused");
+        assert!(e.to_string().contains("checksum"), "byte {i}: {e}");
+        assert_eq!(c.checkpoint_bytes().unwrap(), before);
+    }
+    // Two state tensors' names swapped in the header.
+    let mut header: serde_json::Value = serde_json::from_slice(&good[8..8 + n]).unwrap();
+    // Two tensors of the same shape: state.m and state.v of one param tensor.
+    let names = [
+        "state.m.theta[0]".to_string(),
+        "state.v.theta[0]".to_string(),
+    ];
+    let (x, y) = (header[&names[0]].clone(), header[&names[1]].clone());
+    header[&names[0]] = y;
+    header[&names[1]] = x;
+    let mut text = header.to_string().into_bytes();
+    while !text.len().is_multiple_of(8) {
+        text.push(b' ');
+    }
+    let mut swapped = (text.len() as u64).to_le_bytes().to_vec();
+    swapped.extend_from_slice(&text);
+    swapped.extend_from_slice(&good[8 + n..]);
+    let e = c.load_checkpoint_bytes(&swapped).unwrap_err();
+    assert!(e.to_string().contains("checksum"), "{e}");
+    // An in-range edit of the record.
+    let edited = tampered(&good, |r| {
+        r["hyperparameters"]["lr"] = serde_json::json!(0.5)
+    });
+    let e = c.load_checkpoint_bytes(&edited).unwrap_err();
+    assert!(e.to_string().contains("checksum"), "{e}");
+    assert_eq!(c.checkpoint_bytes().unwrap(), before);
+    c.load_checkpoint_bytes(&good).unwrap();
+}
+
+/// A rule whose declared ranges changed has another program hash.
+#[test]
+fn declared_ranges_are_part_of_the_program_hash() {
+    use optc::runtime::checkpoint::program_hash;
+    let hash = |range: &str| {
+        let src = format!(
+            "rule r(lr = 0.1 {range}) {{ param theta\n input g\n theta = theta - lr * g }}"
+        );
+        program_hash(&optc::compile(&src).programs.remove(0))
+    };
+    assert_ne!(hash("in [0, 1]"), hash("in [0, 2]"));
+    assert_ne!(hash(""), hash("in [0, 1]"));
+}

@@ -164,3 +164,65 @@ fn the_guard_sees_every_position() {
         .unwrap();
     assert_eq!(o.steps(), 1);
 }
+
+/// An optimizer of an inline rule, with the policy.
+fn inline(src: &str, backend: Backend, policy: NonFinite) -> Optimizer<f32> {
+    let p = optc::compile(src).programs.remove(0);
+    Optimizer::new(Arc::new(p), vec![vec![vec![1.0; 37], vec![2.0; 5]]])
+        .unwrap()
+        .with_backend(backend)
+        .unwrap()
+        .with_non_finite(policy)
+        .unwrap()
+}
+
+/// A non-finite value in an input that only a scalar state reads, and a non-finite scalar
+/// input, are caught as gradients are: the step is skipped or refused with nothing changed.
+#[test]
+fn inputs_that_reach_only_scalar_state_and_scalar_inputs_are_guarded() {
+    let only_scalar = "rule r(lr = 0.1) { param theta\n input g\n input h\n state c: scalar = 0\n c = c + sum(h)\n theta = theta - lr * g }";
+    let only_state =
+        "rule r(lr = 0.1) { param theta\n input h\n state c: scalar = 0\n c = c + sum(h) }";
+    let scalar_in =
+        "rule r(lr = 0.1) { param theta\n input g\n input s: scalar\n theta = theta - lr * s * g }";
+    let g = grads(0);
+    let mut h = grads(1);
+    h.1[3] = f32::NAN;
+    for backend in [Backend::Interpreter, Backend::Cranelift { threads: 2 }] {
+        for policy in [NonFinite::Skip, NonFinite::Error] {
+            for (src, scalar) in [
+                (only_scalar, f64::NAN),
+                (only_state, 1.0),
+                (scalar_in, f64::NAN),
+                (scalar_in, f64::INFINITY),
+            ] {
+                let mut o = inline(src, backend, policy);
+                let mut inputs = Inputs::default();
+                if src.contains("input g") {
+                    inputs = inputs.tensor("g", vec![&g.0, &g.1]);
+                }
+                if src.contains("input h") {
+                    inputs = inputs.tensor("h", vec![&h.0, &h.1]);
+                }
+                if src.contains("input s") {
+                    inputs = inputs.scalar("s", scalar);
+                }
+                let before = snapshot(&o);
+                let r = o.step(&inputs);
+                match policy {
+                    NonFinite::Error => {
+                        assert!(matches!(r, Err(Error::NonFinite { .. })), "{src}: {r:?}")
+                    }
+                    _ => {
+                        r.unwrap();
+                        assert_eq!(o.skipped_steps(), 1, "{src}");
+                    }
+                }
+                assert_eq!(snapshot(&o), before, "{src}: nothing changed");
+                if src.contains("scalar = 0") {
+                    assert_eq!(o.scalar_state("c"), Some(0.0));
+                }
+            }
+        }
+    }
+}

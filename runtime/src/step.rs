@@ -171,20 +171,35 @@ impl<T: Float + Default> Optimizer<T> {
             };
             checked.push((k, scalars.clone()));
         }
+        // Scalar inputs are checked here, before anything runs (the kernels' guard checks the
+        // per-element inputs).
+        if self.policy != NonFinite::Proceed
+            && checked
+                .iter()
+                .any(|(_, s)| s.values().any(|v| !v.is_finite()))
+        {
+            return self.not_taken();
+        }
         for (k, scalars) in checked {
             if !self.run_stage_checked(k, &mut params, inputs, scalars)? {
-                return match self.policy {
-                    NonFinite::Error => Err(Error::NonFinite {
-                        rule: self.program.info.name.clone(),
-                    }),
-                    _ => {
-                        self.st.skipped += 1;
-                        Ok(())
-                    }
-                };
+                return self.not_taken();
             }
         }
         Ok(())
+    }
+
+    /// A step with non-finite inputs under a policy other than proceeding: counted as skipped,
+    /// or an error.
+    fn not_taken(&mut self) -> Result<(), Error> {
+        match self.policy {
+            NonFinite::Error => Err(Error::NonFinite {
+                rule: self.program.info.name.clone(),
+            }),
+            _ => {
+                self.st.skipped += 1;
+                Ok(())
+            }
+        }
     }
 
     /// Runs stage `k`, whose inputs were checked. Returns false when the guard found non-finite

@@ -123,8 +123,8 @@ fn inplace_ceiling(n: usize, threads: usize, runs: usize) -> Result<f64, Fail> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()?;
-    let mut a = vec![1.0f32; n];
-    let b = vec![0.5f32; n];
+    let mut a = filled(n, 1.0)?;
+    let b = filled(n, 0.5)?;
     let chunk = n.div_ceil(threads * 8).max(1 << 14);
     let mut times = Vec::new();
     for r in 0..runs + 1 {
@@ -148,6 +148,54 @@ fn inplace_ceiling(n: usize, threads: usize, runs: usize) -> Result<f64, Fail> {
     Ok((3 * n * 4) as f64 / median(times) / 1e9)
 }
 
+/// `n` copies of `v`, or an error when the memory cannot be had.
+fn filled(n: usize, v: f32) -> Result<Vec<f32>, Fail> {
+    let mut out = Vec::new();
+    out.try_reserve_exact(n).map_err(|_| {
+        Fail(format!(
+            "error: cannot allocate {n} elements ({} bytes)",
+            n.saturating_mul(4)
+        ))
+    })?;
+    out.resize(n, v);
+    Ok(out)
+}
+
+/// Refuses `--elems` values whose buffers cannot be allocated: every buffer of the rule (params,
+/// inputs, state, outputs) and the ceiling's two arrays, in f32, against the memory the system
+/// says is available (`MemAvailable` in /proc/meminfo, where there is one).
+fn check_memory(info: &optc::compiler::ir::RuleInfo, elems: usize) -> Result<(), Fail> {
+    let arrays = info.buffers.len() + 2;
+    let bytes = elems
+        .checked_mul(4)
+        .and_then(|b| b.checked_mul(arrays))
+        .filter(|&b| b <= isize::MAX as usize)
+        .ok_or_else(|| {
+            Fail(format!(
+                "error: --elems {elems}: {arrays} arrays of that many f32 elements cannot be addressed on this machine"
+            ))
+        })?;
+    if let Some(avail) = available_memory() {
+        if bytes as u64 > avail {
+            return Err(Fail(format!(
+                "error: --elems {elems}: rule `{}` needs {arrays} arrays of {elems} f32 elements ({:.1} GB), but only {:.1} GB of memory is available",
+                info.name,
+                bytes as f64 / 1e9,
+                avail as f64 / 1e9
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Available memory in bytes (Linux: `MemAvailable` in /proc/meminfo).
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
+}
+
 /// Runs `optc bench`.
 pub(crate) fn command(args: &BenchArgs) -> Result<(), Fail> {
     let (program, _, _) = compile_one(&args.rule, args.rule_name.as_deref())?;
@@ -163,6 +211,7 @@ pub(crate) fn command(args: &BenchArgs) -> Result<(), Fail> {
             }
         })
         .collect();
+    check_memory(&info, args.elems)?;
     let backend = args.exec.backend()?;
     let threads = match backend {
         Backend::Cranelift { threads } => threads,
@@ -192,20 +241,23 @@ pub(crate) fn command(args: &BenchArgs) -> Result<(), Fail> {
     let params: Vec<Vec<Vec<f32>>> = info
         .spaces
         .iter()
-        .map(|_| sizes.iter().map(|&n| vec![0.5f32; n]).collect())
-        .collect();
+        .map(|_| sizes.iter().map(|&n| filled(n, 0.5)).collect())
+        .collect::<Result<_, _>>()?;
     let program = Arc::new(program);
     let mut opt = args.exec.bind(Arc::clone(&program), params)?;
     apply_sets(&mut opt, &args.sets)?;
     let inputs_data: Vec<(String, Vec<Vec<f32>>)> = info
         .inputs()
         .map(|(_, b)| {
-            (
+            Ok((
                 b.name.clone(),
-                sizes.iter().map(|&n| vec![1e-3f32; n]).collect(),
-            )
+                sizes
+                    .iter()
+                    .map(|&n| filled(n, 1e-3))
+                    .collect::<Result<_, _>>()?,
+            ))
         })
-        .collect();
+        .collect::<Result<_, Fail>>()?;
     let mut inputs = Inputs::default();
     for (n, d) in &inputs_data {
         inputs = inputs.tensor(n, d.iter().map(|v| v.as_slice()).collect());
@@ -381,8 +433,8 @@ fn bench_cuda(args: &BenchArgs, program: Arc<Program>, sizes: &[usize]) -> Resul
     let params: Vec<Vec<Vec<f32>>> = info
         .spaces
         .iter()
-        .map(|_| sizes.iter().map(|&n| vec![0.5f32; n]).collect())
-        .collect();
+        .map(|_| sizes.iter().map(|&n| filled(n, 0.5)).collect())
+        .collect::<Result<_, _>>()?;
     let mut opt = args.exec.bind(Arc::clone(&program), params)?;
     apply_sets(&mut opt, &args.sets)?;
     let dev = Arc::clone(

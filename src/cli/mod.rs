@@ -219,6 +219,17 @@ impl ExecArgs {
             .with_non_finite(self.non_finite.policy())?)
     }
 
+    /// Binds a rule to named tensors the caller keeps and lends to each step.
+    pub(crate) fn lend<T: optc::compiler::ops::Float + Default>(
+        &self,
+        program: Arc<Program>,
+        tensors: Vec<Vec<optc::runtime::TensorSpec>>,
+    ) -> Result<Optimizer<T>, Fail> {
+        Ok(Optimizer::lending(program, tensors)?
+            .with_backend(self.backend()?)?
+            .with_non_finite(self.non_finite.policy())?)
+    }
+
     pub(crate) fn backend(&self) -> Result<Backend, Fail> {
         Ok(match self.backend {
             BackendArg::Interp => Backend::Interpreter,

@@ -1,15 +1,16 @@
 //! `optc run`: apply a rule to parameters in a safetensors file, step by step over inputs from
 //! safetensors files, and write the parameters (and a checkpoint).
 
-use super::io::{read_tensors, tensors_bytes, write_file, NamedTensor, Shaped, TensorFile};
+use super::io::{read_tensors, tensors_bytes, NamedTensor, Shaped, TensorFile};
 use super::{apply_sets, compile_one, ExecArgs, Fail};
-use optc::compiler::ir::{Program, RuleInfo};
-use optc::runtime::checkpoint::write_file_atomic;
-use optc::runtime::{Error, Inputs};
+use optc::compiler::ir::{BufRole, Program, RuleInfo};
+use optc::compiler::ops::Float;
+use optc::runtime::checkpoint::{recover, write_files_atomic};
+use optc::runtime::{Error, Inputs, TensorSpec};
 use safetensors::tensor::Dtype;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 #[derive(clap::Args, Debug)]
@@ -36,7 +37,8 @@ pub(crate) struct RunArgs {
     /// Set a hyperparameter: NAME=VALUE (VALUE a number, true or false).
     #[arg(long = "set", value_name = "NAME=VALUE")]
     pub(crate) sets: Vec<String>,
-    /// Where to write the parameters after the last step.
+    /// Where to write the parameters after the last step. With --state-out and --outputs, the
+    /// files are written as one transaction: all of them, or (on an error) none.
     #[arg(long)]
     pub(crate) out: PathBuf,
     /// Schedule a hyperparameter: NAME=SCHEDULE, e.g. `lr=warmup(100) then cosine(900, 0.1)`, or
@@ -50,6 +52,9 @@ pub(crate) struct RunArgs {
     /// Write a checkpoint after the last step.
     #[arg(long)]
     pub(crate) state_out: Option<PathBuf>,
+    /// Write the rule's outputs after the last step (tensors `<output>.<param tensor>`).
+    #[arg(long)]
+    pub(crate) outputs: Option<PathBuf>,
     /// Print nothing but errors.
     #[arg(long, short)]
     pub(crate) quiet: bool,
@@ -59,38 +64,48 @@ pub(crate) struct RunArgs {
 
 /// Runs `optc run`.
 pub(crate) fn command(args: &RunArgs) -> Result<(), Fail> {
+    // An earlier run's interrupted write of these files is completed (or its temporary files
+    // removed) before anything is read.
+    let mut files: Vec<&Path> = vec![&args.params, &args.out];
+    files.extend(args.state_in.as_deref());
+    files.extend(args.state_out.as_deref());
+    files.extend(args.outputs.as_deref());
+    recover(&files).map_err(|e| {
+        Fail(format!(
+            "error: cannot complete an interrupted write of these files: {e}"
+        ))
+    })?;
     let (program, _, _) = compile_one(&args.rule, args.rule_name.as_deref())?;
     let params = read_tensors(&args.params)?;
-    if params.dtype == Dtype::F64 {
+    // The precision that holds every tensor exactly; each tensor is written back in its own dtype
+    // (an F32 tensor of a run in f64 is rounded to f32 after every step, as its file holds it).
+    if params.widest() == Dtype::F64 {
         run_typed::<f64>(args, program, params)
     } else {
         run_typed::<f32>(args, program, params)
     }
 }
 
-trait Elem: optc::compiler::ops::Float + Default {
-    const DTYPE: Dtype;
-    fn to_le(v: &[Self]) -> Vec<u8>;
-}
-
-impl Elem for f32 {
-    const DTYPE: Dtype = Dtype::F32;
-    fn to_le(v: &[Self]) -> Vec<u8> {
-        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+/// A tensor's elements as little-endian bytes of `dtype`.
+fn to_le<T: Float>(v: &[T], dtype: Dtype) -> Vec<u8> {
+    if dtype == Dtype::F64 {
+        v.iter().flat_map(|x| x.to_f64().to_le_bytes()).collect()
+    } else {
+        v.iter()
+            .flat_map(|x| (x.to_f64() as f32).to_le_bytes())
+            .collect()
     }
 }
 
-impl Elem for f64 {
-    const DTYPE: Dtype = Dtype::F64;
-    fn to_le(v: &[Self]) -> Vec<u8> {
-        v.iter().flat_map(|x| x.to_le_bytes()).collect()
-    }
-}
-
-fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> Result<(), Fail> {
+fn run_typed<T: Float + Default>(
+    args: &RunArgs,
+    program: Program,
+    params: TensorFile,
+) -> Result<(), Fail> {
     let info = program.info.clone();
     // Which tensors belong to which param.
     let mut spaces: Vec<Vec<NamedTensor<T>>> = vec![Vec::new(); info.spaces.len()];
+    let mut dtypes: Vec<Vec<Dtype>> = vec![Vec::new(); info.spaces.len()];
     for (name, (shape, data)) in &params.tensors {
         let space = if info.spaces.len() == 1 {
             0
@@ -105,6 +120,7 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
             shape.clone(),
             data.iter().map(|&x| T::from_f64(x)).collect(),
         ));
+        dtypes[space].push(params.dtypes[name]);
     }
     for (s, ts) in spaces.iter().enumerate() {
         if ts.is_empty() {
@@ -114,6 +130,17 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
                 info.spaces[s]
             )));
         }
+    }
+    let outputs: Vec<&optc::compiler::ir::BufInfo> = info
+        .buffers
+        .iter()
+        .filter(|b| b.role == BufRole::Output)
+        .collect();
+    if args.outputs.is_some() && outputs.is_empty() {
+        return Err(Fail(format!(
+            "error: --outputs: rule `{}` has no outputs",
+            info.name
+        )));
     }
     // Inputs: NAME=FILE, plus --grads.
     let mut input_files: Vec<(String, PathBuf)> = Vec::new();
@@ -134,6 +161,16 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
         })?;
         input_files.push((name.to_string(), g.clone()));
     }
+    for (k, (name, _)) in input_files.iter().enumerate() {
+        if input_files[..k].iter().any(|(n, _)| n == name) {
+            let grads = if args.grads.is_some() && grads_input(&info) == Some(name.as_str()) {
+                " (--grads gives it too)"
+            } else {
+                ""
+            };
+            return Err(Fail(format!("error: input `{name}` is given twice{grads}")));
+        }
+    }
     let mut tensor_inputs: HashMap<String, Vec<Shaped>> = HashMap::new();
     let mut scalar_inputs: HashMap<String, Vec<f64>> = HashMap::new();
     let mut steps_avail: Option<usize> = None;
@@ -142,6 +179,18 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
         let tf = read_tensors(file)?;
         if let Some(b) = info.buffer(name).filter(|&b| info.is_input(b)) {
             let space = info.buffers[b as usize].space as usize;
+            if let Some(extra) = tf
+                .tensors
+                .keys()
+                .find(|t| !spaces[space].iter().any(|p| &p.0 == *t))
+            {
+                return Err(Fail(format!(
+                    "error: input file `{}` has tensor `{extra}`, which is no tensor of param `{}` in `{}`",
+                    file.display(),
+                    info.spaces[space],
+                    args.params.display()
+                )));
+            }
             let mut per = Vec::new();
             for (tname, shape, _) in &spaces[space] {
                 let (ishape, data) = tf.tensors.get(tname).ok_or_else(|| {
@@ -162,6 +211,13 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
             }
             tensor_inputs.insert(name.clone(), per);
         } else if info.scalar_inputs.contains(name) {
+            if let Some(extra) = tf.tensors.keys().find(|t| !info.scalar_inputs.contains(t)) {
+                return Err(Fail(format!(
+                    "error: input file `{}` has tensor `{extra}`, which is no scalar input of rule `{}`",
+                    file.display(),
+                    info.name
+                )));
+            }
             let (shape, data) = tf.tensors.get(name).ok_or_else(|| {
                 Fail(format!(
                     "error: input file `{}` has no tensor `{name}`",
@@ -190,11 +246,17 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
         }
     }
     let program = Arc::new(program);
-    let initial: Vec<Vec<Vec<T>>> = spaces
+    // The optimizer borrows the params (this command keeps them, to round F32 tensors of a run
+    // in f64), with the file's tensor names (checkpoints name state tensors by them).
+    let specs: Vec<Vec<TensorSpec>> = spaces
         .iter()
-        .map(|ts| ts.iter().map(|t| t.2.clone()).collect())
+        .map(|ts| ts.iter().map(|t| TensorSpec::new(&t.0, &t.1)).collect())
         .collect();
-    let mut opt = args.exec.bind(Arc::clone(&program), initial)?;
+    let mut values: Vec<Vec<Vec<T>>> = spaces
+        .iter_mut()
+        .map(|ts| ts.iter_mut().map(|t| std::mem::take(&mut t.2)).collect())
+        .collect();
+    let mut opt = args.exec.lend(Arc::clone(&program), specs)?;
     if let Some(path) = &args.state_in {
         opt.load_checkpoint(path)
             .map_err(|e| Fail(format!("error: {e}")))?;
@@ -246,10 +308,18 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
             "rule {}: {} step(s) over {} tensor(s), {} elements",
             info.name,
             steps,
-            spaces.iter().map(|s| s.len()).sum::<usize>(),
-            spaces.iter().flatten().map(|t| t.2.len()).sum::<usize>()
+            values.iter().map(|s| s.len()).sum::<usize>(),
+            values.iter().flatten().map(|t| t.len()).sum::<usize>()
         );
         println!("{:>6}  {:>14}  {:>14}", "step", "|params|", "|update|");
+    }
+    if !outputs.is_empty() && args.outputs.is_none() && !args.quiet {
+        let names: Vec<&str> = outputs.iter().map(|b| b.name.as_str()).collect();
+        eprintln!(
+            "note: rule `{}` has outputs ({}); --outputs FILE writes them",
+            info.name,
+            names.join(", ")
+        );
     }
     // A progress bar on a terminal (stderr); hidden when piped or with --quiet.
     let bar = if args.quiet {
@@ -257,10 +327,15 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
     } else {
         indicatif::ProgressBar::new(steps as u64)
     };
+    let round_f32 = T::BYTES == 8 && dtypes.iter().flatten().any(|&d| d == Dtype::F32);
     for step in 0..steps {
-        let before: Vec<Vec<T>> = (0..info.spaces.len())
-            .flat_map(|s| opt.params(s).to_vec())
-            .collect();
+        let report =
+            !args.quiet && (step + 1 == steps || (step + 1) % every == 0 || show && step < 3);
+        let before: Vec<Vec<T>> = if report {
+            values.iter().flatten().cloned().collect()
+        } else {
+            Vec::new()
+        };
         let slices: HashMap<String, Vec<Vec<T>>> = tensor_inputs
             .iter()
             .map(|(n, per)| {
@@ -284,20 +359,31 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
         for (n, v) in &scalar_inputs {
             inputs = inputs.scalar(n, v[step]);
         }
-        opt.step(&inputs)
+        let mut lent: Vec<Vec<&mut [T]>> = values
+            .iter_mut()
+            .map(|ts| ts.iter_mut().map(Vec::as_mut_slice).collect())
+            .collect();
+        opt.step_with(&mut lent, &inputs)
             .map_err(|e| step_failed(&info, step + 1, &e))?;
-        if !args.quiet && (step + 1 == steps || (step + 1) % every == 0 || show && step < 3) {
-            let after: Vec<Vec<T>> = (0..info.spaces.len())
-                .flat_map(|s| opt.params(s).to_vec())
-                .collect();
+        if round_f32 {
+            for (ts, ds) in values.iter_mut().zip(&dtypes) {
+                for (t, &d) in ts.iter_mut().zip(ds) {
+                    if d == Dtype::F32 {
+                        t.iter_mut()
+                            .for_each(|x| *x = T::from_f64(x.to_f64() as f32 as f64));
+                    }
+                }
+            }
+        }
+        if report {
+            let after = values.iter().flatten();
             let norm = after
-                .iter()
+                .clone()
                 .flatten()
                 .map(|x| x.to_f64().powi(2))
                 .sum::<f64>()
                 .sqrt();
             let upd = after
-                .iter()
                 .flatten()
                 .zip(before.iter().flatten())
                 .map(|(a, b)| (a.to_f64() - b.to_f64()).powi(2))
@@ -308,29 +394,65 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
         bar.inc(1);
     }
     bar.finish_and_clear();
-    // Every output's bytes first, then each file written atomically: an error before the first
-    // rename leaves every output as it was.
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    // Every output's bytes first, then all of them written as one transaction: an error leaves
+    // every output as it was, and a crash leaves them all old or (once `recover` has run) all new.
+    let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (s, ts) in spaces.iter().enumerate() {
         for (j, (name, shape, _)) in ts.iter().enumerate() {
-            tensors.push((name.clone(), shape.clone(), T::to_le(&opt.params(s)[j])));
+            let d = dtypes[s][j];
+            tensors.push((name.clone(), d, shape.clone(), to_le(&values[s][j], d)));
         }
     }
-    let meta = HashMap::from([
+    let meta = BTreeMap::from([
         ("rule".to_string(), info.name.clone()),
-        ("steps".to_string(), steps.to_string()),
+        ("steps".to_string(), opt.steps().to_string()),
     ]);
-    let out = tensors_bytes(T::DTYPE, &tensors, meta)
+    let out = tensors_bytes(&tensors, &meta)
         .map_err(|e| Fail(format!("error: cannot write `{}`: {e}", args.out.display())))?;
-    let checkpoint = match &args.state_out {
-        Some(path) => Some((
-            path,
-            opt.checkpoint_bytes()
-                .map_err(|e| Fail(format!("error: {e}")))?,
-        )),
-        None => None,
-    };
-    write_file(&args.out, &out)?;
+    let mut files: Vec<(&Path, Vec<u8>)> = vec![(&args.out, out)];
+    if let Some(path) = &args.state_out {
+        let bytes = opt
+            .checkpoint_bytes()
+            .map_err(|e| Fail(format!("error: {e}")))?;
+        files.push((path, bytes));
+    }
+    if let Some(path) = &args.outputs {
+        let mut held = Vec::new();
+        for b in &outputs {
+            let data = opt
+                .buffer(&b.name)
+                .ok_or_else(|| Fail(format!("error: cannot read output `{}`", b.name)))?;
+            let space = b.space as usize;
+            for (j, (tname, shape, _)) in spaces[space].iter().enumerate() {
+                let d = dtypes[space][j];
+                held.push((
+                    format!("{}.{tname}", b.name),
+                    d,
+                    shape.clone(),
+                    to_le(&data[j], d),
+                ));
+            }
+        }
+        let bytes = tensors_bytes(&held, &meta)
+            .map_err(|e| Fail(format!("error: cannot write `{}`: {e}", path.display())))?;
+        files.push((path, bytes));
+    }
+    let refs: Vec<(&Path, &[u8])> = files.iter().map(|(p, b)| (*p, b.as_slice())).collect();
+    write_files_atomic(&refs).map_err(|e| {
+        let names: Vec<String> = files
+            .iter()
+            .map(|(p, _)| format!("`{}`", p.display()))
+            .collect();
+        Fail(format!(
+            "error: cannot write {}: {e}{}",
+            names.join(", "),
+            if names.len() > 1 {
+                " (every file is as it was)"
+            } else {
+                ""
+            }
+        ))
+    })?;
     if !args.quiet {
         if opt.skipped_steps() > 0 {
             println!(
@@ -339,16 +461,11 @@ fn run_typed<T: Elem>(args: &RunArgs, program: Program, params: TensorFile) -> R
             );
         }
         println!("wrote {} ({} tensor(s))", args.out.display(), tensors.len());
-    }
-    if let Some((path, bytes)) = checkpoint {
-        write_file_atomic(path, &bytes).map_err(|e| {
-            Fail(format!(
-                "error: checkpoint: cannot write `{}`: {e}",
-                path.display()
-            ))
-        })?;
-        if !args.quiet {
+        if let Some(path) = &args.state_out {
             println!("wrote checkpoint {} (step {})", path.display(), opt.steps());
+        }
+        if let Some(path) = &args.outputs {
+            println!("wrote outputs {}", path.display());
         }
     }
     Ok(())

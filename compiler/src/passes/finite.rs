@@ -1,10 +1,13 @@
 //! Guards against non-finite inputs.
 //!
 //! [`guard_inputs`] adds to every stage a check that all of its per-element inputs are finite:
-//! `sum(g * 0)` over each input is 0, or NaN when any element is infinite or NaN. Every store is
-//! multiplied by `1 + 0 * check` (exactly 1 when the inputs are finite), so all stores depend on the
-//! check and the phase planner puts them after it: the first phase stores nothing, and the host can
-//! decide after it to skip the step or report an error with nothing written. When the rule already
+//! `sum(g * 0)` over each input is 0, or NaN when any element is infinite or NaN. The inputs of a
+//! stage are those its stores read and, in the last stage, those the scalar-state updates read
+//! (an input that reaches only a scalar state is checked too). Every store is multiplied by
+//! `1 + 0 * check` (exactly 1 when the inputs are finite), so all stores depend on the check and
+//! the phase planner puts them after it: the first phase stores nothing, and the host can decide
+//! after it to skip the step or report an error with nothing written. (Scalar inputs are checked
+//! by the host before the step.) When the rule already
 //! reads its inputs in a pass before the update (a clipping norm), the check joins that pass for
 //! free; otherwise it costs one read of the inputs.
 
@@ -49,9 +52,19 @@ pub fn guard(q: &mut Program) {
     for vi in 0..q.variants.len() {
         for k in 0..q.variants[vi].stages.len() {
             let stores = q.variants[vi].stages[k].stores.clone();
+            let last = k + 1 == q.variants[vi].stages.len();
+            let scalar_updates = if last {
+                q.variants[vi].scalar_updates.clone()
+            } else {
+                Vec::new()
+            };
             let mut inputs: BTreeSet<BufId> = BTreeSet::new();
             let mut seen = HashSet::new();
-            let mut stack: Vec<NodeId> = stores.iter().map(|s| s.1).collect();
+            let mut stack: Vec<NodeId> = stores
+                .iter()
+                .map(|s| s.1)
+                .chain(scalar_updates.iter().map(|u| u.1))
+                .collect();
             while let Some(n) = stack.pop() {
                 if !seen.insert(n) {
                     continue;
@@ -92,6 +105,14 @@ pub fn guard(q: &mut Program) {
                 .map(|&(b, v)| (b, q.add(Node::Binary(BinOp::Mul, v, factor))))
                 .collect();
             q.variants[vi].stages[k].stores = guarded;
+            if stores.is_empty() {
+                // Nothing else keeps the check alive: the scalar updates depend on it.
+                let updates: Vec<(u16, NodeId)> = scalar_updates
+                    .iter()
+                    .map(|&(s, v)| (s, q.add(Node::Binary(BinOp::Mul, v, factor))))
+                    .collect();
+                q.variants[vi].scalar_updates = updates;
+            }
         }
     }
 }
