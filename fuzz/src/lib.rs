@@ -295,6 +295,18 @@ pub fn check_program(p: Arc<Program>, src: &str) {
     }
 }
 
+/// Checkpoints of the optimizer [`check_checkpoint`] loads into, after 0, 1 and 3 steps.
+pub fn checkpoint_seeds() -> Vec<Vec<u8>> {
+    let p = Arc::new(optc::stdlib_rule("adam").expect("adam"));
+    let mut o = optimizer(&p, Backend::Interpreter).expect("adam binds");
+    let mut out = vec![o.checkpoint_bytes().expect("checkpoint")];
+    for (from, to) in [(0, 1), (1, 3)] {
+        steps(&mut o, from, to).expect("steps");
+        out.push(o.checkpoint_bytes().expect("checkpoint"));
+    }
+    out
+}
+
 /// Checks that arbitrary bytes loaded as a checkpoint into an adam optimizer either load or
 /// fail leaving the optimizer as it was.
 pub fn check_checkpoint(bytes: &[u8]) {
