@@ -1,4 +1,4 @@
-//! Rules `optc check` accepts that used to panic when run: each run on
+//! Rules `optc check` accepts that used to panic when run, and states nothing reads: each run on
 //! the reference interpreter and on Cranelift, against a hand computation.
 //!
 //! - A reduction of inputs only, nested in a reduction of a stage's values, must be computed no
@@ -6,6 +6,7 @@
 //! - A reduction whose argument folds to a scalar (a select on a hyperparameter) still reduces over
 //!   the elements of its space (the argument was left scalar, and the kernels evaluated a
 //!   per-element node as a scalar).
+//! - A state that nothing reads is still updated: `buffer("m")` and checkpoints see it.
 
 use optc::runtime::{Backend, Inputs, Optimizer};
 use std::sync::Arc;
@@ -122,5 +123,41 @@ fn a_reduction_of_a_select_folded_to_a_scalar_reduces_over_the_elements() {
                 assert_eq!(opt.params(0), &[vec![7.0f32; 2]][..]);
             }
         }
+    }
+}
+
+#[test]
+fn a_state_nothing_reads_is_still_updated() {
+    let src = "rule r(lr = 0.5) {
+        param p
+        input g
+        state m = 0
+        state k: scalar = 0
+        m = m + g
+        k = k + 1
+        p = p - lr * g
+    }";
+    for backend in BACKENDS {
+        let mut opt = optimizer(src, vec![vec![vec![1.0, 2.0, 3.0]]], backend);
+        let mut m = [0.0f32; 3];
+        for s in 1..=3 {
+            let g: Vec<f32> = (0..3).map(|i| grad(s, 0, i)).collect();
+            opt.step(&Inputs::default().tensor("g", vec![g.as_slice()]))
+                .expect("step");
+            for (m, g) in m.iter_mut().zip(&g) {
+                *m += g;
+            }
+            assert_eq!(opt.buffer("m").expect("m")[0], m, "{backend:?} step {s}");
+            assert_eq!(opt.scalar_state("k"), Some(s as f64));
+        }
+    }
+    // And the compiled program stores it.
+    let program = optc::compile_rule(src).expect("compiles");
+    let m = program.info.buffer("m").expect("m");
+    for v in &program.variants {
+        assert!(
+            v.stages[0].stores.iter().any(|&(b, _)| b == m),
+            "m is stored"
+        );
     }
 }
