@@ -21,10 +21,22 @@ pub use optc_stdlib as stdlib;
 
 use ariadne::{Config, Label, Report, ReportKind, Source};
 
+/// The most diagnostics [`render`] shows; it says how many more there are.
+pub const MAX_REPORTS: usize = 50;
+
 /// Renders diagnostics with ariadne. `color: false` gives plain text (used in snapshots).
+///
+/// At most [`MAX_REPORTS`] are shown, errors before warnings, in source order, followed by a line
+/// saying how many errors and warnings were left out.
 pub fn render(diags: &[Diagnostic], src: &str, file: &str, color: bool) -> String {
     let mut out = Vec::new();
-    for d in diags {
+    let mut shown: Vec<usize> = (0..diags.len()).filter(|&i| diags[i].is_error()).collect();
+    shown.extend((0..diags.len()).filter(|&i| !diags[i].is_error()));
+    shown.truncate(MAX_REPORTS);
+    shown.sort_unstable();
+    // One source (its line index) for every report.
+    let mut cache = (file.to_string(), Source::from(src));
+    for d in shown.iter().map(|&i| &diags[i]) {
         let kind = if d.is_error() {
             ReportKind::Error
         } else {
@@ -56,9 +68,25 @@ pub fn render(diags: &[Diagnostic], src: &str, file: &str, color: bool) -> Strin
         if let Some(h) = &d.help {
             r = r.with_help(h);
         }
-        let _ = r
-            .finish()
-            .write((file.to_string(), Source::from(src)), &mut out);
+        let _ = r.finish().write(&mut cache, &mut out);
+    }
+    if diags.len() > shown.len() {
+        let mut left = vec![true; diags.len()];
+        for &i in &shown {
+            left[i] = false;
+        }
+        let errors = (0..diags.len())
+            .filter(|&i| left[i] && diags[i].is_error())
+            .count();
+        let warnings = diags.len() - shown.len() - errors;
+        let mut parts = Vec::new();
+        if errors > 0 {
+            parts.push(format!("{errors} more error(s)"));
+        }
+        if warnings > 0 {
+            parts.push(format!("{warnings} more warning(s)"));
+        }
+        out.extend_from_slice(format!("{} not shown\n", parts.join(" and ")).as_bytes());
     }
     String::from_utf8_lossy(&out).into_owned()
 }

@@ -638,8 +638,32 @@ impl Program {
                         }
                     }
                 } else {
-                    let mapped =
+                    let mut mapped =
                         node.map_children(|c| memo[c.0 as usize].expect("child mapped first"));
+                    // A rewrite may turn a reduction's per-element argument into a scalar or
+                    // per-tensor value (a select folded to its scalar branch): the reduction
+                    // still runs over the elements of its space, so broadcast the value back.
+                    if let (
+                        Node::Reduce { arg: old_arg, .. },
+                        Node::Reduce {
+                            op,
+                            per_tensor,
+                            arg,
+                        },
+                    ) = (node, mapped)
+                    {
+                        if let (Kind::Element(space), false) = (
+                            old.kind(old_arg),
+                            matches!(rb.graph.kind(arg), Kind::Element(_)),
+                        ) {
+                            let arg = rb.add(Node::Splat(space, arg));
+                            mapped = Node::Reduce {
+                                op,
+                                per_tensor,
+                                arg,
+                            };
+                        }
+                    }
                     memo[id.0 as usize] = Some(rewrite(rb, id, mapped));
                 }
             }

@@ -19,6 +19,16 @@ use optc_grammar::Diagnostic;
 use std::collections::{HashMap, HashSet};
 
 /// Builtin elementwise functions of one argument.
+/// The most entries of each table a rule may declare (hyperparameters, buffers, scalar states,
+/// scalar inputs, stages): their ids are 16-bit.
+pub const MAX_ENTRIES: usize = 1 << 16;
+
+/// The longest chain of operations one value may be computed by (its depth in the graph). Passes,
+/// the interpreter and the code generators walk values recursively; this bound keeps those walks
+/// inside a 2 MiB thread stack, even unoptimized (about 3,000 levels fit there). Real rules are a
+/// few dozen operations deep.
+pub const MAX_VALUE_DEPTH: u32 = 2048;
+
 const UNARY_FNS: &[(&str, UnOp)] = &[
     ("sqrt", UnOp::Sqrt),
     ("rsqrt", UnOp::Rsqrt),
@@ -127,6 +137,8 @@ struct Declared {
     span: Span,
     used: bool,
     assigned: bool,
+    /// Position in declaration order.
+    pos: usize,
 }
 
 /// Per-rule checking state shared by both lowerings.
@@ -147,6 +159,12 @@ struct Checker<'a> {
     out_spans: HashMap<BufId, Span>,
     /// Unknown names already reported.
     unknown: HashSet<String>,
+    /// Tables whose size limit was reported.
+    full: HashSet<&'static str>,
+    /// Depth of each graph node (the longest chain of operations below it, itself included).
+    node_depth: Vec<u32>,
+    /// Whether a value too deep was reported.
+    deep_reported: bool,
     diags: Vec<Diagnostic>,
 }
 
@@ -181,6 +199,9 @@ pub fn lower_rule(rule: &ast::Rule) -> Lowered {
         stages: Vec::new(),
         out_spans: HashMap::new(),
         unknown: HashSet::new(),
+        full: HashSet::new(),
+        node_depth: Vec::new(),
+        deep_reported: false,
         diags: Vec::new(),
     };
     ck.declare_hypers();
@@ -296,6 +317,26 @@ impl<'a> Checker<'a> {
         self.diags.push(d);
     }
 
+    /// Whether a table of `len` entries has room for one more; reports the declaration that
+    /// would cross the limit (once per table).
+    fn room(&mut self, table: &'static str, len: usize, span: Span) -> bool {
+        if len < MAX_ENTRIES {
+            return true;
+        }
+        if self.full.insert(table) {
+            self.error(
+                Diagnostic::error(
+                    "E0316",
+                    format!("too many {table} (limit {MAX_ENTRIES})"),
+                    span,
+                    format!("one more than {MAX_ENTRIES} {table}"),
+                )
+                .with_note("ids of hyperparameters, buffers, scalar states, scalar inputs and stages are 16-bit"),
+            );
+        }
+        false
+    }
+
     fn declare(&mut self, ident: &ast::Ident, sym: Sym) -> bool {
         if let Some(prev) = self.names.get(&ident.name) {
             let prev_span = prev.span;
@@ -317,6 +358,7 @@ impl<'a> Checker<'a> {
                 span: ident.span,
                 used: false,
                 assigned: false,
+                pos: self.order.len(),
             },
         );
         self.order.push(ident.name.clone());
@@ -416,7 +458,9 @@ impl<'a> Checker<'a> {
                 .as_ref()
                 .and_then(|r| self.hyper_range(h, r, ty, default));
             let id = self.info.hypers.len() as u16;
-            if self.declare(&h.name, Sym::Hyper(id)) {
+            if self.room("hyperparameters", self.info.hypers.len(), h.name.span)
+                && self.declare(&h.name, Sym::Hyper(id))
+            {
                 self.info.hypers.push(HyperInfo {
                     name: h.name.name.clone(),
                     ty,
@@ -477,7 +521,9 @@ impl<'a> Checker<'a> {
                     );
                 }
                 let id = self.info.buffers.len() as BufId;
-                if self.declare(&e.name, Sym::Buf(id)) {
+                if self.room("buffers", self.info.buffers.len(), e.name.span)
+                    && self.declare(&e.name, Sym::Buf(id))
+                {
                     self.info.spaces.push(e.name.name.clone());
                     self.info.buffers.push(BufInfo {
                         name: e.name.name.clone(),
@@ -542,6 +588,9 @@ impl<'a> Checker<'a> {
             }
             let mut seen: HashMap<&str, Span> = HashMap::new();
             for s in &stages {
+                if !self.room("stages", self.stages.len(), s.name.span) {
+                    break;
+                }
                 if let Some(prev) = seen.insert(&s.name.name, s.name.span) {
                     self.error(
                         Diagnostic::error(
@@ -564,8 +613,14 @@ impl<'a> Checker<'a> {
 
     /// The space an annotation names.
     fn space_of(&mut self, ident: &ast::Ident) -> Option<u16> {
-        if let Some(i) = self.info.spaces.iter().position(|s| *s == ident.name) {
-            return Some(i as u16);
+        if let Some(Declared {
+            sym: Sym::Buf(b), ..
+        }) = self.names.get(&ident.name)
+        {
+            let b = &self.info.buffers[*b as usize];
+            if b.role == BufRole::Param {
+                return Some(b.space);
+            }
         }
         let mut d = Diagnostic::error(
             "E0307",
@@ -637,7 +692,9 @@ impl<'a> Checker<'a> {
                 }
                 if scalar {
                     let id = self.info.scalar_inputs.len() as u16;
-                    if self.declare(&e.name, Sym::ScalarInput(id)) {
+                    if self.room("scalar inputs", self.info.scalar_inputs.len(), e.name.span)
+                        && self.declare(&e.name, Sym::ScalarInput(id))
+                    {
                         self.info.scalar_inputs.push(e.name.name.clone());
                     }
                     return;
@@ -646,7 +703,9 @@ impl<'a> Checker<'a> {
             DeclKind::State => {
                 if scalar {
                     let id = self.info.scalar_states.len() as u16;
-                    if self.declare(&e.name, Sym::ScalarState(id)) {
+                    if self.room("scalar states", self.info.scalar_states.len(), e.name.span)
+                        && self.declare(&e.name, Sym::ScalarState(id))
+                    {
                         self.info.scalar_states.push(e.name.name.clone());
                         self.scalar_init.push(e.init.as_ref());
                     }
@@ -661,7 +720,9 @@ impl<'a> Checker<'a> {
         };
         let Some(space) = space else { return };
         let id = self.info.buffers.len() as BufId;
-        if self.declare(&e.name, Sym::Buf(id)) {
+        if self.room("buffers", self.info.buffers.len(), e.name.span)
+            && self.declare(&e.name, Sym::Buf(id))
+        {
             self.info.buffers.push(BufInfo {
                 name: e.name.name.clone(),
                 role: if kind == DeclKind::Input {
@@ -777,6 +838,8 @@ struct Lowerer<'c, 'a> {
     scopes: Vec<Vec<(String, LetBinding)>>,
     /// Set while lowering an initializer: only names declared before this one are visible.
     init_of: Option<usize>,
+    /// The statement or initializer being lowered.
+    at: Span,
 }
 
 impl<'c, 'a> Lowerer<'c, 'a> {
@@ -797,6 +860,7 @@ impl<'c, 'a> Lowerer<'c, 'a> {
             scalars: Vec::new(),
             scopes: vec![Vec::new()],
             init_of: None,
+            at: Span::default(),
         };
         let mut variant = ir::Variant::default();
         let nstages = lw.ck.stages.len();
@@ -853,7 +917,30 @@ impl<'c, 'a> Lowerer<'c, 'a> {
     }
 
     fn add(&mut self, node: Node) -> NodeId {
-        self.graph.add(node, &self.ck.info)
+        let id = self.graph.add(node, &self.ck.info);
+        let depths = &mut self.ck.node_depth;
+        let depth = 1 + node
+            .children()
+            .iter()
+            .map(|c| depths[c.0 as usize])
+            .max()
+            .unwrap_or(0);
+        depths.push(depth);
+        if depth > MAX_VALUE_DEPTH && !self.ck.deep_reported {
+            self.ck.deep_reported = true;
+            self.ck.error(
+                Diagnostic::error(
+                    "E0317",
+                    format!(
+                        "a value computed by a chain of more than {MAX_VALUE_DEPTH} operations"
+                    ),
+                    self.at,
+                    format!("the chain passes {MAX_VALUE_DEPTH} operations here"),
+                )
+                .with_help("split the rule into stages, or keep intermediate values in states"),
+            );
+        }
+        id
     }
 
     fn error(&mut self, d: Diagnostic) {
@@ -906,7 +993,7 @@ impl<'c, 'a> Lowerer<'c, 'a> {
 
     /// Position of a declared name in declaration order.
     fn decl_pos(&self, name: &str) -> usize {
-        self.ck.order.iter().position(|n| n == name).unwrap_or(0)
+        self.ck.names.get(name).map_or(0, |d| d.pos)
     }
 
     /// Lowers and checks the initializer of scalar state `i`.
@@ -939,6 +1026,7 @@ impl<'c, 'a> Lowerer<'c, 'a> {
     fn lower_init(&mut self, init: &ast::Expr, pos: usize) -> NodeId {
         let scopes = std::mem::replace(&mut self.scopes, vec![Vec::new()]);
         let saved = self.init_of.replace(pos);
+        self.at = init.span;
         let v = self.expr(init).unwrap_or_else(|| self.add(Node::num(0.0)));
         self.init_of = saved;
         self.scopes = scopes;
@@ -1432,6 +1520,7 @@ impl<'c, 'a> Lowerer<'c, 'a> {
     }
 
     fn stmt(&mut self, s: &ast::Stmt) {
+        self.at = s.span;
         match &s.kind {
             StmtKind::Error => {}
             StmtKind::Let(n, e) => {
@@ -1724,6 +1813,9 @@ impl<'c, 'a> Lowerer<'c, 'a> {
             }
         };
         let b = self.ck.info.buffers.len() as BufId;
+        if !self.ck.room("buffers", self.ck.info.buffers.len(), n.span) {
+            return;
+        }
         self.ck.info.buffers.push(BufInfo {
             name: n.name.clone(),
             role: BufRole::Output,
@@ -1736,6 +1828,7 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                 span: n.span,
                 used: true,
                 assigned: true,
+                pos: self.ck.order.len(),
             },
         );
         self.ck.out_spans.insert(b, span);

@@ -1,5 +1,7 @@
 //! The abstract syntax tree. Every node carries its byte span in the source file.
 
+use std::fmt;
+
 /// A half-open byte range `[start, end)` in the source text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct Span {
@@ -155,12 +157,24 @@ pub struct Stage {
 }
 
 /// A statement.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct Stmt {
     /// What it does.
     pub kind: StmtKind,
     /// The whole statement.
     pub span: Span,
+    /// Levels of nesting, its expressions' included (1 for `x = y`); the parser keeps it at most
+    /// [`MAX_DEPTH`](crate::MAX_DEPTH).
+    pub depth: u32,
+}
+
+impl fmt::Debug for Stmt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Stmt")
+            .field("kind", &self.kind)
+            .field("span", &self.span)
+            .finish()
+    }
 }
 
 /// The kinds of statement.
@@ -186,12 +200,24 @@ pub enum StmtKind {
 }
 
 /// An expression.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct Expr {
     /// What it computes.
     pub kind: ExprKind,
     /// Where it is written.
     pub span: Span,
+    /// Levels of nesting (1 for a name or a number); the parser keeps it at most
+    /// [`MAX_DEPTH`](crate::MAX_DEPTH), so every recursive walk of a tree is bounded.
+    pub depth: u32,
+}
+
+impl fmt::Debug for Expr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Expr")
+            .field("kind", &self.kind)
+            .field("span", &self.span)
+            .finish()
+    }
 }
 
 /// The kinds of expression.

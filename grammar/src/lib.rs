@@ -15,17 +15,87 @@ mod grammar {
 
 pub use diag::{Diagnostic, Label, Severity};
 
-use ast::{BinOp, Expr, ExprKind, Span};
+use ast::{BinOp, Expr, ExprKind, Span, Stmt, StmtKind};
 use lalrpop_util::ParseError;
 use lexer::{LexError, Tok};
 
-/// Builds a binary expression spanning both operands (used by the grammar).
-pub(crate) fn binary(op: BinOp, a: Expr, b: Expr) -> Expr {
-    let span = a.span.to(b.span);
-    Expr {
-        kind: ExprKind::Binary(op, Box::new(a), Box::new(b)),
-        span,
+/// The deepest expression or statement nesting the parser accepts. Real rules nest fewer than
+/// 100 levels; every later stage (checker, lowering, constant evaluation, printers, `Drop`) walks
+/// trees recursively, and this bound keeps those walks far inside a 2 MiB thread stack.
+pub const MAX_DEPTH: u32 = 256;
+
+/// A node's depth from its children's: one more than the deepest.
+fn depth_over(children: impl IntoIterator<Item = u32>) -> u32 {
+    1 + children.into_iter().max().unwrap_or(0)
+}
+
+/// Builds an expression node (used by the grammar). A node nested deeper than [`MAX_DEPTH`] is
+/// cut to an `Error` node (with no children; its `depth` says `MAX_DEPTH + 1`), its span recorded
+/// in `deep`: a node over a cut node is cut too, silently, so a statement gets one report and no
+/// tree is ever deeper than the limit.
+pub(crate) fn expr(deep: &mut Vec<Span>, kind: ExprKind, span: Span) -> Expr {
+    let depth = match &kind {
+        ExprKind::Unary(_, a) => depth_over([a.depth]),
+        ExprKind::Binary(_, a, b) => depth_over([a.depth, b.depth]),
+        ExprKind::If(c, a, b) => depth_over([c.depth, a.depth, b.depth]),
+        ExprKind::Call(_, args) => depth_over(args.iter().map(|a| a.depth)),
+        _ => 1,
+    };
+    if depth > MAX_DEPTH {
+        // Exactly one level over: every child is within the limit, so this is where it is
+        // crossed. A cut node carries `MAX_DEPTH + 1`, so nodes over it are further over.
+        if depth == MAX_DEPTH + 1 {
+            deep.push(span);
+        }
+        return Expr {
+            kind: ExprKind::Error,
+            span,
+            depth: MAX_DEPTH + 1,
+        };
     }
+    Expr { kind, span, depth }
+}
+
+/// Builds a statement node (used by the grammar), cut like [`expr`] past [`MAX_DEPTH`] levels
+/// (its expressions' levels included).
+pub(crate) fn stmt(deep: &mut Vec<Span>, kind: StmtKind, span: Span) -> Stmt {
+    let depth = match &kind {
+        StmtKind::Let(_, e) | StmtKind::Assign(_, e) | StmtKind::Out(_, e) => depth_over([e.depth]),
+        StmtKind::If { cond, then, els } => depth_over(
+            [cond.depth]
+                .into_iter()
+                .chain(then.iter().chain(els).map(|s| s.depth)),
+        ),
+        StmtKind::Error => 1,
+    };
+    if depth > MAX_DEPTH {
+        if depth == MAX_DEPTH + 1 {
+            deep.push(span);
+        }
+        return Stmt {
+            kind: StmtKind::Error,
+            span,
+            depth: MAX_DEPTH + 1,
+        };
+    }
+    Stmt { kind, span, depth }
+}
+
+/// Builds a binary expression spanning both operands (used by the grammar).
+pub(crate) fn binary(deep: &mut Vec<Span>, op: BinOp, a: Expr, b: Expr) -> Expr {
+    let span = a.span.to(b.span);
+    expr(deep, ExprKind::Binary(op, Box::new(a), Box::new(b)), span)
+}
+
+/// The report for an expression or statement nested deeper than [`MAX_DEPTH`].
+fn too_deep(span: Span) -> Diagnostic {
+    Diagnostic::error(
+        "E0004",
+        format!("nested too deeply (limit {MAX_DEPTH} levels)"),
+        span,
+        format!("more than {MAX_DEPTH} levels of nesting end here"),
+    )
+    .with_help("name parts of it with `let`, or split it into several statements")
 }
 
 /// Parses a rule file. Returns the AST (absent only when the parser could not recover) and the
@@ -49,11 +119,16 @@ pub fn parse(src: &str) -> (Option<ast::File>, Vec<Diagnostic>) {
         })
         .collect();
     let mut recovered = Vec::new();
-    let result =
-        grammar::FileParser::new().parse(&mut recovered, tokens.into_iter().map(Ok::<_, LexError>));
+    let mut deep = Vec::new();
+    let result = grammar::FileParser::new().parse(
+        &mut recovered,
+        &mut deep,
+        tokens.into_iter().map(Ok::<_, LexError>),
+    );
     for r in recovered {
         diags.push(parse_error(src, r.error));
     }
+    diags.extend(deep.into_iter().map(too_deep));
     let file = match result {
         Ok(file) => Some(file),
         Err(e) => {
@@ -64,12 +139,14 @@ pub fn parse(src: &str) -> (Option<ast::File>, Vec<Diagnostic>) {
     diags.sort_by_key(|d| (d.primary.span.start, d.primary.span.end));
     // Recovery resynchronizes token by token, so one broken statement can produce a report per
     // token; keep the first syntax error of each line.
-    let line_of = |pos: usize| {
-        src[..pos.min(src.len())]
-            .bytes()
-            .filter(|&b| b == b'\n')
-            .count()
-    };
+    // Line starts, so each report finds its line in O(log n).
+    let starts: Vec<usize> = src
+        .bytes()
+        .enumerate()
+        .filter(|&(_, b)| b == b'\n')
+        .map(|(i, _)| i)
+        .collect();
+    let line_of = |pos: usize| starts.partition_point(|&nl| nl < pos.min(src.len()));
     let mut last_line = None;
     diags.retain(|d| {
         if d.code != "E0002" && d.code != "E0003" {
@@ -96,11 +173,16 @@ pub fn parse_expr(src: &str) -> Result<Expr, Vec<Diagnostic>> {
         )]);
     }
     let mut recovered = Vec::new();
-    let result =
-        grammar::ExprParser::new().parse(&mut recovered, tokens.into_iter().map(Ok::<_, LexError>));
+    let mut deep = Vec::new();
+    let result = grammar::ExprParser::new().parse(
+        &mut recovered,
+        &mut deep,
+        tokens.into_iter().map(Ok::<_, LexError>),
+    );
     let mut diags: Vec<Diagnostic> = recovered
         .into_iter()
         .map(|r| parse_error(src, r.error))
+        .chain(deep.into_iter().map(too_deep))
         .collect();
     match result {
         Ok(e) if diags.is_empty() => Ok(e),

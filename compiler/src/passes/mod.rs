@@ -29,12 +29,9 @@ pub const REWRITE: &[Pass] = &[
     ("fold", fold::run),
 ];
 
-/// Dead stores: no-op stores, and stores to states nothing live reads.
+/// Dead stores: stores that write back the value the buffer holds. Every state stays updated
+/// (states are observable through buffers and checkpoints).
 pub const PRUNE: &[Pass] = &[("dse", dse::run)];
-
-/// No-op stores only: every state stays live. A specialization keeps states its decisions leave
-/// unread, since other values may read them later.
-pub const PRUNE_NOOP_STORES: &[Pass] = &[("dse", dse::run_keeping_states)];
 
 /// Planning: passes over memory and their kernels, then the kernels' uniforms.
 pub const PLAN: &[Pass] = &[("phases", phases::run), ("hoist", hoist::run)];
@@ -43,7 +40,7 @@ pub const PLAN: &[Pass] = &[("phases", phases::run), ("hoist", hoist::run)];
 pub const PIPELINE: &[&[Pass]] = &[REWRITE, PRUNE, PLAN];
 
 /// What [`specialize::specialize`] runs after fixing the decisions.
-pub const SPECIALIZED: &[&[Pass]] = &[REWRITE, PRUNE_NOOP_STORES, PLAN];
+pub const SPECIALIZED: &[&[Pass]] = &[REWRITE, PRUNE, PLAN];
 
 /// What [`finite::guard_inputs`] runs after adding the guards.
 pub const GUARDED: &[&[Pass]] = &[PLAN];

@@ -34,6 +34,23 @@ fn reductions_from(p: &Program, roots: &[NodeId]) -> Vec<NodeId> {
     out.into_iter().collect()
 }
 
+/// Reduce nodes under `id` that no other reduction under `id` contains.
+fn reductions_under(p: &Program, id: NodeId) -> Vec<NodeId> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    let mut stack = vec![id];
+    while let Some(n) = stack.pop() {
+        if !seen.insert(n) {
+            continue;
+        }
+        match p.graph.node(n) {
+            Node::Reduce { .. } => out.push(n),
+            node => stack.extend(node.children()),
+        }
+    }
+    out
+}
+
 /// The highest generation of a param/state load under `id` (inputs do not count), if any.
 fn load_gen(p: &Program, id: NodeId) -> Option<u16> {
     let mut best = None;
@@ -299,8 +316,23 @@ pub fn run(p: &mut Program) {
                 assigned.entry(r).or_insert(k);
             }
         }
-        for r in reductions_from(p, &all_roots) {
-            assigned.entry(r).or_insert(nstages.saturating_sub(1));
+        // A reduction of inputs only that another reduction reads must be ready when that one
+        // runs: no later than the stage of the reduction that reads it. Outer reductions come
+        // later in node order, so walking down the ids settles each one before what it reads;
+        // one that no store and no reduction reads (scalar state only) runs in the last stage.
+        let all = reductions_from(p, &all_roots);
+        let by_gen: HashSet<NodeId> = assigned.keys().copied().collect();
+        for &r in all.iter().rev() {
+            let s = *assigned.entry(r).or_insert(nstages.saturating_sub(1));
+            let Node::Reduce { arg, .. } = p.graph.node(r) else {
+                continue;
+            };
+            for inner in reductions_under(p, arg) {
+                if !by_gen.contains(&inner) {
+                    let e = assigned.entry(inner).or_insert(s);
+                    *e = (*e).min(s);
+                }
+            }
         }
         for k in 0..nstages {
             let mine: HashSet<NodeId> = assigned
