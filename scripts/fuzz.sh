@@ -29,7 +29,7 @@ cargo build --release --locked --target "$TRIPLE" --target-dir "$TARGET_DIR" \
     --bin source --bin rule --bin checkpoint
 BIN="$TARGET_DIR/$TRIPLE/release"
 unset RUSTFLAGS
-cargo run --quiet --release --locked --target-dir "$PWD/target/plain" --bin seeds -- corpus/checkpoint
+cargo run --quiet --release --locked --target-dir "${TARGET_DIR}-plain" --bin seeds -- corpus/checkpoint
 mkdir -p corpus/source corpus/rule
 cp -n ../stdlib/rules/*.opt ../tests/good/*.opt ../tests/bad/*.opt corpus/source/ 2>/dev/null || true
 total=0
