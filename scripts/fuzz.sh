@@ -10,8 +10,8 @@
 #   rule        well-typed rules drawn from the fuzzer's bytes (stages, scalar state,
 #               reductions of reductions, several params), through the same properties
 #   checkpoint  arbitrary bytes as a checkpoint: loaded, or refused with nothing changed
-# Corpora live in fuzz/corpus/TARGET (seeded from stdlib/rules, tests/good, tests/bad and real
-# checkpoints); crashes are written to fuzz/artifacts/TARGET and fail the script.
+# Corpora live in fuzz/corpus/TARGET (seeded from stdlib/rules, tests/good, tests/bad and the real
+# checkpoints of fuzz/seeds); crashes are written to fuzz/artifacts/TARGET and fail the script.
 # OPTC_FUZZ_TARGET_DIR sets the build folder (default fuzz/target/instrumented).
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
@@ -29,9 +29,10 @@ cargo build --release --locked --target "$TRIPLE" --target-dir "$TARGET_DIR" \
     --bin source --bin rule --bin checkpoint
 BIN="$TARGET_DIR/$TRIPLE/release"
 unset RUSTFLAGS
-cargo run --quiet --release --locked --target-dir "${TARGET_DIR}-plain" --bin seeds -- corpus/checkpoint
-mkdir -p corpus/source corpus/rule
+mkdir -p corpus/source corpus/rule corpus/checkpoint
 cp -n ../stdlib/rules/*.opt ../tests/good/*.opt ../tests/bad/*.opt corpus/source/ 2>/dev/null || true
+# Real checkpoints (written by `cargo run --release --bin seeds -- seeds/checkpoint`).
+cp -n seeds/checkpoint/* corpus/checkpoint/
 total=0
 for t in "${TARGETS[@]}"; do
     mkdir -p "corpus/$t" "artifacts/$t"
