@@ -345,16 +345,7 @@ fn stage_run_out_of_order() {
     assert_rejected_without_trace(
         harpg,
         |o| o.run_stage(2, &Inputs::default().scalar("q", 0.5)),
-        |e| {
-            matches!(
-                e,
-                Error::StageOrder {
-                    expected: 0,
-                    got: 2,
-                    ..
-                }
-            )
-        },
+        |e| matches!(e, Error::Params(m) if m.contains("has no stage 2")),
         harpg_next,
     );
     // The probe twice.
@@ -927,23 +918,21 @@ fn values_outside_a_declared_range_are_refused() {
         assert_eq!(o.hyper(name), before, "{name} unchanged");
     }
     o.set_hyper("beta1", 0.0).unwrap();
-    // A schedule that leaves the range fails the step before anything runs.
-    o.set_schedule(
-        "lr",
-        optc::runtime::Schedule::parse("linear(1, -1, 4)").unwrap(),
-    )
-    .unwrap();
+    // A schedule that leaves the range is refused when it is set (its whole horizon is
+    // checked), so no run stops part-way; nothing changes.
+    let e = o
+        .set_schedule(
+            "lr",
+            optc::runtime::Schedule::parse("linear(1, -1, 4)").unwrap(),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("at step 3"), "{e}");
+    assert!(o.schedules().is_empty());
     let g = [0.1f32; 4];
     for _ in 0..2 {
         o.step(&optc::runtime::Inputs::default().tensor("g", vec![&g]))
             .unwrap();
     }
-    let params = o.params(0).to_vec();
-    let e = o
-        .step(&optc::runtime::Inputs::default().tensor("g", vec![&g]))
-        .unwrap_err();
-    assert!(matches!(e, optc::runtime::Error::OutOfRange { .. }), "{e}");
-    assert_eq!(o.params(0), params.as_slice());
     assert_eq!(o.steps(), 2);
 }
 
@@ -1052,4 +1041,143 @@ fn cli_compile_checks_values_as_run_does() {
         &optc(&["compile", "n_harpg", "--non-finite", "skip"]),
         &["several stages"],
     );
+}
+
+// ---------------------------------------------------------------- wording and schedules
+
+/// Counts say what they count; a lent tensor is named; a stage past the end says so; values
+/// print in their shortest form.
+#[test]
+fn messages_name_what_is_wrong() {
+    let p = Arc::new(optc::stdlib_rule("sgd").unwrap());
+    let mut o = Optimizer::<f32>::lending(
+        Arc::clone(&p),
+        vec![vec![
+            optc::runtime::TensorSpec::new("fc.weight", &[3]),
+            optc::runtime::TensorSpec::new("fc.bias", &[2]),
+        ]],
+    )
+    .unwrap();
+    let (mut w, mut b) = (vec![0f32; 3], vec![0f32; 2]);
+    let (gw, gb) = (vec![1f32; 3], vec![1f32; 2]);
+    let e = o
+        .step_with(
+            &mut [vec![&mut w[..], &mut b[..]]],
+            &Inputs::default().tensor("g", vec![&gw[..]]),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("expected 2 tensors, got 1"), "{e}");
+    let e = o
+        .step_with(
+            &mut [vec![&mut w[..], &mut b[..]]],
+            &Inputs::default().tensor("g", vec![&gb[..], &gw[..]]),
+        )
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("tensor `fc.weight`") && e.to_string().contains("3 elements"),
+        "{e}"
+    );
+    let e = o.set_hyper("lr", -1e-300).unwrap_err();
+    assert!(
+        e.to_string().contains("-1e-300") && e.to_string().len() < 100,
+        "{e}"
+    );
+    let staged = Arc::new(optc::stdlib_rule("n_harpg").unwrap());
+    let n = staged.info.stages.len();
+    let mut o = Optimizer::<f32>::new(staged, vec![vec![vec![0.0; 3]]]).unwrap();
+    let e = o.run_stage(n + 2, &Inputs::default()).unwrap_err();
+    assert!(
+        e.to_string().contains(&format!("has no stage {}", n + 2)),
+        "{e}"
+    );
+}
+
+/// A schedule is checked over its whole horizon when it is set, so a run never stops part-way
+/// with a value out of range; nothing changes when it is refused.
+#[test]
+fn schedules_are_checked_over_their_horizon() {
+    let p = Arc::new(
+        optc::compile_rule(
+            "rule r(gamma = 0.5 in (0, inf)) { param x\n input g\n x = x - gamma * g }",
+        )
+        .unwrap(),
+    );
+    let mut o = Optimizer::<f32>::new(p, vec![vec![vec![1.0; 4]]]).unwrap();
+    let decay = optc::runtime::Schedule::parse("linear_decay(5)").unwrap();
+    let e = o.set_schedule("gamma", decay).unwrap_err();
+    assert!(e.to_string().contains("at step 5"), "{e}");
+    assert!(o.schedules().is_empty());
+    let rise = optc::runtime::Schedule::parse("linear(1, 3, 5)").unwrap();
+    o.set_schedule("gamma", rise).unwrap();
+    // A new base value is checked against the schedule too: 3 * 1e308 overflows.
+    let e = o.set_hyper("gamma", 1e308).unwrap_err();
+    assert!(e.to_string().contains("gamma"), "{e}");
+    assert_eq!(o.hyper("gamma"), Some(0.5));
+}
+
+/// `--schedule` with `refined`: its arguments are checked, it composes with `then`, and a run
+/// longer than its log is refused; `--set` keeps numbers and booleans apart; a policy error
+/// prints as an error.
+#[test]
+fn the_cli_checks_schedules_and_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let params = dir.path().join("p.safetensors");
+    let grads = dir.path().join("g.safetensors");
+    let norms = dir.path().join("norms.txt");
+    write_f32(&params, &[("w", vec![3], vec![1.0, 2.0, 3.0])]);
+    write_f32(&grads, &[("w", vec![4, 3], vec![0.5; 12])]);
+    std::fs::write(&norms, "1\n2\n3\n").unwrap();
+    let out = dir.path().join("o.safetensors");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "sgd",
+            "--params",
+            params.to_str().unwrap(),
+            "--grads",
+            grads.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        optc(&args)
+    };
+    let n = norms.to_str().unwrap();
+    for (schedule, needle) in [
+        (format!("lr=refined({n}, nan)"), "TAU"),
+        (format!("lr=refined({n}, -1)"), "TAU"),
+        (format!("lr=refined({n}, inf)"), "TAU"),
+        (format!("lr=refined({n}, 0.1, L1)"), "unknown weighting"),
+        (format!("lr=refined({n}, 0.1, l1, 3)"), "refined takes"),
+        (format!("lr=refined({n})"), "covers steps 1 to 3"),
+    ] {
+        assert_user_error(&run(&["--schedule", &schedule]), &[needle]);
+        assert!(!out.exists(), "{schedule}: nothing is written");
+    }
+    let ok = run(&[
+        "--schedule",
+        &format!("lr=refined({n}, 0.1, l2) then cosine(3)"),
+    ]);
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_user_error(&run(&["--set", "lr=true"]), &["is a number"]);
+    assert_user_error(&run(&["--set", "nesterov=0.5"]), &["true or false"]);
+    let staged = optc(&[
+        "run",
+        "n_harpg",
+        "--params",
+        params.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+        "--non-finite",
+        "skip",
+    ]);
+    assert_user_error(&staged, &["error: ", "several stages"]);
 }

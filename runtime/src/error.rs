@@ -17,7 +17,7 @@ pub enum Error {
         known: String,
     },
     /// A value that is not finite, or not 0/1 for a boolean.
-    #[error("bad value {value} for hyperparameter `{name}`: {why}")]
+    #[error("bad value {} for hyperparameter `{name}`: {why}", short(*value))]
     BadHyper {
         /// The hyperparameter.
         name: String,
@@ -36,7 +36,7 @@ pub enum Error {
     #[error("{0}")]
     Policy(String),
     /// A value outside the range the rule declares for the hyperparameter.
-    #[error("{name} = {value} is out of range: rule declares {name} in {range}")]
+    #[error("{name} = {} is out of range: rule declares {name} in {range}", short(*value))]
     OutOfRange {
         /// The hyperparameter.
         name: String,
@@ -46,7 +46,7 @@ pub enum Error {
         range: String,
     },
     /// The tensors of a space do not match what the optimizer was built with.
-    #[error("{what}: expected {expected} elements, got {got}")]
+    #[error("{what}: expected {}, got {got}", count(*expected, what))]
     Length {
         /// Which buffer and tensor.
         what: String,
@@ -120,4 +120,25 @@ pub enum Error {
         /// Lists given.
         got: usize,
     },
+}
+
+/// `n` elements, or `n` tensors when `what` counts tensors, in words.
+fn count(n: usize, what: &str) -> String {
+    let unit = if what.contains("number of tensors") {
+        "tensor"
+    } else {
+        "element"
+    };
+    format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
+}
+
+/// A value as its shortest text that reads back the same (`1e-300`, not 300 digits).
+pub(crate) fn short(v: f64) -> String {
+    let plain = v.to_string();
+    let debug = format!("{v:?}");
+    if plain.len() <= debug.len() {
+        plain
+    } else {
+        debug
+    }
 }

@@ -485,7 +485,45 @@ impl<T: Float + Default> Optimizer<T> {
     /// Sets a hyperparameter (booleans as 0/1) for group 0 and every group that does not override it.
     pub fn set_hyper(&mut self, name: &str, value: f64) -> Result<(), Error> {
         let h = self.check_value(name, value)?;
+        if let Some(s) = &self.hp.schedules[h] {
+            self.check_horizon(h, s, value)?;
+        }
         self.hp.values[h] = value;
+        Ok(())
+    }
+
+    /// Steps a schedule's horizon covers from the next step: its length and the step after it
+    /// (from there its last factor holds), or 10,000 steps for one that never ends; at most 10^6.
+    const HORIZON_CAP: u64 = 1_000_000;
+
+    /// Checks that `base` times schedule `s` stays finite and in hyperparameter `h`'s range at
+    /// every step of the schedule's horizon (see [`Optimizer::HORIZON_CAP`]), so a run does not
+    /// stop part-way with a value out of range.
+    fn check_horizon(&self, h: usize, s: &Schedule, base: f64) -> Result<(), Error> {
+        let info = &self.program.info.hypers[h];
+        let first = self.st.steps + 1;
+        let span = s.length().map_or(10_000, |n| n.saturating_add(1));
+        let last = first.saturating_add(span.min(Self::HORIZON_CAP));
+        for t in first..last {
+            let v = base * s.factor(t);
+            if !v.is_finite() {
+                return Err(Error::BadHyper {
+                    name: info.name.clone(),
+                    value: v,
+                    why: "its schedule gives a value that is not finite",
+                });
+            }
+            if let Some(range) = info.range {
+                if !range.contains(v) {
+                    return Err(Error::Policy(format!(
+                        "the schedule `{s}` of `{name}` gives {name} = {} at step {t}, outside \
+                         the rule's range {name} in {range}",
+                        crate::error::short(v),
+                        name = info.name
+                    )));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -641,6 +679,12 @@ impl<T: Float + Default> Optimizer<T> {
                 value: self.hp.values[h],
                 why: "a boolean cannot follow a schedule",
             });
+        }
+        self.check_horizon(h, &schedule, self.hp.values[h])?;
+        for g in &self.hp.groups {
+            if let Some(v) = g[h] {
+                self.check_horizon(h, &schedule, v)?;
+            }
         }
         self.hp.schedules[h] = Some(schedule);
         Ok(())

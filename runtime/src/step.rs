@@ -147,8 +147,16 @@ impl<T: Float + Default> Optimizer<T> {
         let range = match stages {
             Stages::Rest => self.st.next_stage..self.program.info.stages.len(),
             Stages::One(k) => {
+                let info = &self.program.info;
+                if k >= info.stages.len() {
+                    return Err(Error::Params(format!(
+                        "rule `{}` has no stage {k}: it has {} (numbered from 0: {})",
+                        info.name,
+                        info.stages.len(),
+                        info.stages.join(", ")
+                    )));
+                }
                 if k != self.st.next_stage {
-                    let info = &self.program.info;
                     return Err(Error::StageOrder {
                         expected: self.st.next_stage,
                         name: info.stages[self.st.next_stage].clone(),
@@ -418,7 +426,10 @@ impl<T: Float + Default> Optimizer<T> {
                 match d.elems() {
                     Some(got) if got != n => {
                         return Err(Error::Length {
-                            what: format!("input `{}`, tensor {j}", bi.name),
+                            what: format!(
+                                "input `{}` for tensor `{}`",
+                                bi.name, self.tensors[bi.space as usize][j].name
+                            ),
                             expected: n,
                             got,
                         })

@@ -57,8 +57,14 @@ enum Cmd {
 pub(crate) struct Fail(pub(crate) String);
 
 impl<E: std::fmt::Display> From<E> for Fail {
+    /// An error of the runtime or the system, as the one line `optc` prints: `error: ...`.
     fn from(e: E) -> Self {
-        Fail(e.to_string())
+        let msg = e.to_string();
+        Fail(if msg.starts_with("error:") {
+            msg
+        } else {
+            format!("error: {msg}")
+        })
     }
 }
 
@@ -264,11 +270,29 @@ pub(crate) fn apply_sets<T: optc::compiler::ops::Float + Default>(
         let (n, v) = s
             .split_once('=')
             .ok_or_else(|| Fail(format!("error: `--set {s}`: expected NAME=VALUE")))?;
-        let v = parse_value(v).ok_or_else(|| {
+        let text = v.trim();
+        let v = parse_value(text).ok_or_else(|| {
             Fail(format!(
-                "error: `--set {s}`: `{v}` is not a number, true or false"
+                "error: `--set {s}`: `{text}` is not a number, true or false"
             ))
         })?;
+        let info = &opt.program().info;
+        if let Some(h) = info.hyper(n.trim()) {
+            let boolean = info.hypers[h].ty == optc::compiler::ir::Ty::Bool;
+            let word = matches!(text, "true" | "True" | "false" | "False");
+            if word && !boolean {
+                return Err(Fail(format!(
+                    "error: `--set {s}`: `{}` is a number, not true or false",
+                    n.trim()
+                )));
+            }
+            if boolean && !word && v != 0.0 && v != 1.0 {
+                return Err(Fail(format!(
+                    "error: `--set {s}`: `{}` is true or false",
+                    n.trim()
+                )));
+            }
+        }
         opt.set_hyper(n.trim(), v)
             .map_err(|e| Fail(format!("error: {e}")))?;
     }

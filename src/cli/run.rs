@@ -200,9 +200,13 @@ fn run_typed<T: Float + Default>(
                     ))
                 })?;
                 if ishape.len() != shape.len() + 1 || ishape[1..] != shape[..] {
+                    let want: Vec<String> = std::iter::once("steps".to_string())
+                        .chain(shape.iter().map(|d| d.to_string()))
+                        .collect();
                     return Err(Fail(format!(
-                        "error: input `{name}`, tensor `{tname}`: shape {ishape:?} is not [steps, {}]",
-                        shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+                        "error: input `{name}`, tensor `{tname}`: shape {ishape:?} is not [{}] \
+                         (a leading step axis before the tensor's shape {shape:?})",
+                        want.join(", ")
                     )));
                 }
                 steps_avail = Some(steps_avail.map_or(ishape[0], |s: usize| s.min(ishape[0])));
@@ -262,6 +266,7 @@ fn run_typed<T: Float + Default>(
             .map_err(|e| Fail(format!("error: {e}")))?;
     }
     apply_sets(&mut opt, &args.sets)?;
+    let mut refined_ends: Vec<(String, u64)> = Vec::new();
     for spec in &args.schedules {
         let (n, text) = spec.split_once('=').ok_or_else(|| {
             Fail(format!(
@@ -269,6 +274,14 @@ fn run_typed<T: Float + Default>(
             ))
         })?;
         let schedule = parse_schedule(text.trim())?;
+        if text
+            .rsplit(" then ")
+            .next()
+            .is_some_and(|t| t.trim().starts_with("refined("))
+        {
+            // Its last factor, eta_T = 0, would hold past the end of the log.
+            refined_ends.push((n.trim().to_string(), schedule.length().unwrap_or(u64::MAX)));
+        }
         opt.set_schedule(n.trim(), schedule)
             .map_err(|e| Fail(format!("error: {e}")))?;
     }
@@ -301,6 +314,13 @@ fn run_typed<T: Float + Default>(
             }));
         }
     };
+    let last_step = opt.steps() + steps as u64;
+    if let Some((name, len)) = refined_ends.iter().find(|(_, len)| *len < last_step) {
+        return Err(Fail(format!(
+            "error: the refined schedule of `{name}` covers steps 1 to {len} (its log of gradient \
+             norms), but this run ends at step {last_step}; past its end {name} would be 0"
+        )));
+    }
     let show = !args.quiet && std::io::stdout().is_terminal();
     let every = (steps / 10).max(1);
     if !args.quiet {
@@ -381,13 +401,13 @@ fn run_typed<T: Float + Default>(
                 .clone()
                 .flatten()
                 .map(|x| x.to_f64().powi(2))
-                .sum::<f64>()
+                .fold(0.0, |a, b| a + b)
                 .sqrt();
             let upd = after
                 .flatten()
                 .zip(before.iter().flatten())
                 .map(|(a, b)| (a.to_f64() - b.to_f64()).powi(2))
-                .sum::<f64>()
+                .fold(0.0, |a, b| a + b)
                 .sqrt();
             bar.suspend(|| println!("{:>6}  {:>14.6e}  {:>14.6e}", step + 1, norm, upd));
         }
@@ -509,19 +529,42 @@ fn step_failed(info: &RuleInfo, step: usize, e: &Error) -> Fail {
 
 /// A schedule from the command line: the text form, or `refined(FILE[, TAU[, l1]])`.
 fn parse_schedule(text: &str) -> Result<optc::runtime::Schedule, Fail> {
-    if let Some(args) = text
-        .strip_prefix("refined(")
-        .and_then(|r| r.strip_suffix(')'))
-    {
-        let parts: Vec<&str> = args.split(',').map(str::trim).collect();
-        let path = parts[0];
-        let tau = match parts.get(1) {
+    use optc::runtime::Schedule;
+    let bad = |why: String| Fail(format!("error: schedule `{text}`: {why}"));
+    // `A then B then ...`, each part the text form or `refined(FILE[, TAU[, l1|l2]])`.
+    let mut parts = Vec::new();
+    for part in text.split(" then ").map(str::trim) {
+        let Some(args) = part.strip_prefix("refined(") else {
+            parts.push(Schedule::parse(part).map_err(|e| Fail(format!("error: {e}")))?);
+            continue;
+        };
+        let args = args
+            .strip_suffix(')')
+            .ok_or_else(|| bad(format!("`{part}`: missing `)`")))?;
+        let args: Vec<&str> = args.split(',').map(str::trim).collect();
+        if args.len() > 3 || args[0].is_empty() {
+            return Err(bad(
+                "refined takes a file of gradient norms, then optionally TAU and l1 or l2".into(),
+            ));
+        }
+        let path = args[0];
+        let tau = match args.get(1) {
             Some(t) => t
                 .parse::<f64>()
-                .map_err(|_| Fail(format!("error: schedule `{text}`: `{t}` is not a number")))?,
+                .ok()
+                .filter(|v| (0.0..=1.0).contains(v))
+                .ok_or_else(|| bad(format!("TAU `{t}` is not a number in [0, 1]")))?,
             None => 0.1,
         };
-        let l1 = parts.get(2) == Some(&"l1");
+        let l1 = match args.get(2).copied() {
+            None | Some("l2") => false,
+            Some("l1") => true,
+            Some(w) => {
+                return Err(bad(format!(
+                    "unknown weighting `{w}` (l1: 1/|g|, for Adam-like rules; l2: 1/|g|^2, the default)"
+                )))
+            }
+        };
         let norms: Vec<f64> = std::fs::read_to_string(path)
             .map_err(|e| {
                 Fail(format!(
@@ -534,8 +577,16 @@ fn parse_schedule(text: &str) -> Result<optc::runtime::Schedule, Fail> {
                     .map_err(|_| Fail(format!("error: `{path}`: `{w}` is not a number")))
             })
             .collect::<Result<_, _>>()?;
-        return optc::runtime::Schedule::refined(&norms, tau, l1)
-            .map_err(|e| Fail(format!("error: {e}")));
+        parts.push(Schedule::refined(&norms, tau, l1).map_err(|e| Fail(format!("error: {e}")))?);
     }
-    optc::runtime::Schedule::parse(text).map_err(|e| Fail(format!("error: {e}")))
+    let mut out = parts.pop().expect("split gives at least one part");
+    if let Some(open) = parts.iter().find(|s| s.length().is_none()) {
+        return Err(bad(format!(
+            "`{open}` never ends, so nothing can follow it with `then`"
+        )));
+    }
+    while let Some(s) = parts.pop() {
+        out = Schedule::Then(Box::new(s), Box::new(out));
+    }
+    Ok(out)
 }
