@@ -21,13 +21,13 @@ pub(crate) struct CompileArgs {
     /// Which rule, when the file has several.
     #[arg(long = "rule")]
     pub(crate) rule_name: Option<String>,
-    /// Element precision of the buffers, for `--emit clif|cuda|ptx`.
+    /// Element precision of the buffers, for `--emit clif|cuda|c|ptx`.
     #[arg(long, value_enum, default_value = "f32")]
     pub(crate) precision: PrecisionArg,
     /// GPU architecture for `--emit ptx` (`sm_80`, `sm_90`, ...).
     #[arg(long, default_value = "sm_90")]
     pub(crate) arch: String,
-    /// Device storage of params and state for `--emit cuda|ptx` (bf16/f16: f32 arithmetic).
+    /// Device storage of params and state for `--emit cuda|c|ptx` (bf16/f16: f32 arithmetic).
     #[arg(long, value_enum, default_value = "native")]
     pub(crate) storage: StorageArg,
     /// Rounding of stores into 16-bit storage.
@@ -60,6 +60,8 @@ pub(crate) enum Emit {
     Clif,
     /// CUDA C of every kernel (both step variants, one translation unit).
     Cuda,
+    /// C of every kernel for the native backend (both step variants, one translation unit).
+    C,
     /// PTX of every kernel, compiled by NVRTC for `--arch` (needs the NVRTC library at run time).
     Ptx,
 }
@@ -83,14 +85,13 @@ pub(crate) enum RoundingArg {
 }
 
 /// The CUDA source of a program as `--precision`, `--storage` and `--rounding` ask.
-fn cuda_source(
+fn storage_map(
     p: &Program,
-    precision: PrecisionArg,
     storage: StorageArg,
     rounding: RoundingArg,
-) -> Result<String, Fail> {
-    use compiler::backend::cuda::{module_stored, Storage, StorageMap};
-    let map = match storage {
+) -> compiler::storage::StorageMap {
+    use compiler::storage::{Storage, StorageMap};
+    match storage {
         StorageArg::Native => StorageMap::default(),
         StorageArg::Bf16 | StorageArg::F16 => StorageMap::mixed(
             p,
@@ -102,8 +103,17 @@ fn cuda_source(
             true,
             rounding == RoundingArg::Stochastic,
         ),
-    };
-    module_stored(p, precision.precision(), false, &map)
+    }
+}
+
+fn cuda_source(
+    p: &Program,
+    precision: PrecisionArg,
+    storage: StorageArg,
+    rounding: RoundingArg,
+) -> Result<String, Fail> {
+    let map = storage_map(p, storage, rounding);
+    compiler::backend::cuda::module_stored(p, precision.precision(), false, &map)
         .map(|m| m.source)
         .map_err(|e| Fail(format!("error: {e}")))
 }
@@ -179,6 +189,14 @@ pub(crate) fn command(args: &CompileArgs) -> Result<(), Fail> {
             let (base, _, _) = compile_one(rule, rule_name)?;
             let p = runnable(&base, args, &mut |_, _| {})?;
             print!("{}", cuda_source(&p, precision, storage, rounding)?);
+        }
+        Emit::C => {
+            let (base, _, _) = compile_one(rule, rule_name)?;
+            let p = runnable(&base, args, &mut |_, _| {})?;
+            let map = storage_map(&p, storage, rounding);
+            let m = compiler::backend::c::module(&p, precision.precision(), &map)
+                .map_err(|e| Fail(format!("error: {e}")))?;
+            print!("{}", m.source);
         }
         Emit::Ptx => {
             let (base, _, _) = compile_one(rule, rule_name)?;
