@@ -18,15 +18,19 @@
 //! The same bits as the Cranelift kernels (and, where those are exact, the interpreter): one C
 //! operation per IR operation, compiled with [`C_FLAGS`] (`-ffp-contract=off`: no fused
 //! multiply-add; no fast math), `min`/`max` NaN-propagating as [`crate::ops`] defines them
-//! (written as selects, which vectorize), `round` half to even; f32 `exp`, `log`, `sigmoid` and
+//! (written as selects, which vectorize; where Cranelift's `fmin`/`fmax` order -0 below +0,
+//! these return the first of two equal zeros, as the interpreter does, so the two CPU engines
+//! can differ in the sign of a zero result, never in a value), `round` half to even; f32 `exp`, `log`, `sigmoid` and
 //! `tanh` are the Cranelift kernels' inline approximations, operation for operation (so they
 //! vectorize too). `log1p`, `expm1`, `pow`, `%`, the f64 transcendental functions and stochastic
 //! rounding to f16 call the runtime's Rust functions through [`CModule::imports`]; a loop that
 //! calls one is not vectorized.
 //!
 //! # Loops
-//! A kernel without reductions is one plain loop over `[start, end)` of restrict-qualified
-//! pointers, which the compiler vectorizes at the machine's width. With reductions, the loop has
+//! Each task runs in a `noinline` function whose buffer pointers are restrict-qualified
+//! parameters (which compilers trust, unlike restrict locals), so loops vectorize without alias
+//! checks. A kernel without reductions is one plain loop over `[start, end)`, which the
+//! compiler vectorizes at the machine's width. With reductions, the loop has
 //! the Cranelift kernels' shape so sums add up in their order: blocks of `8` (f32) or `4` (f64)
 //! elements where element `k` of a block goes to accumulator `k` (sums in f64, maxima in the
 //! element type, a guard's `sum(x * 0)` in f32), at most one block of `4` or `2` into the first
@@ -737,24 +741,30 @@ impl Gen<'_> {
         let ck = self.ck;
         let t = self.t();
         let stored: Vec<BufId> = self.k.stores.iter().map(|s| s.0).collect();
-        let _ = writeln!(
-            out,
-            "void {}(const optc_task *restrict tasks, uint64_t ntasks) {{\n    for (uint64_t ti = 0; ti < ntasks; ti++) {{\n        const optc_task *restrict t = tasks + ti;",
-            ck.symbol
-        );
-        let ind = "        ";
+        // One task: its pointers as restrict-qualified parameters (which the compiler trusts,
+        // so the loops vectorize without alias checks).
+        let mut params = Vec::new();
+        let mut args = Vec::new();
         for (i, &b) in ck.abi.slots.iter().enumerate() {
             let ety = match self.storage.of(b) {
                 Storage::Native => t,
                 _ => "uint16_t",
             };
             let cst = if stored.contains(&b) { "" } else { "const " };
-            let _ = writeln!(
-                out,
-                "{ind}{cst}{ety} *restrict s{i} = ({cst}{ety} *)t->bufs[{i}]; /* {} */",
+            params.push(format!(
+                "{cst}{ety} *restrict s{i} /* {} */",
                 self.p.info.buffers[b as usize].name
-            );
+            ));
+            args.push(format!("({cst}{ety} *)t->bufs[{i}]"));
         }
+        let _ = writeln!(
+            out,
+            "static __attribute__((noinline)) void {}_task(const optc_task *restrict t{}{}) {{",
+            ck.symbol,
+            if params.is_empty() { "" } else { ",\n    " },
+            params.join(",\n    ")
+        );
+        let ind = "    ";
         if !ck.abi.uniforms.is_empty() {
             let _ = writeln!(out, "{ind}const {t} *U = (const {t} *)t->uniforms;");
         }
@@ -836,7 +846,14 @@ impl Gen<'_> {
             }
             let _ = writeln!(out, "{ind}    t->partials[{ri}] = (double)tot;\n{ind}}}");
         }
-        out.push_str("    }\n}\n");
+        out.push_str("}\n");
+        let _ = writeln!(
+            out,
+            "void {0}(const optc_task *restrict tasks, uint64_t ntasks) {{\n    for (uint64_t ti = 0; ti < ntasks; ti++) {{\n        const optc_task *t = tasks + ti;\n        {0}_task(t{1}{2});\n    }}\n}}",
+            ck.symbol,
+            if args.is_empty() { "" } else { ", " },
+            args.join(", ")
+        );
     }
 }
 
