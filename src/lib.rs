@@ -13,6 +13,8 @@
 //! assert_eq!(opt.params(0)[0], vec![0.95, 2.1]);
 //! ```
 
+pub mod ceiling;
+
 pub use optc_compiler as compiler;
 pub use optc_compiler::{compile, Compilation, Diagnostic};
 pub use optc_grammar as grammar;

@@ -89,6 +89,9 @@ pub enum Error {
     /// The Cranelift backend could not compile the rule.
     #[error("{0}")]
     Jit(#[from] crate::engine::cranelift::JitError),
+    /// The native backend: no working C compiler, or the kernels could not be built or loaded.
+    #[error("{0}")]
+    Native(#[from] crate::engine::native::NativeError),
     /// A thread pool could not be started.
     #[error("cannot start {threads} threads: {why}")]
     Threads {

@@ -89,6 +89,14 @@ pub enum Backend {
         /// Worker threads.
         threads: usize,
     },
+    /// Kernels generated as C and compiled by the system C compiler for this machine (wide
+    /// vectors), on `threads` threads with the Cranelift engine's host; cached on disk. Opening
+    /// it fails with [`crate::engine::native::NativeError::NoCompiler`] where no C compiler
+    /// works. See [`crate::engine::native`].
+    Native {
+        /// Worker threads.
+        threads: usize,
+    },
     /// CUDA kernels on GPU `device` (compiled by NVRTC for its architecture); params (when
     /// owned), state and outputs in device memory. See [`crate::engine::cuda`].
     #[cfg(feature = "cuda")]

@@ -1,6 +1,7 @@
 //! `optc bench`: a rule's step time and effective bandwidth against this machine's ceiling.
 
 use super::{apply_sets, compile_one, ExecArgs, Fail};
+use optc::ceiling::{Ceiling, Streams};
 use optc::compiler;
 use optc::compiler::ir::Program;
 use optc::runtime::mixed::{bf16, f16, MixedOptimizer, MixedOptions, Rounding, Storage};
@@ -214,7 +215,7 @@ pub(crate) fn command(args: &BenchArgs) -> Result<(), Fail> {
     check_memory(&info, args.elems)?;
     let backend = args.exec.backend()?;
     let threads = match backend {
-        Backend::Cranelift { threads } => threads,
+        Backend::Cranelift { threads } | Backend::Native { threads } => threads,
         _ => 1,
     };
     match args.storage {
@@ -267,8 +268,12 @@ pub(crate) fn command(args: &BenchArgs) -> Result<(), Fail> {
     }
     if let Some(jit) = opt.jit() {
         let n = jit.kernels.iter().flatten().flatten().flatten().count();
+        let by = match backend {
+            Backend::Native { .. } => "the C compiler (or its cache)",
+            _ => "cranelift",
+        };
         println!(
-            "compiled {n} kernels with cranelift in {:.2} ms",
+            "compiled {n} kernels with {by} in {:.2} ms",
             jit.compile_time.as_secs_f64() * 1e3
         );
     }
@@ -282,7 +287,10 @@ pub(crate) fn command(args: &BenchArgs) -> Result<(), Fail> {
     }
     let t = median(times);
     let (must, moved, passes) = traffic(opt.active_program(), args.elems, |_| 4);
+    let streams = Streams::of(opt.active_program(), |_| 4);
+    drop(opt);
     let ceiling = inplace_ceiling(args.elems, threads, 5)?;
+    let pattern = Ceiling::new(&streams, args.elems, threads)?.measure(5);
     let gbs = must as f64 / t / 1e9;
     println!(
         "rule {} on {:?}: {} elements in {} tensor(s) per param",
@@ -299,9 +307,21 @@ pub(crate) fn command(args: &BenchArgs) -> Result<(), Fail> {
         moved as f64 / 1e6
     );
     println!("  effective bandwidth        {gbs:>10.2} GB/s");
+    print_ceilings(gbs, ceiling, pattern, &streams);
+    Ok(())
+}
+
+/// The ceilings' lines of a CPU bench: `a += s * b` and the rule's own access pattern.
+fn print_ceilings(gbs: f64, ceiling: f64, pattern: f64, streams: &Streams) {
     println!("  in-place ceiling a+=s*b    {ceiling:>10.2} GB/s   (same threads, same size)");
     println!("  ratio                      {:>10.3}", gbs / ceiling);
-    Ok(())
+    println!(
+        "  its access pattern         {pattern:>10.2} GB/s   (a trivial kernel over {} read, {} in-place, {} written stream(s))",
+        streams.read.len(),
+        streams.inplace.len(),
+        streams.write.len()
+    );
+    println!("  ratio to the pattern       {:>10.3}", gbs / pattern);
 }
 
 /// The key of `--rounding stochastic`.
@@ -317,7 +337,7 @@ fn bench_mixed<S: Storage>(
     let info = program.info.clone();
     let backend = args.exec.backend()?;
     let threads = match backend {
-        Backend::Cranelift { threads } => threads,
+        Backend::Cranelift { threads } | Backend::Native { threads } => threads,
         _ => 1,
     };
     let options = MixedOptions {
@@ -384,12 +404,16 @@ fn bench_mixed<S: Storage>(
     // The bytes the fused kernels move, at each buffer's storage size.
     let active = opt.inner().active_program();
     let map = opt.storage_map().unwrap_or_default();
-    let (must, moved, passes) = traffic(active, args.elems, |b| {
-        map.of(b).bytes(compiler::backend::clif::Precision::F32)
-    });
+    let bytes = |b| map.of(b).bytes(compiler::backend::clif::Precision::F32);
+    let (must, moved, passes) = traffic(active, args.elems, bytes);
+    let streams = Streams::of(active, bytes);
+    let fused = opt.is_fused();
+    drop(opt);
+    drop(params);
     let ceiling = inplace_ceiling(args.elems, threads, 5)?;
+    let pattern = Ceiling::new(&streams, args.elems, threads)?.measure(5);
     let gbs = must as f64 / t / 1e9;
-    let how = if opt.is_fused() {
+    let how = if fused {
         "conversions fused into the kernels"
     } else {
         "conversions in separate passes around an f32 step"
@@ -417,8 +441,7 @@ fn bench_mixed<S: Storage>(
         moved as f64 / 1e6
     );
     println!("  effective bandwidth        {gbs:>10.2} GB/s");
-    println!("  in-place ceiling a+=s*b    {ceiling:>10.2} GB/s   (same threads, same size)");
-    println!("  ratio                      {:>10.3}", gbs / ceiling);
+    print_ceilings(gbs, ceiling, pattern, &streams);
     Ok(())
 }
 

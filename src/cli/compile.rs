@@ -21,13 +21,13 @@ pub(crate) struct CompileArgs {
     /// Which rule, when the file has several.
     #[arg(long = "rule")]
     pub(crate) rule_name: Option<String>,
-    /// Element precision of the buffers, for `--emit clif|cuda|ptx`.
+    /// Element precision of the buffers, for `--emit clif|cuda|c|ptx`.
     #[arg(long, value_enum, default_value = "f32")]
     pub(crate) precision: PrecisionArg,
     /// GPU architecture for `--emit ptx` (`sm_80`, `sm_90`, ...).
     #[arg(long, default_value = "sm_90")]
     pub(crate) arch: String,
-    /// Storage of params and state for `--emit clif|cuda|ptx` (bf16/f16: f32 arithmetic).
+    /// Storage of params and state for `--emit clif|cuda|c|ptx` (bf16/f16: f32 arithmetic).
     #[arg(long, value_enum, default_value = "native")]
     pub(crate) storage: StorageArg,
     /// Rounding of stores into 16-bit storage.
@@ -60,6 +60,8 @@ pub(crate) enum Emit {
     Clif,
     /// CUDA C of every kernel (both step variants, one translation unit).
     Cuda,
+    /// C of every kernel for the native backend (both step variants, one translation unit).
+    C,
     /// PTX of every kernel, compiled by NVRTC for `--arch` (needs the NVRTC library at run time).
     Ptx,
 }
@@ -82,7 +84,7 @@ pub(crate) enum RoundingArg {
     Stochastic,
 }
 
-/// The storage map `--storage` and `--rounding` ask for.
+    /// Storage of params and state for `--emit clif|cuda|c|ptx` (bf16/f16: f32 arithmetic).
 fn storage_map(
     p: &Program,
     storage: StorageArg,
@@ -104,7 +106,7 @@ fn storage_map(
     }
 }
 
-/// The CUDA source of a program as `--precision`, `--storage` and `--rounding` ask.
+    /// Storage of params and state for `--emit clif|cuda|c|ptx` (bf16/f16: f32 arithmetic).
 fn cuda_source(
     p: &Program,
     precision: PrecisionArg,
@@ -188,6 +190,14 @@ pub(crate) fn command(args: &CompileArgs) -> Result<(), Fail> {
             let (base, _, _) = compile_one(rule, rule_name)?;
             let p = runnable(&base, args, &mut |_, _| {})?;
             print!("{}", cuda_source(&p, precision, storage, rounding)?);
+        }
+        Emit::C => {
+            let (base, _, _) = compile_one(rule, rule_name)?;
+            let p = runnable(&base, args, &mut |_, _| {})?;
+            let map = storage_map(&p, storage, rounding);
+            let m = compiler::backend::c::module(&p, precision.precision(), &map)
+                .map_err(|e| Fail(format!("error: {e}")))?;
+            print!("{}", m.source);
         }
         Emit::Ptx => {
             let (base, _, _) = compile_one(rule, rule_name)?;

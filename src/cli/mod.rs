@@ -167,6 +167,9 @@ impl PrecisionArg {
 pub(crate) enum BackendArg {
     /// Cranelift machine code (the default).
     Cranelift,
+    /// Kernels as C built by the system C compiler for this machine (wide vectors); falls back
+    /// to Cranelift, saying so, where no C compiler works.
+    Native,
     /// The reference interpreter.
     Interp,
     /// CUDA kernels on a GPU (`--device`), compiled by NVRTC.
@@ -181,7 +184,7 @@ pub(crate) struct ExecArgs {
     /// The backend.
     #[arg(long, value_enum, default_value = "cranelift")]
     pub(crate) backend: BackendArg,
-    /// Worker threads for the Cranelift backend (default: all cores).
+    /// Worker threads for the Cranelift and native backends (default: all cores).
     #[arg(long)]
     pub(crate) threads: Option<usize>,
     /// The GPU of the cuda backend (CUDA device ordinal).
@@ -237,13 +240,21 @@ impl ExecArgs {
     }
 
     pub(crate) fn backend(&self) -> Result<Backend, Fail> {
+        let threads = self
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1);
         Ok(match self.backend {
             BackendArg::Interp => Backend::Interpreter,
-            BackendArg::Cranelift => Backend::Cranelift {
-                threads: self
-                    .threads
-                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-                    .max(1),
+            BackendArg::Cranelift => Backend::Cranelift { threads },
+            BackendArg::Native => match optc::runtime::engine::native::Toolchain::find() {
+                Ok(_) => Backend::Native { threads },
+                Err(e) => {
+                    // Said once per process: the toolchain is looked for once.
+                    static SAID: std::sync::Once = std::sync::Once::new();
+                    SAID.call_once(|| eprintln!("optc: {e}; using the cranelift backend"));
+                    Backend::Cranelift { threads }
+                }
             },
             #[cfg(feature = "cuda")]
             BackendArg::Cuda => Backend::Cuda {

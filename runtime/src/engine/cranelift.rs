@@ -12,6 +12,7 @@
 
 #![allow(unsafe_code)] // machine code: the one place the project needs it
 
+use super::native::{NativeCache, Toolchain};
 use super::{Compiled, Engine, KernelAt, Lent, Reductions, StageIo};
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_jit::{JITBuilder, JITModule};
@@ -50,7 +51,7 @@ pub struct Task {
 const _: () = assert!(std::mem::size_of::<Task>() == clif::TASK_SIZE as usize);
 const _: () = assert!(std::mem::size_of::<BitsCache>() == clif::BITS_CACHE_SIZE as usize);
 
-type KernelFn = unsafe extern "C" fn(*const Task, u64);
+pub(crate) type KernelFn = unsafe extern "C" fn(*const Task, u64);
 /// A kernel defined in the module, before finalization: its id, ABI, space and whether it
 /// rounds stochastically.
 type Declared = (FuncId, KernelAbi, u16, bool);
@@ -58,7 +59,7 @@ type Declared = (FuncId, KernelAbi, u16, bool);
 /// One compiled kernel.
 #[derive(Debug)]
 pub struct JitKernel {
-    func: KernelFn,
+    pub(crate) func: KernelFn,
     /// Its buffers, uniforms and reductions.
     pub abi: KernelAbi,
     /// The space it iterates over.
@@ -69,10 +70,20 @@ pub struct JitKernel {
     pub rounding_key: bool,
 }
 
-/// Every kernel of a program, compiled.
+/// What owns a program's machine code (held, never read).
+#[allow(dead_code)]
+pub(crate) enum Code {
+    /// Cranelift's JIT module (never mutated after finalization).
+    Jit(Box<JITModule>),
+    /// A shared library the C compiler built (see [`super::native`]).
+    Native(Arc<super::native::Library>),
+}
+
+/// Every kernel of a program, compiled (by Cranelift, or by the C compiler for the native
+/// engine: the kernels have the same ABI).
 pub struct JitProgram {
-    // Owns the machine code the kernel pointers point into; never mutated after finalization.
-    _module: JITModule,
+    // Owns the machine code the kernel pointers point into.
+    pub(crate) _code: Code,
     /// `kernels[variant][stage][phase][kernel]`, in the program's order.
     pub kernels: [Vec<Vec<Vec<JitKernel>>>; 2],
     /// Element precision the kernels were compiled for.
@@ -92,8 +103,9 @@ impl std::fmt::Debug for JitProgram {
     }
 }
 
-// SAFETY: after `finalize_definitions` the module is only kept alive, never touched; the kernel
-// functions are pure machine code reading and writing only through the pointers they are given.
+// SAFETY: after `finalize_definitions` the module is only kept alive, never touched (and a
+// native library only kept loaded); the kernel functions are pure machine code reading and
+// writing only through the pointers they are given.
 unsafe impl Send for JitProgram {}
 // SAFETY: as above; shared references give no access to the module.
 unsafe impl Sync for JitProgram {}
@@ -140,7 +152,7 @@ extern "C" fn f16_stochastic(x: f32, r: u32) -> u32 {
 }
 
 /// The address of the Rust function behind a storage symbol.
-fn storage_address(f: StorageFn) -> *const u8 {
+pub(crate) fn storage_address(f: StorageFn) -> *const u8 {
     match f {
         StorageFn::Bits => rounding_bits as *const u8,
         StorageFn::F16Stochastic => f16_stochastic as *const u8,
@@ -148,7 +160,7 @@ fn storage_address(f: StorageFn) -> *const u8 {
 }
 
 /// The address of the Rust function behind a math symbol.
-fn math_address(f: MathFn, p: Precision) -> *const u8 {
+pub(crate) fn math_address(f: MathFn, p: Precision) -> *const u8 {
     let f32s: [(MathFn, *const u8); 8] = [
         (MathFn::Unary(UnOp::Exp), exp_f32 as *const u8),
         (MathFn::Unary(UnOp::Log), log_f32 as *const u8),
@@ -322,7 +334,7 @@ impl JitProgram {
                 .collect();
         }
         Ok(JitProgram {
-            _module: module,
+            _code: Code::Jit(Box::new(module)),
             kernels,
             precision,
             storage: storage.clone(),
@@ -512,6 +524,8 @@ pub(crate) fn combine_partials(
 #[derive(Debug, Clone)]
 pub struct Cranelift<T> {
     threads: usize,
+    /// Where the kernels come from: Cranelift, or the C compiler (the native engine).
+    codegen: Codegen,
     pool: Option<Arc<rayon::ThreadPool>>,
     /// By buffer: the storage type and bits of a buffer the engine holds in 16 bits.
     held: Vec<Option<(Storage, Vec<Vec<u16>>)>>,
@@ -536,10 +550,32 @@ impl<T> Cranelift<T> {
         };
         Ok(Cranelift {
             threads,
+            codegen: Codegen::Cranelift,
             pool,
             held: Vec::new(),
             mirror: Vec::new(),
         })
+    }
+}
+
+/// The code generator of a CPU engine.
+#[derive(Debug, Clone)]
+enum Codegen {
+    /// Cranelift, in process.
+    Cranelift,
+    /// C compiled by the system C compiler ([`super::native`]).
+    Native(Arc<Toolchain>, NativeCache),
+}
+
+impl<T> Cranelift<T> {
+    /// The native engine on `threads` threads: this engine's host running kernels the system
+    /// C compiler built ([`super::native`]); [`super::native::NativeError::NoCompiler`] without a
+    /// working one.
+    pub fn native(threads: usize) -> Result<Cranelift<T>, crate::Error> {
+        let tc = Toolchain::find()?;
+        let mut e = Cranelift::new(threads)?;
+        e.codegen = Codegen::Native(tc, NativeCache::default_location());
+        Ok(e)
     }
 }
 
@@ -571,8 +607,13 @@ fn widened<T: Float>(storage: Storage, tensors: &[Vec<u16>]) -> Vec<Vec<T>> {
 
 impl<T: Float + Default> Engine<T> for Cranelift<T> {
     fn backend(&self) -> crate::Backend {
-        crate::Backend::Cranelift {
-            threads: self.threads,
+        match self.codegen {
+            Codegen::Cranelift => crate::Backend::Cranelift {
+                threads: self.threads,
+            },
+            Codegen::Native(..) => crate::Backend::Native {
+                threads: self.threads,
+            },
         }
     }
 
@@ -585,15 +626,25 @@ impl<T: Float + Default> Engine<T> for Cranelift<T> {
         program: &Arc<Program>,
         storage: &StorageMap,
     ) -> Result<Compiled, crate::Error> {
-        super::fusable(program, storage, "the Cranelift kernels")?;
         let precision = if T::BYTES == 4 {
             Precision::F32
         } else {
             Precision::F64
         };
-        Ok(Arc::new(JitProgram::compile_stored(
-            program, precision, storage,
-        )?))
+        match &self.codegen {
+            Codegen::Cranelift => {
+                super::fusable(program, storage, "the Cranelift kernels")?;
+                Ok(Arc::new(JitProgram::compile_stored(
+                    program, precision, storage,
+                )?))
+            }
+            Codegen::Native(tc, cache) => {
+                super::fusable(program, storage, "the native kernels")?;
+                Ok(Arc::new(super::native::compile(
+                    program, precision, storage, tc, cache,
+                )?))
+            }
+        }
     }
 
     fn begin_stage(&mut self, io: &mut StageIo<'_, '_, '_, '_, T>) -> Result<(), crate::Error> {

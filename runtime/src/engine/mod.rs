@@ -9,6 +9,8 @@
 //!
 //! - [`interp::Interp`] — the reference interpreter (the definition of every result);
 //! - [`cranelift::Cranelift`] — Cranelift machine code on a thread pool, over host memory;
+//! - [`native`] — the same host running kernels generated as C and built by the system C
+//!   compiler for this machine (wide vectors), cached on disk;
 //! - `cuda::Cuda` (cargo feature `cuda`) — NVRTC-compiled kernels on a GPU, or the same kernels
 //!   on the CUDA emulator, over device-resident buffers.
 //!
@@ -28,6 +30,21 @@ pub mod cranelift;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod interp;
+pub mod native;
+
+/// FNV-1a over 128 bits of `parts` (each followed by a 0xff byte): the cache keys.
+pub(crate) fn fnv128(parts: &[&[u8]]) -> u128 {
+    const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
+    const PRIME: u128 = 0x0000000001000000000000000000013B;
+    let mut h = OFFSET;
+    for p in parts {
+        for &b in p.iter().chain(&[0xff]) {
+            h ^= u128::from(b);
+            h = h.wrapping_mul(PRIME);
+        }
+    }
+    h
+}
 
 /// Where a kernel sits in a program: variant (0 first step, 1 later steps), stage, phase and its
 /// index within the phase.
@@ -182,6 +199,7 @@ pub fn open<T: Float + Default>(
     match backend {
         Backend::Interpreter => Ok(Box::new(interp::Interp)),
         Backend::Cranelift { threads } => Ok(Box::new(cranelift::Cranelift::<T>::new(threads)?)),
+        Backend::Native { threads } => Ok(Box::new(cranelift::Cranelift::<T>::native(threads)?)),
         #[cfg(feature = "cuda")]
         Backend::Cuda { .. } | Backend::CudaEmulator => cuda::Cuda::open(backend, current),
     }

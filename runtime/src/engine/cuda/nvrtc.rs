@@ -339,19 +339,7 @@ fn ptx_text(mut bytes: Vec<u8>) -> Result<String, CudaError> {
     String::from_utf8(bytes).map_err(|_| CudaError::Nvrtc("PTX is not UTF-8".to_string()))
 }
 
-/// 128-bit FNV-1a of the parts, each followed by a 0xff separator byte.
-pub(crate) fn fnv128(parts: &[&[u8]]) -> u128 {
-    const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
-    const PRIME: u128 = 0x0000000001000000000000000000013B;
-    let mut h = OFFSET;
-    for p in parts {
-        for &b in p.iter().chain(&[0xff]) {
-            h ^= u128::from(b);
-            h = h.wrapping_mul(PRIME);
-        }
-    }
-    h
-}
+pub(crate) use crate::engine::fnv128;
 
 /// The cache key of a PTX: source, architecture, NVRTC options and NVRTC's version.
 pub fn cache_key(source: &str, arch: &str, version: (i32, i32)) -> String {
