@@ -84,7 +84,7 @@ pub(crate) enum RoundingArg {
     Stochastic,
 }
 
-    /// Storage of params and state for `--emit clif|cuda|c|ptx` (bf16/f16: f32 arithmetic).
+/// The storage map `--storage` and `--rounding` ask for.
 fn storage_map(
     p: &Program,
     storage: StorageArg,
@@ -106,7 +106,7 @@ fn storage_map(
     }
 }
 
-    /// Storage of params and state for `--emit clif|cuda|c|ptx` (bf16/f16: f32 arithmetic).
+/// The CUDA source of a program as `--precision`, `--storage` and `--rounding` ask.
 fn cuda_source(
     p: &Program,
     precision: PrecisionArg,
