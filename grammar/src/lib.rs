@@ -120,19 +120,20 @@ pub fn parse(src: &str) -> (Option<ast::File>, Vec<Diagnostic>) {
         .collect();
     let mut recovered = Vec::new();
     let mut deep = Vec::new();
+    let kept = tokens.clone();
     let result = grammar::FileParser::new().parse(
         &mut recovered,
         &mut deep,
         tokens.into_iter().map(Ok::<_, LexError>),
     );
     for r in recovered {
-        diags.push(parse_error(src, r.error));
+        diags.push(refine(src, &kept, parse_error(src, r.error)));
     }
     diags.extend(deep.into_iter().map(too_deep));
     let file = match result {
         Ok(file) => Some(file),
         Err(e) => {
-            diags.push(parse_error(src, e));
+            diags.push(refine(src, &kept, parse_error(src, e)));
             None
         }
     };
@@ -192,6 +193,92 @@ pub fn parse_expr(src: &str) -> Result<Expr, Vec<Diagnostic>> {
             Err(diags)
         }
     }
+}
+
+/// The keywords that begin a declaration or a statement, for "did you mean".
+const STATEMENT_KEYWORDS: &[&str] = &["param", "input", "state", "out", "stage", "let", "if"];
+
+/// Edit distance between two short words (insertions, deletions, substitutions).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// Whether a token can end an operand (so that a name right after it lacks an operator).
+fn ends_operand(tok: &Tok) -> bool {
+    matches!(
+        tok,
+        Tok::Ident(_) | Tok::Num(_) | Tok::RParen | Tok::True | Tok::False | Tok::Step
+    )
+}
+
+/// A syntax error made more precise from the tokens around it: a missing operator between two
+/// operands on one line is reported where it is missing (the parser only notices it at the next
+/// token that cannot continue); a misspelled keyword gets "did you mean"; `**` gets `^`.
+fn refine(src: &str, tokens: &[(usize, Tok, usize)], d: Diagnostic) -> Diagnostic {
+    if d.code != "E0002" {
+        return d;
+    }
+    let at = d.primary.span.start;
+    let Some(i) = tokens.iter().position(|t| t.0 == at) else {
+        return d;
+    };
+    let same_line = |a: usize, b: usize| !src[a.min(b)..a.max(b)].contains('\n');
+    let line_start = |k: usize| {
+        let before = &src[..tokens[k].0];
+        before[before.rfind('\n').map_or(0, |n| n + 1)..]
+            .chars()
+            .all(char::is_whitespace)
+    };
+    if tokens[i].1 == Tok::Star && i > 0 && tokens[i - 1].1 == Tok::Star && tokens[i - 1].2 == at {
+        return d.with_help("powers are written `^`: `g ^ 2`");
+    }
+    let wants_assign = d.help.as_deref() == Some("expected `=`");
+    if i >= 1 && wants_assign {
+        let (l, prev, r) = &tokens[i - 1];
+        if let Tok::Ident(name) = prev {
+            // `parm x`: a misspelled keyword read as the name of an assignment.
+            if line_start(i - 1) {
+                if let Some(k) = STATEMENT_KEYWORDS
+                    .iter()
+                    .filter(|k| edit_distance(name, k) <= 2)
+                    .min_by_key(|k| edit_distance(name, k))
+                {
+                    return Diagnostic::error(
+                        "E0002",
+                        format!("unknown keyword `{name}`"),
+                        Span::new(*l, *r),
+                        "a statement starts with a keyword or the name it assigns",
+                    )
+                    .with_help(format!("did you mean `{k}`?"));
+                }
+            }
+            // `(1 - beta) g`: two operands with no operator between them, on one line.
+            if i >= 2 && ends_operand(&tokens[i - 2].1) && same_line(tokens[i - 2].2, *l) {
+                return Diagnostic::error(
+                    "E0002",
+                    format!("missing operator before `{name}`"),
+                    Span::new(*l, *r),
+                    "an operator is missing here",
+                )
+                .with_help(format!(
+                    "write the operation, e.g. `* {name}` for a product (a statement ends at the \
+                     end of its expression, so `{name}` started a new one)"
+                ));
+            }
+        }
+    }
+    d
 }
 
 fn describe_expected(expected: &[String]) -> Option<String> {
@@ -331,6 +418,40 @@ mod tests {
             &src[diags[0].primary.span.start..diags[0].primary.span.end],
             "*"
         );
+    }
+
+    /// The first report of each source, at the span and with the words that name the mistake.
+    #[test]
+    fn recovery_names_the_mistake_where_it_is() {
+        for (src, at, message, help) in [
+            (
+                "rule r(beta = 0.9) {\n param p\n input g\n state m = 0\n m = beta * m + (1 - beta) g\n p = p - m\n}",
+                "g\n p",
+                "missing operator before `g`",
+                "`* g`",
+            ),
+            (
+                "rule r() {\n parm x\n input g\n x = x - g\n}",
+                "parm",
+                "unknown keyword `parm`",
+                "did you mean `param`?",
+            ),
+            (
+                "rule r() {\n param x\n input g\n x = x - g ** 2\n}",
+                "* 2",
+                "unexpected `*`",
+                "`^`",
+            ),
+        ] {
+            let (_, diags) = parse(src);
+            let d = &diags[0];
+            assert_eq!(d.primary.span.start, src.find(at).unwrap(), "{src}: {d:?}");
+            assert_eq!(d.message, message, "{src}");
+            assert!(d.help.as_deref().unwrap_or("").contains(help), "{src}: {d:?}");
+        }
+        // A genuine assignment to an unknown name is not taken for a typo.
+        let (_, diags) = parse("rule r() {\n param x\n x = x - 1\n}");
+        assert!(diags.is_empty(), "{diags:?}");
     }
 
     #[test]
