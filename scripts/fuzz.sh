@@ -5,6 +5,7 @@
 #
 # Builds the targets of fuzz/ with SanitizerCoverage instrumentation (libFuzzer is built from
 # source by libfuzzer-sys with the system C++ compiler) and runs each for SECONDS (default 60):
+#   compile     any text through parse, check, lowering, passes, the renderer and the printers
 #   source      any text through parse, check, lowering, passes, then the interpreter and
 #               Cranelift (properties in fuzz/src/lib.rs)
 #   rule        well-typed rules drawn from the fuzzer's bytes (stages, scalar state,
@@ -18,7 +19,7 @@ cd "$(dirname "$0")/../fuzz"
 SECONDS_PER_TARGET="${1:-60}"
 shift || true
 TARGETS=("$@")
-[ ${#TARGETS[@]} -eq 0 ] && TARGETS=(source rule checkpoint)
+[ ${#TARGETS[@]} -eq 0 ] && TARGETS=(compile source rule checkpoint)
 TARGET_DIR="${OPTC_FUZZ_TARGET_DIR:-$PWD/target/instrumented}"
 TRIPLE="$(rustc -vV | sed -n 's/^host: //p')"
 export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
@@ -26,11 +27,13 @@ export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4
 -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing"
 # --target keeps the instrumentation off build scripts and proc macros.
 cargo build --release --locked --target "$TRIPLE" --target-dir "$TARGET_DIR" \
-    --bin source --bin rule --bin checkpoint
+    --bin compile --bin source --bin rule --bin checkpoint
 BIN="$TARGET_DIR/$TRIPLE/release"
 unset RUSTFLAGS
-mkdir -p corpus/source corpus/rule corpus/checkpoint
-cp -n ../stdlib/rules/*.opt ../tests/good/*.opt ../tests/bad/*.opt corpus/source/ 2>/dev/null || true
+mkdir -p corpus/compile corpus/source corpus/rule corpus/checkpoint
+for c in compile source; do
+    cp -n ../stdlib/rules/*.opt ../tests/good/*.opt ../tests/bad/*.opt "corpus/$c/" 2>/dev/null || true
+done
 # Real checkpoints (written by `cargo run --release --bin seeds -- seeds/checkpoint`).
 cp -n seeds/checkpoint/* corpus/checkpoint/
 total=0
