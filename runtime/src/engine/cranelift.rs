@@ -73,10 +73,21 @@ pub struct JitKernel {
 /// What owns a program's machine code (held, never read).
 #[allow(dead_code)]
 pub(crate) enum Code {
-    /// Cranelift's JIT module (never mutated after finalization).
-    Jit(Box<JITModule>),
+    /// Cranelift's JIT module (never mutated after finalization; its memory freed on drop).
+    Jit(std::mem::ManuallyDrop<Box<JITModule>>),
     /// A shared library the C compiler built (see [`super::native`]).
     Native(Arc<super::native::Library>),
+}
+
+impl Drop for Code {
+    fn drop(&mut self) {
+        if let Code::Jit(module) = self {
+            // SAFETY: the module belongs to the `JitProgram` being dropped. Its kernel pointers are
+            // reachable only through that program (every call borrows it), so none is running
+            // and none is called afterwards.
+            unsafe { std::mem::ManuallyDrop::take(module).free_memory() }
+        }
+    }
 }
 
 /// Every kernel of a program, compiled (by Cranelift, or by the C compiler for the native
@@ -334,7 +345,7 @@ impl JitProgram {
                 .collect();
         }
         Ok(JitProgram {
-            _code: Code::Jit(Box::new(module)),
+            _code: Code::Jit(std::mem::ManuallyDrop::new(Box::new(module))),
             kernels,
             precision,
             storage: storage.clone(),
