@@ -87,6 +87,27 @@ impl Elem for f64 {
 }
 
 /// `steps` steps of a rule on a backend; every tensor of every space has the sizes given.
+/// Every per-element input's tensors at step `step`, by name.
+fn input_data(
+    info: &optc::compiler::ir::RuleInfo,
+    sizes: &[usize],
+    step: usize,
+) -> Vec<(String, Vec<Vec<f32>>)> {
+    info.buffers
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.role == BufRole::Input)
+        .map(|(bi, b)| {
+            let ts = sizes
+                .iter()
+                .enumerate()
+                .map(|(j, &n)| fill((step * 7919 + bi * 104729 + j) as u64 + 17, n))
+                .collect();
+            (b.name.clone(), ts)
+        })
+        .collect()
+}
+
 fn run<T: Elem>(
     program: &Program,
     sizes: &[usize],
@@ -115,21 +136,9 @@ fn run<T: Elem>(
         }
     }
     for step in 0..steps {
-        let data: Vec<(String, Vec<Vec<T>>)> = info
-            .buffers
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.role == BufRole::Input)
-            .map(|(bi, b)| {
-                (
-                    b.name.clone(),
-                    sizes
-                        .iter()
-                        .enumerate()
-                        .map(|(j, &n)| conv(fill((step * 7919 + bi * 104729 + j) as u64 + 17, n)))
-                        .collect(),
-                )
-            })
+        let data: Vec<(String, Vec<Vec<T>>)> = input_data(info, sizes, step)
+            .into_iter()
+            .map(|(n, ts)| (n, ts.into_iter().map(&conv).collect()))
             .collect();
         let mut inputs = Inputs::default();
         for (n, d) in &data {
@@ -371,22 +380,7 @@ fn mixed<S: optc::runtime::mixed::Storage>(
         })
         .collect();
     for step in 0..STEPS {
-        let data: Vec<(String, Vec<Vec<f32>>)> = info
-            .buffers
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.role == BufRole::Input)
-            .map(|(bi, b)| {
-                (
-                    b.name.clone(),
-                    sizes
-                        .iter()
-                        .enumerate()
-                        .map(|(j, &n)| fill((step * 7919 + bi * 104729 + j) as u64 + 17, n))
-                        .collect(),
-                )
-            })
-            .collect();
+        let data = input_data(info, sizes, step);
         let mut inputs = Inputs::default();
         for (n, d) in &data {
             inputs = inputs.tensor(n, d.iter().map(Vec::as_slice).collect());
