@@ -9,13 +9,15 @@
 //!   scalar inputs, global reductions, and arithmetic on them);
 //! - `Tensor(space)`: one value per tensor of a space (per-tensor reductions and arithmetic on them);
 //! - `Element(space)`: one value per element of a space, computed in the buffer's precision inside a
-//!   kernel. Element values come only from [`Node::Load`] and [`Node::Splat`].
+//!   kernel. Element values come only from [`Node::Load`], [`Node::Splat`] and per-element
+//!   [`Node::Random`] draws.
 //!
 //! A [`Program`] holds the graph, the rule's interface ([`RuleInfo`]) and two [`Variant`]s of the
 //! step: the first step (`t = 1`, state initializers applied) and every later step. Each variant
 //! is a list of stages; each stage stores final values into buffers. The `phases` pass then splits
 //! each stage into phases at reductions and groups the work of each phase into one kernel per space.
 
+use crate::random::Dist;
 use std::collections::HashMap;
 use std::fmt;
 
@@ -204,6 +206,19 @@ pub enum Node {
         /// The per-element value reduced.
         arg: NodeId,
     },
+    /// A random draw ([`crate::random`]): one value per element, per tensor or per step, as
+    /// `kind` says, from stream `stream`, keyed by the optimizer's seed or by the value of `seed`
+    /// (a scalar).
+    Random {
+        /// Uniform or normal.
+        dist: Dist,
+        /// The draw stream ([`crate::random::inline_stream`], [`crate::random::named_stream`]).
+        stream: u32,
+        /// Where it varies.
+        kind: Kind,
+        /// The seed argument, if any.
+        seed: Option<NodeId>,
+    },
 }
 
 impl Node {
@@ -224,6 +239,7 @@ impl Node {
             Node::Splat(_, a) | Node::Unary(_, a) | Node::Reduce { arg: a, .. } => vec![a],
             Node::Binary(_, a, b) => vec![a, b],
             Node::Select(c, a, b) => vec![c, a, b],
+            Node::Random { seed, .. } => seed.into_iter().collect(),
             _ => Vec::new(),
         }
     }
@@ -243,6 +259,17 @@ impl Node {
             },
             Node::Binary(op, a, b) => Node::Binary(op, f(a), f(b)),
             Node::Select(c, a, b) => Node::Select(f(c), f(a), f(b)),
+            Node::Random {
+                dist,
+                stream,
+                kind,
+                seed,
+            } => Node::Random {
+                dist,
+                stream,
+                kind,
+                seed: seed.map(f),
+            },
             n => n,
         }
     }
@@ -338,6 +365,7 @@ impl Graph {
                 },
             ),
             Node::Load { buf, .. } => (Ty::Num, Kind::Element(leaves.buf_space(buf))),
+            Node::Random { kind, .. } => (Ty::Num, kind),
             Node::Splat(s, a) => (self.ty(a), Kind::Element(s)),
             Node::Unary(op, a) => (
                 if op == UnOp::Not { Ty::Bool } else { Ty::Num },

@@ -11,6 +11,7 @@ pub mod lower;
 pub mod ops;
 pub mod passes;
 pub mod print;
+pub mod random;
 pub mod storage;
 
 pub use optc_grammar::{ast, Diagnostic, Label, Severity};

@@ -14,6 +14,7 @@ use crate::ir::{
     self, BinOp, BufId, BufInfo, BufRole, HyperInfo, Kind, Node, NodeId, ReduceOp, RuleInfo, Ty,
     UnOp,
 };
+use crate::random::{self, Dist};
 use optc_grammar::ast::{self, DeclKind, ExprKind, Span, StmtKind, TypeAnn};
 use optc_grammar::Diagnostic;
 use std::collections::{HashMap, HashSet};
@@ -65,6 +66,8 @@ fn function_names() -> Vec<String> {
     let mut v: Vec<String> = UNARY_FNS.iter().map(|f| f.0.to_string()).collect();
     v.extend(BINARY_FNS.iter().map(|f| f.0.to_string()));
     v.push("clamp".into());
+    v.push("uniform".into());
+    v.push("normal".into());
     for (r, _) in REDUCTIONS {
         v.push(r.to_string());
         v.push(format!("tensor_{r}"));
@@ -120,6 +123,17 @@ enum Sym {
     Buf(BufId),
     ScalarState(u16),
     ScalarInput(u16),
+    /// A declared `random` value (index into `Checker::randoms`).
+    Random(u16),
+}
+
+/// A declared `random NAME = normal(...)`.
+#[derive(Debug, Clone)]
+struct RandomDecl<'a> {
+    dist: Dist,
+    kind: Kind,
+    stream: u32,
+    seed: Option<&'a ast::Expr>,
 }
 
 #[derive(Debug, Clone)]
@@ -165,6 +179,12 @@ struct Checker<'a> {
     node_depth: Vec<u32>,
     /// Whether a value too deep was reported.
     deep_reported: bool,
+    /// Declared `random` values.
+    randoms: Vec<RandomDecl<'a>>,
+    /// The site index of each draw written in a stage, by (stage, byte offset of the call).
+    draw_sites: HashMap<(u16, usize), u16>,
+    /// Draws written in each stage so far.
+    sites_per_stage: HashMap<u16, u16>,
     diags: Vec<Diagnostic>,
 }
 
@@ -202,6 +222,9 @@ pub fn lower_rule(rule: &ast::Rule) -> Lowered {
         full: HashSet::new(),
         node_depth: Vec::new(),
         deep_reported: false,
+        randoms: Vec::new(),
+        draw_sites: HashMap::new(),
+        sites_per_stage: HashMap::new(),
         diags: Vec::new(),
     };
     ck.declare_hypers();
@@ -712,6 +735,10 @@ impl<'a> Checker<'a> {
                     return;
                 }
             }
+            DeclKind::Random => {
+                self.declare_random(e, scalar);
+                return;
+            }
             DeclKind::Param => unreachable!("params are declared first"),
         }
         let space = match &e.ty {
@@ -735,6 +762,62 @@ impl<'a> Checker<'a> {
             if let Some(init) = &e.init {
                 self.buf_init.insert(id, init);
             }
+        }
+    }
+
+    /// `random NAME[: scalar | : PARAM] = normal([seed])` or `uniform([seed])`.
+    fn declare_random(&mut self, e: &'a ast::DeclEntry, scalar: bool) {
+        let call = match e.init.as_ref().map(|i| &i.kind) {
+            Some(ExprKind::Call(f, args)) => Dist::from_name(&f.name).map(|d| (d, args)),
+            _ => None,
+        };
+        let Some((dist, args)) = call else {
+            let span = e.init.as_ref().map_or(e.name.span, |i| i.span);
+            self.error(
+                Diagnostic::error(
+                    "E0401",
+                    format!("`random {}` must be drawn from `normal()` or `uniform()`", e.name.name),
+                    span,
+                    if e.init.is_some() { "not a draw" } else { "no distribution" },
+                )
+                .with_help(format!("write `random {} = normal()`", e.name.name))
+                .with_note("a random value is drawn afresh every step; use `let` for values computed from it"),
+            );
+            return;
+        };
+        if args.len() > 1 {
+            self.error(Diagnostic::error(
+                "E0402",
+                format!(
+                    "`{}` takes at most one argument, its seed, but {} were given",
+                    dist.name(),
+                    args.len()
+                ),
+                args[1].span,
+                "extra argument",
+            ));
+            return;
+        }
+        let kind = if scalar {
+            Kind::Scalar
+        } else {
+            let space = match &e.ty {
+                Some(TypeAnn::Space(i)) => self.space_of(i),
+                _ => self.default_space(e, DeclKind::Random),
+            };
+            let Some(space) = space else { return };
+            Kind::Element(space)
+        };
+        let id = self.randoms.len() as u16;
+        if self.room("random values", self.randoms.len(), e.name.span)
+            && self.declare(&e.name, Sym::Random(id))
+        {
+            self.randoms.push(RandomDecl {
+                dist,
+                kind,
+                stream: random::named_stream(&e.name.name),
+                seed: args.first(),
+            });
         }
     }
 
@@ -766,6 +849,9 @@ impl<'a> Checker<'a> {
                 }
                 Sym::ScalarState(_) if !d.used => {
                     Some(("W0003", format!("state `{name}` is never read")))
+                }
+                Sym::Random(_) if !d.used => {
+                    Some(("W0004", format!("random value `{name}` is never used")))
                 }
                 Sym::Buf(b) => match self.info.buffers[b as usize].role {
                     BufRole::Param if !d.assigned => {
@@ -840,6 +926,10 @@ struct Lowerer<'c, 'a> {
     init_of: Option<usize>,
     /// The statement or initializer being lowered.
     at: Span,
+    /// The kind a draw written without a kind of its own takes (see `expr_in`).
+    draw_kind: Kind,
+    /// Whether a draw was lowered since `expr_in` last cleared it.
+    drew: bool,
 }
 
 impl<'c, 'a> Lowerer<'c, 'a> {
@@ -861,6 +951,8 @@ impl<'c, 'a> Lowerer<'c, 'a> {
             scopes: vec![Vec::new()],
             init_of: None,
             at: Span::default(),
+            draw_kind: Kind::Scalar,
+            drew: false,
         };
         let mut variant = ir::Variant::default();
         let nstages = lw.ck.stages.len();
@@ -977,7 +1069,8 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                     let (v, span) = match self.ck.buf_init.get(&(b as BufId)).copied() {
                         Some(init) => {
                             let pos = self.decl_pos(&info.name.clone());
-                            (self.lower_init(init, pos), Some(init.span))
+                            let ctx = Kind::Element(info.space);
+                            (self.lower_init(init, pos, ctx), Some(init.span))
                         }
                         None => (self.add(Node::num(0.0)), None),
                     };
@@ -999,7 +1092,7 @@ impl<'c, 'a> Lowerer<'c, 'a> {
     /// Lowers and checks the initializer of scalar state `i`.
     fn scalar_init(&mut self, init: &ast::Expr, i: usize) -> NodeId {
         let name = self.ck.info.scalar_states[i].clone();
-        let v = self.lower_init(init, self.decl_pos(&name));
+        let v = self.lower_init(init, self.decl_pos(&name), Kind::Scalar);
         if self.graph.ty(v) == Ty::Bool {
             self.error(Diagnostic::error(
                 "E0201",
@@ -1022,12 +1115,15 @@ impl<'c, 'a> Lowerer<'c, 'a> {
         v
     }
 
-    /// Lowers an initializer, seeing only names declared before position `pos`.
-    fn lower_init(&mut self, init: &ast::Expr, pos: usize) -> NodeId {
+    /// Lowers an initializer, seeing only names declared before position `pos`; draws in it
+    /// take the kind `ctx` of the value it initializes.
+    fn lower_init(&mut self, init: &ast::Expr, pos: usize, ctx: Kind) -> NodeId {
         let scopes = std::mem::replace(&mut self.scopes, vec![Vec::new()]);
         let saved = self.init_of.replace(pos);
         self.at = init.span;
-        let v = self.expr(init).unwrap_or_else(|| self.add(Node::num(0.0)));
+        let v = self
+            .expr_in(init, Some(ctx))
+            .unwrap_or_else(|| self.add(Node::num(0.0)));
         self.init_of = saved;
         self.scopes = scopes;
         v
@@ -1173,6 +1269,20 @@ impl<'c, 'a> Lowerer<'c, 'a> {
             }
         }
         Some(match sym {
+            Sym::Random(i) => {
+                let d = self.ck.randoms[i as usize].clone();
+                let seed = match d.seed {
+                    Some(s) => Some(self.draw_seed(s, d.dist)?),
+                    None => None,
+                };
+                self.drew = true;
+                self.add(Node::Random {
+                    dist: d.dist,
+                    stream: d.stream,
+                    kind: d.kind,
+                    seed,
+                })
+            }
             Sym::Hyper(h) => self.add(Node::Hyper(h)),
             Sym::ScalarInput(i) => self.add(Node::ScalarInput(i)),
             Sym::ScalarState(i) => match self.scalars.get(i as usize) {
@@ -1389,8 +1499,124 @@ impl<'c, 'a> Lowerer<'c, 'a> {
         false
     }
 
+    /// Lowers `e` with the draws written in it without a kind of their own (`normal()`) taking
+    /// the kind `ctx` (that of the value a statement assigns), or, without one, the kind of the
+    /// rest of the expression: one value per step when it is scalar, per element when it is
+    /// per element (`let d = g * normal()`), found by lowering it again.
+    fn expr_in(&mut self, e: &ast::Expr, ctx: Option<Kind>) -> Option<NodeId> {
+        let saved = (self.draw_kind, self.drew);
+        self.drew = false;
+        let v = match ctx {
+            Some(k) => {
+                self.draw_kind = k;
+                self.expr(e)
+            }
+            None => {
+                self.draw_kind = Kind::Scalar;
+                let v = self.expr(e);
+                match v {
+                    Some(v) if self.drew && self.graph.kind(v) != Kind::Scalar => {
+                        // The same expression again, with the draws of its kind; everything it
+                        // could report was reported by the first lowering.
+                        self.draw_kind = self.graph.kind(v);
+                        let report = std::mem::replace(&mut self.report, false);
+                        let w = self.expr(e);
+                        self.report = report;
+                        w
+                    }
+                    other => other,
+                }
+            }
+        };
+        self.draw_kind = saved.0;
+        self.drew |= saved.1;
+        v
+    }
+
+    /// The seed argument of a draw: a number, one value per step.
+    fn draw_seed(&mut self, s: &ast::Expr, dist: Dist) -> Option<NodeId> {
+        let v = self.expr_in(s, Some(Kind::Scalar))?;
+        let v = self.expect_num(v, s.span, &format!("the seed of `{}`", dist.name()))?;
+        let k = self.graph.kind(v);
+        if k != Kind::Scalar {
+            let kn = self.kind_name(k);
+            self.error(
+                Diagnostic::error(
+                    "E0403",
+                    format!("the seed of `{}` must be one value per step, but this is {kn}", dist.name()),
+                    s.span,
+                    "not a scalar",
+                )
+                .with_note("a seed keys every element's draw; a hyperparameter or a scalar input can be one"),
+            );
+            return None;
+        }
+        Some(v)
+    }
+
+    /// `uniform()` / `normal()`, optionally with a seed: a draw of the current draw kind.
+    fn draw(&mut self, f: &ast::Ident, dist: Dist, args: &[ast::Expr]) -> Option<NodeId> {
+        if args.len() > 1 {
+            self.error(
+                Diagnostic::error(
+                    "E0402",
+                    format!(
+                        "`{}` takes at most one argument, its seed, but {} were given",
+                        dist.name(),
+                        args.len()
+                    ),
+                    args[1].span,
+                    "extra argument",
+                )
+                .with_help("a draw's shape comes from where it is used; declare `random z: PARAM = normal()` to choose it"),
+            );
+            return None;
+        }
+        let seed = match args.first() {
+            Some(s) => Some(self.draw_seed(s, dist)?),
+            None => None,
+        };
+        let stage = self.stage;
+        let key = (stage, f.span.start);
+        let site = match self.ck.draw_sites.get(&key) {
+            Some(&s) => s,
+            None => {
+                let n = self.ck.sites_per_stage.entry(stage).or_insert(0);
+                if usize::from(stage) >= random::MAX_DRAW_STAGES
+                    || usize::from(*n) + 1 >= random::MAX_SITES
+                {
+                    self.error(Diagnostic::error(
+                        "E0404",
+                        format!(
+                            "too many random draws: a stage may write {} and a rule with draws may have {} stages",
+                            random::MAX_SITES - 1,
+                            random::MAX_DRAW_STAGES
+                        ),
+                        f.span,
+                        "one draw too many",
+                    ));
+                    return None;
+                }
+                let s = *n;
+                *n += 1;
+                self.ck.draw_sites.insert(key, s);
+                s
+            }
+        };
+        self.drew = true;
+        Some(self.add(Node::Random {
+            dist,
+            stream: random::inline_stream(stage, site),
+            kind: self.draw_kind,
+            seed,
+        }))
+    }
+
     fn call(&mut self, f: &ast::Ident, args: &[ast::Expr], span: Span) -> Option<NodeId> {
         let name = f.name.as_str();
+        if let Some(dist) = Dist::from_name(name) {
+            return self.draw(f, dist, args);
+        }
         if let Some(&(_, op)) = UNARY_FNS.iter().find(|u| u.0 == name) {
             if !self.arity(f, args, 1, span) {
                 return None;
@@ -1423,7 +1649,7 @@ impl<'c, 'a> Lowerer<'c, 'a> {
             if !self.arity(f, args, n, span) {
                 return None;
             }
-            let v = self.num_args(args, name)?;
+            let v = self.num_args_in(args, name, None)?;
             for (i, &a) in v.iter().enumerate() {
                 if !matches!(self.graph.kind(a), Kind::Element(_)) {
                     let k = self.kind_name(self.graph.kind(a));
@@ -1494,7 +1720,18 @@ impl<'c, 'a> Lowerer<'c, 'a> {
     }
 
     fn num_args(&mut self, args: &[ast::Expr], name: &str) -> Option<Vec<NodeId>> {
-        let vals: Vec<Option<NodeId>> = args.iter().map(|a| self.expr(a)).collect();
+        let ctx = Some(self.draw_kind);
+        self.num_args_in(args, name, ctx)
+    }
+
+    /// `num_args` with draws of kind `ctx` (see `expr_in`).
+    fn num_args_in(
+        &mut self,
+        args: &[ast::Expr],
+        name: &str,
+        ctx: Option<Kind>,
+    ) -> Option<Vec<NodeId>> {
+        let vals: Vec<Option<NodeId>> = args.iter().map(|a| self.expr_in(a, ctx)).collect();
         let mut out = Vec::new();
         for (v, a) in vals.into_iter().zip(args) {
             out.push(self.expect_num(v?, a.span, &format!("`{name}`"))?);
@@ -1529,6 +1766,7 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                         Sym::Hyper(_) => "a hyperparameter",
                         Sym::ScalarInput(_) => "an input",
                         Sym::ScalarState(_) => "a state",
+                        Sym::Random(_) => "a random value",
                         Sym::Buf(b) => match self.ck.info.buffers[b as usize].role {
                             BufRole::Param => "a param",
                             BufRole::Input => "an input",
@@ -1555,7 +1793,7 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                     );
                     return;
                 }
-                let Some(v) = self.expr(e) else {
+                let Some(v) = self.expr_in(e, None) else {
                     // Bind a placeholder so later uses do not report a second, confusing error.
                     let v = self.add(Node::num(0.0));
                     let b = LetBinding {
@@ -1584,7 +1822,7 @@ impl<'c, 'a> Lowerer<'c, 'a> {
             StmtKind::Assign(n, e) => self.assign(n, e),
             StmtKind::Out(n, e) => self.out(n, e, s.span),
             StmtKind::If { cond, then, els } => {
-                let Some(c) = self.expr(cond) else {
+                let Some(c) = self.expr_in(cond, None) else {
                     self.stmts(then);
                     self.stmts(els);
                     return;
@@ -1665,7 +1903,16 @@ impl<'c, 'a> Lowerer<'c, 'a> {
     }
 
     fn assign(&mut self, n: &ast::Ident, e: &ast::Expr) {
-        let v = self.expr(e);
+        let ctx = match self.ck.names.get(&n.name).map(|d| d.sym) {
+            Some(Sym::ScalarState(_)) => Some(Kind::Scalar),
+            Some(Sym::Buf(b)) => Some(Kind::Element(self.ck.info.buffers[b as usize].space)),
+            _ => None,
+        };
+        let v = if self.lookup_let(&n.name).is_some() {
+            self.expr_in(e, None)
+        } else {
+            self.expr_in(e, ctx)
+        };
         if let Some(b) = self.lookup_let(&n.name) {
             let bspan = b.span;
             self.error(
@@ -1706,6 +1953,9 @@ impl<'c, 'a> Lowerer<'c, 'a> {
             Sym::ScalarInput(_) => {
                 self.error(cannot("input").with_note("inputs come from the host and are read-only"))
             }
+            Sym::Random(_) => self.error(cannot("random value").with_note(
+                "a random value is drawn afresh every step; use `let` for values computed from it",
+            )),
             Sym::ScalarState(i) => {
                 let Some(v) = v else { return };
                 let Some(v) = self.expect_num(v, e.span, "a scalar state") else {
@@ -1749,7 +1999,9 @@ impl<'c, 'a> Lowerer<'c, 'a> {
     }
 
     fn out(&mut self, n: &ast::Ident, e: &ast::Expr, span: Span) {
-        let v = self.expr(e);
+        // Outputs are per element: with one param, draws are per element of it.
+        let ctx = (self.ck.info.spaces.len() == 1).then_some(Kind::Element(0));
+        let v = self.expr_in(e, ctx);
         if let Some(b) = self.ck.info.buffer(&n.name) {
             if self.ck.info.buffers[b as usize].role == BufRole::Output {
                 if self.report {

@@ -25,6 +25,20 @@ pub fn node_text(p: &Program, id: NodeId) -> String {
         Node::Step => "t".to_string(),
         Node::ScalarState(i) => format!("state {}", p.info.scalar_states[i as usize]),
         Node::ScalarInput(i) => format!("input {}", p.info.scalar_inputs[i as usize]),
+        Node::Random {
+            dist,
+            stream,
+            kind,
+            seed,
+        } => {
+            let per = match kind {
+                Kind::Scalar => String::new(),
+                Kind::Tensor(s) => format!(" per tensor of {}", space(p, s)),
+                Kind::Element(s) => format!(" per element of {}", space(p, s)),
+            };
+            let seed = seed.map(|s| format!(" seed {s}")).unwrap_or_default();
+            format!("{} stream {stream:#010x}{per}{seed}", dist.name())
+        }
         Node::Numel {
             space: s,
             per_tensor,

@@ -101,6 +101,8 @@ pub enum DeclKind {
     Input,
     /// `state`: a value the optimizer keeps across steps.
     State,
+    /// `random`: a random value drawn afresh every step, the same in every stage.
+    Random,
 }
 
 impl DeclKind {
@@ -110,6 +112,7 @@ impl DeclKind {
             DeclKind::Param => "param",
             DeclKind::Input => "input",
             DeclKind::State => "state",
+            DeclKind::Random => "random",
         }
     }
 }

@@ -17,6 +17,8 @@ pub enum Tok {
     Input,
     #[token("state")]
     State,
+    #[token("random")]
+    Random,
     #[token("scalar")]
     Scalar,
     #[token("out")]
@@ -122,6 +124,7 @@ pub fn token_text(tok: &Tok) -> &'static str {
         Tok::Param => "param",
         Tok::Input => "input",
         Tok::State => "state",
+        Tok::Random => "random",
         Tok::Scalar => "scalar",
         Tok::Out => "out",
         Tok::Stage => "stage",

@@ -196,7 +196,9 @@ pub fn parse_expr(src: &str) -> Result<Expr, Vec<Diagnostic>> {
 }
 
 /// The keywords that begin a declaration or a statement, for "did you mean".
-const STATEMENT_KEYWORDS: &[&str] = &["param", "input", "state", "out", "stage", "let", "if"];
+const STATEMENT_KEYWORDS: &[&str] = &[
+    "param", "input", "state", "random", "out", "stage", "let", "if",
+];
 
 /// Edit distance between two short words (insertions, deletions, substitutions).
 fn edit_distance(a: &str, b: &str) -> usize {

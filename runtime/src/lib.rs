@@ -33,7 +33,7 @@ pub mod storage;
 pub use engine::cranelift::{JitError, JitProgram};
 pub use error::Error;
 pub use io::{DeviceInputs, Inputs, TensorSpec};
-pub use optimizer::{Backend, NonFinite, Optimizer};
+pub use optimizer::{Backend, NonFinite, Optimizer, DEFAULT_SEED};
 pub use schedule::Schedule;
 pub use specialize::StageNeeds;
 pub use storage::mixed;

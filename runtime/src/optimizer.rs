@@ -11,6 +11,9 @@ use crate::io::TensorSpec;
 use crate::specialize::{How, Specializations, StageNeeds};
 use crate::step::StepState;
 use crate::{Error, Schedule};
+
+/// The seed an optimizer starts with ([`Optimizer::seed`]).
+pub const DEFAULT_SEED: u64 = 0x6f70_7463;
 use optc_compiler::backend::interp::Buffers;
 use optc_compiler::ir::{BufRole, Node, NodeId, Program, Ty};
 use optc_compiler::ops::Float;
@@ -269,7 +272,7 @@ impl<T: Float + Default> Optimizer<T> {
             program,
             engine,
             storage,
-            seed: 0,
+            seed: DEFAULT_SEED,
             policy: NonFinite::Proceed,
         })
     }
@@ -389,6 +392,18 @@ impl<T: Float + Default> Optimizer<T> {
         self.storage = Arc::new(storage);
         self.seed = seed;
         Ok(())
+    }
+
+    /// The seed of the rule's random draws (`uniform()`, `normal()`) and of stochastic
+    /// rounding: with the step and the draw's place in the rule, it fixes every random number
+    /// (see `optc_compiler::random`). [`DEFAULT_SEED`] until set; saved in checkpoints.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// Sets the seed ([`Optimizer::seed`]); it takes effect at the next step.
+    pub fn set_seed(&mut self, seed: u64) {
+        self.seed = seed;
     }
 
     /// The storage of every buffer.

@@ -234,6 +234,7 @@ impl<T: Float + Default> Optimizer<T> {
             t: (self.st.steps + 1) as f64,
             scalar_states: &self.st.scalar_states,
             scalar_inputs: &scalar_inputs,
+            seed: self.seed,
         };
         let mut run = StepRun::new(&prog, self.st.steps == 0, self.lens.clone())
             .with_reductions(std::mem::take(&mut self.st.pending));

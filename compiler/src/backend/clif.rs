@@ -200,18 +200,23 @@ pub enum StorageFn {
     /// `fn(x: f32, r: u32) -> u32`: `x` rounded stochastically to f16 with the bits `r`
     /// ([`crate::storage::stochastic`]), zero-extended.
     F16Stochastic,
+    /// `fn(cache: *mut BitsCache, seed: u64, step: u64, stream: u32, e: u64, dist: u32)`: the
+    /// f32 values of the draws of elements `e .. e + BITS_BLOCK` of a stream into `cache.out`
+    /// ([`crate::random::fill`]).
+    Draws,
 }
 
 impl StorageFn {
     /// Every function, for registering symbols.
-    pub fn all() -> [StorageFn; 2] {
-        [StorageFn::Bits, StorageFn::F16Stochastic]
+    pub fn all() -> [StorageFn; 3] {
+        [StorageFn::Bits, StorageFn::F16Stochastic, StorageFn::Draws]
     }
     /// Symbol name.
     pub fn symbol(self) -> &'static str {
         match self {
             StorageFn::Bits => "optc_rounding_bits",
             StorageFn::F16Stochastic => "optc_f16_stochastic",
+            StorageFn::Draws => "optc_draws",
         }
     }
     /// Its signature (`ptr`: the pointer type).
@@ -229,6 +234,14 @@ impl StorageFn {
                 sig.params.push(AbiParam::new(types::F32));
                 sig.params.push(AbiParam::new(types::I32));
                 sig.returns.push(AbiParam::new(types::I32));
+            }
+            StorageFn::Draws => {
+                sig.params.push(AbiParam::new(ptr));
+                sig.params.push(AbiParam::new(types::I64));
+                sig.params.push(AbiParam::new(types::I64));
+                sig.params.push(AbiParam::new(types::I32));
+                sig.params.push(AbiParam::new(types::I64));
+                sig.params.push(AbiParam::new(types::I32));
             }
         }
         sig
@@ -345,28 +358,46 @@ pub fn print_callee_importer(
     }
 }
 
-/// The storage functions a kernel calls under `storage`.
-pub fn storage_calls(k: &Kernel, storage: &StorageMap) -> Vec<StorageFn> {
+/// The storage functions a kernel calls under `storage` (and for its random draws).
+pub fn storage_calls(p: &Program, k: &Kernel, storage: &StorageMap) -> Vec<StorageFn> {
     let rounded: Vec<Storage> = k
         .stores
         .iter()
         .filter(|s| storage.stochastic_at(s.0))
         .map(|s| storage.of(s.0))
         .collect();
-    if rounded.is_empty() {
-        return Vec::new();
+    let mut v = Vec::new();
+    if !rounded.is_empty() {
+        v.push(StorageFn::Bits);
     }
-    let mut v = vec![StorageFn::Bits];
     if rounded.contains(&Storage::F16) {
         v.push(StorageFn::F16Stochastic);
     }
+    if !draws(p, k).is_empty() {
+        v.push(StorageFn::Draws);
+    }
     v
+}
+
+/// The per-element random draws of a kernel, in body order.
+pub fn draws(p: &Program, k: &Kernel) -> Vec<NodeId> {
+    k.body
+        .iter()
+        .copied()
+        .filter(|&n| matches!(p.graph.node(n), Node::Random { .. }))
+        .collect()
+}
+
+/// Whether a kernel reads `base`, `seed` and `step` from its tasks: it rounds stochastically
+/// or draws random numbers.
+pub fn reads_key(p: &Program, k: &Kernel, storage: &StorageMap) -> bool {
+    rounds_stochastically(k, storage) || !draws(p, k).is_empty()
 }
 
 /// Whether a kernel rounds stores stochastically under `storage` (and reads `base`, `seed` and
 /// `step` from its tasks).
 pub fn rounds_stochastically(k: &Kernel, storage: &StorageMap) -> bool {
-    !storage_calls(k, storage).is_empty()
+    k.stores.iter().any(|s| storage.stochastic_at(s.0))
 }
 
 struct Gen<'a, 'b> {
@@ -388,6 +419,8 @@ struct Gen<'a, 'b> {
     key: Option<(Value, Value, Value)>,
     /// Stochastic rounding: the random-bits cache of each stored 16-bit slot.
     caches: HashMap<BufId, BitsSlot>,
+    /// Random draws: the values cache of each per-element draw.
+    draw_caches: HashMap<NodeId, BitsSlot>,
 }
 
 /// The random-bits cache of a slot: its address, and the element range `[start, end)` (indices
@@ -473,7 +506,7 @@ fn build_with(
         .iter()
         .map(|&f| (f, import(&mut func, Callee::Math(f))))
         .collect();
-    let storage_fns: HashMap<StorageFn, FuncRef> = storage_calls(k, storage)
+    let storage_fns: HashMap<StorageFn, FuncRef> = storage_calls(p, k, storage)
         .into_iter()
         .map(|f| (f, import(&mut func, Callee::Storage(f))))
         .collect();
@@ -493,6 +526,7 @@ fn build_with(
         consts: HashMap::new(),
         key: None,
         caches: HashMap::new(),
+        draw_caches: HashMap::new(),
     };
     g.body(&abi);
     g.b.seal_all_blocks();
@@ -576,12 +610,19 @@ impl Gen<'_, '_> {
             .enumerate()
             .map(|(i, &buf)| (buf, self.b.ins().load(ptr, f, bufs, (i * 8) as i32)))
             .collect();
-        if rounds_stochastically(self.k, self.storage) {
-            // The rounding key, and an empty random-bits cache per stochastically stored slot.
+        if reads_key(self.p, self.k, self.storage) {
             let base = self.b.ins().load(types::I64, f, task, 40);
             let seed = self.b.ins().load(types::I64, f, task, 48);
             let step = self.b.ins().load(types::I64, f, task, 56);
             self.key = Some((base, seed, step));
+            // An empty values cache per draw.
+            for n in draws(self.p, self.k) {
+                let slot = self.empty_cache(start);
+                self.draw_caches.insert(n, slot);
+            }
+        }
+        if rounds_stochastically(self.k, self.storage) {
+            // An empty random-bits cache per stochastically stored slot.
             let rounded: BTreeSet<BufId> = self
                 .k
                 .stores
@@ -590,30 +631,8 @@ impl Gen<'_, '_> {
                 .filter(|&b| self.storage.stochastic_at(b))
                 .collect();
             for buf in rounded {
-                let ss = self.b.create_sized_stack_slot(StackSlotData::new(
-                    StackSlotKind::ExplicitSlot,
-                    BITS_CACHE_SIZE,
-                    4,
-                ));
-                let addr = self.b.ins().stack_addr(ptr, ss, 0);
-                let empty = self.b.ins().iconst(types::I64, -1);
-                self.b
-                    .ins()
-                    .store(f, empty, addr, BITS_CACHE_SIZE as i32 - 8);
-                let (s0, e0) = (
-                    self.b.declare_var(types::I64),
-                    self.b.declare_var(types::I64),
-                );
-                self.b.def_var(s0, start);
-                self.b.def_var(e0, start);
-                self.caches.insert(
-                    buf,
-                    BitsSlot {
-                        addr,
-                        start: s0,
-                        end: e0,
-                    },
-                );
+                let slot = self.empty_cache(start);
+                self.caches.insert(buf, slot);
             }
         }
         let has16 = abi
@@ -866,6 +885,93 @@ impl Gen<'_, '_> {
         }
     }
 
+    /// A random-bits cache on the stack, empty, holding no element from `start` on.
+    fn empty_cache(&mut self, start: Value) -> BitsSlot {
+        let ss = self.b.create_sized_stack_slot(StackSlotData::new(
+            StackSlotKind::ExplicitSlot,
+            BITS_CACHE_SIZE,
+            4,
+        ));
+        let addr = self.b.ins().stack_addr(self.ptr, ss, 0);
+        let empty = self.b.ins().iconst(types::I64, -1);
+        self.b
+            .ins()
+            .store(Self::flags(), empty, addr, BITS_CACHE_SIZE as i32 - 8);
+        let (s0, e0) = (
+            self.b.declare_var(types::I64),
+            self.b.declare_var(types::I64),
+        );
+        self.b.def_var(s0, start);
+        self.b.def_var(e0, start);
+        BitsSlot {
+            addr,
+            start: s0,
+            end: e0,
+        }
+    }
+
+    /// The values of draw `n` at the elements at `idx` (a vector's lanes, or one): from its
+    /// cache, filled with the next `BITS_BLOCK` elements' first when it ends too early; f32
+    /// values, widened in f64 programs.
+    fn draw_values(&mut self, n: NodeId, idx: Value, vector: bool) -> Value {
+        let Node::Random {
+            dist, stream, seed, ..
+        } = self.p.graph.node(n)
+        else {
+            unreachable!("draw_values takes a draw");
+        };
+        let (base, task_seed, step) = self.key.expect("kernels with draws load the key");
+        let key = match seed {
+            Some(s) => {
+                let v = self.uni[&s].0;
+                let v = if self.prec == Precision::F64 {
+                    self.b.ins().fdemote(types::F32, v)
+                } else {
+                    v
+                };
+                self.b.ins().fcvt_to_uint_sat(types::I64, v)
+            }
+            None => task_seed,
+        };
+        let c = self.draw_caches[&n];
+        let width = if vector { self.prec.lanes() as i64 } else { 1 };
+        let have = self.b.use_var(c.end);
+        let need = self.b.ins().iadd_imm_s(idx, width);
+        let miss = self.b.ins().icmp(IntCC::SignedGreaterThan, need, have);
+        let fill = self.b.create_block();
+        let cont = self.b.create_block();
+        self.b.set_cold_block(fill);
+        self.b.ins().brif(miss, fill, &[], cont, &[]);
+        self.b.switch_to_block(fill);
+        let e = self.b.ins().iadd(base, idx);
+        let st = self.b.ins().iconst(types::I32, i64::from(stream as i32));
+        let d = self.b.ins().iconst(types::I32, i64::from(dist.code()));
+        let fref = self.storage_fns[&StorageFn::Draws];
+        self.b.ins().call(fref, &[c.addr, key, step, st, e, d]);
+        self.b.def_var(c.start, idx);
+        let end = self.b.ins().iadd_imm_s(idx, BITS_BLOCK as i64);
+        self.b.def_var(c.end, end);
+        self.b.ins().jump(cont, &[]);
+        self.b.switch_to_block(cont);
+        let s0 = self.b.use_var(c.start);
+        let off = self.b.ins().isub(idx, s0);
+        let off = self.b.ins().ishl_imm_s(off, 2);
+        let addr = self.b.ins().iadd(c.addr, off);
+        match (self.prec, vector) {
+            (Precision::F32, true) => self.b.ins().load(types::F32X4, Self::flags16(), addr, 0),
+            (Precision::F32, false) => self.b.ins().load(types::F32, Self::flags16(), addr, 0),
+            (Precision::F64, true) => {
+                // Two lanes; the cache has room past its values for the 16-byte load.
+                let v = self.b.ins().load(types::F32X4, Self::flags16(), addr, 0);
+                self.b.ins().fvpromote_low(v)
+            }
+            (Precision::F64, false) => {
+                let v = self.b.ins().load(types::F32, Self::flags16(), addr, 0);
+                self.b.ins().fpromote(types::F64, v)
+            }
+        }
+    }
+
     /// The random bits of the elements at `idx` (four, or one) for stores into `buf`: from the
     /// slot's cache, filled with the next `BITS_BLOCK` elements' first when it ends too early.
     fn random_bits(&mut self, buf: BufId, idx: Value, vector: bool) -> Value {
@@ -1112,6 +1218,7 @@ impl Gen<'_, '_> {
                 }
             },
             Node::Splat(_, a) => self.operand(a, vector, memo),
+            Node::Random { .. } => self.draw_values(n, at.idx, vector),
             Node::Unary(op, a) => {
                 let x = self.operand(a, vector, memo);
                 self.unary(op, x, vector)

@@ -11,6 +11,7 @@
 
 use crate::ir::{Kernel, Kind, Node, NodeId, Program, Ty};
 use crate::ops::{binary_f64, unary_f64, Float};
+use crate::random;
 use std::collections::HashMap;
 
 /// Elements evaluated at a time: the length of every value's column.
@@ -37,6 +38,18 @@ pub struct StepEnv<'a> {
     pub scalar_states: &'a [f64],
     /// Scalar input values.
     pub scalar_inputs: &'a [f64],
+    /// The seed of random draws.
+    pub seed: u64,
+}
+
+/// What random draws in a kernel are keyed by, besides their stream and element
+/// ([`crate::random`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DrawKey {
+    /// The optimizer's seed.
+    pub seed: u64,
+    /// The step `t`.
+    pub step: u64,
 }
 
 /// One step in progress: reduction results and memoized scalars.
@@ -154,6 +167,22 @@ impl<'p> StepRun<'p> {
                     r[0]
                 }
             }
+            Node::Random {
+                dist,
+                stream,
+                kind,
+                seed,
+            } => {
+                let key = match seed {
+                    Some(s) => random::seed_key(self.eval(env, s, tensor, group)),
+                    None => env.seed,
+                };
+                let e = match kind {
+                    Kind::Tensor(_) => tensor as u64,
+                    _ => 0,
+                };
+                f64::from(random::draw(dist, key, env.t as u64, stream, e))
+            }
             Node::Load { .. } => unreachable!("per-element node evaluated as a scalar"),
         };
         self.memo.insert((id, tensor, group), v);
@@ -202,14 +231,19 @@ impl<'p> StepRun<'p> {
             })
             .collect();
         let lens = self.lens[space].clone();
-        for (r, v) in run_kernel(self.prog, kernel, &lens, &uniforms, bufs) {
+        let key = DrawKey {
+            seed: env.seed,
+            step: env.t as u64,
+        };
+        for (r, v) in run_kernel(self.prog, kernel, &lens, &uniforms, key, bufs) {
             self.reductions.insert(r, v);
         }
     }
 }
 
 /// Runs one kernel over every tensor of its space: `lens[tensor]` elements each, `uniforms[tensor]`
-/// the kernel's uniform values (in `kernel.uniforms` order) rounded to the buffer precision.
+/// the kernel's uniform values (in `kernel.uniforms` order) rounded to the buffer precision,
+/// `key` the seed and step of its random draws.
 /// Returns each reduction's result: one value per tensor (per-tensor reductions) or one value,
 /// accumulated in f64 tensor after tensor, element after element.
 pub fn run_kernel<T: Float>(
@@ -217,6 +251,7 @@ pub fn run_kernel<T: Float>(
     kernel: &Kernel,
     lens: &[usize],
     uniforms: &[Vec<T>],
+    key: DrawKey,
     bufs: &mut Buffers<T>,
 ) -> Vec<(NodeId, Vec<f64>)> {
     let g = &prog.graph;
@@ -237,7 +272,10 @@ pub fn run_kernel<T: Float>(
             _ => vec![0.0],
         })
         .collect();
+    let mut base = 0u64;
     for j in 0..ntensors {
+        let tensor_base = base;
+        base += lens[j] as u64;
         let uniforms: HashMap<NodeId, T> = kernel
             .uniforms
             .iter()
@@ -261,6 +299,18 @@ pub fn run_kernel<T: Float>(
                 match g.node(n) {
                     Node::Load { buf, .. } => {
                         col.extend_from_slice(&bufs[buf as usize][j][start..end])
+                    }
+                    Node::Random {
+                        dist, stream, seed, ..
+                    } => {
+                        let k = match seed {
+                            Some(s) => random::seed_key(operand(s, &cols, 0).to_f64()),
+                            None => key.seed,
+                        };
+                        col.extend((start..end).map(|i| {
+                            let e = tensor_base + i as u64;
+                            T::from_f64(f64::from(random::draw(dist, k, key.step, stream, e)))
+                        }))
                     }
                     Node::Splat(_, a) => col.extend((0..end - start).map(|i| operand(a, &cols, i))),
                     Node::Unary(op, a) => {

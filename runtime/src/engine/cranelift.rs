@@ -21,6 +21,7 @@ use optc_compiler::backend::clif::{self, Callee, KernelAbi, MathFn, Precision, S
 use optc_compiler::backend::interp::Buffers;
 use optc_compiler::ir::{BinOp, BufRole, Kernel, Node, Program, UnOp};
 use optc_compiler::ops::Float;
+use optc_compiler::random::Dist;
 use optc_compiler::storage::{self, BitsCache, Storage, StorageMap};
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
@@ -66,7 +67,8 @@ pub struct JitKernel {
     pub space: u16,
     /// The storage of each slot (`abi.slots` order): what its pointers point to.
     pub storage: Vec<Storage>,
-    /// Whether it rounds stores stochastically (and reads [`RoundingKey`]).
+    /// Whether it rounds stores stochastically or draws random numbers (and reads
+    /// [`RoundingKey`]).
     pub rounding_key: bool,
 }
 
@@ -161,12 +163,18 @@ extern "C" fn rounding_bits(cache: *mut BitsCache, seed: u64, step: u64, buffer:
 extern "C" fn f16_stochastic(x: f32, r: u32) -> u32 {
     u32::from(storage::stochastic(Storage::F16, x, r))
 }
+extern "C" fn draws(cache: *mut BitsCache, seed: u64, step: u64, stream: u32, e: u64, dist: u32) {
+    // SAFETY: kernels pass the cache on their own stack (BITS_CACHE_SIZE bytes, 16-byte aligned).
+    let cache = unsafe { &mut *cache };
+    optc_compiler::random::fill(cache, Dist::from_code(dist), seed, step, stream, e);
+}
 
 /// The address of the Rust function behind a storage symbol.
 pub(crate) fn storage_address(f: StorageFn) -> *const u8 {
     match f {
         StorageFn::Bits => rounding_bits as *const u8,
         StorageFn::F16Stochastic => f16_stochastic as *const u8,
+        StorageFn::Draws => draws as *const u8,
     }
 }
 
@@ -299,12 +307,7 @@ impl JitProgram {
                             .define_function(id, &mut ctx)
                             .map_err(|e| JitError(format!("{e:?}")))?;
                         module.clear_context(&mut ctx);
-                        ks.push((
-                            id,
-                            clif::abi(p, k),
-                            k.space,
-                            clif::rounds_stochastically(k, storage),
-                        ));
+                        ks.push((id, clif::abi(p, k), k.space, clif::reads_key(p, k, storage)));
                         index += 1;
                     }
                     ss.push(ks);

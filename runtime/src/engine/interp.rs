@@ -3,7 +3,7 @@
 
 use super::{host_input, Compiled, Engine, KernelAt, Lent, Reductions, StageIo};
 use crate::{Backend, Error};
-use optc_compiler::backend::interp::run_kernel;
+use optc_compiler::backend::interp::{run_kernel, DrawKey};
 use optc_compiler::ir::{Kernel, Program};
 use optc_compiler::ops::Float;
 use optc_compiler::storage::StorageMap;
@@ -62,7 +62,11 @@ impl<T: Float + Default> Engine<T> for Interp {
         io: &mut StageIo<'_, '_, '_, '_, T>,
     ) -> Result<Reductions, Error> {
         let lens = &io.lens[kernel.space as usize];
-        Ok(run_kernel(io.program, kernel, lens, uniforms, io.bufs))
+        let key = DrawKey {
+            seed: io.seed,
+            step: io.t,
+        };
+        Ok(run_kernel(io.program, kernel, lens, uniforms, key, io.bufs))
     }
 
     fn end_stage(

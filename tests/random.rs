@@ -1,0 +1,402 @@
+//! Random numbers in rules (`uniform()`, `normal()`, `random` declarations): the keying of the
+//! bits, the distributions, and the same bits from every engine for any thread count, chunking
+//! or grouping of tensors; regeneration across stages; resumed runs; memory.
+
+use optc::compiler::ir::{BufRole, Program};
+use optc::compiler::random::{self, Dist};
+use optc::compiler::storage::philox4x32;
+use optc::runtime::{Backend, Inputs, Optimizer};
+use std::sync::Arc;
+
+mod common;
+use common::fill;
+
+/// Draws of every shape: declared (per element, per step, with a seed from a scalar input),
+/// written in statements (per element, per step, in a reduction), read in two stages.
+const DRAWS: &str = r#"
+/// Draws of every kind.
+rule draws(scale = 1.5) {
+    param x
+    input g
+    input s: scalar
+    random z = normal()
+    random q: scalar = uniform()
+    random w = uniform(s)
+    state m = 0
+    stage a {
+        out za = z
+        out wa = w
+        out gn = g * normal()
+        m = m + q * z
+    }
+    stage b {
+        out zb = z
+        let mean_zg = sum(normal() * g) / numel(g)
+        out ub = uniform()
+        x = x + scale * z - mean_zg + uniform() * 0.5
+    }
+}
+"#;
+
+fn program(src: &str) -> Program {
+    optc::compile_rule(src).expect("rule compiles")
+}
+
+/// Everything a run leaves: every buffer but the inputs, and the params.
+type Run<T> = Vec<(String, Vec<Vec<T>>)>;
+
+fn run<T: optc::compiler::ops::Float + Default>(
+    p: &Program,
+    sizes: &[usize],
+    backend: Backend,
+    steps: usize,
+    seed: Option<u64>,
+) -> Run<T> {
+    let info = &p.info;
+    let conv = |v: Vec<f32>| v.into_iter().map(|x| T::from_f64(f64::from(x))).collect();
+    let params: Vec<Vec<Vec<T>>> = (0..info.spaces.len())
+        .map(|s| {
+            sizes
+                .iter()
+                .enumerate()
+                .map(|(j, &n)| conv(fill(100 * s as u64 + j as u64, n)))
+                .collect()
+        })
+        .collect();
+    let mut opt = Optimizer::new(Arc::new(p.clone()), params)
+        .expect("bind")
+        .with_backend(backend)
+        .expect("backend");
+    if let Some(s) = seed {
+        opt.set_seed(s);
+    }
+    for step in 0..steps {
+        let data: Vec<(String, Vec<Vec<T>>)> = info
+            .buffers
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.role == BufRole::Input)
+            .map(|(bi, b)| {
+                let d = sizes
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &n)| conv(fill((step * 31 + bi * 7 + j) as u64 + 5, n)))
+                    .collect();
+                (b.name.clone(), d)
+            })
+            .collect();
+        let mut inputs = Inputs::default();
+        for (n, d) in &data {
+            inputs = inputs.tensor(n, d.iter().map(|v| v.as_slice()).collect());
+        }
+        for s in &info.scalar_inputs {
+            inputs = inputs.scalar(s, (11 + step) as f64);
+        }
+        opt.step(&inputs).expect("step");
+    }
+    let mut out: Run<T> = info
+        .buffers
+        .iter()
+        .filter(|b| b.role != BufRole::Input)
+        .map(|b| {
+            (
+                b.name.clone(),
+                opt.buffer(&b.name).expect("buffer").to_vec(),
+            )
+        })
+        .collect();
+    out.push(("scalar state".into(), vec![vec![]]));
+    out
+}
+
+fn same_bits(a: &Run<f32>, b: &Run<f32>, what: &str) {
+    assert_eq!(a.len(), b.len());
+    for ((n, x), (_, y)) in a.iter().zip(b) {
+        for (j, (u, v)) in x.iter().zip(y).enumerate() {
+            assert_eq!(u.len(), v.len());
+            for (e, (p, q)) in u.iter().zip(v).enumerate() {
+                assert_eq!(
+                    p.to_bits(),
+                    q.to_bits(),
+                    "{what}: `{n}` tensor {j} element {e}: {p:e} against {q:e}"
+                );
+            }
+        }
+    }
+}
+
+/// Awkward sizes: empty, one, vector width ± 1, the draw cache's block (64) ± 1, a task (16K) ± 1.
+const SIZES: &[usize] = &[0, 1, 3, 4, 5, 63, 64, 65, 127, 16_383, 16_385, 1000];
+
+#[test]
+fn the_bits_are_philox_keyed_by_seed_step_stream_and_element() {
+    // Random123's known answers for Philox-4x32-10.
+    assert_eq!(
+        philox4x32([0; 4], [0; 2]),
+        [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8]
+    );
+    assert_eq!(
+        philox4x32([u32::MAX; 4], [u32::MAX; 2]),
+        [0x408f_276d, 0x41c8_3b0e, 0xa20b_c7c6, 0x6d54_51fd]
+    );
+    assert_eq!(
+        philox4x32(
+            [0x243f_6a88, 0x85a3_08d3, 0x1319_8a2e, 0x0370_7344],
+            [0xa409_3822, 0x299f_31d0]
+        ),
+        [0xd16c_fe09, 0x94fd_cceb, 0x5001_e420, 0x2412_6ea1]
+    );
+    // A draw's bits: output E % 4 at counter (E / 4 low, E / 4 high, t, stream), key = seed.
+    let (seed, step, stream) = (0x0123_4567_89ab_cdef_u64, 7u64, random::named_stream("z"));
+    for e in [0u64, 1, 2, 3, 4, 5, 1 << 33 | 6] {
+        let b = e / 4;
+        let words = philox4x32(
+            [b as u32, (b >> 32) as u32, step as u32, stream],
+            [seed as u32, (seed >> 32) as u32],
+        );
+        let bits = words[(e % 4) as usize];
+        assert_eq!(
+            random::draw(Dist::Uniform, seed, step, stream, e).to_bits(),
+            random::uniform(bits).to_bits()
+        );
+        assert_eq!(
+            random::draw(Dist::Normal, seed, step, stream, e).to_bits(),
+            random::normal(bits).to_bits()
+        );
+    }
+    // The transforms' known answers.
+    assert_eq!(random::uniform(0), 2f32.powi(-24));
+    assert_eq!(random::uniform(0x8000_0000), 0.5 + 2f32.powi(-24));
+    assert_eq!(random::uniform(u32::MAX), 1.0 - 2f32.powi(-24));
+    let n = random::normal(0x8000_0000); // u = 1/2 + 2^-24: z = sqrt(2 pi) 2^-24
+    assert!((f64::from(n) - (2.0 * std::f64::consts::PI).sqrt() * 2f64.powi(-24)).abs() < 1e-12);
+    // Named streams depend on the name only; written draws on stage and place.
+    assert_eq!(random::named_stream("z"), 0x7f0c_53ad);
+    assert_eq!(random::inline_stream(2, 5), 0x8002_0005);
+}
+
+/// The standard normal CDF.
+fn phi(x: f64) -> f64 {
+    0.5 * libm_erfc(-x / std::f64::consts::SQRT_2)
+}
+
+/// erfc by its continued-fraction-free series (Numerical Recipes' erfcc, |error| < 1.2e-7).
+fn libm_erfc(x: f64) -> f64 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let r = t
+        * (-z * z - 1.265_512_23
+            + t * (1.000_023_68
+                + t * (0.374_091_96
+                    + t * (0.096_784_18
+                        + t * (-0.186_288_06
+                            + t * (0.278_868_07
+                                + t * (-1.135_203_98
+                                    + t * (1.488_515_87
+                                        + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
+            .exp();
+    if x >= 0.0 {
+        r
+    } else {
+        2.0 - r
+    }
+}
+
+/// Mean, variance and the Kolmogorov–Smirnov statistic of `v` against `cdf`.
+fn moments_and_ks(v: &mut [f32], cdf: impl Fn(f64) -> f64) -> (f64, f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
+    let var = v
+        .iter()
+        .map(|&x| (f64::from(x) - mean).powi(2))
+        .sum::<f64>()
+        / (n - 1.0);
+    v.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+    let mut d = 0f64;
+    let mut i = 0;
+    while i < v.len() {
+        let mut j = i;
+        while j < v.len() && v[j] == v[i] {
+            j += 1;
+        }
+        let f = cdf(f64::from(v[i]));
+        d = d
+            .max((f - i as f64 / n).abs())
+            .max((j as f64 / n - f).abs());
+        i = j;
+    }
+    (mean, var, d)
+}
+
+#[test]
+fn the_distributions_hold_on_2_to_the_24_draws() {
+    let n = 1usize << 24;
+    let stream = random::inline_stream(0, 0);
+    let mut u: Vec<f32> = (0..n as u64)
+        .map(|e| random::draw(Dist::Uniform, 42, 3, stream, e))
+        .collect();
+    let mut z: Vec<f32> = (0..n as u64)
+        .map(|e| random::draw(Dist::Normal, 42, 3, stream, e))
+        .collect();
+    assert!(u.iter().all(|&x| x > 0.0 && x < 1.0));
+    let tails = |t: f32| z.iter().filter(|x| x.abs() > t).count() as f64 / n as f64;
+    let (t2, t3, t4) = (tails(2.0), tails(3.0), tails(4.0));
+    let sd = |p: f64| (p * (1.0 - p) / n as f64).sqrt();
+    for (got, t) in [(t2, 2.0), (t3, 3.0), (t4, 4.0)] {
+        let want = 2.0 * (1.0 - phi(t));
+        assert!(
+            (got - want).abs() < 5.0 * sd(want) + 2e-7,
+            "P(|z| > {t}) = {got:e}, expected {want:e}"
+        );
+    }
+    // The KS statistic's 99.9% critical value is 1.95 / sqrt(n).
+    let crit = 1.95 / (n as f64).sqrt();
+    let (m, v, d) = moments_and_ks(&mut u, |x| x.clamp(0.0, 1.0));
+    assert!(
+        (m - 0.5).abs() < 5.0 * (1.0 / 12.0 / n as f64).sqrt(),
+        "uniform mean {m}"
+    );
+    assert!((v - 1.0 / 12.0).abs() < 1e-4, "uniform variance {v}");
+    assert!(d < crit, "uniform KS {d} >= {crit}");
+    let (m, v, d) = moments_and_ks(&mut z, phi);
+    assert!(m.abs() < 5.0 / (n as f64).sqrt(), "normal mean {m}");
+    assert!(
+        (v - 1.0).abs() < 5.0 * (2.0 / n as f64).sqrt(),
+        "normal variance {v}"
+    );
+    // The erfc above is good to 1.2e-7, far below the critical value (4.8e-4).
+    assert!(d < crit, "normal KS {d} >= {crit}");
+    println!(
+        "2^24 draws: normal KS {d:.2e} (critical {crit:.2e}), tails {t2:.4e} {t3:.4e} {t4:.4e}"
+    );
+}
+
+#[test]
+fn cranelift_gives_the_interpreters_bits_for_any_thread_count_and_sizes() {
+    let p = program(DRAWS);
+    let reference = run::<f32>(&p, SIZES, Backend::Interpreter, 3, None);
+    for threads in [1, 2, 3] {
+        let jit = run::<f32>(&p, SIZES, Backend::Cranelift { threads }, 3, None);
+        same_bits(&reference, &jit, &format!("cranelift, {threads} threads"));
+    }
+    // Many small tensors in one launch.
+    let many: Vec<usize> = (0..300).map(|i| i % 9).collect();
+    let a = run::<f32>(&p, &many, Backend::Interpreter, 2, Some(9));
+    let b = run::<f32>(&p, &many, Backend::Cranelift { threads: 2 }, 2, Some(9));
+    same_bits(&a, &b, "many small tensors");
+}
+
+#[test]
+fn f64_programs_widen_the_same_draws() {
+    let p = program(DRAWS);
+    let a = run::<f64>(&p, SIZES, Backend::Interpreter, 2, None);
+    let b = run::<f64>(&p, SIZES, Backend::Cranelift { threads: 2 }, 2, None);
+    for ((n, x), (_, y)) in a.iter().zip(&b) {
+        if n == "x" {
+            // `x` subtracts a sum, accumulated in another order by the two engines.
+            for (u, v) in x.concat().iter().zip(&y.concat()) {
+                assert!(
+                    (u - v).abs() <= 1e-12 * u.abs().max(1.0),
+                    "f64 `x`: {u} against {v}"
+                );
+            }
+        } else {
+            assert_eq!(x, y, "f64 `{n}`");
+        }
+    }
+    let f = run::<f32>(&p, SIZES, Backend::Interpreter, 2, None);
+    // The drawn outputs are the f32 draws, exactly.
+    for name in ["za", "zb", "wa", "ub"] {
+        let x = &a.iter().find(|r| r.0 == name).expect("output").1;
+        let y = &f.iter().find(|r| r.0 == name).expect("output").1;
+        for (u, v) in x.iter().zip(y) {
+            let v: Vec<f64> = v.iter().map(|&e| f64::from(e)).collect();
+            assert_eq!(u, &v, "`{name}`");
+        }
+    }
+}
+
+#[test]
+fn a_declared_draw_is_the_same_in_every_stage_and_independent_of_the_tensor_grouping() {
+    let p = program(DRAWS);
+    let r = run::<f32>(
+        &p,
+        &[10, 7, 300],
+        Backend::Cranelift { threads: 2 },
+        2,
+        Some(5),
+    );
+    let get = |n: &str| r.iter().find(|x| x.0 == n).expect("buffer").1.clone();
+    assert_eq!(get("za"), get("zb"));
+    // The element index runs over all tensors: one tensor of 317 elements gives the same values.
+    let one = run::<f32>(&p, &[317], Backend::Cranelift { threads: 2 }, 2, Some(5));
+    let za1 = &one.iter().find(|x| x.0 == "za").expect("za").1[0];
+    let flat: Vec<f32> = get("za").concat();
+    assert_eq!(&flat, za1);
+    // Regenerated from the key alone: step 2, the stream of `z`, seed 5.
+    let want: Vec<f32> = (0..317u64)
+        .map(|e| random::draw(Dist::Normal, 5, 2, random::named_stream("z"), e))
+        .collect();
+    assert_eq!(za1, &want);
+    // `w` is keyed by the scalar input `s` (12 at step 2), not by the optimizer's seed.
+    let wa1 = &one.iter().find(|x| x.0 == "wa").expect("wa").1[0];
+    let want: Vec<f32> = (0..317u64)
+        .map(|e| random::draw(Dist::Uniform, 12, 2, random::named_stream("w"), e))
+        .collect();
+    assert_eq!(wa1, &want);
+    // Another seed, other values.
+    let other = run::<f32>(&p, &[317], Backend::Cranelift { threads: 2 }, 2, Some(6));
+    assert_ne!(&other.iter().find(|x| x.0 == "za").expect("za").1[0], za1);
+}
+
+/// SPSA / MeZO: perturb by +eps z, by -2 eps z, restore and step along z, z regenerated in every
+/// stage from the seed.
+const SPSA: &str = r#"
+rule spsa(lr = 0.01, eps = 0.001) {
+    param theta
+    input loss_plus: scalar, loss_minus: scalar
+    random z = normal()
+    stage plus { theta = theta + eps * z }
+    stage minus { theta = theta - 2 * eps * z }
+    stage update {
+        let g = (loss_plus - loss_minus) / (2 * eps)
+        theta = theta + eps * z - lr * g * z
+    }
+}
+"#;
+
+#[test]
+fn spsa_regenerates_z_and_allocates_nothing_for_it() {
+    let p = program(SPSA);
+    // The rule's memory: the param only; no buffer holds z.
+    assert_eq!(p.info.buffers.len(), 1);
+    let n = 100_003;
+    let theta0: Vec<f32> = fill(3, n);
+    for backend in [Backend::Interpreter, Backend::Cranelift { threads: 2 }] {
+        let mut opt = Optimizer::new(Arc::new(p.clone()), vec![vec![theta0.clone()]])
+            .expect("bind")
+            .with_backend(backend)
+            .expect("backend");
+        opt.set_seed(77);
+        opt.run_stage(0, &Inputs::default()).expect("plus");
+        let plus = opt.params(0)[0].clone();
+        opt.run_stage(1, &Inputs::default().scalar("loss_plus", 2.0))
+            .expect("minus");
+        let minus = opt.params(0)[0].clone();
+        opt.run_stage(2, &Inputs::default().scalar("loss_minus", 1.0))
+            .expect("update");
+        let after = opt.params(0)[0].clone();
+        let stream = random::named_stream("z");
+        let g = (2.0f64 - 1.0) / (2.0 * 0.001);
+        for e in 0..n {
+            let z = random::draw(Dist::Normal, 77, 1, stream, e as u64);
+            let eps = 0.001f32;
+            let p1 = theta0[e] + eps * z;
+            assert_eq!(plus[e], p1, "{backend:?} plus {e}");
+            let p2 = p1 - (2.0 * 0.001f64) as f32 * z;
+            assert_eq!(minus[e], p2, "{backend:?} minus {e}");
+            let p3 = p2 + eps * z - (0.01 * g) as f32 * z;
+            assert_eq!(after[e], p3, "{backend:?} update {e}");
+        }
+    }
+}
