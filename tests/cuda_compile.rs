@@ -61,6 +61,25 @@ fn modules() -> Vec<(String, CudaModule)> {
             out.push((format!("{name} ({param:?} storage)"), m));
         }
     }
+    // The programs under tests/good (random draws among them).
+    let mut good: Vec<_> = std::fs::read_dir("tests/good")
+        .expect("tests/good")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "opt"))
+        .collect();
+    good.sort();
+    for path in good {
+        let src = std::fs::read_to_string(&path).expect("read");
+        let c = optc::compiler::compile(&src);
+        for p in &c.programs {
+            for prec in [Precision::F32, Precision::F64] {
+                out.push((
+                    format!("{} ({})", path.display(), p.info.name),
+                    cuda::module(p, prec),
+                ));
+            }
+        }
+    }
     out
 }
 

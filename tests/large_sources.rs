@@ -282,6 +282,20 @@ fn tables_past_65536_entries_are_e0316_at_the_declaration_that_crosses() {
 }
 
 #[test]
+fn a_stage_has_room_for_65535_draws() {
+    let draws = |n: usize| {
+        let lets: String = (0..n).map(|i| format!(" let a{i} = normal()\n")).collect();
+        format!("rule r() {{ param p\n input g\n{lets} p = p - 0.5 * g\n}}")
+    };
+    let src = draws(65_536);
+    let d = first_error(&src);
+    assert_eq!(d.code, "E0404");
+    assert_eq!(&src[d.primary.span.start..d.primary.span.end], "normal");
+    assert!(src[..d.primary.span.start].ends_with("let a65535 = "));
+    assert!(optc::compile_rule(&draws(65_535)).is_ok());
+}
+
+#[test]
 fn floods_of_reports_are_capped_and_checking_stays_linear() {
     let timed = |src: String| {
         let start = Instant::now();

@@ -400,3 +400,217 @@ fn spsa_regenerates_z_and_allocates_nothing_for_it() {
         }
     }
 }
+
+/// Whether the native engine can run here (a C compiler); without one the native checks print
+/// why and pass, unless `OPTC_REQUIRE_CC=1`.
+fn have_cc() -> bool {
+    match optc::runtime::engine::native::Toolchain::find() {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(
+                std::env::var("OPTC_REQUIRE_CC").as_deref() != Ok("1"),
+                "OPTC_REQUIRE_CC=1 but {e}"
+            );
+            println!("skipping the native engine: {e}");
+            false
+        }
+    }
+}
+
+#[test]
+fn the_native_engine_gives_the_same_bits() {
+    if !have_cc() {
+        return;
+    }
+    let p = program(DRAWS);
+    let reference = run::<f32>(&p, SIZES, Backend::Interpreter, 3, None);
+    for threads in [1, 3] {
+        let native = run::<f32>(&p, SIZES, Backend::Native { threads }, 3, None);
+        same_bits(&reference, &native, &format!("native, {threads} threads"));
+    }
+    let many: Vec<usize> = (0..300).map(|i| i % 9).collect();
+    let a = run::<f32>(&p, &many, Backend::Cranelift { threads: 2 }, 2, Some(9));
+    let b = run::<f32>(&p, &many, Backend::Native { threads: 2 }, 2, Some(9));
+    same_bits(&a, &b, "native, many small tensors");
+    let a = run::<f64>(&p, SIZES, Backend::Cranelift { threads: 2 }, 2, None);
+    let b = run::<f64>(&p, SIZES, Backend::Native { threads: 2 }, 2, None);
+    for ((n, x), (_, y)) in a.iter().zip(&b) {
+        assert_eq!(x, y, "native f64 `{n}`");
+    }
+}
+
+/// The CUDA backend: a GPU when there is one, else the emulator (the generated CUDA C built by
+/// the host's C++ compiler); neither prints why and passes unless `OPTC_REQUIRE_GPU=1` (a GPU)
+/// or the emulator is expected (`OPTC_SKIP_CUDA_RUNTIME` unset and a C++ compiler present).
+#[cfg(feature = "cuda")]
+fn cuda_backend() -> Option<Backend> {
+    use optc::runtime::device::Device;
+    if optc::runtime::cuda::driver_present().is_ok() && Device::open(0).is_ok() {
+        return Some(Backend::Cuda { device: 0 });
+    }
+    assert!(
+        std::env::var("OPTC_REQUIRE_GPU").as_deref() != Ok("1"),
+        "OPTC_REQUIRE_GPU=1 but no GPU"
+    );
+    match Device::emulator() {
+        Ok(_) => Some(Backend::CudaEmulator),
+        Err(e) => {
+            assert!(
+                std::env::var("OPTC_SKIP_CUDA_RUNTIME").as_deref() == Ok("1"),
+                "no GPU and no CUDA emulator ({e}); set OPTC_SKIP_CUDA_RUNTIME=1 to skip"
+            );
+            println!("skipping the CUDA backend: {e}");
+            None
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn the_cuda_kernels_give_the_same_bits() {
+    let Some(backend) = cuda_backend() else {
+        return;
+    };
+    let p = program(DRAWS);
+    let reference = run::<f32>(&p, SIZES, Backend::Interpreter, 3, None);
+    let gpu = run::<f32>(&p, SIZES, backend, 3, None);
+    same_bits(&reference, &gpu, &format!("{backend:?}"));
+    let many: Vec<usize> = (0..300).map(|i| i % 9).collect();
+    let a = run::<f32>(&p, &many, Backend::Interpreter, 2, Some(9));
+    let b = run::<f32>(&p, &many, backend, 2, Some(9));
+    same_bits(&a, &b, &format!("{backend:?}, many small tensors"));
+    let a = run::<f64>(&p, SIZES, Backend::Interpreter, 2, None);
+    let b = run::<f64>(&p, SIZES, backend, 2, None);
+    for ((n, x), (_, y)) in a.iter().zip(&b) {
+        if n != "x" {
+            assert_eq!(x, y, "{backend:?} f64 `{n}`");
+        }
+    }
+}
+
+/// Steps `opt` with the inputs `run` gives step `step`.
+fn step_draws(opt: &mut Optimizer<f32>, n: usize, step: usize) {
+    let g = fill(step as u64 + 40, n);
+    opt.step(
+        &Inputs::default()
+            .tensor("g", vec![&g[..]])
+            .scalar("s", step as f64),
+    )
+    .expect("step");
+}
+
+#[test]
+fn a_resumed_run_draws_what_an_uninterrupted_one_does() {
+    let p = Arc::new(program(DRAWS));
+    let n = 1001;
+    for backend in [Backend::Interpreter, Backend::Cranelift { threads: 2 }] {
+        let new = || {
+            Optimizer::new(Arc::clone(&p), vec![vec![fill(1, n)]])
+                .expect("bind")
+                .with_backend(backend)
+                .expect("backend")
+        };
+        let mut whole = new();
+        whole.set_seed(123);
+        for s in 0..5 {
+            step_draws(&mut whole, n, s);
+        }
+        let mut first = new();
+        first.set_seed(123);
+        for s in 0..2 {
+            step_draws(&mut first, n, s);
+        }
+        let bytes = first.checkpoint_bytes().expect("checkpoint");
+        // A fresh optimizer with the default seed takes the checkpoint's (params are the
+        // host's: they come from the first run).
+        let mut resumed = Optimizer::new(Arc::clone(&p), vec![first.params(0).to_vec()])
+            .expect("bind")
+            .with_backend(backend)
+            .expect("backend");
+        assert_eq!(resumed.seed(), optc::runtime::DEFAULT_SEED);
+        resumed.load_checkpoint_bytes(&bytes).expect("load");
+        assert_eq!(resumed.seed(), 123);
+        for s in 2..5 {
+            step_draws(&mut resumed, n, s);
+        }
+        assert_eq!(whole.params(0), resumed.params(0), "{backend:?}");
+        for b in ["m", "za", "gn", "ub"] {
+            assert_eq!(whole.buffer(b), resumed.buffer(b), "{backend:?} `{b}`");
+        }
+    }
+}
+
+#[test]
+fn optc_run_takes_a_seed_and_saves_it_in_the_checkpoint() {
+    use safetensors::tensor::{Dtype, TensorView};
+    let dir = std::env::temp_dir().join(format!("optc-random-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let rule = dir.join("spsa.opt");
+    std::fs::write(&rule, SPSA).expect("rule");
+    let theta: Vec<u8> = fill(2, 10).iter().flat_map(|x| x.to_le_bytes()).collect();
+    let params = dir.join("params.safetensors");
+    let view = TensorView::new(Dtype::F32, vec![10], &theta).expect("view");
+    safetensors::serialize_to_file(vec![("theta", view)], None, &params).expect("params");
+    let losses = |v: f32| -> Vec<u8> { [v, v].iter().flat_map(|x| x.to_le_bytes()).collect() };
+    let (lp, lm) = (losses(2.0), losses(1.0));
+    let lfile = dir.join("loss.safetensors");
+    safetensors::serialize_to_file(
+        vec![
+            (
+                "loss_plus",
+                TensorView::new(Dtype::F32, vec![2], &lp).expect("v"),
+            ),
+            (
+                "loss_minus",
+                TensorView::new(Dtype::F32, vec![2], &lm).expect("v"),
+            ),
+        ],
+        None,
+        &lfile,
+    )
+    .expect("losses");
+    let run = |seed: &str, out: &str| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_optc"));
+        cmd.arg("run").arg(&rule).arg("--params").arg(&params);
+        cmd.arg("--input")
+            .arg(format!("loss_plus={}", lfile.display()));
+        cmd.arg("--input")
+            .arg(format!("loss_minus={}", lfile.display()));
+        cmd.arg("--out").arg(dir.join(out)).arg("-q");
+        cmd.arg("--state-out").arg(dir.join(format!("{out}.ckpt")));
+        if !seed.is_empty() {
+            cmd.args(["--seed", seed]);
+        }
+        let o = cmd.output().expect("optc runs");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read(dir.join(out)).expect("out")
+    };
+    let a = run("5", "a.safetensors");
+    let b = run("5", "b.safetensors");
+    let c = run("6", "c.safetensors");
+    let d = run("", "d.safetensors");
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    assert_ne!(a, d);
+    // The same two steps through the API with seed 5.
+    let mut opt = Optimizer::new(Arc::new(program(SPSA)), vec![vec![fill(2, 10)]]).expect("bind");
+    opt.set_seed(5);
+    for _ in 0..2 {
+        let i = Inputs::default()
+            .scalar("loss_plus", 2.0)
+            .scalar("loss_minus", 1.0);
+        opt.step(&i).expect("step");
+    }
+    let want: Vec<u8> = opt.params(0)[0]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    let st = safetensors::SafeTensors::deserialize(&a).expect("out file");
+    assert_eq!(st.tensor("theta").expect("theta").data(), &want[..]);
+    let ck = std::fs::read(dir.join("a.safetensors.ckpt")).expect("checkpoint");
+    let mut resumed =
+        Optimizer::new(Arc::new(program(SPSA)), vec![vec![fill(2, 10)]]).expect("bind");
+    resumed.load_checkpoint_bytes(&ck).expect("load");
+    assert_eq!(resumed.seed(), 5);
+    let _ = std::fs::remove_dir_all(&dir);
+}

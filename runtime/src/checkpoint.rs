@@ -622,6 +622,7 @@ impl<T: Float + Default> Optimizer<T> {
             "rule": info.name,
             "program_hash": program_hash(&self.program),
             "steps": self.st.steps,
+            "seed": self.seed.to_string(),
             "hyperparameters": hypers,
             "scalar_states": scalars,
             "schedules": self.schedules().into_iter().map(|(n, s)| (n, serde_json::Value::String(s.to_string()))).collect::<serde_json::Map<_, _>>(),
@@ -782,6 +783,15 @@ impl<T: Float + Default> Optimizer<T> {
             None => Vec::new(),
             Some(g) => self.parse_groups(g)?,
         };
+        // The seed of random draws and stochastic rounding (absent from older checkpoints,
+        // which keep the optimizer's).
+        let new_seed = match meta.get("seed") {
+            None => self.seed,
+            Some(v) => v
+                .as_str()
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| err("`seed` is not a decimal 64-bit unsigned integer"))?,
+        };
         let st = SafeTensors::deserialize(bytes).map_err(|e| corrupt(&e))?;
         // Format 2: the record's own checksum, and one checksum per tensor.
         let checksums = if version_1 {
@@ -865,6 +875,7 @@ impl<T: Float + Default> Optimizer<T> {
         self.hp.schedules = new_schedules;
         self.st.scalar_states = new_scalars;
         self.st.steps = steps;
+        self.seed = new_seed;
         self.st.pending.clear();
         self.st.pending_scalars.clear();
         self.activate()?;

@@ -53,8 +53,12 @@ pub(crate) struct RunArgs {
     #[arg(long)]
     pub(crate) state_out: Option<PathBuf>,
     /// Write the rule's outputs after the last step (tensors `<output>.<param tensor>`).
-    #[arg(long)]
+    #[arg(long, visible_alias = "outs")]
     pub(crate) outputs: Option<PathBuf>,
+    /// The seed of the rule's random draws (`uniform()`, `normal()`) and of stochastic rounding;
+    /// a checkpoint from --state-in brings its own, which this overrides.
+    #[arg(long)]
+    pub(crate) seed: Option<u64>,
     /// Print nothing but errors.
     #[arg(long, short)]
     pub(crate) quiet: bool,
@@ -264,6 +268,9 @@ fn run_typed<T: Float + Default>(
     if let Some(path) = &args.state_in {
         opt.load_checkpoint(path)
             .map_err(|e| Fail(format!("error: {e}")))?;
+    }
+    if let Some(seed) = args.seed {
+        opt.set_seed(seed);
     }
     apply_sets(&mut opt, &args.sets)?;
     let mut refined_ends: Vec<(String, u64)> = Vec::new();

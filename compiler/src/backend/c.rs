@@ -44,8 +44,9 @@
 //! [`crate::storage::rounding_bits`], computed for [`CHUNK`] elements at a time into a
 //! stack array before the chunk's loop.
 
-use super::clif::{abi, rounds_stochastically, KernelAbi, MathFn, Precision};
+use super::clif::{abi, draws, reads_key, KernelAbi, MathFn, Precision};
 use crate::ir::{BinOp, BufId, Kernel, Kind, Node, NodeId, Program, ReduceOp, Ty, UnOp};
+use crate::random::Dist;
 use crate::storage::{key_buffer, Storage, StorageError, StorageMap};
 use std::fmt::Write;
 
@@ -88,7 +89,8 @@ pub struct CKernel {
     pub abi: KernelAbi,
     /// The space it iterates over.
     pub space: u16,
-    /// Whether it rounds stores stochastically (reads `base`, `seed` and `step`).
+    /// Whether it rounds stores stochastically or draws random numbers (reads `base`, `seed`
+    /// and `step`).
     pub rounding_key: bool,
 }
 
@@ -132,7 +134,7 @@ pub fn module(p: &Program, prec: Precision, storage: &StorageMap) -> Result<CMod
                         kernel: ki,
                         abi: abi(p, k),
                         space: k.space,
-                        rounding_key: rounds_stochastically(k, storage),
+                        rounding_key: reads_key(p, k, storage),
                     };
                     let _ = writeln!(
                         src,
@@ -280,6 +282,7 @@ OPTC_INLINE optc_t optc_max(optc_t a, optc_t b) {{ return (a != a || b != b) ? (
         f32_math(out);
         storage_helpers(out);
     }
+    random_helpers(out);
 }
 
 /// The Cranelift kernels' inline f32 `exp`, `log`, `sigmoid` and `tanh`, operation for
@@ -459,7 +462,16 @@ OPTC_INLINE uint16_t optc_bf16_stochastic(float f, uint32_t rb) {
     return (int32_t)(x & 0x7fffffffu) < 0x7f800000 ? (uint16_t)s : optc_bf16_nearest(f);
 }
 OPTC_INLINE uint16_t optc_f16_sr(float f, uint32_t rb) { return (uint16_t)optc_f16_stochastic(f, rb); }
+",
+    );
+}
 
+/// Philox-4x32-10 bits for a run of elements (`crate::storage::rounding_bits`), for stochastic
+/// rounding and random draws; the draws' transforms (`crate::random::c_source`); the seed key
+/// of a draw's seed argument (`crate::random::seed_key`).
+fn random_helpers(out: &mut String) {
+    out.push_str(
+        "
 /* The random bits of elements e0 - e0 % 4 .. e0 + n of buffer `buf`, four per Philox-4x32-10
  * evaluation at counter (e / 4, step, buf) under key seed: w[k] is element e0 - e0 % 4 + k. */
 static void optc_fill_bits(uint32_t *restrict w, uint64_t seed, uint64_t step, uint32_t buf, uint64_t e0, int64_t n) {
@@ -481,8 +493,13 @@ static void optc_fill_bits(uint32_t *restrict w, uint64_t seed, uint64_t step, u
         w[4 * j] = c0; w[4 * j + 1] = c1; w[4 * j + 2] = c2; w[4 * j + 3] = c3;
     }
 }
+
+OPTC_INLINE uint64_t optc_seed_key(float v) {
+    return v != v || v <= 0.0f ? 0 : v >= 18446744073709551616.0f ? UINT64_MAX : (uint64_t)v;
+}
 ",
     );
+    out.push_str(&crate::random::c_source("OPTC_INLINE"));
 }
 
 struct Gen<'a> {
@@ -656,6 +673,15 @@ impl Gen<'_> {
         self.ck.rounding_key && self.storage.stochastic_at(buf)
     }
 
+    /// A draw's value at element index `ix` of the current chunk (starting at `c0`).
+    fn draw(&self, n: NodeId, ix: &str) -> String {
+        if self.prec == Precision::F32 {
+            format!("d{}[{ix} - c0]", n.0)
+        } else {
+            format!("(double)d{}[{ix} - c0]", n.0)
+        }
+    }
+
     /// The statements of one element at index expression `ix`; each reduction's value goes
     /// into accumulator `acc(ri)`.
     fn element(&self, out: &mut String, ix: &str, acc: &dyn Fn(usize) -> String, ind: &str) {
@@ -670,6 +696,7 @@ impl Gen<'_> {
                     }
                 }
                 Node::Splat(_, a) => self.operand(a),
+                Node::Random { .. } => self.draw(n, ix),
                 Node::Unary(op, a) => self.unary(op, a),
                 Node::Binary(op, a, b) => self.binary(op, a, b),
                 Node::Select(c, a, b) => {
@@ -809,6 +836,15 @@ impl Gen<'_> {
             for &b in &rounded {
                 let _ = writeln!(out, "{ind}uint32_t w{}[{}];", self.slot(b), CHUNK + 8);
             }
+            let drawn = draws(self.p, self.k);
+            for &n in &drawn {
+                let _ = writeln!(
+                    out,
+                    "{ind}uint32_t dw{0}[{1}];\n{ind}float d{0}[{CHUNK}];",
+                    n.0,
+                    CHUNK + 8
+                );
+            }
             let _ = writeln!(
                 out,
                 "{ind}for (int64_t c0 = start; c0 < end;) {{\n{ind}    const int64_t c1 = end - c0 > {CHUNK} ? c0 + {CHUNK} : end;\n{ind}    const uint64_t e0 = t->base + (uint64_t)c0;"
@@ -819,6 +855,27 @@ impl Gen<'_> {
                     out,
                     "{ind}    optc_fill_bits(w{s}, t->seed, t->step, {}u, e0, c1 - c0);\n{ind}    const uint32_t *restrict rb{s} = w{s} + (e0 & 3u);",
                     key_buffer(self.p, b)
+                );
+            }
+            for &n in &drawn {
+                let Node::Random {
+                    dist, stream, seed, ..
+                } = self.p.graph.node(n)
+                else {
+                    continue;
+                };
+                let key = match seed {
+                    Some(s) => format!("optc_seed_key((float){})", self.operand(s)),
+                    None => "t->seed".to_string(),
+                };
+                let f = match dist {
+                    Dist::Uniform => "optc_uniform",
+                    Dist::Normal => "optc_normal",
+                };
+                let _ = writeln!(
+                    out,
+                    "{ind}    optc_fill_bits(dw{0}, {key}, t->step, {stream}u, e0, c1 - c0);\n{ind}    for (int64_t j = 0; j < c1 - c0; j++) d{0}[j] = {f}(dw{0}[(e0 & 3u) + j]);",
+                    n.0
                 );
             }
             let _ = writeln!(out, "{ind}    {{");

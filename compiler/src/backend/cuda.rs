@@ -54,6 +54,7 @@
 use super::clif::{abi, Precision};
 use crate::ir::{BinOp, BufId, Kernel, Kind, Node, NodeId, Program, ReduceOp, SpaceId, Ty, UnOp};
 use crate::print::node_text;
+use crate::random::Dist;
 pub use crate::storage::{rounded_then_reloaded, Storage, StorageError, StorageMap};
 use std::collections::BTreeSet;
 use std::fmt::Write;
@@ -286,6 +287,18 @@ fn module_with_storage(
         .map(|b| storage.of(b as BufId))
         .filter(|&s| s != Storage::Native)
         .collect();
+    let drawn = p.variants.iter().any(|v| {
+        v.stages.iter().any(|s| {
+            s.phases.iter().any(|ph| {
+                ph.kernels
+                    .iter()
+                    .any(|k| !super::clif::draws(p, k).is_empty())
+            })
+        })
+    });
+    if (!used.is_empty() && storage.stochastic) || drawn {
+        random_helpers(&mut src);
+    }
     if !used.is_empty() {
         half_helpers(&mut src, &used, storage.stochastic);
     }
@@ -295,7 +308,8 @@ fn module_with_storage(
             for (pi, ph) in s.phases.iter().enumerate() {
                 for (ki, k) in ph.kernels.iter().enumerate() {
                     let mut ck = describe(p, k, prec, [vi, si, pi, ki], all_per_tensor);
-                    ck.rounding_key = ck.stored.iter().any(|&b| storage.stochastic_at(b));
+                    ck.rounding_key = ck.stored.iter().any(|&b| storage.stochastic_at(b))
+                        || !super::clif::draws(p, k).is_empty();
                     Gen {
                         p,
                         k,
@@ -316,20 +330,12 @@ fn module_with_storage(
     }
 }
 
-/// Conversions between f32 and the 16-bit storage types `used`, bit for bit as the `half`
-/// crate's (`to_f32`, `from_f32`) and the runtime's stochastic rounding, in integer arithmetic
-/// (no CUDA headers needed).
-fn half_helpers(out: &mut String, used: &BTreeSet<Storage>, stochastic: bool) {
+/// Philox-4x32-10 bits of an element (`crate::storage::rounding_bits`), for stochastic rounding
+/// and random draws; the draws' transforms (`crate::random::c_source`) and seed keys
+/// (`crate::random::seed_key`).
+fn random_helpers(out: &mut String) {
     out.push_str(
-        "
-// 16-bit storage: widened exactly on load, rounded on store (ties to even, or stochastically).
-static __device__ __forceinline__ bool optc_aligned8(const void* p) { return (reinterpret_cast<unsigned long long>(p) & 7ull) == 0; }
-static __device__ __forceinline__ bool optc_finite_bits(unsigned int x) { return (x & 0x7f800000u) != 0x7f800000u; }
-",
-    );
-    if stochastic {
-        out.push_str(
-            "// Philox-4x32-10 (Salmon et al., 2011): the 32 random bits of element e of a buffer.
+        "// Philox-4x32-10 (Salmon et al., 2011): the 32 random bits of element e of a buffer.
 static __device__ __forceinline__ unsigned int optc_rbits(unsigned long long seed, unsigned int step, unsigned int buf, unsigned long long e) {
     const unsigned long long blk = e >> 2;
     unsigned int c0 = (unsigned int)blk, c1 = (unsigned int)(blk >> 32), c2 = step, c3 = buf;
@@ -345,9 +351,27 @@ static __device__ __forceinline__ unsigned int optc_rbits(unsigned long long see
     const unsigned int l = (unsigned int)(e & 3ull);
     return l == 0 ? c0 : (l == 1 ? c1 : (l == 2 ? c2 : c3));
 }
+static __device__ __forceinline__ unsigned long long optc_seed_key(float v) {
+    return v != v || v <= 0.0f ? 0ull : v >= 18446744073709551616.0f ? 0xffffffffffffffffull : (unsigned long long)v;
+}
 ",
-        );
-    }
+    );
+    out.push_str(&crate::random::c_source(
+        "static __device__ __forceinline__",
+    ));
+}
+
+/// Conversions between f32 and the 16-bit storage types `used`, bit for bit as the `half`
+/// crate's (`to_f32`, `from_f32`) and the runtime's stochastic rounding, in integer arithmetic
+/// (no CUDA headers needed).
+fn half_helpers(out: &mut String, used: &BTreeSet<Storage>, stochastic: bool) {
+    out.push_str(
+        "
+// 16-bit storage: widened exactly on load, rounded on store (ties to even, or stochastically).
+static __device__ __forceinline__ bool optc_aligned8(const void* p) { return (reinterpret_cast<unsigned long long>(p) & 7ull) == 0; }
+static __device__ __forceinline__ bool optc_finite_bits(unsigned int x) { return (x & 0x7f800000u) != 0x7f800000u; }
+",
+    );
     for st in used {
         let (t, widen, nearest, sr) = match st {
             Storage::Bf16 => (
@@ -744,6 +768,11 @@ impl Gen<'_> {
             .map(|&u| format!("const {} u{}", self.ty(u), u.0))
             .collect();
         params.extend(self.loaded().iter().map(|s| format!("const {c} x{s}")));
+        if self.has_draws() {
+            params.push("const unsigned long long de".to_string());
+            params.push("const unsigned long long seed".to_string());
+            params.push("const unsigned int step".to_string());
+        }
         params.extend(self.stored().iter().map(|s| format!("{c}* y{s}")));
         for (i, &r) in self.ck.reductions.iter().enumerate() {
             params.push(match self.reduce_op(r) {
@@ -765,6 +794,22 @@ impl Gen<'_> {
                     self.p.info.buffers[buf as usize].name
                 ),
                 Node::Splat(_, a) => format!("{};", self.operand(a)),
+                Node::Random {
+                    dist, stream, seed, ..
+                } => {
+                    let key = match seed {
+                        Some(s) => format!("optc_seed_key((float){})", self.operand(s)),
+                        None => "seed".to_string(),
+                    };
+                    let f = match dist {
+                        Dist::Uniform => "optc_uniform",
+                        Dist::Normal => "optc_normal",
+                    };
+                    format!(
+                        "({c}){f}(optc_rbits({key}, step, {stream}u, de));  // {}",
+                        dist.name()
+                    )
+                }
                 Node::Unary(op, a) => format!("{};", self.unary(op, a)),
                 Node::Binary(op, a, b) => format!("{};", self.binary(op, a, b)),
                 Node::Select(cn, a, b) => {
@@ -798,14 +843,24 @@ impl Gen<'_> {
         out.push_str("}\n");
     }
 
-    /// The call of the element function for lane expression `lane` (`[l]` or empty).
-    fn call(&self, loaded: &[String], lane: &str) -> String {
+    /// Whether the kernel draws random numbers (its element function then takes the element's
+    /// index `de` over the space, the seed and the step).
+    fn has_draws(&self) -> bool {
+        !super::clif::draws(self.p, self.k).is_empty()
+    }
+
+    /// The call of the element function for lane expression `lane` (`[l]` or empty) at the
+    /// element whose index over the space is `e`.
+    fn call(&self, loaded: &[String], lane: &str, e: &str) -> String {
         let mut args: Vec<String> = self
             .uniforms()
             .iter()
             .map(|u| format!("u{}", u.0))
             .collect();
         args.extend(loaded.iter().cloned());
+        if self.has_draws() {
+            args.extend([e.to_string(), "seed".to_string(), "step".to_string()]);
+        }
         args.extend(self.stored().iter().map(|s| format!("&y{s}{lane}")));
         args.extend((0..self.ck.reductions.len()).map(|i| format!("&r{i}")));
         format!("{}_elem({});", self.ck.name, args.join(", "))
@@ -824,7 +879,7 @@ impl Gen<'_> {
             .iter()
             .map(|s| format!("optc_ld(s{s}, e)"))
             .collect();
-        let _ = writeln!(out, "{indent}{}", self.call(&loaded, ""));
+        let _ = writeln!(out, "{indent}{}", self.call(&loaded, "", "eb + e"));
         for s in stored {
             let _ = writeln!(out, "{indent}{}", self.store(s));
         }
@@ -974,7 +1029,15 @@ impl Gen<'_> {
             "                for (int l = 0; l < OPTC_LANES; ++l) {{"
         );
         let lane_args: Vec<String> = loaded.iter().map(|s| format!("x{s}[l]")).collect();
-        let _ = writeln!(out, "                    {}", self.call(&lane_args, "[l]"));
+        let _ = writeln!(
+            out,
+            "                    {}",
+            self.call(
+                &lane_args,
+                "[l]",
+                "eb + (unsigned long long)g * OPTC_LANES + l"
+            )
+        );
         let _ = writeln!(out, "                }}");
         for &s in &stored {
             if self.stochastic(s) {

@@ -317,7 +317,8 @@ impl<S: Storage> MixedOptimizer<S> {
     fn switch(&mut self, backend: crate::Backend) -> Result<(), Error> {
         let seed = match self.options.rounding {
             Rounding::Stochastic { seed } => seed,
-            Rounding::Nearest => 0,
+            // The rule's draws keep their seed.
+            Rounding::Nearest => self.inner.seed(),
         };
         let map = if backend.is_cuda() {
             if self.separate {
