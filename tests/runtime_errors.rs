@@ -1181,3 +1181,37 @@ fn the_cli_checks_schedules_and_values() {
     ]);
     assert_user_error(&staged, &["error: ", "several stages"]);
 }
+
+#[test]
+fn cli_doc_documents_a_rule_file() {
+    let f = Files::new();
+    let path = f.path("mine.opt");
+    std::fs::write(
+        &path,
+        "/// My first rule.\nrule one(lr = 0.5 in (0, 1)) { param x\n input g\n x = x - lr * g }\n\
+         /// My second rule.\nrule two(beta = 0.9) { param x\n input g, hv\n state m = 0\n m = beta * m + g + hv\n x = x - m }\n",
+    )
+    .unwrap();
+    let out = optc(&["doc", &path]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "one",
+        "My first rule.",
+        "lr",
+        "0.5 in (0, 1)",
+        "two",
+        "My second rule.",
+        "inputs: g, hv",
+        "state: m",
+    ] {
+        assert!(text.contains(needle), "`{needle}` missing from:\n{text}");
+    }
+    // A file with an error: its report, exit code 1.
+    std::fs::write(&path, "rule bad() { param x\n x = x - y }\n").unwrap();
+    assert_user_error(&optc(&["doc", &path]), &["E0101", "`y`"]);
+}

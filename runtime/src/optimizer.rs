@@ -17,7 +17,7 @@ pub const DEFAULT_SEED: u64 = 0x6f70_7463;
 use optc_compiler::backend::interp::Buffers;
 use optc_compiler::ir::{BufRole, Node, NodeId, Program, Ty};
 use optc_compiler::ops::Float;
-use optc_compiler::passes::specialize::Decisions;
+use optc_compiler::passes::specialize::{Decisions, StepFacts};
 use optc_compiler::storage::StorageMap;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -250,7 +250,14 @@ impl<T: Float + Default> Optimizer<T> {
             storage: &storage,
             policy: NonFinite::Proceed,
         };
-        let specs = Specializations::new(&program, Decisions::of(&program), &[&hypers], &how)?;
+        let zeros = vec![0.0; info.scalar_states.len()];
+        let facts = StepFacts {
+            t: 1.0,
+            scalar_states: &zeros,
+            seed: DEFAULT_SEED,
+        };
+        let specs =
+            Specializations::new(&program, Decisions::of(&program), &[&hypers], &facts, &how)?;
         Ok(Optimizer {
             hp: Hypers {
                 schedules: vec![None; hypers.len()],
@@ -290,7 +297,18 @@ impl<T: Float + Default> Optimizer<T> {
             storage: &self.storage,
             policy: self.policy,
         };
-        self.specs = Specializations::new(&self.program, decisions, &self.hp.value_sets(), &how)?;
+        let facts = StepFacts {
+            t: (self.st.steps + 1) as f64,
+            scalar_states: &self.st.scalar_states,
+            seed: self.seed,
+        };
+        self.specs = Specializations::new(
+            &self.program,
+            decisions,
+            &self.hp.value_sets(),
+            &facts,
+            &how,
+        )?;
         Ok(())
     }
 
@@ -298,6 +316,26 @@ impl<T: Float + Default> Optimizer<T> {
     /// first time those decisions are seen). Called at the start of each step.
     pub(crate) fn activate(&mut self) -> Result<(), Error> {
         let t = self.st.steps + 1;
+        let (effective, groups) = self.values_at(t)?;
+        self.hp.effective = effective;
+        self.hp.effective_groups = groups;
+        let how = How {
+            engine: self.engine.as_ref(),
+            storage: &self.storage,
+            policy: self.policy,
+        };
+        let facts = StepFacts {
+            t: t as f64,
+            scalar_states: &self.st.scalar_states,
+            seed: self.seed,
+        };
+        self.specs
+            .activate(&self.program, &self.hp.value_sets(), &facts, &how)
+    }
+
+    /// The hyperparameter values of group 0 and of the other groups at step `t`, schedules
+    /// applied.
+    fn values_at(&self, t: u64) -> Result<(Vec<f64>, Vec<Vec<f64>>), Error> {
         let effective = self.scheduled(&self.hp.values, t)?;
         let mut groups = Vec::with_capacity(self.hp.groups.len());
         for overrides in &self.hp.groups {
@@ -308,15 +346,7 @@ impl<T: Float + Default> Optimizer<T> {
                 .collect();
             groups.push(self.scheduled(&base, t)?);
         }
-        self.hp.effective = effective;
-        self.hp.effective_groups = groups;
-        let how = How {
-            engine: self.engine.as_ref(),
-            storage: &self.storage,
-            policy: self.policy,
-        };
-        self.specs
-            .activate(&self.program, &self.hp.value_sets(), &how)
+        Ok((effective, groups))
     }
 
     /// Base values times their schedules' factors at step `t`, each checked against its range.
@@ -380,10 +410,16 @@ impl<T: Float + Default> Optimizer<T> {
             storage: &storage,
             policy: self.policy,
         };
+        let facts = StepFacts {
+            t: (self.st.steps + 1) as f64,
+            scalar_states: &self.st.scalar_states,
+            seed: self.seed,
+        };
         let specs = Specializations::new(
             &self.program,
             self.specs.decisions().clone(),
             &self.hp.value_sets(),
+            &facts,
             &how,
         )?;
         self.engine.sync(&mut self.bufs)?;
@@ -777,8 +813,46 @@ impl<T: Float + Default> Optimizer<T> {
             .map_or(&[][..], Vec::as_slice)
     }
 
-    /// What stage `k` reads from the host in the coming step.
-    pub fn stage_needs(&self, k: usize) -> &StageNeeds {
+    /// What stage `k` of the step being run reads from the host (the active specialization's).
+    pub(crate) fn active_needs(&self, k: usize) -> &StageNeeds {
         &self.specs.active.needs[usize::from(self.st.steps > 0)][k]
+    }
+
+    /// What stage `k` reads from the host in the coming step (in the middle of a step: in this
+    /// one). Inputs that only work which is off this step reads — under a false `t % I == 0`, a
+    /// disabled option, a comparison of scalar state — are not among them; it follows
+    /// `set_hyper`, schedules, scalar state and the step counter. A stage past the end is an
+    /// [`Error::Params`].
+    pub fn stage_needs(&self, k: usize) -> Result<StageNeeds, Error> {
+        let info = &self.program.info;
+        if k >= info.stages.len() {
+            return Err(Error::Params(format!(
+                "rule `{}` has no stage {k}: it has {} (numbered from 0: {})",
+                info.name,
+                info.stages.len(),
+                info.stages.join(", ")
+            )));
+        }
+        if self.st.next_stage != 0 {
+            return Ok(self.active_needs(k).clone());
+        }
+        let t = self.st.steps + 1;
+        let (values, groups) = self.values_at(t)?;
+        let sets: Vec<&[f64]> = std::iter::once(values.as_slice())
+            .chain(groups.iter().map(Vec::as_slice))
+            .collect();
+        let facts = StepFacts {
+            t: t as f64,
+            scalar_states: &self.st.scalar_states,
+            seed: self.seed,
+        };
+        Ok(self.specs.needs_at(
+            &self.program,
+            &sets,
+            &facts,
+            self.policy,
+            self.st.steps == 0,
+            k,
+        ))
     }
 }

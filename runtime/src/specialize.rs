@@ -7,8 +7,8 @@ use crate::{Error, NonFinite};
 use optc_compiler::ir::{Node, NodeId, Program};
 use optc_compiler::ops::Float;
 use optc_compiler::passes::finite::is_guard;
-use optc_compiler::passes::runnable;
-use optc_compiler::passes::specialize::Decisions;
+use optc_compiler::passes::runnable_at;
+use optc_compiler::passes::specialize::{Decisions, StepFacts};
 use optc_compiler::storage::StorageMap;
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
@@ -42,10 +42,12 @@ impl Specialization {
         base: &Arc<Program>,
         decisions: &Decisions,
         sets: &[&[f64]],
+        facts: &StepFacts<'_>,
         how: &How<'_, T>,
     ) -> Result<Specialization, Error> {
-        let key = decision_key(decisions, base, sets);
-        let program = match runnable(base, decisions, sets, how.policy != NonFinite::Proceed) {
+        let key = decision_key(decisions, base, sets, facts);
+        let guard = how.policy != NonFinite::Proceed;
+        let program = match runnable_at(base, decisions, sets, facts, guard) {
             Cow::Borrowed(_) => Arc::clone(base),
             Cow::Owned(p) => Arc::new(p),
         };
@@ -93,14 +95,18 @@ pub(crate) struct Specializations {
 }
 
 impl Specializations {
-    /// The specialization for `sets` (group values), the only one cached.
+    /// The specialization for `sets` (group values) at a step with these facts, the only one
+    /// cached.
     pub(crate) fn new<T: Float>(
         program: &Arc<Program>,
         decisions: Decisions,
         sets: &[&[f64]],
+        facts: &StepFacts<'_>,
         how: &How<'_, T>,
     ) -> Result<Specializations, Error> {
-        let active = Arc::new(Specialization::build(program, &decisions, sets, how)?);
+        let active = Arc::new(Specialization::build(
+            program, &decisions, sets, facts, how,
+        )?);
         Ok(Specializations {
             decisions,
             cache: HashMap::from([(active.key.clone(), Arc::clone(&active))]),
@@ -119,16 +125,23 @@ impl Specializations {
         &mut self,
         program: &Arc<Program>,
         sets: &[&[f64]],
+        facts: &StepFacts<'_>,
         how: &How<'_, T>,
     ) -> Result<(), Error> {
-        let key = decision_key(&self.decisions, program, sets);
+        let key = decision_key(&self.decisions, program, sets, facts);
         if key == self.active.key {
             return Ok(());
         }
         let active = match self.cache.get(&key) {
             Some(a) => Arc::clone(a),
             None => {
-                let a = Arc::new(Specialization::build(program, &self.decisions, sets, how)?);
+                let a = Arc::new(Specialization::build(
+                    program,
+                    &self.decisions,
+                    sets,
+                    facts,
+                    how,
+                )?);
                 self.cache.insert(key, Arc::clone(&a));
                 a
             }
@@ -136,17 +149,54 @@ impl Specializations {
         self.active = active;
         Ok(())
     }
+
+    /// What stage `k` of a step with these facts and group values reads from the host, without
+    /// compiling anything (the active specialization's when it serves them).
+    pub(crate) fn needs_at(
+        &self,
+        program: &Arc<Program>,
+        sets: &[&[f64]],
+        facts: &StepFacts<'_>,
+        policy: NonFinite,
+        first: bool,
+        k: usize,
+    ) -> StageNeeds {
+        let key = decision_key(&self.decisions, program, sets, facts);
+        let v = usize::from(!first);
+        if let Some(s) = self.cache.get(&key) {
+            return s.needs[v][k].clone();
+        }
+        let p = runnable_at(
+            program,
+            &self.decisions,
+            sets,
+            facts,
+            policy != NonFinite::Proceed,
+        );
+        needs_of(&p, v).swap_remove(k)
+    }
 }
 
-/// Which specialization serves these groups' values: each decision's outcome where every group
-/// agrees, `None` where they differ (that decision stays in the program).
-fn decision_key(decisions: &Decisions, p: &Program, sets: &[&[f64]]) -> Vec<Option<bool>> {
-    let keys: Vec<Vec<bool>> = sets.iter().map(|h| decisions.key(p, h)).collect();
+/// Which specialization serves these groups' values at a step with these facts: each
+/// decision's outcome where every group agrees, `None` where they differ (that decision stays
+/// in the program).
+fn decision_key(
+    decisions: &Decisions,
+    p: &Program,
+    sets: &[&[f64]],
+    facts: &StepFacts<'_>,
+) -> Vec<Option<bool>> {
+    let keys: Vec<Vec<Option<bool>>> = sets
+        .iter()
+        .map(|h| decisions.key_at(p, h, Some(facts)))
+        .collect();
     (0..decisions.len())
         .map(|i| {
-            keys.iter()
-                .all(|k| k[i] == keys[0][i])
-                .then_some(keys[0][i])
+            if keys.iter().all(|k| k[i] == keys[0][i]) {
+                keys[0][i]
+            } else {
+                None
+            }
         })
         .collect()
 }

@@ -223,7 +223,7 @@ impl<T: Float + Default> Optimizer<T> {
         let active = Arc::clone(&self.specs.active);
         let prog = Arc::clone(&active.program);
         let info = &prog.info;
-        let needs = self.stage_needs(k).clone();
+        let needs = self.active_needs(k).clone();
         let scalar_inputs: Vec<f64> = (0..info.scalar_inputs.len())
             .map(|i| scalars.get(&(i as u16)).copied().unwrap_or(0.0))
             .collect();
@@ -386,7 +386,7 @@ impl<T: Float + Default> Optimizer<T> {
                 });
             }
         }
-        let needs = self.stage_needs(k).clone();
+        let needs = self.active_needs(k).clone();
         let missing = |name: &str| Error::MissingInput {
             rule: info.name.clone(),
             stage: info.stages[k].clone(),

@@ -280,18 +280,39 @@ pub(crate) fn command(args: &BenchArgs) -> Result<(), Fail> {
     opt.step(&inputs)?; // the first step (its own variant), then a warm-up
     opt.step(&inputs)?;
     let mut times = Vec::new();
+    // What each step moved: work that is off on a step (`t % I == 0` false) moves nothing.
+    let mut per_step: std::collections::BTreeMap<(usize, usize, usize), usize> =
+        std::collections::BTreeMap::new();
     for _ in 0..args.steps.max(1) {
         let start = std::time::Instant::now();
         opt.step(&inputs)?;
         times.push(start.elapsed().as_secs_f64());
+        *per_step
+            .entry(traffic(opt.active_program(), args.elems, |_| 4))
+            .or_default() += 1;
     }
+    let nsteps = times.len();
+    let mean_time = times.iter().sum::<f64>() / nsteps as f64;
     let t = median(times);
-    let (must, moved, passes) = traffic(opt.active_program(), args.elems, |_| 4);
+    let (mut must, moved, passes) = traffic(opt.active_program(), args.elems, |_| 4);
+    let mut t_bw = t;
+    if per_step.len() > 1 {
+        // Steps differ: the bandwidth is the mean bytes over the mean time.
+        must = per_step.iter().map(|(k, n)| k.0 * n).sum::<usize>() / nsteps;
+        t_bw = mean_time;
+        for (&(m, mv, ps), &n) in per_step.iter().rev() {
+            println!(
+                "  {n} of {nsteps} steps: the rule must move {:.1} MB ({ps} pass(es) move {:.1} MB)",
+                m as f64 / 1e6,
+                mv as f64 / 1e6
+            );
+        }
+    }
     let streams = Streams::of(opt.active_program(), |_| 4);
     drop(opt);
     let ceiling = inplace_ceiling(args.elems, threads, 5)?;
     let pattern = Ceiling::new(&streams, args.elems, threads)?.measure(5);
-    let gbs = must as f64 / t / 1e9;
+    let gbs = must as f64 / t_bw / 1e9;
     println!(
         "rule {} on {:?}: {} elements in {} tensor(s) per param",
         info.name, backend, args.elems, tensors

@@ -1,8 +1,9 @@
 //! `optc list` and `optc doc`: the standard library and a rule's documentation.
 
-use super::{closest, compile_one, Fail};
-use optc::compiler::ir::{BufRole, Ty};
+use super::{color, load_source, Fail};
+use optc::compiler::ir::{BufRole, Program, Ty};
 use optc::stdlib;
+use optc::{compile, render};
 
 /// Runs `optc list`.
 pub(crate) fn list() -> Result<(), Fail> {
@@ -17,16 +18,24 @@ pub(crate) fn list() -> Result<(), Fail> {
     Ok(())
 }
 
-/// Runs `optc doc`.
+/// Runs `optc doc RULE`: a standard-library name or a rule file (every rule in it).
 pub(crate) fn show(name: &str) -> Result<(), Fail> {
-    let src = stdlib::source(name).ok_or_else(|| {
-        let mut m = format!("error: no standard-library rule `{name}`");
-        if let Some(s) = closest(name, stdlib::names()) {
-            m.push_str(&format!("\n  help: did you mean `{s}`?"));
+    let (file, src) = load_source(name)?;
+    let c = compile(&src);
+    if c.has_errors() {
+        return Err(Fail(render(&c.diagnostics, &src, &file, color())));
+    }
+    for (k, p) in c.programs.iter().enumerate() {
+        if k > 0 {
+            println!();
         }
-        Fail(m)
-    })?;
-    let (p, _, _) = compile_one(name, None)?;
+        document(p);
+    }
+    Ok(())
+}
+
+/// Prints one rule's documentation, hyperparameters and interface.
+fn document(p: &Program) {
     let i = &p.info;
     println!("{}\n", i.name);
     if !i.doc.is_empty() {
@@ -80,6 +89,4 @@ pub(crate) fn show(name: &str) -> Result<(), Fail> {
     if i.stages.len() > 1 {
         println!("stages: {}", i.stages.join(", "));
     }
-    let _ = src;
-    Ok(())
 }

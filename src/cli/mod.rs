@@ -47,7 +47,7 @@ enum Cmd {
     List,
     /// Show a standard-library rule's documentation, hyperparameters and interface.
     Doc {
-        /// The rule's name.
+        /// A standard-library name or a rule file (every rule in it is documented).
         name: String,
     },
 }

@@ -67,6 +67,19 @@ pub fn runnable<'a>(
     runnable_with(base, decisions, sets, guard, &mut |_, _| {})
 }
 
+/// [`runnable`] for one step whose facts are known: the decisions they settle (`t % I == 0`,
+/// comparisons of scalar state, scalar draws) are fixed too, so work under a condition that is
+/// false this step runs no pass and reads none of its buffers.
+pub fn runnable_at<'a>(
+    base: &'a Program,
+    decisions: &specialize::Decisions,
+    sets: &[&[f64]],
+    facts: &specialize::StepFacts<'_>,
+    guard: bool,
+) -> Cow<'a, Program> {
+    runnable_impl(base, decisions, sets, Some(facts), guard, &mut |_, _| {})
+}
+
 /// [`runnable`], calling `observe` after each step: `specialize` (the decisions fixed) and the
 /// passes of [`SPECIALIZED`], then `guard` (the checks added) and the passes of [`GUARDED`].
 pub fn runnable_with<'a>(
@@ -76,11 +89,22 @@ pub fn runnable_with<'a>(
     guard: bool,
     observe: PassObserver<'_>,
 ) -> Cow<'a, Program> {
+    runnable_impl(base, decisions, sets, None, guard, observe)
+}
+
+fn runnable_impl<'a>(
+    base: &'a Program,
+    decisions: &specialize::Decisions,
+    sets: &[&[f64]],
+    facts: Option<&specialize::StepFacts<'_>>,
+    guard: bool,
+    observe: PassObserver<'_>,
+) -> Cow<'a, Program> {
     let mut program = Cow::Borrowed(base);
     if let Some(first) = sets.first() {
-        let agreed = decisions.agreeing(base, sets);
+        let agreed = decisions.agreeing_at(base, sets, facts);
         if !agreed.is_empty() {
-            let mut q = specialize::fixed(base, &agreed, first);
+            let mut q = specialize::fixed_at(base, &agreed, first, facts);
             observe("specialize", &q);
             run_pipeline(&mut q, SPECIALIZED, observe);
             program = Cow::Owned(q);

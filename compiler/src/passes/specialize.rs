@@ -7,22 +7,41 @@
 //! traffic for its state, no pass for its reduction. The runtime keeps one specialized program per
 //! set of decisions and switches when a hyperparameter change flips one.
 
-use crate::ir::{Node, NodeId, Program, Ty};
+use crate::ir::{Kind, Node, NodeId, Program, Ty};
 use crate::ops::{binary_f64, unary_f64};
+use crate::random;
 use std::collections::HashMap;
 
-/// The decisions a program's hyperparameter values can make.
+/// The decisions a program's hyperparameter values can make, and those that what is known at
+/// the start of a step decides ([`StepFacts`]: `t % I == 0`, a comparison of scalar state, a
+/// scalar draw): work under a condition that is false this step costs nothing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decisions {
-    /// Boolean nodes computed from hyperparameters and constants only, reachable from the roots.
+    /// Boolean nodes computed from hyperparameters and constants (and, where `per_step` says
+    /// so, from step facts), reachable from the roots.
     nodes: Vec<NodeId>,
+    /// Whether each node needs step facts.
+    per_step: Vec<bool>,
 }
 
-/// The value of a node computed from constants and hyperparameters only, or `None`.
+/// What is known of a step before it runs.
+#[derive(Debug, Clone, Copy)]
+pub struct StepFacts<'a> {
+    /// The step counter `t` (1 on the first step).
+    pub t: f64,
+    /// Scalar state values at the start of the step.
+    pub scalar_states: &'a [f64],
+    /// The seed of random draws.
+    pub seed: u64,
+}
+
+/// The value of a node computed from constants, hyperparameters and (with `facts`) the step's
+/// facts only, or `None`.
 fn static_value(
     p: &Program,
     id: NodeId,
     hypers: &[f64],
+    facts: Option<&StepFacts<'_>>,
     memo: &mut HashMap<NodeId, Option<f64>>,
 ) -> Option<f64> {
     if let Some(&v) = memo.get(&id) {
@@ -32,16 +51,33 @@ fn static_value(
         Node::Const(b) => Some(f64::from_bits(b)),
         Node::Bool(b) => Some(f64::from(u8::from(b))),
         Node::Hyper(h) => Some(hypers[h as usize]),
-        Node::Unary(op, a) => static_value(p, a, hypers, memo).map(|a| unary_f64(op, a)),
+        Node::Step => facts.map(|f| f.t),
+        Node::ScalarState(i) => facts.and_then(|f| f.scalar_states.get(i as usize).copied()),
+        Node::Random {
+            dist,
+            stream,
+            kind: Kind::Scalar,
+            seed,
+        } => match facts {
+            None => None,
+            Some(f) => {
+                let key = match seed {
+                    Some(s) => static_value(p, s, hypers, facts, memo).map(random::seed_key),
+                    None => Some(f.seed),
+                };
+                key.map(|k| f64::from(random::draw(dist, k, f.t as u64, stream, 0)))
+            }
+        },
+        Node::Unary(op, a) => static_value(p, a, hypers, facts, memo).map(|a| unary_f64(op, a)),
         Node::Binary(op, a, b) => match (
-            static_value(p, a, hypers, memo),
-            static_value(p, b, hypers, memo),
+            static_value(p, a, hypers, facts, memo),
+            static_value(p, b, hypers, facts, memo),
         ) {
             (Some(a), Some(b)) => Some(binary_f64(op, a, b)),
             _ => None,
         },
-        Node::Select(c, a, b) => match static_value(p, c, hypers, memo) {
-            Some(c) => static_value(p, if c != 0.0 { a } else { b }, hypers, memo),
+        Node::Select(c, a, b) => match static_value(p, c, hypers, facts, memo) {
+            Some(c) => static_value(p, if c != 0.0 { a } else { b }, hypers, facts, memo),
             None => None,
         },
         _ => None,
@@ -51,34 +87,48 @@ fn static_value(
 }
 
 impl Decisions {
-    /// Finds the decisions of a program: maximal boolean subexpressions of hyperparameters and
-    /// constants (a whole `amsgrad && weight_decay > 0` is one decision).
+    /// Finds the decisions of a program: maximal boolean subexpressions of hyperparameters,
+    /// constants and step facts (a whole `amsgrad && weight_decay > 0` is one decision).
     pub fn of(p: &Program) -> Decisions {
         let defaults: Vec<f64> = p.info.hypers.iter().map(|h| h.default).collect();
-        let mut memo = HashMap::new();
-        let mut nodes = Vec::new();
+        let zeros = vec![0.0; p.info.scalar_states.len()];
+        let facts = StepFacts {
+            t: 2.0,
+            scalar_states: &zeros,
+            seed: 0,
+        };
+        let (mut memo, mut memo_h) = (HashMap::new(), HashMap::new());
+        let mut found = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let mut stack = p.roots();
         while let Some(id) = stack.pop() {
             if !seen.insert(id) {
                 continue;
             }
-            // Constant-only booleans were folded away, so a static boolean reads a hyperparameter.
-            let is_static = static_value(p, id, &defaults, &mut memo).is_some();
+            // Constant-only booleans were folded away, so a static boolean reads a
+            // hyperparameter or a step fact.
+            let is_static = static_value(p, id, &defaults, Some(&facts), &mut memo).is_some();
             if is_static && p.graph.ty(id) == Ty::Bool && !matches!(p.graph.node(id), Node::Bool(_))
             {
-                nodes.push(id);
+                let per_step = static_value(p, id, &defaults, None, &mut memo_h).is_none();
+                found.push((id, per_step));
                 continue;
             }
             stack.extend(p.graph.node(id).children());
         }
-        nodes.sort();
-        Decisions { nodes }
+        found.sort();
+        Decisions {
+            nodes: found.iter().map(|f| f.0).collect(),
+            per_step: found.iter().map(|f| f.1).collect(),
+        }
     }
 
     /// No decisions: the program is never specialized.
     pub fn none() -> Decisions {
-        Decisions { nodes: Vec::new() }
+        Decisions {
+            nodes: Vec::new(),
+            per_step: Vec::new(),
+        }
     }
 
     /// How many decisions there are.
@@ -91,26 +141,48 @@ impl Decisions {
         self.nodes.is_empty()
     }
 
-    /// The decisions on which every one of these sets of values (one per parameter group) agrees:
-    /// a program specialized on them is right for every group.
-    pub fn agreeing(&self, p: &Program, sets: &[&[f64]]) -> Decisions {
-        let keys: Vec<Vec<bool>> = sets.iter().map(|h| self.key(p, h)).collect();
-        let nodes = self
-            .nodes
-            .iter()
-            .enumerate()
-            .filter(|&(i, _)| keys.iter().all(|k| k[i] == keys[0][i]))
-            .map(|(_, &n)| n)
-            .collect();
-        Decisions { nodes }
+    /// Whether any decision depends on the step's facts (the specialization may change from
+    /// one step to the next).
+    pub fn has_per_step(&self) -> bool {
+        self.per_step.iter().any(|&s| s)
     }
 
-    /// The decisions' outcomes for these hyperparameter values (the key of a specialization).
-    pub fn key(&self, p: &Program, hypers: &[f64]) -> Vec<bool> {
+    /// The decisions on which every one of these sets of values (one per parameter group) agrees:
+    /// a program specialized on them is right for every group. Decisions that need step facts
+    /// are kept only with `facts`.
+    pub fn agreeing_at(
+        &self,
+        p: &Program,
+        sets: &[&[f64]],
+        facts: Option<&StepFacts<'_>>,
+    ) -> Decisions {
+        let keys: Vec<Vec<Option<bool>>> = sets.iter().map(|h| self.key_at(p, h, facts)).collect();
+        let keep: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| keys[0][i].is_some() && keys.iter().all(|k| k[i] == keys[0][i]))
+            .collect();
+        Decisions {
+            nodes: keep.iter().map(|&i| self.nodes[i]).collect(),
+            per_step: keep.iter().map(|&i| self.per_step[i]).collect(),
+        }
+    }
+
+    /// [`Decisions::agreeing_at`] without step facts: the hyperparameter decisions.
+    pub fn agreeing(&self, p: &Program, sets: &[&[f64]]) -> Decisions {
+        self.agreeing_at(p, sets, None)
+    }
+
+    /// The decisions' outcomes for these hyperparameter values and step facts (the key of a
+    /// specialization); `None` for a decision that needs step facts when there are none.
+    pub fn key_at(
+        &self,
+        p: &Program,
+        hypers: &[f64],
+        facts: Option<&StepFacts<'_>>,
+    ) -> Vec<Option<bool>> {
         let mut memo = HashMap::new();
         self.nodes
             .iter()
-            .map(|&n| static_value(p, n, hypers, &mut memo).is_some_and(|v| v != 0.0))
+            .map(|&n| static_value(p, n, hypers, facts, &mut memo).map(|v| v != 0.0))
             .collect()
     }
 }
@@ -125,10 +197,26 @@ pub fn specialize(p: &Program, decisions: &Decisions, hypers: &[f64]) -> Program
 }
 
 /// The program with the decisions replaced by their outcomes for `hypers`, and no kernels yet
-/// (the first step of [`specialize`]).
+/// (the first step of [`specialize`]); decisions that need step facts stay.
 pub fn fixed(p: &Program, decisions: &Decisions, hypers: &[f64]) -> Program {
-    let key = decisions.key(p, hypers);
-    let outcomes: HashMap<NodeId, bool> = decisions.nodes.iter().copied().zip(key).collect();
+    fixed_at(p, decisions, hypers, None)
+}
+
+/// [`fixed`] with the step's facts: the decisions that need them are fixed too.
+pub fn fixed_at(
+    p: &Program,
+    decisions: &Decisions,
+    hypers: &[f64],
+    facts: Option<&StepFacts<'_>>,
+) -> Program {
+    let key = decisions.key_at(p, hypers, facts);
+    let outcomes: HashMap<NodeId, bool> = decisions
+        .nodes
+        .iter()
+        .copied()
+        .zip(key)
+        .filter_map(|(n, k)| k.map(|k| (n, k)))
+        .collect();
     let mut q = p.clone();
     for v in &mut q.variants {
         for s in &mut v.stages {
