@@ -198,6 +198,7 @@ fn run(
             t: t as f64,
             scalar_states: &scalar_states,
             scalar_inputs: &scalar_inputs,
+            scalar_given: &[],
             seed: 0,
         };
         let mut step = StepRun::new(&sp, s == 0, layout.lens.clone());

@@ -614,3 +614,44 @@ fn optc_run_takes_a_seed_and_saves_it_in_the_checkpoint() {
     assert_eq!(resumed.seed(), 5);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_scalar_input_defaults_to_a_draw_the_host_may_override() {
+    // N-HARPG draws q ~ U(0, 1) itself unless the host gives it.
+    let p = optc::stdlib_rule("n_harpg").expect("n_harpg");
+    let n = 50;
+    let (theta, g, hv) = (fill(1, n), fill(2, n), fill(3, n));
+    let probe = |q: Option<f64>| {
+        let mut opt = Optimizer::new(Arc::new(p.clone()), vec![vec![theta.clone()]])
+            .expect("bind")
+            .with_backend(Backend::Cranelift { threads: 2 })
+            .expect("backend");
+        opt.set_seed(21);
+        let i = Inputs::default()
+            .tensor("g", vec![&g[..]])
+            .tensor("hv", vec![&hv[..]]);
+        // Step 1, then the probe of step 2 (at step 1 theta_prev = theta: the probe is theta).
+        opt.step(&i).expect("step 1");
+        let probe = match q {
+            Some(q) => Inputs::default().scalar("q", q),
+            None => Inputs::default(),
+        };
+        assert!(opt.stage_needs(0).expect("probe").scalars.is_empty());
+        opt.run_stage(0, &probe).expect("probe");
+        let theta1 = opt.params(0)[0].clone();
+        let prev = opt.buffer("theta_prev").expect("theta_prev")[0].clone();
+        let hat = opt.buffer("theta_hat").expect("theta_hat")[0].clone();
+        (theta1, prev, hat)
+    };
+    let (t1, prev, hat) = probe(None);
+    let q = random::draw(Dist::Uniform, 21, 2, random::inline_stream(0, 0), 0);
+    for e in 0..n {
+        let want = (f64::from(q) as f32) * t1[e] + (1.0 - f64::from(q)) as f32 * prev[e];
+        assert_eq!(hat[e], want, "element {e}");
+    }
+    let (_, _, given) = probe(Some(0.25));
+    let (t1, prev, _) = probe(Some(0.25));
+    for e in 0..n {
+        assert_eq!(given[e], 0.25 * t1[e] + 0.75 * prev[e]);
+    }
+}

@@ -175,6 +175,9 @@ pub enum Node {
     ScalarState(u16),
     /// A scalar input.
     ScalarInput(u16),
+    /// A scalar input with a default: its value when the host gives it, else the default's
+    /// (`input q: scalar = uniform()`).
+    InputOr(u16, NodeId),
     /// Number of elements of a space (`per_tensor`: of each tensor).
     Numel {
         /// The space.
@@ -236,7 +239,10 @@ impl Node {
     /// The children, in order.
     pub fn children(&self) -> Vec<NodeId> {
         match *self {
-            Node::Splat(_, a) | Node::Unary(_, a) | Node::Reduce { arg: a, .. } => vec![a],
+            Node::Splat(_, a)
+            | Node::Unary(_, a)
+            | Node::Reduce { arg: a, .. }
+            | Node::InputOr(_, a) => vec![a],
             Node::Binary(_, a, b) => vec![a, b],
             Node::Select(c, a, b) => vec![c, a, b],
             Node::Random { seed, .. } => seed.into_iter().collect(),
@@ -247,6 +253,7 @@ impl Node {
     pub fn map_children(&self, mut f: impl FnMut(NodeId) -> NodeId) -> Node {
         match *self {
             Node::Splat(s, a) => Node::Splat(s, f(a)),
+            Node::InputOr(i, a) => Node::InputOr(i, f(a)),
             Node::Unary(op, a) => Node::Unary(op, f(a)),
             Node::Reduce {
                 op,
@@ -351,9 +358,11 @@ impl Graph {
     fn type_of(&self, node: &Node, leaves: &dyn LeafTypes) -> (Ty, Kind) {
         let join = |a: NodeId, b: NodeId| self.kind(a).join(self.kind(b)).unwrap_or(self.kind(a));
         match *node {
-            Node::Const(_) | Node::Step | Node::ScalarState(_) | Node::ScalarInput(_) => {
-                (Ty::Num, Kind::Scalar)
-            }
+            Node::Const(_)
+            | Node::Step
+            | Node::ScalarState(_)
+            | Node::ScalarInput(_)
+            | Node::InputOr(..) => (Ty::Num, Kind::Scalar),
             Node::Bool(_) => (Ty::Bool, Kind::Scalar),
             Node::Hyper(h) => (leaves.hyper_ty(h), Kind::Scalar),
             Node::Numel { space, per_tensor } => (

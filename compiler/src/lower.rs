@@ -181,6 +181,8 @@ struct Checker<'a> {
     deep_reported: bool,
     /// Declared `random` values.
     randoms: Vec<RandomDecl<'a>>,
+    /// The defaults of scalar inputs that have one.
+    input_default: HashMap<u16, &'a ast::Expr>,
     /// The site index of each draw written in a stage, by (stage, byte offset of the call).
     draw_sites: HashMap<(u16, usize), u16>,
     /// Draws written in each stage so far.
@@ -223,6 +225,7 @@ pub fn lower_rule(rule: &ast::Rule) -> Lowered {
         node_depth: Vec::new(),
         deep_reported: false,
         randoms: Vec::new(),
+        input_default: HashMap::new(),
         draw_sites: HashMap::new(),
         sites_per_stage: HashMap::new(),
         diags: Vec::new(),
@@ -702,15 +705,16 @@ impl<'a> Checker<'a> {
         let scalar = matches!(e.ty, Some(TypeAnn::Scalar(_)));
         match kind {
             DeclKind::Input => {
-                if let Some(init) = &e.init {
+                if let (Some(init), false) = (&e.init, scalar) {
                     self.error(
                         Diagnostic::error(
                             "E0305",
-                            "an input takes no initializer",
+                            "a per-element input takes no initializer",
                             init.span,
                             "not allowed here",
                         )
-                        .with_note("the host gives every input's value at every step"),
+                        .with_note("the host gives every per-element input's value at every step")
+                        .with_help("a scalar input may have a default, used when the host does not give it: `input q: scalar = uniform()`"),
                     );
                 }
                 if scalar {
@@ -719,6 +723,9 @@ impl<'a> Checker<'a> {
                         && self.declare(&e.name, Sym::ScalarInput(id))
                     {
                         self.info.scalar_inputs.push(e.name.name.clone());
+                        if let Some(init) = &e.init {
+                            self.input_default.insert(id, init);
+                        }
                     }
                     return;
                 }
@@ -1284,7 +1291,37 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                 })
             }
             Sym::Hyper(h) => self.add(Node::Hyper(h)),
-            Sym::ScalarInput(i) => self.add(Node::ScalarInput(i)),
+            Sym::ScalarInput(i) => match self.ck.input_default.get(&i).copied() {
+                None => self.add(Node::ScalarInput(i)),
+                Some(init) => {
+                    // The default, one value per step: its draws belong to stage 0 whichever
+                    // stage reads it, so every stage sees the same value.
+                    let (stage, at) = (self.stage, self.at);
+                    self.stage = 0;
+                    let d = self.lower_init(init, self.decl_pos(name), Kind::Scalar);
+                    self.stage = stage;
+                    self.at = at;
+                    let k = self.graph.kind(d);
+                    if self.graph.ty(d) != Ty::Num || k != Kind::Scalar {
+                        let what = if self.graph.ty(d) != Ty::Num {
+                            "a boolean".to_string()
+                        } else {
+                            self.kind_name(k)
+                        };
+                        self.error(
+                            Diagnostic::error(
+                                "E0405",
+                                format!("the default of scalar input `{name}` must be one number per step, but this is {what}"),
+                                init.span,
+                                "not one number per step",
+                            )
+                            .with_label(span, "read here"),
+                        );
+                        return None;
+                    }
+                    self.add(Node::InputOr(i, d))
+                }
+            },
             Sym::ScalarState(i) => match self.scalars.get(i as usize) {
                 Some(&v) => v,
                 None => {

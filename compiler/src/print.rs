@@ -25,6 +25,7 @@ pub fn node_text(p: &Program, id: NodeId) -> String {
         Node::Step => "t".to_string(),
         Node::ScalarState(i) => format!("state {}", p.info.scalar_states[i as usize]),
         Node::ScalarInput(i) => format!("input {}", p.info.scalar_inputs[i as usize]),
+        Node::InputOr(i, d) => format!("input {} or {d}", p.info.scalar_inputs[i as usize]),
         Node::Random {
             dist,
             stream,

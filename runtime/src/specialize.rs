@@ -228,6 +228,8 @@ fn needs_of(p: &Program, variant: usize) -> Vec<StageNeeds> {
                 Node::ScalarInput(i) => {
                     n.scalars.insert(i);
                 }
+                // An input with a default is optional: the default when it is not given.
+                Node::InputOr(_, d) => roots.push(d),
                 // A reduction's argument was read by the stage that computed it.
                 Node::Reduce { .. } => {}
                 node => roots.extend(node.children()),

@@ -227,6 +227,9 @@ impl<T: Float + Default> Optimizer<T> {
         let scalar_inputs: Vec<f64> = (0..info.scalar_inputs.len())
             .map(|i| scalars.get(&(i as u16)).copied().unwrap_or(0.0))
             .collect();
+        let scalar_given: Vec<bool> = (0..info.scalar_inputs.len())
+            .map(|i| scalars.contains_key(&(i as u16)))
+            .collect();
         let env = StepEnv {
             hypers: &self.hp.effective,
             groups: &self.hp.effective_groups,
@@ -234,6 +237,7 @@ impl<T: Float + Default> Optimizer<T> {
             t: (self.st.steps + 1) as f64,
             scalar_states: &self.st.scalar_states,
             scalar_inputs: &scalar_inputs,
+            scalar_given: &scalar_given,
             seed: self.seed,
         };
         let mut run = StepRun::new(&prog, self.st.steps == 0, self.lens.clone())

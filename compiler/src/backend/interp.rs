@@ -38,6 +38,9 @@ pub struct StepEnv<'a> {
     pub scalar_states: &'a [f64],
     /// Scalar input values.
     pub scalar_inputs: &'a [f64],
+    /// Whether the host gave each scalar input (those it did not give take their defaults; an
+    /// empty list: every one was given).
+    pub scalar_given: &'a [bool],
     /// The seed of random draws.
     pub seed: u64,
 }
@@ -132,6 +135,13 @@ impl<'p> StepRun<'p> {
             Node::Step => env.t,
             Node::ScalarState(i) => env.scalar_states[i as usize],
             Node::ScalarInput(i) => env.scalar_inputs[i as usize],
+            Node::InputOr(i, d) => {
+                if env.scalar_given.get(i as usize).copied().unwrap_or(true) {
+                    env.scalar_inputs[i as usize]
+                } else {
+                    self.eval(env, d, tensor, group)
+                }
+            }
             Node::Numel { space, per_tensor } => {
                 let lens = &self.lens[space as usize];
                 if per_tensor {
