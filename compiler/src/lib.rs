@@ -16,6 +16,13 @@ pub mod storage;
 
 pub use optc_grammar::{ast, Diagnostic, Label, Severity};
 
+/// Codes a rule with a syntax error may report only because a part of it is missing (a name
+/// whose declaration or `let` did not parse, a missing `param`, statements and declarations out
+/// of place): not reported for such a rule.
+const ABSENCE_CODES: &[&str] = &[
+    "E0101", "E0103", "E0301", "E0302", "E0303", "E0304", "E0310",
+];
+
 /// The result of compiling a source file.
 #[derive(Debug)]
 pub struct Compilation {
@@ -61,6 +68,23 @@ pub fn compile_with(src: &str, observe: PassObserver<'_>) -> Compilation {
             );
         }
         let parse_ok = !diagnostics.iter().any(|d| d.is_error());
+        let syntax_errors: Vec<usize> = diagnostics
+            .iter()
+            .filter(|d| d.is_error())
+            .map(|d| d.primary.span.start)
+            .collect();
+        // The lines that hold a syntax error: what is left of their statement (a skipped
+        // character, a missing token) may read as something else, so nothing else is reported
+        // there.
+        let newlines: Vec<usize> = src
+            .bytes()
+            .enumerate()
+            .filter(|&(_, b)| b == b'\n')
+            .map(|(i, _)| i)
+            .collect();
+        let line_of = |pos: usize| newlines.partition_point(|&nl| nl < pos);
+        let broken_lines: std::collections::HashSet<usize> =
+            syntax_errors.iter().map(|&at| line_of(at)).collect();
         for rule in &file.rules {
             if let Some(prev) = names.insert(&rule.name.name, rule.name.span) {
                 diagnostics.push(
@@ -73,12 +97,22 @@ pub fn compile_with(src: &str, observe: PassObserver<'_>) -> Compilation {
                     .with_label(prev, "first defined here"),
                 );
             }
-            if !parse_ok {
-                // After a syntax error statements are missing: checking would report their
-                // absence ("unknown name", "never used") as more errors. Fix the syntax first.
+            let broken = syntax_errors
+                .iter()
+                .any(|&at| at >= rule.span.start && at < rule.span.end.max(rule.span.start + 1));
+            let lowered = lower::lower_rule(rule);
+            if broken {
+                // A statement or declaration of this rule is missing: checking reports the
+                // errors its absence cannot cause (types, kinds, misuse of what is there), not
+                // "unknown name", "never used" or a missing part, which fixing the syntax may
+                // resolve.
+                diagnostics.extend(lowered.diagnostics.into_iter().filter(|d| {
+                    d.is_error()
+                        && !ABSENCE_CODES.contains(&d.code)
+                        && !broken_lines.contains(&line_of(d.primary.span.start))
+                }));
                 continue;
             }
-            let lowered = lower::lower_rule(rule);
             diagnostics.extend(lowered.diagnostics);
             if let (Some(mut p), true) = (lowered.program, parse_ok) {
                 observe("lower", &p);

@@ -245,6 +245,42 @@ fn refine(src: &str, tokens: &[(usize, Tok, usize)], d: Diagnostic) -> Diagnosti
     if tokens[i].1 == Tok::Star && i > 0 && tokens[i - 1].1 == Tok::Star && tokens[i - 1].2 == at {
         return d.with_help("powers are written `^`: `g ^ 2`");
     }
+    // `(1 - beta * g` then a new line: the `(` that is never closed, not the next line's token.
+    if d.help.as_deref().is_some_and(|h| h.contains("`)`")) {
+        let mut open: Vec<usize> = Vec::new();
+        for (k, t) in tokens[..i].iter().enumerate() {
+            match t.1 {
+                Tok::LParen => open.push(k),
+                Tok::RParen => {
+                    open.pop();
+                }
+                // A statement does not continue past a brace: parentheses before it are
+                // another statement's.
+                Tok::LBrace | Tok::RBrace => open.clear(),
+                _ => {}
+            }
+        }
+        if let Some(&k) = open.last() {
+            if !same_line(tokens[k].0, at) {
+                let (l, _, r) = tokens[k];
+                // Where the `)` belongs: after the last token of the `(`'s line.
+                let last = tokens[k..i]
+                    .iter()
+                    .take_while(|t| same_line(tokens[k].0, t.0))
+                    .last()
+                    .map_or(r, |t| t.2);
+                return Diagnostic::error(
+                    "E0002",
+                    "unclosed `(`",
+                    Span::new(l, r),
+                    "this `(` is never closed",
+                )
+                .with_label(Span::new(last, last), "expected `)` by here")
+                .with_label(d.primary.span, "the parser stopped here")
+                .with_help("close it with `)`");
+            }
+        }
+    }
     let wants_assign = d.help.as_deref() == Some("expected `=`");
     if i >= 1 && wants_assign {
         let (l, prev, r) = &tokens[i - 1];
