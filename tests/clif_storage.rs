@@ -199,7 +199,7 @@ fn run(
             scalar_states: &scalar_states,
             scalar_inputs: &scalar_inputs,
             scalar_given: &[],
-            seed: 0,
+            seed,
         };
         let mut step = StepRun::new(&sp, s == 0, layout.lens.clone());
         let variant = step.variant();
@@ -243,7 +243,8 @@ fn run(
                         if fused {
                             run_kernel_stored(jk, &sp, lens, &ptrs, &uniforms, key, Some(pool))
                         } else {
-                            run_kernel(jk, &sp, lens, &ptrs, &uniforms, Some(pool))
+                            // The same key: draws (spsa) take it too.
+                            run_kernel_stored(jk, &sp, lens, &ptrs, &uniforms, key, Some(pool))
                         }
                     };
                     for (r, v) in results {

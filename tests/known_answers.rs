@@ -262,7 +262,7 @@ fn adan_weight_decay_proximal_and_no_prox() {
             &[
                 ("lr", lr),
                 ("weight_decay", wd),
-                ("weight_decouple", if decouple { 1.0 } else { 0.0 }),
+                ("no_prox", if decouple { 1.0 } else { 0.0 }),
             ],
         );
         opt.step(&Inputs::default().tensor("g", slices(&g)))
@@ -288,7 +288,7 @@ fn adan_weight_decay_proximal_and_no_prox() {
             })
             .collect();
         assert_close(
-            &format!("adan weight_decouple = {decouple}"),
+            &format!("adan no_prox = {decouple}"),
             opt.params(0),
             &want,
             step_tol(lr),

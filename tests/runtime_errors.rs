@@ -148,7 +148,7 @@ fn unknown_hyperparameter() {
 
 #[test]
 fn non_finite_hyperparameter() {
-    for name in ["lr", "eps", "weight_decouple"] {
+    for name in ["lr", "eps", "no_prox"] {
         for v in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
             assert_rejected_without_trace(
                 adan,
@@ -165,11 +165,11 @@ fn bool_hyperparameter_set_to_a_non_boolean() {
     for v in [0.5, 2.0, -1.0, 1e-300] {
         assert_rejected_without_trace(
             adan,
-            |o| o.set_hyper("weight_decouple", v),
-            |e| matches!(e, Error::BadHyper { name, value, .. } if name == "weight_decouple" && *value == v),
+            |o| o.set_hyper("no_prox", v),
+            |e| matches!(e, Error::BadHyper { name, value, .. } if name == "no_prox" && *value == v),
             |o| {
                 // The following valid call sets the same flag properly.
-                o.set_hyper("weight_decouple", 1.0).unwrap();
+                o.set_hyper("no_prox", 1.0).unwrap();
                 adan_next(o);
             },
         );
@@ -392,25 +392,38 @@ fn stage_run_out_of_order() {
 
 #[test]
 fn missing_scalar_input() {
+    // normalized_gd's loss has no default (n_harpg's q has one: it is drawn).
+    let ngd = || {
+        let program = optc::stdlib_rule("normalized_gd").expect("normalized_gd");
+        let mut opt = Optimizer::new(Arc::new(program), vec![data(0, &SIZES)]).unwrap();
+        let g = data(1, &SIZES);
+        opt.step(
+            &Inputs::default()
+                .tensor("g", slices(&g))
+                .scalar("loss", 2.0),
+        )
+        .unwrap();
+        opt
+    };
+    let ngd_next = |o: &mut Optimizer<f32>| {
+        let g = data(2, &SIZES);
+        o.step(
+            &Inputs::default()
+                .tensor("g", slices(&g))
+                .scalar("loss", 3.0),
+        )
+        .unwrap();
+    };
+    let g = data(20, &SIZES);
     assert_rejected_without_trace(
-        harpg,
-        |o| o.run_stage(0, &Inputs::default()),
-        |e| matches!(e, Error::MissingInput { rule, stage, name } if rule == "n_harpg" && stage == "probe" && name == "q"),
-        harpg_next,
+        ngd,
+        |o| o.step(&Inputs::default().tensor("g", slices(&g))),
+        |e| matches!(e, Error::MissingInput { rule, stage, name } if rule == "normalized_gd" && stage == "step" && name == "loss"),
+        ngd_next,
     );
-    let (g, hv) = (data(20, &SIZES), data(21, &SIZES));
-    assert_rejected_without_trace(
-        harpg,
-        |o| {
-            o.step(
-                &Inputs::default()
-                    .tensor("g", slices(&g))
-                    .tensor("hv", slices(&hv)),
-            )
-        },
-        |e| matches!(e, Error::MissingInput { name, .. } if name == "q"),
-        harpg_next,
-    );
+    // A scalar input with a default may be left out.
+    let mut h = harpg();
+    h.run_stage(0, &Inputs::default()).expect("q is drawn");
     // An unknown scalar beside the right one.
     assert_rejected_without_trace(
         harpg,

@@ -20,7 +20,12 @@ where the constructor has those options). Tensors w0..w5 have awkward shapes; in
 gradients come from a NumPy generator seeded with crc32(case name), the gradient scale varying per
 step. The files are byte-for-byte reproducible. Run with the project's venv:
 
-    .venv/bin/python scripts/parity/make_fixtures.py [--out tests/parity/fixtures] [--only CASE...]
+    .venv/bin/python scripts/parity/make_fixtures.py [--out tests/parity/fixtures] [--only CASE...] \
+        [--authors DIR]
+
+The `*_authors_*` cases run the papers' authors' own optimizers, imported from DIR (default
+`.authors/` at the repository root, git-ignored): `diffGrad_v2.py` from shivram1987/diffGrad and
+`adan.py` from sail-sg/Adan, as fetched from GitHub (they are not vendored here).
 """
 from __future__ import annotations
 
@@ -65,6 +70,28 @@ RULES = {
     "adabelief": (po.AdaBelief, {}),
     "adan": (po.Adan, {}),
     "diffgrad": (po.DiffGrad, {}),
+}
+
+# The authors' reference code: reference key -> (file in --authors, class name, forced kwargs).
+# A reference key `RULE.authors` is run for the optc rule RULE.
+AUTHORS = {
+    "diffgrad.authors": ("diffGrad_v2.py", "diffgrad", {}),
+    "adan.authors": ("adan.py", "Adan", {}),
+}
+
+# optc hyperparameter -> the reference's name for it.
+RENAMES = {
+    "adan": {"no_prox": "weight_decouple"},
+}
+
+# The optc hyperparameter values under which a rule is this reference, where the rule's defaults
+# follow another reference (diffgrad's defaults are the authors' diffGrad_v2): recorded in every
+# fixture of the reference, and passed to its constructor unless listed in NOT_ARGS.
+REFERENCE_SETTINGS = {
+    "diffgrad": {"weight_decouple": True, "v_eps": 1e-15},
+}
+NOT_ARGS = {
+    "diffgrad": ("v_eps",),
 }
 
 # Options of pytorch_optimizer classes that are not named constructor arguments but are read from
@@ -177,7 +204,14 @@ CASES: list[tuple[str, str, dict]] = [
      {"lr": 0.01, "weight_decay": 0.02, "max_grad_norm": 1.0, "eps": 1e-4}),
     ("adan_noprox_wd_betas", "adan",
      {"lr": 0.01, "beta1": 0.9, "beta2": 0.9, "beta3": 0.95, "weight_decay": 0.05,
-      "weight_decouple": True, "max_grad_norm": 5.0}),
+      "no_prox": True, "max_grad_norm": 5.0}),
+    # --- the authors' sail-sg/Adan
+    ("adan_authors_default", "adan.authors", {}),
+    ("adan_authors_noprox_clip", "adan.authors",
+     {"lr": 0.01, "beta1": 0.9, "beta2": 0.9, "beta3": 0.95, "weight_decay": 0.05,
+      "no_prox": True, "max_grad_norm": 2.0}),
+    ("adan_authors_prox_wd", "adan.authors",
+     {"lr": 0.02, "weight_decay": 0.02, "eps": 1e-6}),
     # --- pytorch_optimizer.DiffGrad
     ("diffgrad_default", "diffgrad", {}),
     ("diffgrad_coupled_wd_amsbound", "diffgrad",
@@ -189,12 +223,37 @@ CASES: list[tuple[str, str, dict]] = [
     ("diffgrad_rectify_nosgd", "diffgrad",
      {"lr": 0.01, "rectify": True, "degenerated_to_sgd": False}),
     ("diffgrad_adam_debias", "diffgrad", {"lr": 0.01, "beta2": 0.99, "adam_debias": True}),
+    # --- the authors' shivram1987/diffGrad diffGrad_v2.py (the rule's defaults)
+    ("diffgrad_authors_default", "diffgrad.authors", {}),
+    ("diffgrad_authors_wd_betas", "diffgrad.authors",
+     {"lr": 0.01, "beta1": 0.8, "beta2": 0.99, "eps": 1e-6, "weight_decay": 0.05}),
 ]
 
+AUTHORS_DIR = None
 
-def ctor_kwargs(rule: str, hyper: dict) -> dict:
+
+def reference(key: str):
+    """The reference class and forced kwargs of a reference key."""
+    if key in RULES:
+        return RULES[key]
+    file, cls_name, forced = AUTHORS[key]
+    import importlib.util
+    path = os.path.join(AUTHORS_DIR, file)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: fetch the authors' {file} (see the module docs)")
+    spec = importlib.util.spec_from_file_location(f"authors_{cls_name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return getattr(mod, cls_name), forced
+
+
+def ctor_kwargs(key: str, hyper: dict) -> dict:
     """optc hyperparameters -> the reference constructor's keyword arguments."""
-    cls, forced = RULES[rule]
+    cls, forced = reference(key)
+    rule = key.split(".")[0]
+    renames = RENAMES.get(rule, {}) if key in RULES else {}
+    hyper = {renames.get(k, k): v for k, v in hyper.items()
+             if not (key in RULES and k in NOT_ARGS.get(rule, ()))}
     sig = inspect.signature(cls.__init__).parameters
     kw: dict = {}
     betas = [hyper[k] for k in ("beta1", "beta2", "beta3") if k in hyper]
@@ -207,7 +266,7 @@ def ctor_kwargs(rule: str, hyper: dict) -> dict:
     for k, v in hyper.items():
         if k in ("beta1", "beta2", "beta3"):
             continue
-        if k not in sig and k not in EXTRA_KWARGS.get(rule, ()):
+        if k not in sig and k not in EXTRA_KWARGS.get(key, ()):
             raise KeyError(f"{cls.__name__} has no argument {k!r}")
         kw[k] = v
     kw.update(forced)
@@ -219,14 +278,21 @@ def ctor_kwargs(rule: str, hyper: dict) -> dict:
     return dict(sorted(kw.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
 
-def reference_string(rule: str, kw: dict) -> str:
-    cls, _ = RULES[rule]
-    mod = "torch.optim" if cls.__module__.startswith("torch.optim") else "pytorch_optimizer"
+def reference_string(key: str, kw: dict) -> str:
+    cls, _ = reference(key)
+    if key in AUTHORS:
+        mod = {"diffgrad.authors": "shivram1987/diffGrad diffGrad_v2",
+               "adan.authors": "sail-sg/Adan adan"}[key]
+    else:
+        mod = "torch.optim" if cls.__module__.startswith("torch.optim") else "pytorch_optimizer"
     args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
     return f"{mod}.{cls.__name__}({args})"
 
 
-def make_case(name: str, rule: str, hyper: dict) -> tuple[dict, dict]:
+def make_case(name: str, key: str, hyper: dict) -> tuple[dict, dict]:
+    rule = key.split(".")[0]
+    if key in RULES:
+        hyper = {**REFERENCE_SETTINGS.get(rule, {}), **hyper}
     seed = zlib.crc32(name.encode())
     rng = np.random.default_rng(seed)
     init = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
@@ -238,8 +304,8 @@ def make_case(name: str, rule: str, hyper: dict) -> tuple[dict, dict]:
     }
 
     params = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in init.items()}
-    kw = ctor_kwargs(rule, hyper)
-    cls, _ = RULES[rule]
+    kw = ctor_kwargs(key, hyper)
+    cls, _ = reference(key)
     opt = cls(list(params.values()), **kw)
 
     expected = {k: np.empty((T, *s), dtype=np.float32) for k, s in SHAPES.items()}
@@ -263,7 +329,7 @@ def make_case(name: str, rule: str, hyper: dict) -> tuple[dict, dict]:
         "rule": rule,
         "hyper": json.dumps(hyper, sort_keys=True),
         "steps": str(T),
-        "reference": reference_string(rule, kw),
+        "reference": reference_string(key, kw),
         "torch_version": torch.__version__,
         "pytorch_optimizer_version": importlib.metadata.version("pytorch-optimizer"),
     }
@@ -302,7 +368,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(root, "tests", "parity", "fixtures"))
     ap.add_argument("--only", nargs="*", help="case names to write (default: all)")
+    ap.add_argument("--authors", default=os.path.join(root, ".authors"),
+                    help="folder holding the authors' diffGrad_v2.py and adan.py")
     args = ap.parse_args()
+    global AUTHORS_DIR
+    AUTHORS_DIR = args.authors
 
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)

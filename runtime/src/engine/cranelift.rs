@@ -369,7 +369,8 @@ unsafe impl Sync for SendTasks {}
 ///
 /// `ptrs[j][slot]` is the base pointer of each of the kernel's buffer slots for tensor `j`;
 /// `uniforms[j]` the tensor's uniform values. Returns the reduction results: for each reduction,
-/// one value per tensor (per-tensor) or one value (global), combined in task order.
+/// one value per tensor (per-tensor) or one value (global), combined in task order. Random draws
+/// are keyed by seed 0 and step 0 ([`run_kernel_stored`] takes a key).
 ///
 /// # Safety
 /// Every pointer in `ptrs` must be valid for `lens[j]` elements of the kernel's precision; slots
@@ -383,18 +384,14 @@ pub unsafe fn run_kernel<T: Float>(
     uniforms: &[Vec<T>],
     pool: Option<&rayon::ThreadPool>,
 ) -> Vec<(optc_compiler::ir::NodeId, Vec<f64>)> {
-    // SAFETY: the caller's guarantees; a kernel compiled without 16-bit storage reads no key.
-    unsafe {
-        run_kernel_stored(
-            k,
-            program,
-            lens,
-            ptrs,
-            uniforms,
-            RoundingKey::default(),
-            pool,
-        )
-    }
+    let bases = tensor_bases(lens);
+    let key = RoundingKey {
+        bases: &bases,
+        seed: 0,
+        step: 0,
+    };
+    // SAFETY: the caller's guarantees.
+    unsafe { run_kernel_stored(k, program, lens, ptrs, uniforms, key, pool) }
 }
 
 /// What stochastic rounding needs of a kernel launch (see `optc_compiler::storage`): per tensor
