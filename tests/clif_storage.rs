@@ -15,9 +15,7 @@ use optc::compiler::backend::interp::{StepEnv, StepRun};
 use optc::compiler::ir::{BufRole, Program};
 use optc::compiler::passes::specialize::{specialize, Decisions};
 use optc::compiler::storage::{self, key_buffer, rounded_then_reloaded, Storage, StorageMap};
-use optc::runtime::engine::cranelift::{
-    run_kernel, run_kernel_stored, tensor_bases, JitProgram, RoundingKey,
-};
+use optc::runtime::engine::cranelift::{run_kernel_stored, tensor_bases, JitProgram, RoundingKey};
 use optc::runtime::mixed::{bf16, f16, MixedOptimizer, MixedOptions, Rounding};
 use optc::runtime::{Backend, Inputs, TensorSpec};
 use std::sync::Arc;

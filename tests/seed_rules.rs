@@ -90,7 +90,7 @@ fn prox_sgd_soft_thresholds_and_clamps() {
                     let y = *x - f(0.2) * gi;
                     let sh = y.signum() * (y.abs() - f(0.2 * l1)).max(0.0);
                     let sh = if y == 0.0 { 0.0 } else { sh };
-                    *x = if boxed { sh.max(-0.25).min(0.5) } else { sh };
+                    *x = if boxed { sh.clamp(-0.25, 0.5) } else { sh };
                 }
                 assert_eq!(o.params(0)[0], th, "{backend:?} l1 {l1} box {boxed}");
             }
@@ -129,7 +129,7 @@ fn optimistic_omd_follows_its_two_sequences() {
                 ("adaptive", f64::from(u8::from(adaptive))),
             ];
             let mut o = opt("optimistic_omd", vec![fill(3, n)], backend, &hs);
-            let (mut x, mut xhat, mut gp) = (fill(3, n), fill(3, n), vec![0f32; n]);
+            let (mut xhat, mut gp) = (fill(3, n), vec![0f32; n]);
             let mut var = 0f64;
             let proj = |v: Vec<f32>| -> Vec<f32> {
                 if radius > 0.0 {
@@ -141,7 +141,7 @@ fn optimistic_omd_follows_its_two_sequences() {
                     let s = f((1f64).min(radius / norm));
                     v.iter().map(|a| a * s).collect()
                 } else if boxed {
-                    v.iter().map(|a| a.max(-0.2).min(0.3)).collect()
+                    v.iter().map(|a| a.clamp(-0.2, 0.3)).collect()
                 } else {
                     v
                 }
@@ -163,7 +163,7 @@ fn optimistic_omd_follows_its_two_sequences() {
                     0.3
                 });
                 xhat = proj(xhat.iter().zip(&g).map(|(a, b)| a - eta * b).collect());
-                x = proj(xhat.iter().zip(&g).map(|(a, b)| a - eta * b).collect());
+                let x = proj(xhat.iter().zip(&g).map(|(a, b)| a - eta * b).collect());
                 gp = g;
                 let got = &o.params(0)[0];
                 for (e, (a, b)) in got.iter().zip(&x).enumerate() {
