@@ -71,9 +71,9 @@ class Rule:
         "adabelief": dict(lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.0, weight_decouple=True,
                           fixed_decay=False, rectify=False, n_sma_threshold=5, degenerated_to_sgd=True,
                           ams_bound=False, eps=1e-16, maximize=False, adam_debias=False),
-        "adan": dict(lr=1e-3, beta1=0.98, beta2=0.92, beta3=0.99, weight_decay=0.0, weight_decouple=False,
+        "adan": dict(lr=1e-3, beta1=0.98, beta2=0.92, beta3=0.99, weight_decay=0.0, no_prox=False,
                      max_grad_norm=0.0, eps=1e-8, maximize=False),
-        "diffgrad": dict(lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.0, weight_decouple=True,
+        "diffgrad": dict(lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.0, weight_decouple=False, v_eps=0.0,
                          fixed_decay=False, rectify=False, n_sma_threshold=5, degenerated_to_sgd=True,
                          ams_bound=False, eps=1e-8, maximize=False, adam_debias=False),
     }
@@ -276,11 +276,11 @@ def step(rule, h, t, th, g, S):
             nesterov_g = b2 * diff + gc
             S["n"][k] = b3 * S["n"][k] + (1 - b3) * nesterov_g * nesterov_g
             denom = np.sqrt(S["n"][k]) / math.sqrt(1 - b3 ** t) + h["eps"]
-            if h["weight_decouple"]:
+            if h["no_prox"]:
                 th[k] = th[k] * (1 - lr * wd)
             th[k] = th[k] - lr / (1 - b1 ** t) * (S["m"][k] / denom)
             th[k] = th[k] - lr * b2 / (1 - b2 ** t) * (S["v"][k] / denom)
-            if not h["weight_decouple"]:
+            if not h["no_prox"]:
                 th[k] = th[k] / (1 + lr * wd)
             S["g_prev"][k] = gc
     elif rule == "diffgrad":
@@ -295,7 +295,7 @@ def step(rule, h, t, th, g, S):
             S["v"][k] = h["beta2"] * S["v"][k] + (1 - h["beta2"]) * gw * gw
             if h["ams_bound"]:
                 S["vmax"][k] = np.maximum(S["vmax"][k], S["v"][k])
-            denom = (np.sqrt(S["vmax"][k] + 1e-15) if h["ams_bound"] else np.sqrt(S["v"][k] + 1e-15)) + h["eps"]
+            denom = (np.sqrt(S["vmax"][k] + h["v_eps"]) if h["ams_bound"] else np.sqrt(S["v"][k] + h["v_eps"])) + h["eps"]
             dfc = sig(np.abs(S["g_prev"][k] - gw)) * S["m"][k]
             if not h["rectify"] or rectified:
                 th[k] = th[k] - step_size * (dfc / denom)
