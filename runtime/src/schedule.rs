@@ -15,7 +15,14 @@
 //! | `cosine(n)`, `cosine(n, m)` | `m + (1 - m) (1 + cos(pi min(t, n) / n)) / 2` |
 //! | `step(k, g)` | `g ^ floor(t / k)` |
 //! | `piecewise(t1: f1, t2: f2, ...)` | linear between the points, constant outside |
+//! | `batch_scale(b, b0)`, `batch_scale(b, b0, sqrt)` | `b / b0`, or `sqrt(b / b0)` |
+//! | `A * B` | `A`'s factor times `B`'s (binds tighter than `then`) |
 //! | `A then B` | `A` for its length, then `B` counting from 1 again |
+//!
+//! `batch_scale` is the learning rate as a function of the batch size (Granziol et al., 2020,
+//! "Learning Rates as a Function of Batch Size"): linear in `b / b0` for SGD, by its square root
+//! for Adam-type rules, from a base learning rate tuned at batch size `b0`; it composes with any
+//! schedule (`batch_scale(1024, 256, sqrt) * cosine(1000)`) and applies to any rule's `lr`.
 //!
 //! [`Schedule::refined`] computes the schedule of Defazio et al. (2023) from observed gradient
 //! norms.
@@ -66,6 +73,18 @@ pub enum Schedule {
     Piecewise(Vec<(u64, f64)>),
     /// The first schedule for its length, then the second (counting from 1 again).
     Then(Box<Schedule>, Box<Schedule>),
+    /// The product of two schedules' factors.
+    Times(Box<Schedule>, Box<Schedule>),
+    /// The learning rate at batch size `batch` from one tuned at `base`: `batch / base`, or its
+    /// square root.
+    BatchScale {
+        /// The batch size used.
+        batch: f64,
+        /// The batch size the base value was tuned at.
+        base: f64,
+        /// Scale by the square root (Adam-type rules) instead of linearly (SGD).
+        sqrt: bool,
+    },
 }
 
 /// A schedule that cannot be built.
@@ -82,7 +101,11 @@ impl Schedule {
     /// How many steps the schedule runs before a following one takes over (for `then`).
     pub fn length(&self) -> Option<u64> {
         match self {
-            Schedule::Constant | Schedule::Step { .. } => None,
+            Schedule::Constant | Schedule::Step { .. } | Schedule::BatchScale { .. } => None,
+            Schedule::Times(a, b) => match (a.length(), b.length()) {
+                (Some(x), Some(y)) => Some(x.max(y)),
+                (x, None) | (None, x) => x,
+            },
             Schedule::Warmup { steps, .. } | Schedule::Linear { steps, .. } => Some(*steps),
             Schedule::LinearDecay { total } | Schedule::Cosine { total, .. } => Some(*total),
             Schedule::Piecewise(points) => points.last().map(|p| p.0),
@@ -136,7 +159,34 @@ impl Schedule {
                 Some(n) if t > n => b.factor(t - n),
                 _ => a.factor(t),
             },
+            Schedule::Times(a, b) => a.factor(t) * b.factor(t),
+            Schedule::BatchScale { batch, base, sqrt } => {
+                let r = batch / base;
+                if *sqrt {
+                    r.sqrt()
+                } else {
+                    r
+                }
+            }
         }
+    }
+
+    /// The learning-rate factor for batch size `batch` from a value tuned at batch size `base`:
+    /// `batch / base` (SGD), or with `sqrt` its square root (Adam-type rules). Both sizes must be
+    /// positive and finite.
+    pub fn batch_scale(batch: f64, base: f64, sqrt: bool) -> Result<Schedule, ScheduleError> {
+        if !(batch.is_finite() && base.is_finite() && batch > 0.0 && base > 0.0) {
+            return Err(ScheduleError {
+                text: format!("batch_scale({batch}, {base})"),
+                why: "batch sizes must be positive and finite".into(),
+            });
+        }
+        Ok(Schedule::BatchScale { batch, base, sqrt })
+    }
+
+    /// This schedule's factor times `other`'s.
+    pub fn times(self, other: Schedule) -> Schedule {
+        Schedule::Times(Box::new(self), Box::new(other))
     }
 
     /// Parses the text form (see the module documentation).
@@ -148,8 +198,19 @@ impl Schedule {
         let parts: Vec<&str> = text.split(" then ").map(str::trim).collect();
         let mut schedules = parts
             .iter()
-            .map(|p| Self::parse_one(p).map_err(&bad))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|p| {
+                let mut factors = p
+                    .split(" * ")
+                    .map(|f| Self::parse_one(f.trim()))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut out = factors.pop().expect("split gives at least one part");
+                while let Some(f) = factors.pop() {
+                    out = Schedule::Times(Box::new(f), Box::new(out));
+                }
+                Ok(out)
+            })
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(&bad)?;
         for s in &schedules[..schedules.len() - 1] {
             if s.length().is_none() {
                 return Err(bad(format!(
@@ -248,7 +309,20 @@ impl Schedule {
                 }
                 Schedule::Piecewise(points)
             }
-            other => return Err(format!("unknown schedule `{other}` (known: constant, warmup, linear, linear_decay, cosine, step, piecewise)")),
+            "batch_scale" => {
+                arity(2, 3)?;
+                let sqrt = match args.get(2).copied() {
+                    None | Some("linear") => false,
+                    Some("sqrt") => true,
+                    Some(other) => return Err(format!("`{other}`: the scaling is `linear` or `sqrt`")),
+                };
+                let (b, b0) = (num(args[0])?, num(args[1])?);
+                if b <= 0.0 || b0 <= 0.0 {
+                    return Err("batch sizes must be positive".into());
+                }
+                Schedule::BatchScale { batch: b, base: b0, sqrt }
+            }
+            other => return Err(format!("unknown schedule `{other}` (known: constant, warmup, linear, linear_decay, cosine, step, piecewise, batch_scale)")),
         })
     }
 
@@ -365,6 +439,12 @@ impl fmt::Display for Schedule {
                 write!(f, ")")
             }
             Schedule::Then(a, b) => write!(f, "{a} then {b}"),
+            Schedule::Times(a, b) => write!(f, "{a} * {b}"),
+            Schedule::BatchScale { batch, base, sqrt } => write!(
+                f,
+                "batch_scale({batch:?}, {base:?}, {})",
+                if *sqrt { "sqrt" } else { "linear" }
+            ),
         }
     }
 }
@@ -372,6 +452,25 @@ impl fmt::Display for Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_scale_composes_with_any_schedule() {
+        let s = Schedule::parse("batch_scale(1024, 256, sqrt) * cosine(10, 0.1)").unwrap();
+        assert_eq!(s.factor(0), 2.0);
+        assert!((s.factor(10) - 0.2).abs() < 1e-15);
+        assert_eq!(Schedule::parse(&s.to_string()).unwrap(), s);
+        let l = Schedule::parse("batch_scale(64, 256)").unwrap();
+        assert_eq!(l.factor(5), 0.25);
+        assert_eq!(l, Schedule::batch_scale(64.0, 256.0, false).unwrap());
+        // A product that ends can be followed.
+        let w = Schedule::parse("warmup(4) * batch_scale(2, 1) then constant").unwrap();
+        assert_eq!([2, 4, 5].map(|t| w.factor(t)), [1.0, 2.0, 1.0]);
+        assert!(Schedule::parse("batch_scale(0, 1)").is_err());
+        assert!(Schedule::parse("batch_scale(4, 1, cube)").is_err());
+        assert!(Schedule::parse("batch_scale(4) ").is_err());
+        assert!(Schedule::parse("batch_scale(4, 1) then constant").is_err());
+        assert!(Schedule::batch_scale(f64::NAN, 1.0, true).is_err());
+    }
 
     #[test]
     fn factors() {
