@@ -66,7 +66,7 @@ NVRTC_VERSION="13.0.88"
 if [ -z "${OPTC_NVRTC_LIB:-}" ]; then
     cand="$(awk '/libnvrtc\.so\.13 /{print $NF; exit}' <<<"$LDCACHE")"
     [ -n "$cand" ] || cand="$(ls /usr/local/cuda*/lib64/libnvrtc.so.13 /usr/local/cuda*/targets/*/lib/libnvrtc.so.13 2>/dev/null | head -1)"
-    [ -n "$cand" ] || cand="$(find /usr/lib/python3* /usr/local/lib/python3* "$HOME/.local/lib" "$HOME/.cache/optc-ci-venv" \
+    [ -n "$cand" ] || cand="$(find /usr/lib/python3* /usr/local/lib/python3* /opt "$HOME/.local/lib" "$HOME/.cache/optc-ci-venv" \
         -path '*nvidia/cu13/lib/libnvrtc.so.13' -print -quit 2>/dev/null)"
     if [ -z "$cand" ]; then
         VENV="${OPTC_CI_VENV:-$HOME/.cache/optc-ci-venv}"

@@ -37,6 +37,11 @@ fn run_fixture(path: &std::path::Path) -> (f64, String) {
     let hyper: BTreeMap<String, serde_json::Value> =
         serde_json::from_str(&meta["hyper"]).expect("hyper json");
     let steps: usize = meta["steps"].parse().expect("steps");
+    // A rule with a sample axis (dp_sgd): the number of samples of each step; its input `G`
+    // holds each step's samples after those of the steps before.
+    let samples: Option<Vec<usize>> = meta
+        .get("samples")
+        .map(|s| serde_json::from_str(s).expect("samples json"));
     let mut names: Vec<String> = st
         .names()
         .iter()
@@ -92,7 +97,13 @@ fn run_fixture(path: &std::path::Path) -> (f64, String) {
                 .enumerate()
                 .map(|(j, (d, _))| {
                     let len = opt.params(0)[j].len();
-                    &d[step * len..(step + 1) * len]
+                    match &samples {
+                        Some(b) => {
+                            let before: usize = b[..step].iter().sum();
+                            &d[before * len..(before + b[step]) * len]
+                        }
+                        None => &d[step * len..(step + 1) * len],
+                    }
                 })
                 .collect();
             inp = inp.tensor(i, slices);

@@ -185,6 +185,8 @@ pub enum Node {
         /// Per tensor instead of the whole group.
         per_tensor: bool,
     },
+    /// The number of tensors of a space (`tensor_count(x)`).
+    TensorCount(SpaceId),
     /// A buffer element: its content after `gen` stages of this step have stored theirs.
     Load {
         /// The buffer.
@@ -207,6 +209,17 @@ pub enum Node {
         /// Per tensor instead of the whole group.
         per_tensor: bool,
         /// The per-element value reduced.
+        arg: NodeId,
+    },
+    /// The number of samples of the step's sample-axis inputs (`samples`). Only in a program's
+    /// axis form: [`crate::passes::unroll`] replaces it by the count.
+    Samples,
+    /// A reduction over the samples (`sample_sum`, `sample_max`) of a per-sample value. Only in a
+    /// program's axis form: [`crate::passes::unroll`] replaces it by one operation per sample.
+    SampleReduce {
+        /// Sum or max.
+        op: ReduceOp,
+        /// The per-sample value reduced.
         arg: NodeId,
     },
     /// A random draw ([`crate::random`]): one value per element, per tensor or per step, as
@@ -242,6 +255,7 @@ impl Node {
             Node::Splat(_, a)
             | Node::Unary(_, a)
             | Node::Reduce { arg: a, .. }
+            | Node::SampleReduce { arg: a, .. }
             | Node::InputOr(_, a) => vec![a],
             Node::Binary(_, a, b) => vec![a, b],
             Node::Select(c, a, b) => vec![c, a, b],
@@ -264,6 +278,7 @@ impl Node {
                 per_tensor,
                 arg: f(arg),
             },
+            Node::SampleReduce { op, arg } => Node::SampleReduce { op, arg: f(arg) },
             Node::Binary(op, a, b) => Node::Binary(op, f(a), f(b)),
             Node::Select(c, a, b) => Node::Select(f(c), f(a), f(b)),
             Node::Random {
@@ -360,6 +375,8 @@ impl Graph {
         match *node {
             Node::Const(_)
             | Node::Step
+            | Node::Samples
+            | Node::TensorCount(_)
             | Node::ScalarState(_)
             | Node::ScalarInput(_)
             | Node::InputOr(..) => (Ty::Num, Kind::Scalar),
@@ -375,6 +392,7 @@ impl Graph {
             ),
             Node::Load { buf, .. } => (Ty::Num, Kind::Element(leaves.buf_space(buf))),
             Node::Random { kind, .. } => (Ty::Num, kind),
+            Node::SampleReduce { arg, .. } => (Ty::Num, self.kind(arg)),
             Node::Splat(s, a) => (self.ty(a), Kind::Element(s)),
             Node::Unary(op, a) => (
                 if op == UnOp::Not { Ty::Bool } else { Ty::Num },
@@ -499,6 +517,9 @@ pub struct BufInfo {
     pub role: BufRole,
     /// The space it is shaped like.
     pub space: SpaceId,
+    /// Whether it carries a leading sample axis (an input the host gives as `[samples, ...shape]`
+    /// per tensor). Only in a program's axis form.
+    pub samples: bool,
 }
 
 /// The interface of a compiled rule: everything a runtime needs to set it up.
@@ -518,6 +539,9 @@ pub struct RuleInfo {
     pub scalar_states: Vec<String>,
     /// Scalar input names.
     pub scalar_inputs: Vec<String>,
+    /// The scalar states that are scalar outputs (`out NAME = <scalar>`): set by every step,
+    /// read by the host, never by the rule.
+    pub scalar_outs: Vec<u16>,
     /// Stage names (one stage named `step` for rules without stages).
     pub stages: Vec<String>,
 }
@@ -609,6 +633,10 @@ pub struct Program {
     pub graph: Graph,
     /// `[first step, later steps]`.
     pub variants: [Variant; 2],
+    /// For a rule with sample-axis inputs: the rule as lowered, with its sample axis
+    /// ([`Node::Samples`], [`Node::SampleReduce`], inputs with [`BufInfo::samples`]), and the
+    /// number of samples this program was unrolled for ([`crate::passes::unroll`]).
+    pub axis_form: Option<(std::sync::Arc<Program>, usize)>,
 }
 
 impl Program {

@@ -61,11 +61,16 @@ const REDUCTIONS: &[(&str, usize)] = &[
     ("numel", 1),
 ];
 
+/// Reductions over the sample axis.
+const SAMPLE_FNS: &[&str] = &["sample_sum", "sample_mean", "sample_max"];
+
 /// Every function name, for "did you mean".
 fn function_names() -> Vec<String> {
     let mut v: Vec<String> = UNARY_FNS.iter().map(|f| f.0.to_string()).collect();
     v.extend(BINARY_FNS.iter().map(|f| f.0.to_string()));
     v.push("clamp".into());
+    v.push("tensor_count".into());
+    v.extend(SAMPLE_FNS.iter().map(|f| f.to_string()));
     v.push("uniform".into());
     v.push("normal".into());
     for (r, _) in REDUCTIONS {
@@ -171,6 +176,8 @@ struct Checker<'a> {
     stages: Vec<(String, Vec<&'a ast::Stmt>)>,
     /// Spans of `out` statements by output buffer.
     out_spans: HashMap<BufId, Span>,
+    /// Spans of scalar `out` statements by name.
+    scalar_out_spans: HashMap<String, Span>,
     /// Unknown names already reported.
     unknown: HashSet<String>,
     /// Tables whose size limit was reported.
@@ -179,6 +186,11 @@ struct Checker<'a> {
     node_depth: Vec<u32>,
     /// Whether a value too deep was reported.
     deep_reported: bool,
+    /// Whether each graph node varies per sample (depends on a sample-axis input and is not
+    /// reduced over the samples).
+    node_sampled: Vec<bool>,
+    /// Whether the rule has a sample-axis input.
+    has_samples: bool,
     /// Declared `random` values.
     randoms: Vec<RandomDecl<'a>>,
     /// The defaults of scalar inputs that have one.
@@ -211,6 +223,7 @@ pub fn lower_rule(rule: &ast::Rule) -> Lowered {
             buffers: Vec::new(),
             scalar_states: Vec::new(),
             scalar_inputs: Vec::new(),
+            scalar_outs: Vec::new(),
             stages: Vec::new(),
         },
         names: HashMap::new(),
@@ -220,10 +233,13 @@ pub fn lower_rule(rule: &ast::Rule) -> Lowered {
         home: HashMap::new(),
         stages: Vec::new(),
         out_spans: HashMap::new(),
+        scalar_out_spans: HashMap::new(),
         unknown: HashSet::new(),
         full: HashSet::new(),
         node_depth: Vec::new(),
         deep_reported: false,
+        node_sampled: Vec::new(),
+        has_samples: false,
         randoms: Vec::new(),
         input_default: HashMap::new(),
         draw_sites: HashMap::new(),
@@ -253,6 +269,7 @@ pub fn lower_rule(rule: &ast::Rule) -> Lowered {
         info: ck.info,
         graph,
         variants: [first, later],
+        axis_form: None,
     };
     ck.diags
         .sort_by_key(|d| (d.primary.span.start, d.primary.span.end));
@@ -531,11 +548,11 @@ impl<'a> Checker<'a> {
         for d in decls.iter().filter(|d| d.kind == DeclKind::Param) {
             for e in &d.entries {
                 if e.ty.is_some() || e.init.is_some() {
-                    let span = e.init.as_ref().map(|i| i.span).or(match &e.ty {
-                        Some(TypeAnn::Scalar(s)) => Some(*s),
-                        Some(TypeAnn::Space(i)) => Some(i.span),
-                        None => None,
-                    });
+                    let span = e
+                        .init
+                        .as_ref()
+                        .map(|i| i.span)
+                        .or(e.ty.as_ref().map(|t| t.span()));
                     self.error(
                         Diagnostic::error(
                             "E0305",
@@ -555,6 +572,7 @@ impl<'a> Checker<'a> {
                         name: e.name.name.clone(),
                         role: BufRole::Param,
                         space: (self.info.spaces.len() - 1) as u16,
+                        samples: false,
                     });
                 }
             }
@@ -701,8 +719,55 @@ impl<'a> Checker<'a> {
         None
     }
 
+    /// Whether an annotation asks for a sample axis (`: samples`, `: samples(x)`), reporting
+    /// an axis this language does not have; `Err` after an error.
+    fn sample_axis(&mut self, kind: DeclKind, e: &ast::DeclEntry) -> Result<bool, ()> {
+        let (span, named_samples) = match &e.ty {
+            Some(TypeAnn::Space(i)) if i.name == "samples" => {
+                if matches!(self.names.get("samples"), Some(Declared { sym: Sym::Buf(b), .. })
+                    if self.info.buffers[*b as usize].role == BufRole::Param)
+                {
+                    return Ok(false); // a param named `samples`
+                }
+                (i.span, true)
+            }
+            Some(TypeAnn::Axis { axis, span, .. }) => (*span, axis.name == "samples"),
+            _ => return Ok(false),
+        };
+        if !named_samples {
+            if let Some(TypeAnn::Axis { axis, .. }) = &e.ty {
+                self.error(
+                    Diagnostic::error(
+                        "E0406",
+                        format!("unknown axis `{}`", axis.name),
+                        axis.span,
+                        "not an axis",
+                    )
+                    .with_help("the axis of per-sample inputs is `samples`: `input G: samples(x)`"),
+                );
+            }
+            return Err(());
+        }
+        if kind != DeclKind::Input {
+            self.error(
+                Diagnostic::error(
+                    "E0406",
+                    format!("a {} has no sample axis", kind.keyword()),
+                    span,
+                    "only inputs have one",
+                )
+                .with_note("the host gives per-sample values (per-sample gradients) as an input `[samples, ...shape]` per tensor; reduce them over the samples with `sample_sum` or `sample_mean`"),
+            );
+            return Err(());
+        }
+        Ok(true)
+    }
+
     fn declare_entry(&mut self, kind: DeclKind, e: &'a ast::DeclEntry) {
         let scalar = matches!(e.ty, Some(TypeAnn::Scalar(_)));
+        let Ok(sampled) = self.sample_axis(kind, e) else {
+            return;
+        };
         match kind {
             DeclKind::Input => {
                 if let (Some(init), false) = (&e.init, scalar) {
@@ -749,10 +814,12 @@ impl<'a> Checker<'a> {
             DeclKind::Param => unreachable!("params are declared first"),
         }
         let space = match &e.ty {
-            Some(TypeAnn::Space(i)) => self.space_of(i),
+            Some(TypeAnn::Space(i)) if !sampled => self.space_of(i),
+            Some(TypeAnn::Axis { of: Some(i), .. }) => self.space_of(i),
             _ => self.default_space(e, kind),
         };
         let Some(space) = space else { return };
+        self.has_samples |= sampled;
         let id = self.info.buffers.len() as BufId;
         if self.room("buffers", self.info.buffers.len(), e.name.span)
             && self.declare(&e.name, Sym::Buf(id))
@@ -765,6 +832,7 @@ impl<'a> Checker<'a> {
                     BufRole::State
                 },
                 space,
+                samples: sampled,
             });
             if let Some(init) = &e.init {
                 self.buf_init.insert(id, init);
@@ -1025,6 +1093,15 @@ impl<'c, 'a> Lowerer<'c, 'a> {
             .max()
             .unwrap_or(0);
         depths.push(depth);
+        let sampled = match node {
+            Node::Load { buf, .. } => self.ck.info.buffers[buf as usize].samples,
+            Node::SampleReduce { .. } | Node::Samples => false,
+            n => n
+                .children()
+                .iter()
+                .any(|c| self.ck.node_sampled[c.0 as usize]),
+        };
+        self.ck.node_sampled.push(sampled);
         if depth > MAX_VALUE_DEPTH && !self.ck.deep_reported {
             self.ck.deep_reported = true;
             self.ck.error(
@@ -1140,6 +1217,9 @@ impl<'c, 'a> Lowerer<'c, 'a> {
     fn fit_to_buffer(&mut self, v: NodeId, b: BufId, at: Option<Span>) -> Option<NodeId> {
         let space = self.ck.info.buffers[b as usize].space;
         let name = self.ck.info.buffers[b as usize].name.clone();
+        if let Some(span) = at {
+            self.not_per_sample(v, span, &format!("`{name}`"))?;
+        }
         if self.graph.ty(v) == Ty::Bool {
             if let Some(span) = at {
                 self.error(Diagnostic::error(
@@ -1169,6 +1249,24 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                 None
             }
         }
+    }
+
+    /// Reports a per-sample value where one value for all samples is needed (a store, a
+    /// scalar state, a statement `if`'s condition); `None` after the error.
+    fn not_per_sample(&mut self, v: NodeId, span: Span, what: &str) -> Option<NodeId> {
+        if !self.ck.node_sampled[v.0 as usize] {
+            return Some(v);
+        }
+        self.error(
+            Diagnostic::error(
+                "E0407",
+                format!("{what} cannot hold a value that differs from sample to sample"),
+                span,
+                "per sample",
+            )
+            .with_help("reduce it over the samples first, with `sample_sum`, `sample_mean` or `sample_max`"),
+        );
+        None
     }
 
     fn lookup_let(&mut self, name: &str) -> Option<&mut LetBinding> {
@@ -1250,6 +1348,23 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                 return Some(node);
             }
         }
+        if name == "samples" && !self.ck.names.contains_key(name) {
+            if self.ck.has_samples {
+                return Some(self.add(Node::Samples));
+            }
+            if self.ck.unknown.insert(name.to_string()) {
+                self.error(
+                    Diagnostic::error(
+                        "E0408",
+                        "`samples` counts the samples of a sample-axis input, but this rule has none",
+                        span,
+                        "no input has a sample axis",
+                    )
+                    .with_help("declare the per-sample input as `input G: samples` (or `input G: samples(x)`)"),
+                );
+            }
+            return None;
+        }
         let Some(decl) = self.ck.names.get_mut(name) else {
             self.unknown_name(name, span, false);
             return None;
@@ -1322,6 +1437,13 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                     self.add(Node::InputOr(i, d))
                 }
             },
+            Sym::ScalarState(i) if self.ck.info.scalar_outs.contains(&i) => {
+                self.error(
+                    Diagnostic::error("E0209", format!("output `{name}` cannot be read"), span, "read here")
+                        .with_note("outputs are written for the host; keep the value in a `let` or a `state` to read it"),
+                );
+                return None;
+            }
             Sym::ScalarState(i) => match self.scalars.get(i as usize) {
                 Some(&v) => v,
                 None => {
@@ -1670,6 +1792,64 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                 .num_args(args, name)
                 .map(|v| self.add(Node::Binary(op, v[0], v[1])));
         }
+        if SAMPLE_FNS.contains(&name) {
+            if !self.arity(f, args, 1, span) {
+                return None;
+            }
+            let v = self.expr(&args[0])?;
+            let v = self.expect_num(v, args[0].span, &format!("`{name}`"))?;
+            if !self.ck.node_sampled[v.0 as usize] {
+                self.error(
+                    Diagnostic::error(
+                        "E0409",
+                        format!("`{name}` reduces over the samples, but this value is the same for every sample"),
+                        args[0].span,
+                        "not per sample",
+                    )
+                    .with_note("per-sample values are those computed from an input declared `: samples`"),
+                );
+                return None;
+            }
+            return Some(match name {
+                "sample_max" => self.add(Node::SampleReduce {
+                    op: ReduceOp::Max,
+                    arg: v,
+                }),
+                _ => {
+                    let s = self.add(Node::SampleReduce {
+                        op: ReduceOp::Sum,
+                        arg: v,
+                    });
+                    if name == "sample_mean" {
+                        let n = self.add(Node::Samples);
+                        self.add(Node::Binary(BinOp::Div, s, n))
+                    } else {
+                        s
+                    }
+                }
+            });
+        }
+        if name == "tensor_count" {
+            if !self.arity(f, args, 1, span) {
+                return None;
+            }
+            let v = self.num_args_in(args, name, None)?;
+            let Some(space) = self.graph.kind(v[0]).space() else {
+                self.error(
+                    Diagnostic::error(
+                        "E0204",
+                        "`tensor_count` counts the tensors of a param, but this value is a scalar",
+                        args[0].span,
+                        "a scalar",
+                    )
+                    .with_help(
+                        "write `tensor_count(x)` for a param `x`, or a value shaped like one",
+                    ),
+                );
+                return None;
+            };
+            return Some(self.add(Node::TensorCount(space)));
+        }
         if name == "clamp" {
             if !self.arity(f, args, 3, span) {
                 return None;
@@ -1864,7 +2044,11 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                     self.stmts(els);
                     return;
                 };
-                let c = self.expect_bool(c, cond.span, "an `if` statement");
+                let c = self
+                    .expect_bool(c, cond.span, "an `if` statement")
+                    .and_then(|c| {
+                        self.not_per_sample(c, cond.span, "an `if` statement's condition")
+                    });
                 let (bufs0, scalars0) = (self.bufs.clone(), self.scalars.clone());
                 self.stmts(then);
                 let (mut bufs_t, scalars_t) = (
@@ -1998,6 +2182,10 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                 let Some(v) = self.expect_num(v, e.span, "a scalar state") else {
                     return;
                 };
+                let what = format!("scalar state `{}`", n.name);
+                let Some(v) = self.not_per_sample(v, e.span, &what) else {
+                    return;
+                };
                 let k = self.graph.kind(v);
                 if k != Kind::Scalar {
                     self.error(
@@ -2035,6 +2223,54 @@ impl<'c, 'a> Lowerer<'c, 'a> {
         }
     }
 
+    /// `out NAME = <scalar>`: a scalar state the host reads, set by this step.
+    fn scalar_out(&mut self, n: &ast::Ident, v: NodeId, span: Span) {
+        if let Some(Declared {
+            sym: Sym::ScalarState(i),
+            ..
+        }) = self.ck.names.get(&n.name)
+        {
+            let i = *i;
+            if self.report {
+                if let Some(prev) = self.ck.scalar_out_spans.get(&n.name).copied() {
+                    if prev != span {
+                        self.error(
+                            Diagnostic::error(
+                                "E0102",
+                                format!("output `{}` is written twice", n.name),
+                                n.span,
+                                "written again here",
+                            )
+                            .with_label(prev, "first written here"),
+                        );
+                        return;
+                    }
+                }
+            }
+            self.scalars[i as usize] = v;
+            return;
+        }
+        let i = self.ck.info.scalar_states.len();
+        if !self.ck.room("scalar states", i, n.span) {
+            return;
+        }
+        self.ck.info.scalar_states.push(n.name.clone());
+        self.ck.info.scalar_outs.push(i as u16);
+        self.ck.scalar_init.push(None);
+        self.ck.names.insert(
+            n.name.clone(),
+            Declared {
+                sym: Sym::ScalarState(i as u16),
+                span: n.span,
+                used: true,
+                assigned: true,
+                pos: self.ck.order.len(),
+            },
+        );
+        self.ck.scalar_out_spans.insert(n.name.clone(), span);
+        self.scalars.push(v);
+    }
+
     fn out(&mut self, n: &ast::Ident, e: &ast::Expr, span: Span) {
         // Outputs are per element: with one param, draws are per element of it.
         let ctx = (self.ck.info.spaces.len() == 1).then_some(Kind::Element(0));
@@ -2066,7 +2302,9 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                 return;
             }
         }
-        if let Some(d) = self.ck.names.get(&n.name) {
+        if let Some(d) = self.ck.names.get(&n.name).filter(
+            |d| !matches!(d.sym, Sym::ScalarState(i) if self.ck.info.scalar_outs.contains(&i)),
+        ) {
             let dspan = d.span;
             self.error(
                 Diagnostic::error(
@@ -2083,8 +2321,16 @@ impl<'c, 'a> Lowerer<'c, 'a> {
         let Some(v) = self.expect_num(v, e.span, "an output") else {
             return;
         };
+        let what = format!("output `{}`", n.name);
+        let Some(v) = self.not_per_sample(v, e.span, &what) else {
+            return;
+        };
         let space = match self.graph.kind(v) {
             Kind::Element(s) => s,
+            Kind::Scalar => {
+                self.scalar_out(n, v, span);
+                return;
+            }
             k => {
                 self.error(
                     Diagnostic::error(
@@ -2096,7 +2342,10 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                         e.span,
                         "not per element",
                     )
-                    .with_note("outputs are buffers shaped like a param"),
+                    .with_note("outputs are buffers shaped like a param, or one number per step")
+                    .with_help(
+                        "reduce it to one number (`sum`, `norm`, ...) or broadcast it over a param",
+                    ),
                 );
                 return;
             }
@@ -2109,6 +2358,7 @@ impl<'c, 'a> Lowerer<'c, 'a> {
             name: n.name.clone(),
             role: BufRole::Output,
             space,
+            samples: false,
         });
         self.ck.names.insert(
             n.name.clone(),

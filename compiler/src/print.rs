@@ -23,6 +23,15 @@ pub fn node_text(p: &Program, id: NodeId) -> String {
         Node::Bool(b) => format!("const {b}"),
         Node::Hyper(h) => format!("hyper {}", p.info.hypers[h as usize].name),
         Node::Step => "t".to_string(),
+        Node::Samples => "samples".to_string(),
+        Node::TensorCount(s) => format!("tensor_count {}", space(p, s)),
+        Node::SampleReduce { op, arg } => format!(
+            "sample_{} {arg}",
+            match op {
+                ReduceOp::Sum => "sum",
+                ReduceOp::Max => "max",
+            }
+        ),
         Node::ScalarState(i) => format!("state {}", p.info.scalar_states[i as usize]),
         Node::ScalarInput(i) => format!("input {}", p.info.scalar_inputs[i as usize]),
         Node::InputOr(i, d) => format!("input {} or {d}", p.info.scalar_inputs[i as usize]),
@@ -153,10 +162,25 @@ pub fn interface(p: &Program) -> String {
             BufRole::State => "state",
             BufRole::Output => "output",
         };
-        let _ = writeln!(out, "  {role} {}: {}", b.name, space(p, b.space));
+        let sampled = p.axis_form.as_ref().is_some_and(|(axis, _)| {
+            axis.info
+                .buffers
+                .iter()
+                .any(|a| a.samples && a.name == b.name)
+        });
+        if sampled {
+            let _ = writeln!(out, "  {role} {}: samples({})", b.name, space(p, b.space));
+        } else {
+            let _ = writeln!(out, "  {role} {}: {}", b.name, space(p, b.space));
+        }
     }
-    for s in &i.scalar_states {
-        let _ = writeln!(out, "  state {s}: scalar");
+    for (k, s) in i.scalar_states.iter().enumerate() {
+        let role = if i.scalar_outs.contains(&(k as u16)) {
+            "output"
+        } else {
+            "state"
+        };
+        let _ = writeln!(out, "  {role} {s}: scalar");
     }
     for s in &i.scalar_inputs {
         let _ = writeln!(out, "  input {s}: scalar");

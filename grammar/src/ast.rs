@@ -144,8 +144,28 @@ pub struct DeclEntry {
 pub enum TypeAnn {
     /// `: scalar`.
     Scalar(Span),
-    /// `: x`, the space of param `x`.
+    /// `: x`, the space of param `x` (or `: samples`, read by the checker as an axis).
     Space(Ident),
+    /// `: samples(x)`: an axis over the space of param `x`.
+    Axis {
+        /// The axis's name (`samples`).
+        axis: Ident,
+        /// The param whose space it extends.
+        of: Option<Ident>,
+        /// The whole annotation.
+        span: Span,
+    },
+}
+
+impl TypeAnn {
+    /// The annotation's span.
+    pub fn span(&self) -> Span {
+        match self {
+            TypeAnn::Scalar(s) => *s,
+            TypeAnn::Space(i) => i.span,
+            TypeAnn::Axis { span, .. } => *span,
+        }
+    }
 }
 
 /// `stage NAME { ... }`.

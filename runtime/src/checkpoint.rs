@@ -493,7 +493,7 @@ type GroupRecord = (Vec<Option<f64>>, Vec<(usize, usize)>);
 impl<T: Float + Default> Optimizer<T> {
     /// Parameter groups 1, 2, ...: their tensors by name and their own hyperparameter values.
     fn groups_record(&self) -> serde_json::Value {
-        let info = &self.program.info;
+        let info = &self.base.info;
         let groups: Vec<serde_json::Value> = self
             .hp
             .groups
@@ -537,7 +537,7 @@ impl<T: Float + Default> Optimizer<T> {
             for (name, v) in values {
                 let v = json_number(v).ok_or_else(bad)?;
                 let h = self.check_value(name, v)?;
-                if crate::optimizer::scalar_state_hypers(&self.program).contains(&(h as u16)) {
+                if crate::optimizer::scalar_state_hypers(&self.base).contains(&(h as u16)) {
                     return Err(err(format!(
                         "a parameter group of the checkpoint overrides `{name}`, which the rule's scalar state reads"
                     )));
@@ -573,7 +573,7 @@ impl<T: Float + Default> Optimizer<T> {
                 "cannot checkpoint in the middle of a step (between stages)",
             ));
         }
-        let info = &self.program.info;
+        let info = &self.base.info;
         let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
         for (b, bi) in info.buffers.iter().enumerate() {
             if bi.role != BufRole::State {
@@ -620,7 +620,7 @@ impl<T: Float + Default> Optimizer<T> {
         let record = serde_json::json!({
             "format": FORMAT,
             "rule": info.name,
-            "program_hash": program_hash(&self.program),
+            "program_hash": program_hash(&self.base),
             "steps": self.st.steps,
             "seed": self.seed.to_string(),
             "hyperparameters": hypers,
@@ -698,7 +698,7 @@ impl<T: Float + Default> Optimizer<T> {
                 )))
             }
         };
-        let info = &self.program.info;
+        let info = &self.base.info;
         if text("rule")? != info.name {
             return Err(err(format!(
                 "the checkpoint is for rule `{}`, this optimizer runs `{}`",
@@ -707,9 +707,9 @@ impl<T: Float + Default> Optimizer<T> {
             )));
         }
         let hash = if version_1 {
-            program_hash_1(&self.program)
+            program_hash_1(&self.base)
         } else {
-            program_hash(&self.program)
+            program_hash(&self.base)
         };
         if text("program_hash")? != hash {
             return Err(err(format!("the checkpoint was written by a different version of rule `{}` (its compiled form differs)", info.name)));

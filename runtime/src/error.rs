@@ -113,6 +113,9 @@ pub enum Error {
     /// Params lent to an optimizer that owns its own, or not lent to one that borrows them.
     #[error("{0}")]
     Params(String),
+    /// A sample-axis input's shape: its number of samples, or blocks that do not fit.
+    #[error("samples: {0}")]
+    Samples(String),
     /// Params given at construction are not one list per param of the rule.
     #[error("rule `{rule}` has {expected} param(s), got tensors for {got}")]
     Spaces {

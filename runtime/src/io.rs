@@ -90,9 +90,17 @@ pub struct DeviceInputs {
     pub tensors: HashMap<String, Vec<u64>>,
     /// Scalar inputs by name.
     pub scalars: HashMap<String, f64>,
+    /// The number of samples the sample-axis inputs hold (`[samples, ...shape]` per tensor,
+    /// samples first); needed when one is given, since device addresses carry no length.
+    pub samples: Option<usize>,
 }
 
 impl DeviceInputs {
+    /// Sets the number of samples of the sample-axis inputs.
+    pub fn samples(mut self, n: usize) -> Self {
+        self.samples = Some(n);
+        self
+    }
     /// Adds a per-element input.
     pub fn tensor(mut self, name: &str, ptrs: Vec<u64>) -> Self {
         self.tensors.insert(name.to_string(), ptrs);

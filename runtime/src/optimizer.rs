@@ -19,13 +19,21 @@ use optc_compiler::ir::{BufRole, Node, NodeId, Program, Ty};
 use optc_compiler::ops::Float;
 use optc_compiler::passes::specialize::{Decisions, StepFacts};
 use optc_compiler::storage::StorageMap;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 /// A rule bound to a set of tensors: parameters, state, step counter and hyperparameters.
 #[derive(Debug)]
 pub struct Optimizer<T: Float> {
+    /// The program the steps run: the compiled rule, or for a rule with a sample axis, the rule
+    /// written out for the current number of samples.
     pub(crate) program: Arc<Program>,
+    /// The compiled rule as given (with a sample axis: written out for one sample).
+    pub(crate) base: Arc<Program>,
+    /// The number of samples `program` is written out for (1 without a sample axis).
+    pub(crate) samples: usize,
+    /// The programs and specializations of the other numbers of samples used so far.
+    pub(crate) by_samples: HashMap<usize, (Arc<Program>, Specializations)>,
     /// Hyperparameter values, schedules and parameter groups.
     pub(crate) hp: Hypers,
     /// The step counter, scalar state and what carries between the stages of a step.
@@ -55,6 +63,9 @@ impl<T: Float> Clone for Optimizer<T> {
     fn clone(&self) -> Self {
         Optimizer {
             program: Arc::clone(&self.program),
+            base: Arc::clone(&self.base),
+            samples: self.samples,
+            by_samples: self.by_samples.clone(),
             hp: self.hp.clone(),
             st: self.st.clone(),
             bufs: self.bufs.clone(),
@@ -276,6 +287,9 @@ impl<T: Float + Default> Optimizer<T> {
             tensors,
             lent,
             specs,
+            base: Arc::clone(&program),
+            samples: 1,
+            by_samples: HashMap::new(),
             program,
             engine,
             storage,
@@ -292,6 +306,7 @@ impl<T: Float + Default> Optimizer<T> {
     }
 
     fn reset_with(&mut self, decisions: Decisions) -> Result<(), Error> {
+        self.by_samples.clear();
         let how = How {
             engine: self.engine.as_ref(),
             storage: &self.storage,
@@ -518,7 +533,63 @@ impl<T: Float + Default> Optimizer<T> {
 
     /// The compiled rule.
     pub fn program(&self) -> &Program {
-        &self.program
+        &self.base
+    }
+
+    /// The number of samples the last step's sample-axis inputs held (1 before the first, and
+    /// for a rule without a sample axis).
+    pub fn samples(&self) -> usize {
+        self.samples
+    }
+
+    /// Makes the steps run the rule written out for `n` samples (a rule with a sample axis; a
+    /// step sets it from its inputs' shapes). Compiles it the first time `n` is used.
+    pub(crate) fn use_samples(&mut self, n: usize) -> Result<(), Error> {
+        if n == self.samples {
+            return Ok(());
+        }
+        let max = optc_compiler::passes::unroll::MAX_SAMPLES;
+        if n == 0 || n > max {
+            return Err(Error::Samples(format!(
+                "a step takes 1 to {max} samples, got {n}"
+            )));
+        }
+        let (program, specs) = match self.by_samples.remove(&n) {
+            Some(x) => x,
+            None => {
+                let p = Arc::new(
+                    optc_compiler::passes::for_samples(&self.base, n).ok_or_else(|| {
+                        Error::Samples(format!("rule `{}` has no sample axis", self.base.info.name))
+                    })?,
+                );
+                let decisions = if self.specs.decisions().len() == 0 {
+                    Decisions::none()
+                } else {
+                    Decisions::of(&p)
+                };
+                let how = How {
+                    engine: self.engine.as_ref(),
+                    storage: &self.storage,
+                    policy: self.policy,
+                };
+                let facts = StepFacts {
+                    t: (self.st.steps + 1) as f64,
+                    scalar_states: &self.st.scalar_states,
+                    seed: self.seed,
+                };
+                let specs =
+                    Specializations::new(&p, decisions, &self.hp.value_sets(), &facts, &how)?;
+                (p, specs)
+            }
+        };
+        let old_program = std::mem::replace(&mut self.program, program);
+        let old_specs = std::mem::replace(&mut self.specs, specs);
+        self.by_samples
+            .insert(self.samples, (old_program, old_specs));
+        self.samples = n;
+        self.bufs
+            .resize_with(self.program.info.buffers.len(), Vec::new);
+        Ok(())
     }
 
     /// Completed steps.
@@ -791,7 +862,17 @@ impl<T: Float + Default> Optimizer<T> {
             .map(Vec::as_slice)
     }
 
-    /// A scalar state by name.
+    /// A scalar output (`out NAME = <scalar>`) by name: its value after the last step (0
+    /// before the first).
+    pub fn scalar_out(&self, name: &str) -> Option<f64> {
+        let info = &self.program.info;
+        let i = info.scalar_states.iter().position(|s| s == name)?;
+        info.scalar_outs
+            .contains(&(i as u16))
+            .then(|| self.st.scalar_states[i])
+    }
+
+    /// A scalar state by name (scalar outputs included).
     pub fn scalar_state(&self, name: &str) -> Option<f64> {
         let i = self
             .program

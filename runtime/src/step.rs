@@ -10,6 +10,7 @@ use crate::{Error, NonFinite, Optimizer};
 use optc_compiler::backend::interp::{StepEnv, StepRun};
 use optc_compiler::ir::{BufRole, NodeId};
 use optc_compiler::ops::Float;
+use optc_compiler::passes::unroll::copy_name;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -165,6 +166,36 @@ impl<T: Float + Default> Optimizer<T> {
                 }
                 k..k + 1
             }
+        };
+        // A rule with a sample axis runs written out for the number of samples given.
+        let (expanded_host, expanded_device);
+        let inputs = if self.base.axis_form.is_some() {
+            let n = match inputs {
+                Given::Host(i) => self.samples_given(&i.tensors)?,
+                Given::Device(i) => self.device_samples(i)?,
+            };
+            if let Some(n) = n {
+                if self.st.next_stage == 0 {
+                    self.use_samples(n)?;
+                } else if n != self.samples {
+                    return Err(Error::Samples(format!(
+                        "this step runs {} samples (set by its first stage); stage {} was given {n}",
+                        self.samples, self.st.next_stage
+                    )));
+                }
+            }
+            match inputs {
+                Given::Host(i) => {
+                    expanded_host = self.expand_host(i);
+                    Given::Host(&expanded_host)
+                }
+                Given::Device(i) => {
+                    expanded_device = self.expand_device(i);
+                    Given::Device(&expanded_device)
+                }
+            }
+        } else {
+            inputs
         };
         if self.st.next_stage == 0 {
             self.activate()?;
@@ -359,6 +390,132 @@ impl<T: Float + Default> Optimizer<T> {
             }
         }
         Ok(())
+    }
+
+    /// The sample-axis inputs of the rule (name, space).
+    fn sample_inputs(&self) -> Vec<(String, usize)> {
+        match &self.base.axis_form {
+            Some((axis, _)) => axis
+                .info
+                .buffers
+                .iter()
+                .filter(|b| b.samples)
+                .map(|b| (b.name.clone(), b.space as usize))
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// The number of samples the sample-axis inputs among `tensors` hold (`None` when none is
+    /// given, or only for tensors with no element); an error when a tensor's data is not a whole
+    /// number of blocks of its size or the inputs disagree.
+    fn samples_given<L: GivenTensor>(
+        &self,
+        tensors: &HashMap<String, Vec<L>>,
+    ) -> Result<Option<usize>, Error> {
+        let mut found: Option<(usize, String)> = None;
+        for (name, space) in self.sample_inputs() {
+            let Some(data) = tensors.get(&name) else {
+                continue;
+            };
+            let lens = &self.lens[space];
+            if data.len() != lens.len() {
+                return Err(Error::Length {
+                    what: format!("input `{name}` (number of tensors)"),
+                    expected: lens.len(),
+                    got: data.len(),
+                });
+            }
+            for (j, (d, &len)) in data.iter().zip(lens).enumerate() {
+                let Some(elems) = d.elems() else { continue };
+                let spec = &self.tensors[space][j];
+                if len == 0 {
+                    if elems != 0 {
+                        return Err(Error::Samples(format!(
+                            "input `{name}` for tensor `{}` (no element) holds {elems} elements",
+                            spec.name
+                        )));
+                    }
+                    continue;
+                }
+                if elems == 0 || elems % len != 0 {
+                    return Err(Error::Samples(format!(
+                        "input `{name}` for tensor `{}` holds {elems} elements, not one or more samples of shape {:?} ({len} elements each)",
+                        spec.name, spec.shape
+                    )));
+                }
+                let n = elems / len;
+                let here = format!("input `{name}` for tensor `{}`", spec.name);
+                match &found {
+                    Some((m, there)) if *m != n => {
+                        return Err(Error::Samples(format!(
+                            "{there} holds {m} samples, but {here} holds {n}"
+                        )))
+                    }
+                    Some(_) => {}
+                    None => found = Some((n, here)),
+                }
+            }
+        }
+        Ok(found.map(|(n, _)| n))
+    }
+
+    /// The number of samples of device inputs: [`DeviceInputs::samples`], needed when a
+    /// sample-axis input is given.
+    fn device_samples(&self, inputs: &DeviceInputs) -> Result<Option<usize>, Error> {
+        let given = self
+            .sample_inputs()
+            .into_iter()
+            .find(|(name, _)| inputs.tensors.contains_key(name));
+        match (given, inputs.samples) {
+            (Some(_), Some(n)) => Ok(Some(n)),
+            (Some((name, _)), None) => Err(Error::Samples(format!(
+                "input `{name}` has a sample axis: say how many samples its device tensors hold with DeviceInputs::samples"
+            ))),
+            (None, _) => Ok(None),
+        }
+    }
+
+    /// Host inputs with each sample-axis input split into its samples' blocks, named as the
+    /// program written out for the current number of samples names them.
+    fn expand_host<'i>(&self, inputs: &Inputs<'i, T>) -> Inputs<'i, T> {
+        let mut out = inputs.clone();
+        for (name, space) in self.sample_inputs() {
+            let Some(data) = out.tensors.remove(&name) else {
+                continue;
+            };
+            let lens = &self.lens[space];
+            for j in 0..self.samples {
+                let blocks = data
+                    .iter()
+                    .zip(lens)
+                    .map(|(d, &len)| &d[j * len..(j + 1) * len])
+                    .collect();
+                out.tensors.insert(copy_name(&name, j), blocks);
+            }
+        }
+        out
+    }
+
+    /// Device inputs with each sample-axis input split into its samples' blocks.
+    fn expand_device(&self, inputs: &DeviceInputs) -> DeviceInputs {
+        let mut out = inputs.clone();
+        let size = std::mem::size_of::<T>() as u64;
+        for (name, space) in self.sample_inputs() {
+            let Some(data) = out.tensors.remove(&name) else {
+                continue;
+            };
+            let lens = &self.lens[space];
+            for j in 0..self.samples {
+                let blocks = data
+                    .iter()
+                    .zip(lens)
+                    .map(|(&d, &len)| d + (j * len) as u64 * size)
+                    .collect();
+                out.tensors.insert(copy_name(&name, j), blocks);
+            }
+        }
+        out
     }
 
     /// Checks the inputs of stage `k` (host data or device addresses); returns the scalar inputs

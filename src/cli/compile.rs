@@ -11,7 +11,7 @@ use optc::{compiler, render};
 use std::borrow::Cow;
 use std::sync::Arc;
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub(crate) struct CompileArgs {
     /// A rule file or a standard-library name.
     pub(crate) rule: String,
@@ -46,6 +46,10 @@ pub(crate) struct CompileArgs {
     /// branches kept (as `Optimizer::with_specialization(false)` runs it).
     #[arg(long)]
     pub(crate) no_specialize: bool,
+    /// For a rule with a sample-axis input (`input G: samples`): the number of samples the
+    /// program printed is written out for (a step's kernels read every sample's block).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub(crate) samples: usize,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
@@ -228,6 +232,26 @@ fn runnable<'a>(
     args: &CompileArgs,
     observe: PassObserver<'_>,
 ) -> Result<Cow<'a, Program>, Fail> {
+    if args.samples != 1 {
+        let max = compiler::passes::unroll::MAX_SAMPLES;
+        if base.axis_form.is_none() {
+            return Err(Fail(format!(
+                "error: --samples: rule `{}` has no sample-axis input",
+                base.info.name
+            )));
+        }
+        let q = compiler::passes::for_samples(base, args.samples).ok_or_else(|| {
+            Fail(format!(
+                "error: --samples takes 1 to {max}, got {}",
+                args.samples
+            ))
+        })?;
+        let rest = CompileArgs {
+            samples: 1,
+            ..args.clone()
+        };
+        return runnable(&q, &rest, observe).map(|p| Cow::Owned(p.into_owned()));
+    }
     let info = &base.info;
     let fail = |e: optc::runtime::Error| Fail(format!("error: {e}"));
     // An optimizer over no tensors: it checks the values and the policy as `optc run` does.

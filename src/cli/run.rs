@@ -140,7 +140,12 @@ fn run_typed<T: Float + Default>(
         .iter()
         .filter(|b| b.role == BufRole::Output)
         .collect();
-    if args.outputs.is_some() && outputs.is_empty() {
+    let scalar_outs: Vec<&str> = info
+        .scalar_outs
+        .iter()
+        .map(|&i| info.scalar_states[i as usize].as_str())
+        .collect();
+    if args.outputs.is_some() && outputs.is_empty() && scalar_outs.is_empty() {
         return Err(Fail(format!(
             "error: --outputs: rule `{}` has no outputs",
             info.name
@@ -341,7 +346,8 @@ fn run_typed<T: Float + Default>(
         println!("{:>6}  {:>14}  {:>14}", "step", "|params|", "|update|");
     }
     if !outputs.is_empty() && args.outputs.is_none() && !args.quiet {
-        let names: Vec<&str> = outputs.iter().map(|b| b.name.as_str()).collect();
+        let mut names: Vec<&str> = outputs.iter().map(|b| b.name.as_str()).collect();
+        names.extend(&scalar_outs);
         eprintln!(
             "note: rule `{}` has outputs ({}); --outputs FILE writes them",
             info.name,
@@ -460,6 +466,17 @@ fn run_typed<T: Float + Default>(
                 ));
             }
         }
+        for name in &scalar_outs {
+            let v = opt
+                .scalar_out(name)
+                .ok_or_else(|| Fail(format!("error: cannot read output `{name}`")))?;
+            held.push((
+                name.to_string(),
+                Dtype::F64,
+                Vec::new(),
+                v.to_le_bytes().to_vec(),
+            ));
+        }
         let bytes = tensors_bytes(&held, &meta)
             .map_err(|e| Fail(format!("error: cannot write `{}`: {e}", path.display())))?;
         files.push((path, bytes));
@@ -486,6 +503,11 @@ fn run_typed<T: Float + Default>(
                 "skipped {} step(s) with non-finite inputs",
                 opt.skipped_steps()
             );
+        }
+        for name in &scalar_outs {
+            if let Some(v) = opt.scalar_out(name) {
+                println!("out {name} = {v:e}");
+            }
         }
         println!("wrote {} ({} tensor(s))", args.out.display(), tensors.len());
         if let Some(path) = &args.state_out {

@@ -150,6 +150,7 @@ impl<'p> StepRun<'p> {
                     lens.iter().sum::<usize>() as f64
                 }
             }
+            Node::TensorCount(space) => self.lens[space as usize].len() as f64,
             Node::Splat(_, a) => self.eval(env, a, tensor, group),
             Node::Unary(op, a) => unary_f64(op, self.eval(env, a, tensor, group)),
             Node::Binary(op, a, b) => {
@@ -194,6 +195,9 @@ impl<'p> StepRun<'p> {
                 f64::from(random::draw(dist, key, env.t as u64, stream, e))
             }
             Node::Load { .. } => unreachable!("per-element node evaluated as a scalar"),
+            Node::Samples | Node::SampleReduce { .. } => {
+                unreachable!("a sample axis is written out before planning (passes::unroll)")
+            }
         };
         self.memo.insert((id, tensor, group), v);
         v

@@ -16,6 +16,7 @@ pub mod hoist;
 pub mod phases;
 pub mod simplify;
 pub mod specialize;
+pub mod unroll;
 
 /// A named pass.
 pub type Pass = (&'static str, fn(&mut Program));
@@ -44,6 +45,19 @@ pub const SPECIALIZED: &[&[Pass]] = &[REWRITE, PRUNE, PLAN];
 
 /// What [`finite::guard_inputs`] runs after adding the guards.
 pub const GUARDED: &[&[Pass]] = &[PLAN];
+
+/// A program with a sample axis ([`unroll`]) written out for `n` samples and planned: what
+/// the runtime runs for a step with `n` samples. `None` when `p` has no sample axis or `n` is
+/// outside `1..=unroll::MAX_SAMPLES`.
+pub fn for_samples(p: &Program, n: usize) -> Option<Program> {
+    let (axis, _) = p.axis_form.as_ref()?;
+    if !(1..=unroll::MAX_SAMPLES).contains(&n) {
+        return None;
+    }
+    let mut q = unroll::samples(axis, n);
+    run_pipeline(&mut q, PIPELINE, &mut |_, _| {});
+    Some(q)
+}
 
 /// Runs the passes of `pipeline` in order, calling `observe` with each pass's name and the
 /// program after it.

@@ -661,9 +661,11 @@ impl<T: Float + Default> Engine<T> for Cranelift<T> {
     fn begin_stage(&mut self, io: &mut StageIo<'_, '_, '_, '_, T>) -> Result<(), crate::Error> {
         let info = &io.program.info;
         let n = info.buffers.len();
-        if self.held.len() != n {
-            self.held = vec![None; n];
-            self.mirror = (0..n).map(|_| OnceLock::new()).collect();
+        // Buffers are only ever added (master weights, a sample axis's inputs), and inputs are
+        // never held.
+        if self.held.len() < n {
+            self.held.resize(n, None);
+            self.mirror.resize_with(n, OnceLock::new);
         }
         let lent = io.params.is_lent();
         for b in 0..n {
@@ -804,8 +806,8 @@ impl<T: Float + Default> Engine<T> for Cranelift<T> {
 
     fn sync(&mut self, bufs: &mut Buffers<T>) -> Result<(), crate::Error> {
         for (b, held) in self.held.iter().enumerate() {
-            if let Some((st, bits)) = held {
-                bufs[b] = widened(*st, bits);
+            if let (Some((st, bits)), Some(buf)) = (held, bufs.get_mut(b)) {
+                *buf = widened(*st, bits);
             }
         }
         Ok(())

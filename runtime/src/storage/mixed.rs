@@ -243,6 +243,12 @@ impl<S: Storage> MixedOptimizer<S> {
         tensors: Vec<Vec<TensorSpec>>,
         options: MixedOptions,
     ) -> Result<Self, Error> {
+        if program.axis_form.is_some() {
+            return Err(Error::Samples(format!(
+                "rule `{}` has a sample axis, which 16-bit storage does not support: run it with Optimizer",
+                program.info.name
+            )));
+        }
         let program = if options.master_weights {
             Arc::new(conv::with_master_weights(&program))
         } else {

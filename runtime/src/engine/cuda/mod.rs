@@ -102,7 +102,15 @@ impl<T: Float + Default> Cuda<T> {
             self.slot.host_current = vec![true; nbufs];
             self.slot.mirror = (0..nbufs).map(|_| OnceLock::new()).collect();
         }
-        self.slot.state.as_mut().expect("just created")
+        let st = self.slot.state.as_mut().expect("just created");
+        // A rule with a sample axis gains an input buffer per sample as its samples grow.
+        if st.arenas.len() < nbufs {
+            st.arenas.resize_with(nbufs, || None);
+            st.staging.resize_with(nbufs, || None);
+            self.slot.host_current.resize(nbufs, true);
+            self.slot.mirror.resize_with(nbufs, OnceLock::new);
+        }
+        st
     }
 }
 
