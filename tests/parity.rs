@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 const RTOL: f64 = 1e-5;
+/// Relative tolerance of scalar outputs (statistics the reference computes in f32 over samples).
+const RTOL_OUT: f64 = 1e-4;
 /// Absolute floor, for elements that pass through zero (far below f32 resolution of O(1) params).
 const ATOL: f64 = 1e-6;
 
@@ -87,6 +89,13 @@ fn run_fixture(path: &std::path::Path) -> (f64, String) {
         .iter()
         .map(|n| f32s(&st, &format!("expected.{n}")).1)
         .collect();
+    // Scalar outputs to check after each step (`out.<name>`, [steps]).
+    let outs: Vec<(String, Vec<f32>)> = st
+        .names()
+        .iter()
+        .filter_map(|n| n.strip_prefix("out."))
+        .map(|n| (n.to_string(), f32s(&st, &format!("out.{n}")).1))
+        .collect();
     let mut worst = (0.0f64, String::new());
     for step in 0..steps {
         let mut inp = Inputs::default();
@@ -109,6 +118,24 @@ fn run_fixture(path: &std::path::Path) -> (f64, String) {
             inp = inp.tensor(i, slices);
         }
         opt.step(&inp).expect("step");
+        for (name, refs) in &outs {
+            let ours = opt.scalar_out(name).expect("a scalar output");
+            let b = f64::from(refs[step]);
+            if ours.is_nan() && b.is_nan() {
+                continue;
+            }
+            // Statistics over the samples: f64 sums here, f32 variances in the reference.
+            let ratio = (ours - b).abs() / (RTOL_OUT * b.abs() + ATOL);
+            if ratio > worst.0 || ratio.is_nan() {
+                worst = (
+                    if ratio.is_nan() { f64::INFINITY } else { ratio },
+                    format!(
+                        "step {} out {name}: ours {ours:e}, reference {b:e}",
+                        step + 1
+                    ),
+                );
+            }
+        }
         for (j, name) in names.iter().enumerate() {
             let ours = &opt.params(0)[j];
             let len = ours.len();

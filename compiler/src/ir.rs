@@ -187,6 +187,14 @@ pub enum Node {
     },
     /// The number of tensors of a space (`tensor_count(x)`).
     TensorCount(SpaceId),
+    /// A reduction over the tensors of a space of a per-tensor value (`sum(tensor_dot(G, g))`):
+    /// one number, computed on the host in tensor order.
+    TensorReduce {
+        /// Sum or max.
+        op: ReduceOp,
+        /// The per-tensor value reduced.
+        arg: NodeId,
+    },
     /// A buffer element: its content after `gen` stages of this step have stored theirs.
     Load {
         /// The buffer.
@@ -256,6 +264,7 @@ impl Node {
             | Node::Unary(_, a)
             | Node::Reduce { arg: a, .. }
             | Node::SampleReduce { arg: a, .. }
+            | Node::TensorReduce { arg: a, .. }
             | Node::InputOr(_, a) => vec![a],
             Node::Binary(_, a, b) => vec![a, b],
             Node::Select(c, a, b) => vec![c, a, b],
@@ -279,6 +288,7 @@ impl Node {
                 arg: f(arg),
             },
             Node::SampleReduce { op, arg } => Node::SampleReduce { op, arg: f(arg) },
+            Node::TensorReduce { op, arg } => Node::TensorReduce { op, arg: f(arg) },
             Node::Binary(op, a, b) => Node::Binary(op, f(a), f(b)),
             Node::Select(c, a, b) => Node::Select(f(c), f(a), f(b)),
             Node::Random {
@@ -377,6 +387,7 @@ impl Graph {
             | Node::Step
             | Node::Samples
             | Node::TensorCount(_)
+            | Node::TensorReduce { .. }
             | Node::ScalarState(_)
             | Node::ScalarInput(_)
             | Node::InputOr(..) => (Ty::Num, Kind::Scalar),

@@ -1867,6 +1867,50 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                 return None;
             }
             let v = self.num_args_in(args, name, None)?;
+            // Over per-tensor values (`sum(tensor_dot(G, g))`): a reduction over the tensors.
+            let tensor_kinds = v
+                .iter()
+                .all(|&a| matches!(self.graph.kind(a), Kind::Tensor(_)));
+            if tensor_kinds && !per_tensor && v.len() == n {
+                if !self.join(
+                    &args
+                        .iter()
+                        .zip(&v)
+                        .map(|(a, &x)| (x, a.span))
+                        .collect::<Vec<_>>(),
+                ) {
+                    return None;
+                }
+                let space = self.graph.kind(v[0]).space().unwrap_or(0);
+                let red = |s: &mut Self, op, arg| s.add(Node::TensorReduce { op, arg });
+                let add = |s: &mut Self, n| s.add(n);
+                return Some(match base {
+                    "sum" => red(self, ReduceOp::Sum, v[0]),
+                    "sqnorm" | "norm" => {
+                        let sq = add(self, Node::Binary(BinOp::Mul, v[0], v[0]));
+                        let s = red(self, ReduceOp::Sum, sq);
+                        if base == "norm" {
+                            add(self, Node::Unary(UnOp::Sqrt, s))
+                        } else {
+                            s
+                        }
+                    }
+                    "dot" => {
+                        let p = add(self, Node::Binary(BinOp::Mul, v[0], v[1]));
+                        red(self, ReduceOp::Sum, p)
+                    }
+                    "max_abs" => {
+                        let a = add(self, Node::Unary(UnOp::Abs, v[0]));
+                        red(self, ReduceOp::Max, a)
+                    }
+                    "mean" => {
+                        let s = red(self, ReduceOp::Sum, v[0]);
+                        let n = add(self, Node::TensorCount(space));
+                        add(self, Node::Binary(BinOp::Div, s, n))
+                    }
+                    _ => add(self, Node::TensorCount(space)),
+                });
+            }
             for (i, &a) in v.iter().enumerate() {
                 if !matches!(self.graph.kind(a), Kind::Element(_)) {
                     let k = self.kind_name(self.graph.kind(a));
@@ -1878,7 +1922,7 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                             "not per element",
                         )
                         .with_help(
-                            "reductions run over the elements of a param, an input or a state",
+                            "reductions run over the elements of a param, an input or a state, or (`sum`, `norm`, ... without `tensor_`) over the tensors of a per-tensor value",
                         ),
                     );
                     return None;

@@ -25,6 +25,13 @@ pub fn node_text(p: &Program, id: NodeId) -> String {
         Node::Step => "t".to_string(),
         Node::Samples => "samples".to_string(),
         Node::TensorCount(s) => format!("tensor_count {}", space(p, s)),
+        Node::TensorReduce { op, arg } => format!(
+            "tensors_{} {arg}",
+            match op {
+                ReduceOp::Sum => "sum",
+                ReduceOp::Max => "max",
+            }
+        ),
         Node::SampleReduce { op, arg } => format!(
             "sample_{} {arg}",
             match op {

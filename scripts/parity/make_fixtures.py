@@ -359,7 +359,7 @@ def save_stable(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, s
     with safe_open(path, "np") as f:
         assert f.metadata() == metadata
         for name in tensors:
-            assert np.array_equal(f.get_tensor(name), tensors[name])
+            assert np.array_equal(f.get_tensor(name), tensors[name], equal_nan=True)
 
 
 def main() -> int:

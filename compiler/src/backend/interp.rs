@@ -151,6 +151,20 @@ impl<'p> StepRun<'p> {
                 }
             }
             Node::TensorCount(space) => self.lens[space as usize].len() as f64,
+            Node::TensorReduce { op, arg } => {
+                let space = self.prog.graph.kind(arg).space().unwrap_or(0) as usize;
+                let mut acc = 0.0; // as the per-element reductions (max is of |x|)
+                for j in 0..self.lens[space].len() {
+                    let g = env
+                        .tensor_groups
+                        .get(space)
+                        .and_then(|t| t.get(j))
+                        .copied()
+                        .unwrap_or(0);
+                    acc = op.combine(acc, self.eval(env, arg, j, g));
+                }
+                acc
+            }
             Node::Splat(_, a) => self.eval(env, a, tensor, group),
             Node::Unary(op, a) => unary_f64(op, self.eval(env, a, tensor, group)),
             Node::Binary(op, a, b) => {
