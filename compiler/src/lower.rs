@@ -1257,10 +1257,16 @@ impl<'c, 'a> Lowerer<'c, 'a> {
         if !self.ck.node_sampled[v.0 as usize] {
             return Some(v);
         }
+        let msg = if what == "if" {
+            "an `if` statement cannot branch on a value that differs from sample to sample"
+                .to_string()
+        } else {
+            format!("{what} cannot hold a value that differs from sample to sample")
+        };
         self.error(
             Diagnostic::error(
                 "E0407",
-                format!("{what} cannot hold a value that differs from sample to sample"),
+                msg,
                 span,
                 "per sample",
             )
@@ -2090,9 +2096,7 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                 };
                 let c = self
                     .expect_bool(c, cond.span, "an `if` statement")
-                    .and_then(|c| {
-                        self.not_per_sample(c, cond.span, "an `if` statement's condition")
-                    });
+                    .and_then(|c| self.not_per_sample(c, cond.span, "if"));
                 let (bufs0, scalars0) = (self.bufs.clone(), self.scalars.clone());
                 self.stmts(then);
                 let (mut bufs_t, scalars_t) = (
@@ -2380,7 +2384,7 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                     Diagnostic::error(
                         "E0206",
                         format!(
-                            "an output is per element, but this value is {}",
+                            "an output is per element or one number per step, but this value is {}",
                             self.kind_name(k)
                         ),
                         e.span,
