@@ -292,3 +292,67 @@ fn input_files_that_do_not_fit_are_refused() {
     );
     assert!(!d.p("out.safetensors").exists());
 }
+
+#[test]
+fn per_sample_inputs_and_scalar_outputs_go_through_files() {
+    let d = Dir::new();
+    let g = |n: usize, s: f64| (0..n).map(|i| ((i as f64 + s) * 0.61).cos()).collect();
+    // [steps = 2, samples = 5, ...shape]
+    write(
+        &d.p("G.safetensors"),
+        &[
+            ("a", Dtype::F32, vec![2, 5, 3], g(30, 0.0)),
+            ("b", Dtype::F32, vec![2, 5, 2], g(20, 3.0)),
+        ],
+    );
+    let (p, gs) = (d.s("params.safetensors"), d.s("G.safetensors"));
+    let (o, outs) = (d.s("out.safetensors"), d.s("outs.safetensors"));
+    let out = optc(&[
+        "run",
+        "adadagrad",
+        "--params",
+        &p,
+        "--input",
+        &format!("G={gs}"),
+        "--out",
+        &o,
+        "--outs",
+        &outs,
+    ]);
+    ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("out batch = "), "{text}");
+    let st_bytes = d.read("outs.safetensors");
+    let st = safetensors::SafeTensors::deserialize(&st_bytes).unwrap();
+    let batch = st.tensor("batch").unwrap();
+    assert_eq!(batch.dtype(), Dtype::F64);
+    assert!(batch.shape().is_empty());
+    let b = f64::from_le_bytes(batch.data().try_into().unwrap());
+    assert!(
+        b >= 5.0 && b == b.ceil(),
+        "the batch the norm test asks for: {b}"
+    );
+    assert!(text.contains(&format!("out batch = {b:e}")), "{text}");
+    // A sample-axis file with a per-step number of samples that differs between tensors.
+    write(
+        &d.p("bad.safetensors"),
+        &[
+            ("a", Dtype::F32, vec![2, 5, 3], g(30, 0.0)),
+            ("b", Dtype::F32, vec![2, 4, 2], g(16, 3.0)),
+        ],
+    );
+    let bad = d.s("bad.safetensors");
+    fails(
+        &optc(&[
+            "run",
+            "dp_sgd",
+            "--params",
+            &p,
+            "--input",
+            &format!("G={bad}"),
+            "--out",
+            &o,
+        ]),
+        &["samples", "holds 5 samples, but", "holds 4"],
+    );
+}

@@ -181,6 +181,18 @@ fn run_typed<T: Float + Default>(
         }
     }
     let mut tensor_inputs: HashMap<String, Vec<Shaped>> = HashMap::new();
+    let sampled: Vec<&str> = program
+        .axis_form
+        .as_ref()
+        .map(|(axis, _)| {
+            axis.info
+                .buffers
+                .iter()
+                .filter(|b| b.samples)
+                .map(|b| b.name.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
     let mut scalar_inputs: HashMap<String, Vec<f64>> = HashMap::new();
     let mut steps_avail: Option<usize> = None;
     let mut steps_max = 0usize;
@@ -208,13 +220,28 @@ fn run_typed<T: Float + Default>(
                         file.display()
                     ))
                 })?;
-                if ishape.len() != shape.len() + 1 || ishape[1..] != shape[..] {
-                    let want: Vec<String> = std::iter::once("steps".to_string())
+                // A sample-axis input: [steps, samples, ...shape] (or [steps, ...shape], one
+                // sample a step).
+                let per_sample = sampled.contains(&name.as_str())
+                    && ishape.len() == shape.len() + 2
+                    && ishape[2..] == shape[..];
+                if !per_sample && (ishape.len() != shape.len() + 1 || ishape[1..] != shape[..]) {
+                    let lead = if sampled.contains(&name.as_str()) {
+                        "steps, samples"
+                    } else {
+                        "steps"
+                    };
+                    let want: Vec<String> = std::iter::once(lead.to_string())
                         .chain(shape.iter().map(|d| d.to_string()))
                         .collect();
+                    let axes = if lead == "steps" {
+                        "a leading step axis"
+                    } else {
+                        "leading step and sample axes"
+                    };
                     return Err(Fail(format!(
                         "error: input `{name}`, tensor `{tname}`: shape {ishape:?} is not [{}] \
-                         (a leading step axis before the tensor's shape {shape:?})",
+                         ({axes} before the tensor's shape {shape:?})",
                         want.join(", ")
                     )));
                 }
