@@ -121,7 +121,10 @@ const SIZES: &[usize] = &[0, 1, 3, 4, 5, 63, 65, 16_385];
 /// 1, 7 and 64 samples, changing every step.
 const BATCHES: &[usize] = &[7, 1, 64, 3, 1, 5];
 
-fn rules() -> Vec<(&'static str, Program, Vec<(&'static str, f64)>)> {
+/// A rule to run: its name in messages, the program and the hyperparameters it runs with.
+type Case = (&'static str, Program, Vec<(&'static str, f64)>);
+
+fn rules() -> Vec<Case> {
     vec![
         (
             "dp_sgd",

@@ -531,7 +531,8 @@ impl<T: Float + Default> Optimizer<T> {
         &self.specs.active.program
     }
 
-    /// The compiled rule.
+    /// The compiled rule (as given; `active_program` is what the current step runs).
+    #[allow(clippy::misnamed_getters)] // `program` is the running program, `base` the rule given
     pub fn program(&self) -> &Program {
         &self.base
     }
@@ -562,7 +563,7 @@ impl<T: Float + Default> Optimizer<T> {
                         Error::Samples(format!("rule `{}` has no sample axis", self.base.info.name))
                     })?,
                 );
-                let decisions = if self.specs.decisions().len() == 0 {
+                let decisions = if self.specs.decisions().is_empty() {
                     Decisions::none()
                 } else {
                     Decisions::of(&p)
