@@ -80,6 +80,33 @@ impl Kind {
     }
 }
 
+/// An axis of copies a rule may have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Axis {
+    /// The samples of per-sample inputs (`input G: samples`), set by each step's inputs.
+    Samples,
+    /// The particles of an ensemble (`state X: particles`), set when the program is written out
+    /// ([`crate::passes::for_particles`]).
+    Particles,
+}
+
+impl Axis {
+    /// The axis's name in rules (`samples`, `particles`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Axis::Samples => "samples",
+            Axis::Particles => "particles",
+        }
+    }
+    /// The prefix of its reductions (`sample`, `particle`).
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Axis::Samples => "sample",
+            Axis::Particles => "particle",
+        }
+    }
+}
+
 /// Unary operations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[allow(missing_docs)]
@@ -219,16 +246,31 @@ pub enum Node {
         /// The per-element value reduced.
         arg: NodeId,
     },
-    /// The number of samples of the step's sample-axis inputs (`samples`). Only in a program's
-    /// axis form: [`crate::passes::unroll`] replaces it by the count.
-    Samples,
-    /// A reduction over the samples (`sample_sum`, `sample_max`) of a per-sample value. Only in a
-    /// program's axis form: [`crate::passes::unroll`] replaces it by one operation per sample.
-    SampleReduce {
+    /// The number of copies along the rule's axis: `samples` (the step's sample-axis inputs) or
+    /// `particles` (the ensemble). Only in a program's axis form: [`crate::passes::unroll`]
+    /// replaces it by the count.
+    Count(Axis),
+    /// A reduction over the rule's axis (`sample_sum`, `particle_max`, ...) of a value that varies
+    /// along it. Only in a program's axis form: [`crate::passes::unroll`] replaces it by one
+    /// operation per copy, in copy order.
+    AxisReduce {
+        /// The axis.
+        axis: Axis,
         /// Sum or max.
         op: ReduceOp,
-        /// The per-sample value reduced.
+        /// The value reduced.
         arg: NodeId,
+    },
+    /// A draw per particle and element (a draw written in an assignment to a per-particle
+    /// state). Only in a program's axis form: [`crate::passes::unroll`] gives particle `j` the
+    /// draw of stream [`crate::random::particle_stream`]`(stream, j)`.
+    ParticleDraw {
+        /// Uniform or normal.
+        dist: Dist,
+        /// The draw's stream, before the particle's.
+        stream: u32,
+        /// Where it varies (per element of a space).
+        kind: Kind,
     },
     /// A random draw ([`crate::random`]): one value per element, per tensor or per step, as
     /// `kind` says, from stream `stream`, keyed by the optimizer's seed or by the value of `seed`
@@ -263,7 +305,7 @@ impl Node {
             Node::Splat(_, a)
             | Node::Unary(_, a)
             | Node::Reduce { arg: a, .. }
-            | Node::SampleReduce { arg: a, .. }
+            | Node::AxisReduce { arg: a, .. }
             | Node::TensorReduce { arg: a, .. }
             | Node::InputOr(_, a) => vec![a],
             Node::Binary(_, a, b) => vec![a, b],
@@ -287,7 +329,11 @@ impl Node {
                 per_tensor,
                 arg: f(arg),
             },
-            Node::SampleReduce { op, arg } => Node::SampleReduce { op, arg: f(arg) },
+            Node::AxisReduce { axis, op, arg } => Node::AxisReduce {
+                axis,
+                op,
+                arg: f(arg),
+            },
             Node::TensorReduce { op, arg } => Node::TensorReduce { op, arg: f(arg) },
             Node::Binary(op, a, b) => Node::Binary(op, f(a), f(b)),
             Node::Select(c, a, b) => Node::Select(f(c), f(a), f(b)),
@@ -385,7 +431,7 @@ impl Graph {
         match *node {
             Node::Const(_)
             | Node::Step
-            | Node::Samples
+            | Node::Count(_)
             | Node::TensorCount(_)
             | Node::TensorReduce { .. }
             | Node::ScalarState(_)
@@ -403,7 +449,8 @@ impl Graph {
             ),
             Node::Load { buf, .. } => (Ty::Num, Kind::Element(leaves.buf_space(buf))),
             Node::Random { kind, .. } => (Ty::Num, kind),
-            Node::SampleReduce { arg, .. } => (Ty::Num, self.kind(arg)),
+            Node::AxisReduce { arg, .. } => (Ty::Num, self.kind(arg)),
+            Node::ParticleDraw { kind, .. } => (Ty::Num, kind),
             Node::Splat(s, a) => (self.ty(a), Kind::Element(s)),
             Node::Unary(op, a) => (
                 if op == UnOp::Not { Ty::Bool } else { Ty::Num },
@@ -528,9 +575,10 @@ pub struct BufInfo {
     pub role: BufRole,
     /// The space it is shaped like.
     pub space: SpaceId,
-    /// Whether it carries a leading sample axis (an input the host gives as `[samples, ...shape]`
-    /// per tensor). Only in a program's axis form.
-    pub samples: bool,
+    /// Whether it has one copy per sample or particle ([`RuleInfo::axis`]): an input the host
+    /// gives as `[samples, ...shape]` per tensor, or a per-particle state or input. Only in a
+    /// program's axis form.
+    pub axis: bool,
 }
 
 /// The interface of a compiled rule: everything a runtime needs to set it up.
@@ -550,6 +598,11 @@ pub struct RuleInfo {
     pub scalar_states: Vec<String>,
     /// Scalar input names.
     pub scalar_inputs: Vec<String>,
+    /// The rule's axis of copies, if it has one: the samples of per-sample inputs, or particles.
+    pub axis: Option<Axis>,
+    /// The scalar inputs with one value per copy (`input f: particles scalar`). Only in a
+    /// program's axis form.
+    pub axis_scalars: Vec<u16>,
     /// The scalar states that are scalar outputs (`out NAME = <scalar>`): set by every step,
     /// read by the host, never by the rule.
     pub scalar_outs: Vec<u16>,
@@ -644,9 +697,10 @@ pub struct Program {
     pub graph: Graph,
     /// `[first step, later steps]`.
     pub variants: [Variant; 2],
-    /// For a rule with sample-axis inputs: the rule as lowered, with its sample axis
-    /// ([`Node::Samples`], [`Node::SampleReduce`], inputs with [`BufInfo::samples`]), and the
-    /// number of samples this program was unrolled for ([`crate::passes::unroll`]).
+    /// For a rule with an axis ([`RuleInfo::axis`]): the rule as lowered, with its axis
+    /// ([`Node::Count`], [`Node::AxisReduce`], [`Node::ParticleDraw`], buffers with
+    /// [`BufInfo::axis`]), and the number of copies this program was written out for
+    /// ([`crate::passes::unroll`]).
     pub axis_form: Option<(std::sync::Arc<Program>, usize)>,
 }
 

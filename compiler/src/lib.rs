@@ -116,10 +116,11 @@ pub fn compile_with(src: &str, observe: PassObserver<'_>) -> Compilation {
             diagnostics.extend(lowered.diagnostics);
             if let (Some(mut p), true) = (lowered.program, parse_ok) {
                 observe("lower", &p);
-                if passes::unroll::has_samples(&p) {
-                    // The sample axis, written out for one sample; the runtime writes it out
-                    // again for each step's number of samples.
-                    p = passes::unroll::samples(&std::sync::Arc::new(p), 1);
+                if p.info.axis.is_some() {
+                    // The axis, written out for one copy: the runtime writes it out again for
+                    // each step's number of samples; the host for its number of particles
+                    // (passes::for_particles).
+                    p = passes::unroll::copies_of(&std::sync::Arc::new(p), 1);
                     observe("unroll", &p);
                 }
                 passes::run_pipeline(&mut p, passes::PIPELINE, observe);

@@ -11,8 +11,8 @@
 #![allow(clippy::needless_range_loop)] // parallel arrays indexed by buffer id
 
 use crate::ir::{
-    self, BinOp, BufId, BufInfo, BufRole, HyperInfo, Kind, Node, NodeId, ReduceOp, RuleInfo, Ty,
-    UnOp,
+    self, Axis, BinOp, BufId, BufInfo, BufRole, HyperInfo, Kind, Node, NodeId, ReduceOp, RuleInfo,
+    Ty, UnOp,
 };
 use crate::random::{self, Dist};
 use optc_grammar::ast::{self, DeclKind, ExprKind, Span, StmtKind, TypeAnn};
@@ -61,8 +61,33 @@ const REDUCTIONS: &[(&str, usize)] = &[
     ("numel", 1),
 ];
 
-/// Reductions over the sample axis.
-const SAMPLE_FNS: &[&str] = &["sample_sum", "sample_mean", "sample_max"];
+/// Reductions over an axis: `sample_sum`, `particle_min`, ...
+const AXIS_FNS: &[&str] = &[
+    "sample_sum",
+    "sample_mean",
+    "sample_max",
+    "sample_min",
+    "particle_sum",
+    "particle_mean",
+    "particle_max",
+    "particle_min",
+];
+
+/// The axis and operation (`sum`, `mean`, `max`, `min`) of an axis reduction's name.
+fn axis_fn(name: &str) -> Option<(Axis, &str)> {
+    if !AXIS_FNS.contains(&name) {
+        return None;
+    }
+    let (axis, op) = name.split_once('_')?;
+    Some((
+        if axis == "sample" {
+            Axis::Samples
+        } else {
+            Axis::Particles
+        },
+        op,
+    ))
+}
 
 /// Every function name, for "did you mean".
 fn function_names() -> Vec<String> {
@@ -70,7 +95,7 @@ fn function_names() -> Vec<String> {
     v.extend(BINARY_FNS.iter().map(|f| f.0.to_string()));
     v.push("clamp".into());
     v.push("tensor_count".into());
-    v.extend(SAMPLE_FNS.iter().map(|f| f.to_string()));
+    v.extend(AXIS_FNS.iter().map(|f| f.to_string()));
     v.push("uniform".into());
     v.push("normal".into());
     for (r, _) in REDUCTIONS {
@@ -186,11 +211,9 @@ struct Checker<'a> {
     node_depth: Vec<u32>,
     /// Whether a value too deep was reported.
     deep_reported: bool,
-    /// Whether each graph node varies per sample (depends on a sample-axis input and is not
-    /// reduced over the samples).
+    /// Whether each graph node varies along the rule's axis (per sample or per particle: it
+    /// depends on a buffer or scalar input on the axis and is not reduced over it).
     node_sampled: Vec<bool>,
-    /// Whether the rule has a sample-axis input.
-    has_samples: bool,
     /// Declared `random` values.
     randoms: Vec<RandomDecl<'a>>,
     /// The defaults of scalar inputs that have one.
@@ -224,6 +247,8 @@ pub fn lower_rule(rule: &ast::Rule) -> Lowered {
             scalar_states: Vec::new(),
             scalar_inputs: Vec::new(),
             scalar_outs: Vec::new(),
+            axis: None,
+            axis_scalars: Vec::new(),
             stages: Vec::new(),
         },
         names: HashMap::new(),
@@ -239,7 +264,6 @@ pub fn lower_rule(rule: &ast::Rule) -> Lowered {
         node_depth: Vec::new(),
         deep_reported: false,
         node_sampled: Vec::new(),
-        has_samples: false,
         randoms: Vec::new(),
         input_default: HashMap::new(),
         draw_sites: HashMap::new(),
@@ -572,7 +596,7 @@ impl<'a> Checker<'a> {
                         name: e.name.name.clone(),
                         role: BufRole::Param,
                         space: (self.info.spaces.len() - 1) as u16,
-                        samples: false,
+                        axis: false,
                     });
                 }
             }
@@ -719,55 +743,93 @@ impl<'a> Checker<'a> {
         None
     }
 
-    /// Whether an annotation asks for a sample axis (`: samples`, `: samples(x)`), reporting
-    /// an axis this language does not have; `Err` after an error.
-    fn sample_axis(&mut self, kind: DeclKind, e: &ast::DeclEntry) -> Result<bool, ()> {
-        let (span, named_samples) = match &e.ty {
-            Some(TypeAnn::Space(i)) if i.name == "samples" => {
-                if matches!(self.names.get("samples"), Some(Declared { sym: Sym::Buf(b), .. })
+    /// The axis an annotation asks for (`: samples`, `: samples(x)`, `: particles`,
+    /// `: particles(x)`, `: particles scalar`), reporting an unknown axis, an axis on the wrong
+    /// declaration, and a second axis; `Err` after an error.
+    fn axis_of(&mut self, kind: DeclKind, e: &ast::DeclEntry) -> Result<Option<Axis>, ()> {
+        let (name, span) = match &e.ty {
+            Some(TypeAnn::Space(i)) if i.name == "samples" || i.name == "particles" => {
+                if matches!(self.names.get(&i.name), Some(Declared { sym: Sym::Buf(b), .. })
                     if self.info.buffers[*b as usize].role == BufRole::Param)
                 {
-                    return Ok(false); // a param named `samples`
+                    return Ok(None); // a param of that name
                 }
-                (i.span, true)
+                (i.name.as_str(), i.span)
             }
-            Some(TypeAnn::Axis { axis, span, .. }) => (*span, axis.name == "samples"),
-            _ => return Ok(false),
+            Some(TypeAnn::Axis { axis, span, .. }) => (axis.name.as_str(), *span),
+            _ => return Ok(None),
         };
-        if !named_samples {
-            if let Some(TypeAnn::Axis { axis, .. }) = &e.ty {
+        let axis = match name {
+            "samples" => Axis::Samples,
+            "particles" => Axis::Particles,
+            other => {
                 self.error(
                     Diagnostic::error(
                         "E0406",
-                        format!("unknown axis `{}`", axis.name),
-                        axis.span,
+                        format!("unknown axis `{other}`"),
+                        span,
                         "not an axis",
                     )
-                    .with_help("the axis of per-sample inputs is `samples`: `input G: samples(x)`"),
+                    .with_help("the axes are `samples` (per-sample inputs: `input G: samples(x)`) and `particles` (an ensemble: `state X: particles(x)`)"),
                 );
+                return Err(());
             }
-            return Err(());
-        }
-        if kind != DeclKind::Input {
+        };
+        let scalar = matches!(e.ty, Some(TypeAnn::Axis { scalar: true, .. }));
+        let allowed = match axis {
+            Axis::Samples => kind == DeclKind::Input && !scalar,
+            Axis::Particles => (kind == DeclKind::State && !scalar) || kind == DeclKind::Input,
+        };
+        if !allowed {
+            let what = if scalar {
+                format!("a scalar {}", kind.keyword())
+            } else {
+                format!("a {}", kind.keyword())
+            };
+            let note = match axis {
+                Axis::Samples => "the host gives per-sample values (per-sample gradients) as an input `[samples, ...shape]` per tensor; reduce them over the samples with `sample_sum` or `sample_mean`",
+                Axis::Particles => "particles are states (`state X: particles`) and inputs (`input G: particles`, `input f: particles scalar`)",
+            };
             self.error(
                 Diagnostic::error(
                     "E0406",
-                    format!("a {} has no sample axis", kind.keyword()),
+                    format!("{what} has no `{}` axis", axis.name()),
                     span,
-                    "only inputs have one",
+                    "not allowed here",
                 )
-                .with_note("the host gives per-sample values (per-sample gradients) as an input `[samples, ...shape]` per tensor; reduce them over the samples with `sample_sum` or `sample_mean`"),
+                .with_note(note),
             );
             return Err(());
         }
-        Ok(true)
+        match self.info.axis {
+            Some(a) if a != axis => {
+                self.error(
+                    Diagnostic::error(
+                        "E0410",
+                        format!("a rule has one axis: this one already has `{}`", a.name()),
+                        span,
+                        format!("a second axis, `{}`", axis.name()),
+                    )
+                    .with_note("per-sample inputs and particles cannot be combined in one rule"),
+                );
+                Err(())
+            }
+            _ => {
+                self.info.axis = Some(axis);
+                Ok(Some(axis))
+            }
+        }
     }
 
     fn declare_entry(&mut self, kind: DeclKind, e: &'a ast::DeclEntry) {
-        let scalar = matches!(e.ty, Some(TypeAnn::Scalar(_)));
-        let Ok(sampled) = self.sample_axis(kind, e) else {
+        let scalar = matches!(
+            e.ty,
+            Some(TypeAnn::Scalar(_)) | Some(TypeAnn::Axis { scalar: true, .. })
+        );
+        let Ok(axis) = self.axis_of(kind, e) else {
             return;
         };
+        let sampled = axis.is_some();
         match kind {
             DeclKind::Input => {
                 if let (Some(init), false) = (&e.init, scalar) {
@@ -788,6 +850,9 @@ impl<'a> Checker<'a> {
                         && self.declare(&e.name, Sym::ScalarInput(id))
                     {
                         self.info.scalar_inputs.push(e.name.name.clone());
+                        if sampled {
+                            self.info.axis_scalars.push(id);
+                        }
                         if let Some(init) = &e.init {
                             self.input_default.insert(id, init);
                         }
@@ -819,7 +884,6 @@ impl<'a> Checker<'a> {
             _ => self.default_space(e, kind),
         };
         let Some(space) = space else { return };
-        self.has_samples |= sampled;
         let id = self.info.buffers.len() as BufId;
         if self.room("buffers", self.info.buffers.len(), e.name.span)
             && self.declare(&e.name, Sym::Buf(id))
@@ -832,7 +896,7 @@ impl<'a> Checker<'a> {
                     BufRole::State
                 },
                 space,
-                samples: sampled,
+                axis: sampled,
             });
             if let Some(init) = &e.init {
                 self.buf_init.insert(id, init);
@@ -1005,6 +1069,9 @@ struct Lowerer<'c, 'a> {
     draw_kind: Kind,
     /// Whether a draw was lowered since `expr_in` last cleared it.
     drew: bool,
+    /// Whether draws written now are per particle (an assignment to, or the initializer of, a
+    /// per-particle state).
+    particle_draws: bool,
 }
 
 impl<'c, 'a> Lowerer<'c, 'a> {
@@ -1028,6 +1095,7 @@ impl<'c, 'a> Lowerer<'c, 'a> {
             at: Span::default(),
             draw_kind: Kind::Scalar,
             drew: false,
+            particle_draws: false,
         };
         let mut variant = ir::Variant::default();
         let nstages = lw.ck.stages.len();
@@ -1094,8 +1162,10 @@ impl<'c, 'a> Lowerer<'c, 'a> {
             .unwrap_or(0);
         depths.push(depth);
         let sampled = match node {
-            Node::Load { buf, .. } => self.ck.info.buffers[buf as usize].samples,
-            Node::SampleReduce { .. } | Node::Samples => false,
+            Node::Load { buf, .. } => self.ck.info.buffers[buf as usize].axis,
+            Node::ScalarInput(i) => self.ck.info.axis_scalars.contains(&i),
+            Node::ParticleDraw { .. } => true,
+            Node::AxisReduce { .. } | Node::Count(_) => false,
             n => n
                 .children()
                 .iter()
@@ -1150,12 +1220,19 @@ impl<'c, 'a> Lowerer<'c, 'a> {
             for b in 0..self.bufs.len() {
                 let info = &self.ck.info.buffers[b];
                 if info.role == BufRole::State && self.ck.home.get(&info.name) == Some(&k) {
+                    let on_axis = info.axis;
                     let (v, span) = match self.ck.buf_init.get(&(b as BufId)).copied() {
                         Some(init) => {
                             let pos = self.decl_pos(&info.name.clone());
                             let ctx = Kind::Element(info.space);
-                            (self.lower_init(init, pos, ctx), Some(init.span))
+                            let saved = std::mem::replace(&mut self.particle_draws, on_axis);
+                            let v = self.lower_init(init, pos, ctx);
+                            self.particle_draws = saved;
+                            (v, Some(init.span))
                         }
+                        // A per-particle state without an initializer starts from its buffers,
+                        // which the host sets (the particles' starting points).
+                        None if on_axis => continue,
                         None => (self.add(Node::num(0.0)), None),
                     };
                     let v = self.fit_to_buffer(v, b as BufId, span).unwrap_or(v);
@@ -1217,7 +1294,7 @@ impl<'c, 'a> Lowerer<'c, 'a> {
     fn fit_to_buffer(&mut self, v: NodeId, b: BufId, at: Option<Span>) -> Option<NodeId> {
         let space = self.ck.info.buffers[b as usize].space;
         let name = self.ck.info.buffers[b as usize].name.clone();
-        if let Some(span) = at {
+        if let (Some(span), false) = (at, self.ck.info.buffers[b as usize].axis) {
             self.not_per_sample(v, span, &format!("`{name}`"))?;
         }
         if self.graph.ty(v) == Ty::Bool {
@@ -1251,27 +1328,53 @@ impl<'c, 'a> Lowerer<'c, 'a> {
         }
     }
 
+    /// The error for a use of an axis the rule does not have.
+    fn no_axis(&self, axis: Axis, span: Span) -> Diagnostic {
+        let (what, help) = match axis {
+            Axis::Samples => (
+                "a sample-axis input",
+                "declare the per-sample input as `input G: samples` (or `input G: samples(x)`)",
+            ),
+            Axis::Particles => (
+                "particles",
+                "declare the ensemble as `state X: particles` (or `state X: particles(x)`)",
+            ),
+        };
+        Diagnostic::error(
+            "E0408",
+            format!(
+                "`{}` and the `{}_*` reductions need {what}, but this rule has none",
+                axis.name(),
+                axis.prefix()
+            ),
+            span,
+            format!("no {}", axis.name()),
+        )
+        .with_help(help)
+    }
+
     /// Reports a per-sample value where one value for all samples is needed (a store, a
     /// scalar state, a statement `if`'s condition); `None` after the error.
     fn not_per_sample(&mut self, v: NodeId, span: Span, what: &str) -> Option<NodeId> {
         if !self.ck.node_sampled[v.0 as usize] {
             return Some(v);
         }
-        let msg = if what == "if" {
-            "an `if` statement cannot branch on a value that differs from sample to sample"
-                .to_string()
-        } else {
-            format!("{what} cannot hold a value that differs from sample to sample")
+        let (one, help) = match self.ck.info.axis {
+            Some(Axis::Particles) => (
+                "particle",
+                "reduce it over the particles first (`particle_sum`, `particle_mean`, `particle_max`, `particle_min`), or keep it in a state declared `: particles`",
+            ),
+            _ => (
+                "sample",
+                "reduce it over the samples first, with `sample_sum`, `sample_mean` or `sample_max`",
+            ),
         };
-        self.error(
-            Diagnostic::error(
-                "E0407",
-                msg,
-                span,
-                "per sample",
-            )
-            .with_help("reduce it over the samples first, with `sample_sum`, `sample_mean` or `sample_max`"),
-        );
+        let msg = if what == "if" {
+            format!("an `if` statement cannot branch on a value that differs from {one} to {one}")
+        } else {
+            format!("{what} cannot hold a value that differs from {one} to {one}")
+        };
+        self.error(Diagnostic::error("E0407", msg, span, format!("per {one}")).with_help(help));
         None
     }
 
@@ -1354,20 +1457,17 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                 return Some(node);
             }
         }
-        if name == "samples" && !self.ck.names.contains_key(name) {
-            if self.ck.has_samples {
-                return Some(self.add(Node::Samples));
+        if (name == "samples" || name == "particles") && !self.ck.names.contains_key(name) {
+            let axis = if name == "samples" {
+                Axis::Samples
+            } else {
+                Axis::Particles
+            };
+            if self.ck.info.axis == Some(axis) {
+                return Some(self.add(Node::Count(axis)));
             }
             if self.ck.unknown.insert(name.to_string()) {
-                self.error(
-                    Diagnostic::error(
-                        "E0408",
-                        "`samples` counts the samples of a sample-axis input, but this rule has none",
-                        span,
-                        "no input has a sample axis",
-                    )
-                    .with_help("declare the per-sample input as `input G: samples` (or `input G: samples(x)`)"),
-                );
+                self.error(self.no_axis(axis, span));
             }
             return None;
         }
@@ -1769,6 +1869,15 @@ impl<'c, 'a> Lowerer<'c, 'a> {
             }
         };
         self.drew = true;
+        if self.particle_draws && seed.is_none() {
+            if let Kind::Element(_) = self.draw_kind {
+                return Some(self.add(Node::ParticleDraw {
+                    dist,
+                    stream: random::inline_stream(stage, site),
+                    kind: self.draw_kind,
+                }));
+            }
+        }
         Some(self.add(Node::Random {
             dist,
             stream: random::inline_stream(stage, site),
@@ -1798,36 +1907,48 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                 .num_args(args, name)
                 .map(|v| self.add(Node::Binary(op, v[0], v[1])));
         }
-        if SAMPLE_FNS.contains(&name) {
+        if let Some((axis, op)) = axis_fn(name) {
             if !self.arity(f, args, 1, span) {
                 return None;
             }
             let v = self.expr(&args[0])?;
             let v = self.expect_num(v, args[0].span, &format!("`{name}`"))?;
+            if self.ck.info.axis != Some(axis) {
+                let d = self.no_axis(axis, f.span);
+                self.error(d);
+                return None;
+            }
             if !self.ck.node_sampled[v.0 as usize] {
+                let what = match axis {
+                    Axis::Samples => "sample",
+                    Axis::Particles => "particle",
+                };
                 self.error(
                     Diagnostic::error(
                         "E0409",
-                        format!("`{name}` reduces over the samples, but this value is the same for every sample"),
+                        format!("`{name}` reduces over the {}, but this value is the same for every {what}", axis.name()),
                         args[0].span,
-                        "not per sample",
+                        format!("not per {what}"),
                     )
-                    .with_note("per-sample values are those computed from an input declared `: samples`"),
+                    .with_note(match axis {
+                        Axis::Samples => "per-sample values are those computed from an input declared `: samples`",
+                        Axis::Particles => "per-particle values are those computed from a state or input declared `: particles`",
+                    }),
                 );
                 return None;
             }
-            return Some(match name {
-                "sample_max" => self.add(Node::SampleReduce {
-                    op: ReduceOp::Max,
-                    arg: v,
-                }),
+            let red = |s: &mut Self, op, arg| s.add(Node::AxisReduce { axis, op, arg });
+            return Some(match op {
+                "max" => red(self, ReduceOp::Max, v),
+                "min" => {
+                    let neg = self.add(Node::Unary(UnOp::Neg, v));
+                    let m = red(self, ReduceOp::Max, neg);
+                    self.add(Node::Unary(UnOp::Neg, m))
+                }
                 _ => {
-                    let s = self.add(Node::SampleReduce {
-                        op: ReduceOp::Sum,
-                        arg: v,
-                    });
-                    if name == "sample_mean" {
-                        let n = self.add(Node::Samples);
+                    let s = red(self, ReduceOp::Sum, v);
+                    if op == "mean" {
+                        let n = self.add(Node::Count(axis));
                         self.add(Node::Binary(BinOp::Div, s, n))
                     } else {
                         s
@@ -2177,11 +2298,18 @@ impl<'c, 'a> Lowerer<'c, 'a> {
             Some(Sym::Buf(b)) => Some(Kind::Element(self.ck.info.buffers[b as usize].space)),
             _ => None,
         };
+        // Draws written in an assignment to a per-particle state are per particle.
+        let per_particle = matches!(
+            self.ck.names.get(&n.name).map(|d| d.sym),
+            Some(Sym::Buf(b)) if self.ck.info.buffers[b as usize].axis
+        ) && self.ck.info.axis == Some(Axis::Particles);
+        let saved = std::mem::replace(&mut self.particle_draws, per_particle);
         let v = if self.lookup_let(&n.name).is_some() {
             self.expr_in(e, None)
         } else {
             self.expr_in(e, ctx)
         };
+        self.particle_draws = saved;
         if let Some(b) = self.lookup_let(&n.name) {
             let bspan = b.span;
             self.error(
@@ -2406,7 +2534,7 @@ impl<'c, 'a> Lowerer<'c, 'a> {
             name: n.name.clone(),
             role: BufRole::Output,
             space,
-            samples: false,
+            axis: false,
         });
         self.ck.names.insert(
             n.name.clone(),

@@ -23,7 +23,10 @@ pub fn node_text(p: &Program, id: NodeId) -> String {
         Node::Bool(b) => format!("const {b}"),
         Node::Hyper(h) => format!("hyper {}", p.info.hypers[h as usize].name),
         Node::Step => "t".to_string(),
-        Node::Samples => "samples".to_string(),
+        Node::Count(axis) => axis.name().to_string(),
+        Node::ParticleDraw { dist, stream, .. } => {
+            format!("{} stream {stream:#010x} per particle", dist.name())
+        }
         Node::TensorCount(s) => format!("tensor_count {}", space(p, s)),
         Node::TensorReduce { op, arg } => format!(
             "tensors_{} {arg}",
@@ -32,8 +35,9 @@ pub fn node_text(p: &Program, id: NodeId) -> String {
                 ReduceOp::Max => "max",
             }
         ),
-        Node::SampleReduce { op, arg } => format!(
-            "sample_{} {arg}",
+        Node::AxisReduce { axis, op, arg } => format!(
+            "{}_{} {arg}",
+            axis.prefix(),
             match op {
                 ReduceOp::Sum => "sum",
                 ReduceOp::Max => "max",
@@ -169,14 +173,22 @@ pub fn interface(p: &Program) -> String {
             BufRole::State => "state",
             BufRole::Output => "output",
         };
-        let sampled = p.axis_form.as_ref().is_some_and(|(axis, _)| {
+        let on_axis = p.axis_form.as_ref().and_then(|(axis, _)| {
             axis.info
                 .buffers
                 .iter()
-                .any(|a| a.samples && a.name == b.name)
+                .any(|a| a.axis && a.name == b.name)
+                .then_some(axis.info.axis)
+                .flatten()
         });
-        if sampled {
-            let _ = writeln!(out, "  {role} {}: samples({})", b.name, space(p, b.space));
+        if let Some(axis) = on_axis {
+            let _ = writeln!(
+                out,
+                "  {role} {}: {}({})",
+                b.name,
+                axis.name(),
+                space(p, b.space)
+            );
         } else {
             let _ = writeln!(out, "  {role} {}: {}", b.name, space(p, b.space));
         }

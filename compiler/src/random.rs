@@ -88,6 +88,21 @@ pub fn inline_stream(stage: u16, site: u16) -> u32 {
     0x8000_0000 | (u32::from(stage) << 16) | u32::from(site)
 }
 
+/// The stream of particle `particle`'s copy of a per-particle draw of stream `stream`: FNV-1a of
+/// both, 30 bits, bits 30 and 31 set (apart from inline and named streams).
+pub fn particle_stream(stream: u32, particle: u32) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in stream
+        .to_le_bytes()
+        .into_iter()
+        .chain(particle.to_le_bytes())
+    {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    0xc000_0000 | (h & 0x3fff_ffff)
+}
+
 /// The stream of the declared `random NAME`: FNV-1a of the name, 30 bits, bit 30 set.
 pub fn named_stream(name: &str) -> u32 {
     let mut h: u32 = 0x811c_9dc5;

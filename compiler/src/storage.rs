@@ -161,7 +161,7 @@ pub fn with_master_weights(p: &Program) -> Program {
             name: format!("{}{MASTER_SUFFIX}", param.name),
             role: BufRole::State,
             space: param.space,
-            samples: false,
+            axis: false,
         });
     }
     for v in &mut q.variants {

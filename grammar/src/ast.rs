@@ -146,12 +146,15 @@ pub enum TypeAnn {
     Scalar(Span),
     /// `: x`, the space of param `x` (or `: samples`, read by the checker as an axis).
     Space(Ident),
-    /// `: samples(x)`: an axis over the space of param `x`.
+    /// `: samples(x)`, `: particles(x)`, `: particles scalar`: an axis over the space of param
+    /// `x`, or over scalars.
     Axis {
-        /// The axis's name (`samples`).
+        /// The axis's name (`samples`, `particles`).
         axis: Ident,
         /// The param whose space it extends.
         of: Option<Ident>,
+        /// `NAME scalar`: one number per copy.
+        scalar: bool,
         /// The whole annotation.
         span: Span,
     },

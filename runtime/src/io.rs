@@ -31,6 +31,15 @@ impl<'a, T> Inputs<'a, T> {
         self.scalars.insert(name.to_string(), v);
         self
     }
+    /// Adds a scalar input with one value per particle (`input f: particles scalar`):
+    /// `values[j]` is particle `j`'s (named `f`, `f[1]`, `f[2]`, ... in the program).
+    pub fn per_particle(mut self, name: &str, values: &[f64]) -> Self {
+        for (j, &v) in values.iter().enumerate() {
+            self.scalars
+                .insert(optc_compiler::passes::unroll::copy_name(name, j), v);
+        }
+        self
+    }
 }
 
 /// A parameter tensor registered with an optimizer: its name and shape.

@@ -863,6 +863,47 @@ impl<T: Float + Default> Optimizer<T> {
             .map(Vec::as_slice)
     }
 
+    /// Sets the values of per-element state `name`, `data[tensor]` for each tensor of its
+    /// param (the starting points of an ensemble's particles, `X`, `X[1]`, ..., before the first
+    /// step). An error, with nothing changed, for a name that is no per-element state or data of
+    /// the wrong number or lengths of tensors.
+    pub fn set_state(&mut self, name: &str, data: &[&[T]]) -> Result<(), Error> {
+        let info = &self.program.info;
+        let b = info
+            .buffer(name)
+            .filter(|&b| info.buffers[b as usize].role == BufRole::State)
+            .ok_or_else(|| {
+                Error::Params(format!(
+                    "rule `{}` has no per-element state `{name}`",
+                    info.name
+                ))
+            })?;
+        let space = info.buffers[b as usize].space as usize;
+        let lens = &self.lens[space];
+        if data.len() != lens.len() {
+            return Err(Error::Length {
+                what: format!("state `{name}` (number of tensors)"),
+                expected: lens.len(),
+                got: data.len(),
+            });
+        }
+        for (j, (d, &n)) in data.iter().zip(lens).enumerate() {
+            if d.len() != n {
+                return Err(Error::Length {
+                    what: format!(
+                        "state `{name}` for tensor `{}`",
+                        self.tensors[space][j].name
+                    ),
+                    expected: n,
+                    got: d.len(),
+                });
+            }
+        }
+        self.bufs[b as usize] = data.iter().map(|d| d.to_vec()).collect();
+        self.engine.forget(b as usize);
+        Ok(())
+    }
+
     /// A scalar output (`out NAME = <scalar>`) by name: its value after the last step (0
     /// before the first).
     pub fn scalar_out(&self, name: &str) -> Option<f64> {

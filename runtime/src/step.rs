@@ -169,7 +169,12 @@ impl<T: Float + Default> Optimizer<T> {
         };
         // A rule with a sample axis runs written out for the number of samples given.
         let (expanded_host, expanded_device);
-        let inputs = if self.base.axis_form.is_some() {
+        let sampled = self
+            .base
+            .axis_form
+            .as_ref()
+            .is_some_and(|(a, _)| a.info.axis == Some(optc_compiler::ir::Axis::Samples));
+        let inputs = if sampled {
             let n = match inputs {
                 Given::Host(i) => self.samples_given(&i.tensors)?,
                 Given::Device(i) => self.device_samples(i)?,
@@ -395,14 +400,14 @@ impl<T: Float + Default> Optimizer<T> {
     /// The sample-axis inputs of the rule (name, space).
     fn sample_inputs(&self) -> Vec<(String, usize)> {
         match &self.base.axis_form {
-            Some((axis, _)) => axis
+            Some((axis, _)) if axis.info.axis == Some(optc_compiler::ir::Axis::Samples) => axis
                 .info
                 .buffers
                 .iter()
-                .filter(|b| b.samples)
+                .filter(|b| b.axis)
                 .map(|b| (b.name.clone(), b.space as usize))
                 .collect(),
-            None => Vec::new(),
+            _ => Vec::new(),
         }
     }
 

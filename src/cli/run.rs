@@ -184,11 +184,12 @@ fn run_typed<T: Float + Default>(
     let sampled: Vec<&str> = program
         .axis_form
         .as_ref()
+        .filter(|(axis, _)| axis.info.axis == Some(optc::compiler::ir::Axis::Samples))
         .map(|(axis, _)| {
             axis.info
                 .buffers
                 .iter()
-                .filter(|b| b.samples)
+                .filter(|b| b.axis)
                 .map(|b| b.name.as_str())
                 .collect()
         })

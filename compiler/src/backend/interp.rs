@@ -209,8 +209,8 @@ impl<'p> StepRun<'p> {
                 f64::from(random::draw(dist, key, env.t as u64, stream, e))
             }
             Node::Load { .. } => unreachable!("per-element node evaluated as a scalar"),
-            Node::Samples | Node::SampleReduce { .. } => {
-                unreachable!("a sample axis is written out before planning (passes::unroll)")
+            Node::Count(_) | Node::AxisReduce { .. } | Node::ParticleDraw { .. } => {
+                unreachable!("an axis is written out before planning (passes::unroll)")
             }
         };
         self.memo.insert((id, tensor, group), v);

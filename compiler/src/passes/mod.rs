@@ -51,12 +51,31 @@ pub const GUARDED: &[&[Pass]] = &[PLAN];
 /// outside `1..=unroll::MAX_SAMPLES`.
 pub fn for_samples(p: &Program, n: usize) -> Option<Program> {
     let (axis, _) = p.axis_form.as_ref()?;
-    if !(1..=unroll::MAX_SAMPLES).contains(&n) {
+    if axis.info.axis != Some(crate::ir::Axis::Samples) || !(1..=unroll::MAX_SAMPLES).contains(&n) {
         return None;
     }
-    let mut q = unroll::samples(axis, n);
+    let mut q = unroll::copies_of(axis, n);
     run_pipeline(&mut q, PIPELINE, &mut |_, _| {});
     Some(q)
+}
+
+/// A program with particles (`state X: particles`) written out for `n` particles and planned:
+/// what an optimizer over an ensemble of `n` particles runs. An error when `p` has no particles
+/// or `n` is outside `1..=unroll::MAX_PARTICLES`.
+pub fn for_particles(p: &Program, n: usize) -> Result<Program, String> {
+    let axis = match &p.axis_form {
+        Some((axis, _)) if axis.info.axis == Some(crate::ir::Axis::Particles) => axis,
+        _ => return Err(format!("rule `{}` has no particles", p.info.name)),
+    };
+    if !(1..=unroll::MAX_PARTICLES).contains(&n) {
+        return Err(format!(
+            "an ensemble has 1 to {} particles, not {n}",
+            unroll::MAX_PARTICLES
+        ));
+    }
+    let mut q = unroll::copies_of(axis, n);
+    run_pipeline(&mut q, PIPELINE, &mut |_, _| {});
+    Ok(q)
 }
 
 /// Runs the passes of `pipeline` in order, calling `observe` with each pass's name and the

@@ -1,26 +1,33 @@
-//! `unroll`: a rule's sample axis written out for a number of samples.
+//! `unroll`: a rule's axis of copies — the samples of per-sample inputs, or the particles of an
+//! ensemble — written out for a number of copies.
 //!
-//! A rule with an input declared `: samples` is lowered in its *axis form*: the input's loads vary
-//! per sample, so does every value computed from them, and [`Node::SampleReduce`] and
-//! [`Node::Samples`] reduce and count over the samples. No other pass and no backend sees that
-//! form: [`samples`] writes it out for `n` samples as an ordinary program in which copy `j` of a
-//! sample-axis input is a buffer of its own (copy 0 keeps the input's id and name, copies
-//! `1..n` are appended as `NAME[j]`, see [`copy_name`]), every per-sample value is `n` values,
-//! `sample_sum` is a sum over the copies in sample order (`((x0 + x1) + x2) + ...`),
-//! `sample_max` a max in the same order, and `samples` the constant `n`. The runtime gives copy
-//! `j` the `j`-th `[...shape]` block of the host's `[samples, ...shape]` tensor, so the kernels
-//! read each sample where the host keeps it: the per-sample reductions of one phase (a clip
-//! factor's norms) are one pass over the `n` blocks, and the sum over samples is fused into
-//! the pass that uses it.
+//! A rule with an input declared `: samples` (or a state declared `: particles`) is lowered in its
+//! *axis form*: loads of those buffers vary per copy, so does every value computed from them, and
+//! [`Node::AxisReduce`] and [`Node::Count`] reduce and count over the copies. No other pass and no
+//! backend sees that form: [`copies_of`] writes it out for `n` copies as an ordinary program in
+//! which copy `j` of a buffer on the axis is a buffer of its own (copy 0 keeps the buffer's id and
+//! name, copies `1..n` are appended as `NAME[j]`, see [`copy_name`]), likewise copy `j` of a scalar
+//! input on the axis (`input f: particles scalar`), every value on the axis is `n` values,
+//! a sum over the axis is a sum over the copies in copy order (`((x0 + x1) + x2) + ...`), a max a
+//! max in the same order, the count the constant `n`, and a per-particle draw `n` draws of the
+//! streams [`crate::random::particle_stream`]. The runtime gives copy `j` of a sample-axis input
+//! the `j`-th `[...shape]` block of the host's `[samples, ...shape]` tensor, so the kernels read
+//! each sample where the host keeps it: the per-sample reductions of one phase (a clip factor's
+//! norms) are one pass over the `n` blocks, and the sum over samples is fused into the pass that
+//! uses it. Per-particle states are ordinary states, one per particle.
 
 use crate::ir::{BinOp, BufId, BufInfo, Graph, Node, NodeId, Program, ReduceOp, Stage, Variant};
+use crate::random;
 use std::sync::Arc;
 
 /// The most samples one step takes: a step's kernels read every sample's block, so the
 /// program holds one load per sample and input.
 pub const MAX_SAMPLES: usize = 256;
 
-/// The name of copy `j` of sample-axis input `name` in an unrolled program.
+/// The most particles of an ensemble (one buffer per particle and per-particle state).
+pub const MAX_PARTICLES: usize = 256;
+
+/// The name of copy `j` of buffer or scalar input `name` on the axis, in an unrolled program.
 pub fn copy_name(name: &str, j: usize) -> String {
     if j == 0 {
         name.to_string()
@@ -29,20 +36,15 @@ pub fn copy_name(name: &str, j: usize) -> String {
     }
 }
 
-/// Whether a program (as lowered) has a sample axis.
-pub fn has_samples(p: &Program) -> bool {
-    p.info.buffers.iter().any(|b| b.samples)
-}
-
-/// The sample-axis inputs of an axis-form program and, for `n` samples, the buffer of each copy
-/// (`copies[i][j]`: copy `j` of the `i`-th sample-axis input, in buffer order).
+/// The buffers on the axis of an axis-form program and, for `n` copies, the buffer of each copy
+/// (`copies[i][j]`: copy `j` of the `i`-th buffer on the axis, in buffer order).
 pub fn copies(axis: &Program, n: usize) -> Vec<(BufId, Vec<BufId>)> {
     let mut next = axis.info.buffers.len() as BufId;
     axis.info
         .buffers
         .iter()
         .enumerate()
-        .filter(|(_, b)| b.samples)
+        .filter(|(_, b)| b.axis)
         .map(|(i, _)| {
             let mut ids = vec![i as BufId];
             for _ in 1..n {
@@ -70,28 +72,42 @@ impl Copies {
     }
 }
 
-/// The axis form `axis` written out for `n` samples (`1 <= n <= MAX_SAMPLES`): an ordinary
-/// lowered program (no phases yet; run [`super::PIPELINE`] on it) whose `axis_form` is
-/// `(axis, n)`.
-pub fn samples(axis: &Arc<Program>, n: usize) -> Program {
+/// The axis form `axis` written out for `n` copies (`1 <= n <=` [`MAX_SAMPLES`] or
+/// [`MAX_PARTICLES`]): an ordinary lowered program (no phases yet; run [`super::PIPELINE`] on it)
+/// whose `axis_form` is `(axis, n)`.
+pub fn copies_of(axis: &Arc<Program>, n: usize) -> Program {
     assert!(
-        (1..=MAX_SAMPLES).contains(&n),
-        "unroll: {n} samples is outside 1..={MAX_SAMPLES}"
+        (1..=MAX_SAMPLES.max(MAX_PARTICLES)).contains(&n),
+        "unroll: {n} copies"
     );
     let mut info = axis.info.clone();
+    info.axis = None;
     let copies = copies(axis, n);
     for (b, ids) in &copies {
         let orig = info.buffers[*b as usize].clone();
-        info.buffers[*b as usize].samples = false;
+        info.buffers[*b as usize].axis = false;
         for j in 1..ids.len() {
             info.buffers.push(BufInfo {
                 name: copy_name(&orig.name, j),
                 role: orig.role,
                 space: orig.space,
-                samples: false,
+                axis: false,
             });
         }
     }
+    // Scalar inputs on the axis: copy 0 keeps the index, copies 1.. are appended.
+    let mut scalar_copies: std::collections::HashMap<u16, Vec<u16>> =
+        std::collections::HashMap::new();
+    for &i in &axis.info.axis_scalars {
+        let mut ids = vec![i];
+        for j in 1..n {
+            ids.push(info.scalar_inputs.len() as u16);
+            let name = copy_name(&axis.info.scalar_inputs[i as usize], j);
+            info.scalar_inputs.push(name);
+        }
+        scalar_copies.insert(i, ids);
+    }
+    info.axis_scalars.clear();
     let copy_of: std::collections::HashMap<BufId, &Vec<BufId>> =
         copies.iter().map(|(b, ids)| (*b, ids)).collect();
     let old = &axis.graph;
@@ -100,14 +116,33 @@ pub fn samples(axis: &Arc<Program>, n: usize) -> Program {
     for i in 0..old.len() {
         let node = old.node(NodeId(i as u32));
         let c = match node {
-            Node::Samples => Copies::One(graph.add(Node::num(n as f64), &info)),
+            Node::Count(_) => Copies::One(graph.add(Node::num(n as f64), &info)),
+            Node::ScalarInput(i) if scalar_copies.contains_key(&i) => Copies::Many(
+                scalar_copies[&i]
+                    .iter()
+                    .map(|&c| graph.add(Node::ScalarInput(c), &info))
+                    .collect(),
+            ),
+            Node::ParticleDraw { dist, stream, kind } => Copies::Many(
+                (0..n)
+                    .map(|j| {
+                        let draw = Node::Random {
+                            dist,
+                            stream: random::particle_stream(stream, j as u32),
+                            kind,
+                            seed: None,
+                        };
+                        graph.add(draw, &info)
+                    })
+                    .collect(),
+            ),
             Node::Load { buf, gen } if copy_of.contains_key(&buf) => Copies::Many(
                 copy_of[&buf]
                     .iter()
                     .map(|&b| graph.add(Node::Load { buf: b, gen }, &info))
                     .collect(),
             ),
-            Node::SampleReduce { op, arg } => {
+            Node::AxisReduce { op, arg, .. } => {
                 let arg = &map[arg.0 as usize];
                 let bin = match op {
                     ReduceOp::Sum => BinOp::Add,
@@ -145,15 +180,29 @@ pub fn samples(axis: &Arc<Program>, n: usize) -> Program {
         };
         map.push(c);
     }
-    // The checker keeps per-sample values out of stores and scalar state, so every root is one
-    // value; copy 0 stands for a root that is not (never reached).
+    // The checker keeps values on the axis out of scalar state and out of buffers off the axis,
+    // so every other root is one value; copy 0 stands for a root that is not (never reached).
     let root = |v: NodeId| map[v.0 as usize].get(0);
+    let stores = |stores: &[(BufId, NodeId)]| {
+        let mut out = Vec::new();
+        for &(b, x) in stores {
+            match copy_of.get(&b) {
+                Some(ids) => {
+                    for (j, &c) in ids.iter().enumerate() {
+                        out.push((c, map[x.0 as usize].get(j)));
+                    }
+                }
+                None => out.push((b, root(x))),
+            }
+        }
+        out
+    };
     let variant = |v: &Variant| Variant {
         stages: v
             .stages
             .iter()
             .map(|s| Stage {
-                stores: s.stores.iter().map(|&(b, x)| (b, root(x))).collect(),
+                stores: stores(&s.stores),
                 phases: Vec::new(),
             })
             .collect(),

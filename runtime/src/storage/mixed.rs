@@ -243,7 +243,11 @@ impl<S: Storage> MixedOptimizer<S> {
         tensors: Vec<Vec<TensorSpec>>,
         options: MixedOptions,
     ) -> Result<Self, Error> {
-        if program.axis_form.is_some() {
+        if program
+            .axis_form
+            .as_ref()
+            .is_some_and(|(a, _)| a.info.axis == Some(optc_compiler::ir::Axis::Samples))
+        {
             return Err(Error::Samples(format!(
                 "rule `{}` has a sample axis, which 16-bit storage does not support: run it with Optimizer",
                 program.info.name
