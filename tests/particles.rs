@@ -414,3 +414,67 @@ fn a_resumed_run_equals_a_straight_one() {
         assert_eq!(straight.buffer(&n), resumed.buffer(&n), "{n}");
     }
 }
+
+/// Just One Byte: each machine perturbs with `spsa` under its own seed; `spsa_job` regenerates
+/// every machine's z from its seed and applies the one-byte projected gradients.
+#[test]
+fn spsa_job_applies_every_machines_z_from_its_seed() {
+    let sizes = [5usize, 1, 130];
+    let spsa = Arc::new(optc::stdlib_rule("spsa").unwrap());
+    let eps = 1e-3;
+    let theta0: Vec<Vec<f64>> = sizes
+        .iter()
+        .map(|&n| fill(n as u64, n).iter().map(|&v| f64::from(v)).collect())
+        .collect();
+    // Two machines, seeds below 2^24: the z each perturbed with at step 1.
+    let seeds = [12_345u64, 777];
+    let zs: Vec<Vec<f64>> = seeds
+        .iter()
+        .map(|&s| {
+            let mut m = Optimizer::<f64>::new(Arc::clone(&spsa), vec![theta0.clone()]).unwrap();
+            m.set_seed(s);
+            m.set_hyper("eps", eps).unwrap();
+            m.run_stage(0, &Inputs::default()).unwrap();
+            m.params(0)
+                .iter()
+                .flatten()
+                .zip(theta0.iter().flatten())
+                .map(|(a, b)| (a - b) / eps)
+                .collect()
+        })
+        .collect();
+    let p = [0.37f64, -2.9];
+    let p_hat: Vec<f64> = p.iter().map(|&v| optc::stdlib::one_byte(v)).collect();
+    let job = Arc::new(for_particles(&optc::stdlib_rule("spsa_job").unwrap(), 2).unwrap());
+    let lr = 0.01;
+    let mut other = Optimizer::<f64>::new(job, vec![theta0.clone()]).unwrap();
+    other.set_hyper("lr", lr).unwrap();
+    let seeds_f: Vec<f64> = seeds.iter().map(|&s| s as f64).collect();
+    other
+        .step(
+            &Inputs::default()
+                .per_particle("seed", &seeds_f)
+                .per_particle("p_hat", &p_hat),
+        )
+        .unwrap();
+    for (e, (ours, t0)) in other
+        .params(0)
+        .iter()
+        .flatten()
+        .zip(theta0.iter().flatten())
+        .enumerate()
+    {
+        let want = t0 - lr / 2f64.sqrt() * (p_hat[0] * zs[0][e] + p_hat[1] * zs[1][e]);
+        assert!(
+            (ours - want).abs() <= 1e-9 * (1.0 + want.abs()),
+            "element {e}: {ours} against {want}"
+        );
+    }
+    // The machines' z differ, and match the seed's draws of `spsa`'s stream.
+    assert!(zs[0].iter().zip(&zs[1]).any(|(a, b)| a != b));
+    let stream = random::named_stream("z");
+    for (e, z) in zs[1].iter().enumerate() {
+        let d = f64::from(random::draw(Dist::Normal, 777, 1, stream, e as u64));
+        assert!((z - d).abs() <= 1e-9, "element {e}: {z} against {d}");
+    }
+}
