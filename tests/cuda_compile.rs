@@ -61,6 +61,25 @@ fn modules() -> Vec<(String, CudaModule)> {
             out.push((format!("{name} ({param:?} storage)"), m));
         }
     }
+    // Rules with an axis written out for several copies: 7 and 64 samples, 3 and 50 particles.
+    for (name, copies) in [
+        ("dp_sgd", [7usize, 64]),
+        ("adadagrad", [7, 64]),
+        ("cbo", [3, 50]),
+        ("spsa_job", [3, 50]),
+    ] {
+        let base = optc::stdlib_rule(name).expect("stdlib rule compiles");
+        for n in copies {
+            let p = match optc::compiler::passes::for_samples(&base, n) {
+                Some(p) => p,
+                None => optc::compiler::passes::for_particles(&base, n).expect("particles"),
+            };
+            out.push((
+                format!("{name} ({n} copies)"),
+                cuda::module(&p, Precision::F32),
+            ));
+        }
+    }
     // The programs under tests/good (random draws among them).
     let mut good: Vec<_> = std::fs::read_dir("tests/good")
         .expect("tests/good")

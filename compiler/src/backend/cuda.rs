@@ -944,7 +944,11 @@ impl Gen<'_> {
         );
         let nred = ck.reductions.len();
         if nred > 0 {
-            let _ = writeln!(out, "    __shared__ double red[{nred} * OPTC_BLOCK];");
+            // One shared buffer for at most RED_GROUP reductions at a time (48 KiB of static
+            // shared memory at most: a rule over many samples or particles has one reduction
+            // per copy).
+            let rows = nred.min(RED_GROUP);
+            let _ = writeln!(out, "    __shared__ double red[{rows} * OPTC_BLOCK];");
         }
         let truth = |u: NodeId, raw: String| {
             if p.graph.ty(u) == Ty::Bool {
@@ -1076,45 +1080,56 @@ impl Gen<'_> {
         let _ = writeln!(out, "        }}");
         if nred > 0 {
             let _ = writeln!(out, "        // Block reduction: a tree of a fixed shape.");
-            for i in 0..nred {
+            let all: Vec<(usize, NodeId)> = ck.reductions.iter().copied().enumerate().collect();
+            for group in all.chunks(RED_GROUP) {
+                let base = group[0].0;
+                for &(i, _) in group {
+                    let _ = writeln!(
+                        out,
+                        "        red[{} * OPTC_BLOCK + threadIdx.x] = (double)r{i};",
+                        i - base
+                    );
+                }
+                let _ = writeln!(out, "        __syncthreads();");
                 let _ = writeln!(
                     out,
-                    "        red[{i} * OPTC_BLOCK + threadIdx.x] = (double)r{i};"
+                    "        for (unsigned int w = OPTC_BLOCK / 2; w > 0; w >>= 1) {{"
                 );
+                let _ = writeln!(out, "            if (threadIdx.x < w) {{");
+                for &(i, r) in group {
+                    let (a, b) = (
+                        format!("red[{} * OPTC_BLOCK + threadIdx.x]", i - base),
+                        format!("red[{} * OPTC_BLOCK + threadIdx.x + w]", i - base),
+                    );
+                    let _ = match self.reduce_op(r) {
+                        ReduceOp::Sum => writeln!(out, "                {a} = {a} + {b};"),
+                        ReduceOp::Max => {
+                            writeln!(out, "                {a} = optc_maxd({a}, {b});")
+                        }
+                    };
+                }
+                let _ = writeln!(out, "            }}");
+                let _ = writeln!(out, "            __syncthreads();");
+                let _ = writeln!(out, "        }}");
+                let _ = writeln!(out, "        if (threadIdx.x == 0) {{");
+                for &(i, _) in group {
+                    let _ = writeln!(
+                        out,
+                        "            partials[{i}ull * nchunks + c] = red[{} * OPTC_BLOCK];",
+                        i - base
+                    );
+                }
+                let _ = writeln!(out, "        }}");
+                let _ = writeln!(out, "        __syncthreads();");
             }
-            let _ = writeln!(out, "        __syncthreads();");
-            let _ = writeln!(
-                out,
-                "        for (unsigned int w = OPTC_BLOCK / 2; w > 0; w >>= 1) {{"
-            );
-            let _ = writeln!(out, "            if (threadIdx.x < w) {{");
-            for (i, &r) in ck.reductions.iter().enumerate() {
-                let (a, b) = (
-                    format!("red[{i} * OPTC_BLOCK + threadIdx.x]"),
-                    format!("red[{i} * OPTC_BLOCK + threadIdx.x + w]"),
-                );
-                let _ = match self.reduce_op(r) {
-                    ReduceOp::Sum => writeln!(out, "                {a} = {a} + {b};"),
-                    ReduceOp::Max => writeln!(out, "                {a} = optc_maxd({a}, {b});"),
-                };
-            }
-            let _ = writeln!(out, "            }}");
-            let _ = writeln!(out, "            __syncthreads();");
-            let _ = writeln!(out, "        }}");
-            let _ = writeln!(out, "        if (threadIdx.x == 0) {{");
-            for i in 0..nred {
-                let _ = writeln!(
-                    out,
-                    "            partials[{i}ull * nchunks + c] = red[{i} * OPTC_BLOCK];"
-                );
-            }
-            let _ = writeln!(out, "        }}");
-            let _ = writeln!(out, "        __syncthreads();");
         }
         let _ = writeln!(out, "    }}");
         let _ = writeln!(out, "}}");
     }
 }
+
+/// The most reductions a kernel combines in shared memory at once (16 x 256 doubles, 32 KiB).
+const RED_GROUP: usize = 16;
 
 #[cfg(test)]
 mod tests {
