@@ -200,7 +200,7 @@ fn the_noise_is_each_particles_own_stream() {
                 let f: Vec<f64> = xs.iter().map(|x| x.iter().map(|v| v * v).sum()).collect();
                 opt.step(&Inputs::default().per_particle("f", &f)).unwrap();
                 let (want, c) = cbo_by_hand(&xs, &f, hyper, anisotropic, 77, t);
-                for j in 0..k {
+                for (j, want_j) in want.iter().enumerate() {
                     let ours: Vec<f64> = opt
                         .buffer(&copy_name("X", j))
                         .unwrap()
@@ -208,7 +208,7 @@ fn the_noise_is_each_particles_own_stream() {
                         .flatten()
                         .copied()
                         .collect();
-                    for (e, (a, b)) in ours.iter().zip(&want[j]).enumerate() {
+                    for (e, (a, b)) in ours.iter().zip(want_j).enumerate() {
                         assert!(
                             (a - b).abs() <= 1e-12 * (1.0 + b.abs()),
                             "{k} particles, anisotropic {anisotropic}, step {t}, particle {j}[{e}]: {a} against {b}"
@@ -336,7 +336,7 @@ fn bad_particles_are_errors_that_change_nothing() {
         .contains("no particles"));
     let mut opt =
         Optimizer::<f32>::new(Arc::new(cbo(3)), vec![vec![vec![0.0; 4], vec![0.0; 2]]]).unwrap();
-    let x = vec![vec![0.5f32; 4], vec![0.25; 2]];
+    let x = [vec![0.5f32; 4], vec![0.25; 2]];
     opt.set_state("X[2]", &[&x[0], &x[1]]).unwrap();
     let before = (
         opt.buffer("X[2]").unwrap().to_vec(),
