@@ -538,6 +538,14 @@ fn dp_sgd_reads_the_samples_twice_and_writes_nothing_per_sample() {
             opt.step(&Inputs::default().tensor("G", vec![&g[..]]))
                 .unwrap();
         }
+        // The host asks in the rule's own names: the input G, not its copies.
+        let needs = opt.stage_needs(0).unwrap();
+        let g_id = opt.program().info.buffer("G").unwrap();
+        assert_eq!(
+            needs.tensors.iter().copied().collect::<Vec<_>>(),
+            [g_id],
+            "{b} samples"
+        );
         let p = opt.active_program();
         let kernels: usize = p.variants[1].stages.iter().map(|s| s.phases.len()).sum();
         assert_eq!(kernels, 2, "{b} samples: passes");

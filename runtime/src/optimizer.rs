@@ -956,26 +956,51 @@ impl<T: Float + Default> Optimizer<T> {
                 info.stages.join(", ")
             )));
         }
-        if self.st.next_stage != 0 {
-            return Ok(self.active_needs(k).clone());
-        }
-        let t = self.st.steps + 1;
-        let (values, groups) = self.values_at(t)?;
-        let sets: Vec<&[f64]> = std::iter::once(values.as_slice())
-            .chain(groups.iter().map(Vec::as_slice))
-            .collect();
-        let facts = StepFacts {
-            t: t as f64,
-            scalar_states: &self.st.scalar_states,
-            seed: self.seed,
+        let needs = if self.st.next_stage != 0 {
+            self.active_needs(k).clone()
+        } else {
+            let t = self.st.steps + 1;
+            let (values, groups) = self.values_at(t)?;
+            let sets: Vec<&[f64]> = std::iter::once(values.as_slice())
+                .chain(groups.iter().map(Vec::as_slice))
+                .collect();
+            let facts = StepFacts {
+                t: t as f64,
+                scalar_states: &self.st.scalar_states,
+                seed: self.seed,
+            };
+            self.specs.needs_at(
+                &self.program,
+                &sets,
+                &facts,
+                self.policy,
+                self.st.steps == 0,
+                k,
+            )
         };
-        Ok(self.specs.needs_at(
-            &self.program,
-            &sets,
-            &facts,
-            self.policy,
-            self.st.steps == 0,
-            k,
-        ))
+        Ok(self.as_given(needs))
+    }
+
+    /// Needs in the ids of the rule as given ([`Optimizer::program`]): the copies of a
+    /// sample-axis input (the program written out for several samples) are that input.
+    fn as_given(&self, mut needs: StageNeeds) -> StageNeeds {
+        if self.samples <= 1 {
+            return needs;
+        }
+        let Some((axis, _)) = &self.base.axis_form else {
+            return needs;
+        };
+        let copies = optc_compiler::passes::unroll::copies(axis, self.samples);
+        needs.tensors = needs
+            .tensors
+            .into_iter()
+            .map(|b| {
+                copies
+                    .iter()
+                    .find(|(_, ids)| ids.contains(&b))
+                    .map_or(b, |(orig, _)| *orig)
+            })
+            .collect();
+        needs
     }
 }
