@@ -844,6 +844,18 @@ impl<'a> Checker<'a> {
                         .with_help("a scalar input may have a default, used when the host does not give it: `input q: scalar = uniform()`"),
                     );
                 }
+                if let (true, true, Some(init)) = (scalar, sampled, &e.init) {
+                    self.error(
+                        Diagnostic::error(
+                            "E0406",
+                            "a per-particle scalar input takes no default",
+                            init.span,
+                            "not allowed here",
+                        )
+                        .with_note("the host gives one value per particle at every step"),
+                    );
+                    return;
+                }
                 if scalar {
                     let id = self.info.scalar_inputs.len() as u16;
                     if self.room("scalar inputs", self.info.scalar_inputs.len(), e.name.span)
