@@ -559,3 +559,63 @@ fn dp_sgd_reads_the_samples_twice_and_writes_nothing_per_sample() {
         assert!(fused < unfused);
     }
 }
+
+/// The number of samples across engines, stages, prebuilt programs and failed calls.
+#[test]
+fn sample_counts_survive_engine_switches_stages_and_failures() {
+    let sizes = [3usize, 2];
+    let init = || vec![sizes.iter().map(|&n| fill(n as u64, n)).collect::<Vec<_>>()];
+    let g = |b: usize| -> Vec<Vec<f32>> { sizes.iter().map(|&n| fill(9, n * b)).collect() };
+    let step = |o: &mut Optimizer<f32>, b: usize| {
+        let gs = g(b);
+        o.step(&Inputs::default().tensor("G", gs.iter().map(|v| &v[..]).collect()))
+    };
+    // A switch of engine after several counts were compiled.
+    let p = Arc::new(stdlib("dp_sgd"));
+    let mut o = Optimizer::<f32>::new(Arc::clone(&p), init()).unwrap();
+    step(&mut o, 2).unwrap();
+    let mut o = o.with_backend(Backend::Cranelift { threads: 1 }).unwrap();
+    step(&mut o, 1).unwrap();
+    step(&mut o, 2).unwrap();
+    let mut reference = Optimizer::<f32>::new(Arc::clone(&p), init()).unwrap();
+    for b in [2, 1, 2] {
+        step(&mut reference, b).unwrap();
+    }
+    assert_eq!(o.params(0), reference.params(0));
+    // A program already written out for 3 samples.
+    let three = Arc::new(optc::compiler::passes::for_samples(&p, 3).unwrap());
+    let mut o = Optimizer::<f32>::new(three, init()).unwrap();
+    assert_eq!(o.samples(), 3);
+    step(&mut o, 3).unwrap();
+    step(&mut o, 1).unwrap();
+    // A rule whose sample input comes in its second stage, run stage by stage.
+    let src = "rule r(lr = 0.1) { param x\n input h\n input G: samples\n \
+               stage a { x = x - lr * h }\n stage b { x = x - lr * sample_mean(G) / samples } }";
+    let p2 = Arc::new(optc::compile_rule(src).unwrap());
+    let mut o = Optimizer::<f32>::new(p2, init()).unwrap();
+    let h: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.5; n]).collect();
+    let hs = || Inputs::default().tensor("h", h.iter().map(|v| &v[..]).collect());
+    let g3 = g(3);
+    let gs = || Inputs::default().tensor("G", g3.iter().map(|v| &v[..]).collect());
+    o.run_stage(0, &hs()).unwrap();
+    let e = o.run_stage(1, &gs()).unwrap_err();
+    assert!(e.to_string().contains("with_samples"), "{e}");
+    o.run_stage(1, &gs().with_samples(1)).unwrap_err();
+    // The count given to the first stage.
+    let mut o2 = Optimizer::<f32>::new(Arc::new(optc::compile_rule(src).unwrap()), init()).unwrap();
+    o2.run_stage(0, &hs().with_samples(3)).unwrap();
+    o2.run_stage(1, &gs()).unwrap();
+    assert_eq!(o2.samples(), 3);
+    let before: Vec<Vec<f32>> = o2.params(0).to_vec();
+    // A failed call leaves the count as it was.
+    let e = o2.step(&gs()).unwrap_err(); // no `h`
+    assert!(matches!(e, Error::MissingInput { .. }), "{e}");
+    assert_eq!(o2.samples(), 3);
+    assert_eq!(o2.params(0), &before[..]);
+    let g5 = g(5);
+    let e = o2
+        .step(&Inputs::default().tensor("G", g5.iter().map(|v| &v[..]).collect()))
+        .unwrap_err();
+    assert!(matches!(e, Error::MissingInput { .. }), "{e}");
+    assert_eq!(o2.samples(), 3, "the failed call switched the count");
+}

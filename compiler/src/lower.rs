@@ -1284,6 +1284,11 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                 )
                 .with_help("reduce it first, e.g. with `sum`, `mean` or `norm`"),
             );
+        } else if self
+            .not_per_sample(v, init.span, &format!("scalar state `{name}`"))
+            .is_none()
+        {
+            return self.add(Node::num(0.0));
         }
         v
     }

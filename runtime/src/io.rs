@@ -9,6 +9,9 @@ pub struct Inputs<'a, T> {
     pub tensors: HashMap<String, Vec<&'a [T]>>,
     /// Scalar inputs.
     pub scalars: HashMap<String, f64>,
+    /// The step's number of samples, for a rule whose sample-axis inputs come in a later stage
+    /// than the first (run stage by stage); otherwise read from the inputs' lengths.
+    pub samples: Option<usize>,
 }
 
 impl<T> Default for Inputs<'_, T> {
@@ -16,6 +19,7 @@ impl<T> Default for Inputs<'_, T> {
         Inputs {
             tensors: HashMap::new(),
             scalars: HashMap::new(),
+            samples: None,
         }
     }
 }
@@ -29,6 +33,11 @@ impl<'a, T> Inputs<'a, T> {
     /// Adds a scalar input.
     pub fn scalar(mut self, name: &str, v: f64) -> Self {
         self.scalars.insert(name.to_string(), v);
+        self
+    }
+    /// Sets the step's number of samples (see [`Inputs::samples`](Inputs#structfield.samples)).
+    pub fn with_samples(mut self, n: usize) -> Self {
+        self.samples = Some(n);
         self
     }
     /// Adds a scalar input with one value per particle (`input f: particles scalar`):

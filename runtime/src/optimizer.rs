@@ -288,7 +288,12 @@ impl<T: Float + Default> Optimizer<T> {
             lent,
             specs,
             base: Arc::clone(&program),
-            samples: 1,
+            // A program already written out for n samples runs n-sample steps as it is.
+            samples: program
+                .axis_form
+                .as_ref()
+                .filter(|(a, _)| a.info.axis == Some(optc_compiler::ir::Axis::Samples))
+                .map_or(1, |(_, n)| *n),
             by_samples: HashMap::new(),
             program,
             engine,
@@ -440,6 +445,8 @@ impl<T: Float + Default> Optimizer<T> {
         self.engine.sync(&mut self.bufs)?;
         self.engine = engine;
         self.specs = specs;
+        // Programs written out for other numbers of samples were compiled for the old engine.
+        self.by_samples.clear();
         self.storage = Arc::new(storage);
         self.seed = seed;
         Ok(())
@@ -554,6 +561,14 @@ impl<T: Float + Default> Optimizer<T> {
             return Err(Error::Samples(format!(
                 "a step takes 1 to {max} samples, got {n}"
             )));
+        }
+        if let Some((axis, _)) = &self.base.axis_form {
+            let per_copy = axis.info.buffers.iter().filter(|b| b.axis).count();
+            if axis.info.buffers.len() + per_copy * (n - 1) > 1 << 16 {
+                return Err(Error::Samples(format!(
+                    "{n} samples of {per_copy} sample-axis inputs would take more than 65,536 buffers"
+                )));
+            }
         }
         let (program, specs) = match self.by_samples.remove(&n) {
             Some(x) => x,

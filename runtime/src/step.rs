@@ -174,9 +174,17 @@ impl<T: Float + Default> Optimizer<T> {
             .axis_form
             .as_ref()
             .is_some_and(|(a, _)| a.info.axis == Some(optc_compiler::ir::Axis::Samples));
+        let prev = self.samples;
         let inputs = if sampled {
             let n = match inputs {
-                Given::Host(i) => self.samples_given(&i.tensors)?,
+                Given::Host(i) => match (self.samples_given(&i.tensors)?, i.samples) {
+                    (Some(n), Some(m)) if n != m => {
+                        return Err(Error::Samples(format!(
+                            "the inputs hold {n} samples, but Inputs::samples says {m}"
+                        )))
+                    }
+                    (n, m) => n.or(m),
+                },
                 Given::Device(i) => self.device_samples(i)?,
             };
             if let Some(n) = n {
@@ -184,7 +192,8 @@ impl<T: Float + Default> Optimizer<T> {
                     self.use_samples(n)?;
                 } else if n != self.samples {
                     return Err(Error::Samples(format!(
-                        "this step runs {} samples (set by its first stage); stage {} was given {n}",
+                        "this step runs {} samples (set by its first stage); stage {} was given {n} \
+                         (give the count to the first stage with Inputs::with_samples)",
                         self.samples, self.st.next_stage
                     )));
                 }
@@ -202,19 +211,16 @@ impl<T: Float + Default> Optimizer<T> {
         } else {
             inputs
         };
-        if self.st.next_stage == 0 {
-            self.activate()?;
-        }
-        // Check every stage first; each check gives the scalar inputs its stage sees.
-        let mut checked = Vec::new();
-        let mut scalars = self.st.pending_scalars.clone();
-        for k in range {
-            scalars = match inputs {
-                Given::Host(i) => self.check_given(k, &i.tensors, &i.scalars, &scalars)?,
-                Given::Device(i) => self.check_given(k, &i.tensors, &i.scalars, &scalars)?,
-            };
-            checked.push((k, scalars.clone()));
-        }
+        // A call that fails its checks changes nothing: not the number of samples either.
+        let checked = match self.check_stages(range, inputs) {
+            Ok(c) => c,
+            Err(e) => {
+                if self.samples != prev {
+                    let _ = self.use_samples(prev);
+                }
+                return Err(e);
+            }
+        };
         // Scalar inputs are checked here, before anything runs (the kernels' guard checks the
         // per-element inputs).
         if self.policy != NonFinite::Proceed
@@ -230,6 +236,30 @@ impl<T: Float + Default> Optimizer<T> {
             }
         }
         Ok(())
+    }
+
+    /// Activates the step's specialization (at its first stage) and checks the inputs of every
+    /// stage in `range`; returns the scalar inputs each stage sees.
+    #[allow(clippy::type_complexity)]
+    fn check_stages(
+        &mut self,
+        range: std::ops::Range<usize>,
+        inputs: Given<'_, '_, T>,
+    ) -> Result<Vec<(usize, HashMap<u16, f64>)>, Error> {
+        if self.st.next_stage == 0 {
+            self.activate()?;
+        }
+        // Check every stage first; each check gives the scalar inputs its stage sees.
+        let mut checked = Vec::new();
+        let mut scalars = self.st.pending_scalars.clone();
+        for k in range {
+            scalars = match inputs {
+                Given::Host(i) => self.check_given(k, &i.tensors, &i.scalars, &scalars)?,
+                Given::Device(i) => self.check_given(k, &i.tensors, &i.scalars, &scalars)?,
+            };
+            checked.push((k, scalars.clone()));
+        }
+        Ok(checked)
     }
 
     /// A step with non-finite inputs under a policy other than proceeding: counted as skipped,

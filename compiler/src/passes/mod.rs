@@ -73,6 +73,15 @@ pub fn for_particles(p: &Program, n: usize) -> Result<Program, String> {
             unroll::MAX_PARTICLES
         ));
     }
+    let bufs = axis.info.buffers.iter().filter(|b| b.axis).count();
+    let scalars = axis.info.axis_scalars.len();
+    if axis.info.buffers.len() + bufs * (n - 1) > 1 << 16
+        || axis.info.scalar_inputs.len() + scalars * (n - 1) > 1 << 16
+    {
+        return Err(format!(
+            "{n} particles would take more than 65,536 buffers or scalar inputs"
+        ));
+    }
     let mut q = unroll::copies_of(axis, n);
     run_pipeline(&mut q, PIPELINE, &mut |_, _| {});
     Ok(q)

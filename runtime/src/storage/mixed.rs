@@ -481,6 +481,7 @@ impl<S: Storage> MixedOptimizer<S> {
         let mut f32_inputs = Inputs::<f32> {
             tensors: Default::default(),
             scalars: inputs.scalars.clone(),
+            samples: inputs.samples,
         };
         for (name, ts) in &inputs.tensors {
             if let Some(w) = widened.iter().find(|(n, _)| n == name) {
