@@ -9,7 +9,9 @@ use optc::runtime::{Backend, Error, Inputs, Optimizer};
 use std::sync::Arc;
 
 mod common;
-use common::fill;
+#[cfg(feature = "cuda")]
+use common::cuda_backend;
+use common::{fill, have_cc};
 
 fn cbo(k: usize) -> Program {
     for_particles(&optc::stdlib_rule("cbo").expect("cbo"), k).expect("written out")
@@ -289,11 +291,9 @@ fn every_cpu_engine_gives_the_interpreters_bits() {
                     &format!("{k} particles, Cranelift {threads}"),
                 );
             }
-            if optc::runtime::engine::native::Toolchain::find().is_ok() {
+            if have_cc() {
                 let native = run(k, sizes, Backend::Native { threads: 2 }, anisotropic);
                 same_bits(&reference, &native, &format!("{k} particles, native"));
-            } else {
-                println!("skipping the native engine: no C compiler");
             }
         }
     }
@@ -302,21 +302,8 @@ fn every_cpu_engine_gives_the_interpreters_bits() {
 #[cfg(feature = "cuda")]
 #[test]
 fn the_cuda_kernels_give_the_same_bits() {
-    use optc::runtime::device::Device;
-    let backend = if optc::runtime::cuda::driver_present().is_ok() && Device::open(0).is_ok() {
-        Backend::Cuda { device: 0 }
-    } else {
-        match Device::emulator() {
-            Ok(_) => Backend::CudaEmulator,
-            Err(e) => {
-                assert!(
-                    std::env::var("OPTC_SKIP_CUDA_RUNTIME").as_deref() == Ok("1"),
-                    "no GPU and no CUDA emulator ({e}); set OPTC_SKIP_CUDA_RUNTIME=1 to skip"
-                );
-                println!("skipping the CUDA backend: {e}");
-                return;
-            }
-        }
+    let Some(backend) = cuda_backend() else {
+        return;
     };
     for k in [1usize, 3, 50] {
         let sizes = [0usize, 1, 5, 300];

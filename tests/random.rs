@@ -9,7 +9,9 @@ use optc::runtime::{Backend, Inputs, Optimizer};
 use std::sync::Arc;
 
 mod common;
-use common::fill;
+#[cfg(feature = "cuda")]
+use common::cuda_backend;
+use common::{fill, have_cc};
 
 /// Draws of every shape: declared (per element, per step, with a seed from a scalar input),
 /// written in statements (per element, per step, in a reduction), read in two stages.
@@ -401,22 +403,6 @@ fn spsa_regenerates_z_and_allocates_nothing_for_it() {
     }
 }
 
-/// Whether the native engine can run here (a C compiler); without one the native checks print
-/// why and pass, unless `OPTC_REQUIRE_CC=1`.
-fn have_cc() -> bool {
-    match optc::runtime::engine::native::Toolchain::find() {
-        Ok(_) => true,
-        Err(e) => {
-            assert!(
-                std::env::var("OPTC_REQUIRE_CC").as_deref() != Ok("1"),
-                "OPTC_REQUIRE_CC=1 but {e}"
-            );
-            println!("skipping the native engine: {e}");
-            false
-        }
-    }
-}
-
 #[test]
 fn the_native_engine_gives_the_same_bits() {
     if !have_cc() {
@@ -436,32 +422,6 @@ fn the_native_engine_gives_the_same_bits() {
     let b = run::<f64>(&p, SIZES, Backend::Native { threads: 2 }, 2, None);
     for ((n, x), (_, y)) in a.iter().zip(&b) {
         assert_eq!(x, y, "native f64 `{n}`");
-    }
-}
-
-/// The CUDA backend: a GPU when there is one, else the emulator (the generated CUDA C built by
-/// the host's C++ compiler); neither prints why and passes unless `OPTC_REQUIRE_GPU=1` (a GPU)
-/// or the emulator is expected (`OPTC_SKIP_CUDA_RUNTIME` unset and a C++ compiler present).
-#[cfg(feature = "cuda")]
-fn cuda_backend() -> Option<Backend> {
-    use optc::runtime::device::Device;
-    if optc::runtime::cuda::driver_present().is_ok() && Device::open(0).is_ok() {
-        return Some(Backend::Cuda { device: 0 });
-    }
-    assert!(
-        std::env::var("OPTC_REQUIRE_GPU").as_deref() != Ok("1"),
-        "OPTC_REQUIRE_GPU=1 but no GPU"
-    );
-    match Device::emulator() {
-        Ok(_) => Some(Backend::CudaEmulator),
-        Err(e) => {
-            assert!(
-                std::env::var("OPTC_SKIP_CUDA_RUNTIME").as_deref() == Ok("1"),
-                "no GPU and no CUDA emulator ({e}); set OPTC_SKIP_CUDA_RUNTIME=1 to skip"
-            );
-            println!("skipping the CUDA backend: {e}");
-            None
-        }
     }
 }
 

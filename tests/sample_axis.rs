@@ -10,7 +10,9 @@ use optc::runtime::{Backend, Error, Inputs, Optimizer};
 use std::sync::Arc;
 
 mod common;
-use common::fill;
+#[cfg(feature = "cuda")]
+use common::cuda_backend;
+use common::{fill, have_cc};
 
 fn stdlib(name: &str) -> Program {
     optc::stdlib_rule(name).expect("stdlib rule")
@@ -170,20 +172,6 @@ fn cranelift_gives_the_interpreters_bits_for_any_samples_sizes_and_threads() {
     }
 }
 
-fn have_cc() -> bool {
-    match optc::runtime::engine::native::Toolchain::find() {
-        Ok(_) => true,
-        Err(e) => {
-            assert!(
-                std::env::var("OPTC_REQUIRE_CC").as_deref() != Ok("1"),
-                "OPTC_REQUIRE_CC=1 but {e}"
-            );
-            println!("skipping the native engine: {e}");
-            false
-        }
-    }
-}
-
 #[test]
 fn the_native_engine_gives_the_same_bits() {
     if !have_cc() {
@@ -199,29 +187,6 @@ fn the_native_engine_gives_the_same_bits() {
         );
         let native = run(&p, SIZES, Backend::Native { threads: 3 }, BATCHES, &hypers);
         same_bits(&reference, &native, &format!("{name}: native"));
-    }
-}
-
-#[cfg(feature = "cuda")]
-fn cuda_backend() -> Option<Backend> {
-    use optc::runtime::device::Device;
-    if optc::runtime::cuda::driver_present().is_ok() && Device::open(0).is_ok() {
-        return Some(Backend::Cuda { device: 0 });
-    }
-    assert!(
-        std::env::var("OPTC_REQUIRE_GPU").as_deref() != Ok("1"),
-        "OPTC_REQUIRE_GPU=1 but no GPU"
-    );
-    match Device::emulator() {
-        Ok(_) => Some(Backend::CudaEmulator),
-        Err(e) => {
-            assert!(
-                std::env::var("OPTC_SKIP_CUDA_RUNTIME").as_deref() == Ok("1"),
-                "no GPU and no CUDA emulator ({e}); set OPTC_SKIP_CUDA_RUNTIME=1 to skip"
-            );
-            println!("skipping the CUDA backend: {e}");
-            None
-        }
     }
 }
 

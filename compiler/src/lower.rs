@@ -2015,7 +2015,7 @@ impl<'c, 'a> Lowerer<'c, 'a> {
             let tensor_kinds = v
                 .iter()
                 .all(|&a| matches!(self.graph.kind(a), Kind::Tensor(_)));
-            if tensor_kinds && !per_tensor && v.len() == n {
+            if tensor_kinds && !per_tensor {
                 if !self.join(
                     &args
                         .iter()
@@ -2026,34 +2026,12 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                     return None;
                 }
                 let space = self.graph.kind(v[0]).space().unwrap_or(0);
-                let red = |s: &mut Self, op, arg| s.add(Node::TensorReduce { op, arg });
-                let add = |s: &mut Self, n| s.add(n);
-                return Some(match base {
-                    "sum" => red(self, ReduceOp::Sum, v[0]),
-                    "sqnorm" | "norm" => {
-                        let sq = add(self, Node::Binary(BinOp::Mul, v[0], v[0]));
-                        let s = red(self, ReduceOp::Sum, sq);
-                        if base == "norm" {
-                            add(self, Node::Unary(UnOp::Sqrt, s))
-                        } else {
-                            s
-                        }
-                    }
-                    "dot" => {
-                        let p = add(self, Node::Binary(BinOp::Mul, v[0], v[1]));
-                        red(self, ReduceOp::Sum, p)
-                    }
-                    "max_abs" => {
-                        let a = add(self, Node::Unary(UnOp::Abs, v[0]));
-                        red(self, ReduceOp::Max, a)
-                    }
-                    "mean" => {
-                        let s = red(self, ReduceOp::Sum, v[0]);
-                        let n = add(self, Node::TensorCount(space));
-                        add(self, Node::Binary(BinOp::Div, s, n))
-                    }
-                    _ => add(self, Node::TensorCount(space)),
-                });
+                return Some(self.reduction(
+                    base,
+                    &v,
+                    |op, arg| Node::TensorReduce { op, arg },
+                    Node::TensorCount(space),
+                ));
             }
             for (i, &a) in v.iter().enumerate() {
                 if !matches!(self.graph.kind(a), Kind::Element(_)) {
@@ -2073,40 +2051,16 @@ impl<'c, 'a> Lowerer<'c, 'a> {
                 }
             }
             let space = self.graph.kind(v[0]).space().unwrap_or(0);
-            let add = |s: &mut Self, n| s.add(n);
-            let red = |s: &mut Self, op, arg| {
-                s.add(Node::Reduce {
+            return Some(self.reduction(
+                base,
+                &v,
+                |op, arg| Node::Reduce {
                     op,
                     per_tensor,
                     arg,
-                })
-            };
-            return Some(match base {
-                "sum" => red(self, ReduceOp::Sum, v[0]),
-                "sqnorm" | "norm" => {
-                    let sq = add(self, Node::Binary(BinOp::Mul, v[0], v[0]));
-                    let s = red(self, ReduceOp::Sum, sq);
-                    if base == "norm" {
-                        add(self, Node::Unary(UnOp::Sqrt, s))
-                    } else {
-                        s
-                    }
-                }
-                "dot" => {
-                    let p = add(self, Node::Binary(BinOp::Mul, v[0], v[1]));
-                    red(self, ReduceOp::Sum, p)
-                }
-                "max_abs" => {
-                    let a = add(self, Node::Unary(UnOp::Abs, v[0]));
-                    red(self, ReduceOp::Max, a)
-                }
-                "mean" => {
-                    let s = red(self, ReduceOp::Sum, v[0]);
-                    let n = add(self, Node::Numel { space, per_tensor });
-                    add(self, Node::Binary(BinOp::Div, s, n))
-                }
-                _ => add(self, Node::Numel { space, per_tensor }),
-            });
+                },
+                Node::Numel { space, per_tensor },
+            ));
         }
         let names = function_names();
         let mut d = Diagnostic::error(
@@ -2122,6 +2076,44 @@ impl<'c, 'a> Lowerer<'c, 'a> {
         }
         self.error(d);
         None
+    }
+
+    /// The reduction `base` (`sum`, `sqnorm`, `norm`, `dot`, `max_abs`, `mean`, `numel`) of the
+    /// arguments `v`, with `red` the reduction node (over elements, or over tensors) and `count`
+    /// what `mean` divides by and `numel` is.
+    fn reduction(
+        &mut self,
+        base: &str,
+        v: &[NodeId],
+        red: impl Fn(ReduceOp, NodeId) -> Node,
+        count: Node,
+    ) -> NodeId {
+        match base {
+            "sum" => self.add(red(ReduceOp::Sum, v[0])),
+            "sqnorm" | "norm" => {
+                let sq = self.add(Node::Binary(BinOp::Mul, v[0], v[0]));
+                let s = self.add(red(ReduceOp::Sum, sq));
+                if base == "norm" {
+                    self.add(Node::Unary(UnOp::Sqrt, s))
+                } else {
+                    s
+                }
+            }
+            "dot" => {
+                let p = self.add(Node::Binary(BinOp::Mul, v[0], v[1]));
+                self.add(red(ReduceOp::Sum, p))
+            }
+            "max_abs" => {
+                let a = self.add(Node::Unary(UnOp::Abs, v[0]));
+                self.add(red(ReduceOp::Max, a))
+            }
+            "mean" => {
+                let s = self.add(red(ReduceOp::Sum, v[0]));
+                let n = self.add(count);
+                self.add(Node::Binary(BinOp::Div, s, n))
+            }
+            _ => self.add(count),
+        }
     }
 
     fn num_args(&mut self, args: &[ast::Expr], name: &str) -> Option<Vec<NodeId>> {

@@ -312,6 +312,17 @@ impl<T: Float + Default> Optimizer<T> {
 
     fn reset_with(&mut self, decisions: Decisions) -> Result<(), Error> {
         self.by_samples.clear();
+        self.specs = self.specializations(&self.program, decisions)?;
+        Ok(())
+    }
+
+    /// The specializations of `program` on `decisions` for the coming step, compiled by the
+    /// current engine for the current storage and policy.
+    fn specializations(
+        &self,
+        program: &Arc<Program>,
+        decisions: Decisions,
+    ) -> Result<Specializations, Error> {
         let how = How {
             engine: self.engine.as_ref(),
             storage: &self.storage,
@@ -322,14 +333,7 @@ impl<T: Float + Default> Optimizer<T> {
             scalar_states: &self.st.scalar_states,
             seed: self.seed,
         };
-        self.specs = Specializations::new(
-            &self.program,
-            decisions,
-            &self.hp.value_sets(),
-            &facts,
-            &how,
-        )?;
-        Ok(())
+        Specializations::new(program, decisions, &self.hp.value_sets(), &facts, &how)
     }
 
     /// Makes the specialization for the current hyperparameter values active (compiling it the
@@ -583,18 +587,7 @@ impl<T: Float + Default> Optimizer<T> {
                 } else {
                     Decisions::of(&p)
                 };
-                let how = How {
-                    engine: self.engine.as_ref(),
-                    storage: &self.storage,
-                    policy: self.policy,
-                };
-                let facts = StepFacts {
-                    t: (self.st.steps + 1) as f64,
-                    scalar_states: &self.st.scalar_states,
-                    seed: self.seed,
-                };
-                let specs =
-                    Specializations::new(&p, decisions, &self.hp.value_sets(), &facts, &how)?;
+                let specs = self.specializations(&p, decisions)?;
                 (p, specs)
             }
         };

@@ -515,20 +515,7 @@ impl<T: Float + Default> Optimizer<T> {
     /// program written out for the current number of samples names them.
     fn expand_host<'i>(&self, inputs: &Inputs<'i, T>) -> Inputs<'i, T> {
         let mut out = inputs.clone();
-        for (name, space) in self.sample_inputs() {
-            let Some(data) = out.tensors.remove(&name) else {
-                continue;
-            };
-            let lens = &self.lens[space];
-            for j in 0..self.samples {
-                let blocks = data
-                    .iter()
-                    .zip(lens)
-                    .map(|(d, &len)| &d[j * len..(j + 1) * len])
-                    .collect();
-                out.tensors.insert(copy_name(&name, j), blocks);
-            }
-        }
+        self.split_samples(&mut out.tensors, |d, at, len| &d[at..at + len]);
         out
     }
 
@@ -536,8 +523,19 @@ impl<T: Float + Default> Optimizer<T> {
     fn expand_device(&self, inputs: &DeviceInputs) -> DeviceInputs {
         let mut out = inputs.clone();
         let size = std::mem::size_of::<T>() as u64;
+        self.split_samples(&mut out.tensors, |&d, at, _| d + at as u64 * size);
+        out
+    }
+
+    /// Replaces each sample-axis input of `tensors` by one input per sample, `block(data, at,
+    /// len)` giving the `len` elements of a tensor's data from element `at`.
+    fn split_samples<L>(
+        &self,
+        tensors: &mut HashMap<String, Vec<L>>,
+        block: impl Fn(&L, usize, usize) -> L,
+    ) {
         for (name, space) in self.sample_inputs() {
-            let Some(data) = out.tensors.remove(&name) else {
+            let Some(data) = tensors.remove(&name) else {
                 continue;
             };
             let lens = &self.lens[space];
@@ -545,12 +543,11 @@ impl<T: Float + Default> Optimizer<T> {
                 let blocks = data
                     .iter()
                     .zip(lens)
-                    .map(|(&d, &len)| d + (j * len) as u64 * size)
+                    .map(|(d, &len)| block(d, j * len, len))
                     .collect();
-                out.tensors.insert(copy_name(&name, j), blocks);
+                tensors.insert(copy_name(&name, j), blocks);
             }
         }
-        out
     }
 
     /// Checks the inputs of stage `k` (host data or device addresses); returns the scalar inputs

@@ -1,5 +1,5 @@
-//! Helpers shared by the integration tests: deterministic fills and ulp distances. Each test
-//! crate uses some of them.
+//! Helpers shared by the integration tests: deterministic fills, ulp distances and the engines
+//! a machine can run. Each test crate uses some of them.
 #![allow(dead_code)]
 
 /// Deterministic pseudo-random values in [-1, 1).
@@ -86,4 +86,47 @@ pub const OPTIONS: &[(&str, f64)] = &[
 /// The value every scalar input (a loss) takes at step `s` of `steps`: 0.25 rising to 0.75.
 pub fn scalar_input(s: f64, steps: f64) -> f64 {
     0.25 + 0.5 * (s / steps)
+}
+
+/// Whether the native engine can run here (a C compiler); without one the native checks print
+/// why and pass, unless `OPTC_REQUIRE_CC=1`.
+pub fn have_cc() -> bool {
+    match optc::runtime::engine::native::Toolchain::find() {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(
+                std::env::var("OPTC_REQUIRE_CC").as_deref() != Ok("1"),
+                "OPTC_REQUIRE_CC=1 but {e}"
+            );
+            println!("skipping the native engine: {e}");
+            false
+        }
+    }
+}
+
+/// The CUDA backend: a GPU when there is one, else the emulator (the generated CUDA C built by
+/// the host's C++ compiler); neither prints why and passes unless `OPTC_REQUIRE_GPU=1` (a GPU)
+/// or the emulator is expected (`OPTC_SKIP_CUDA_RUNTIME` unset and a C++ compiler present).
+#[cfg(feature = "cuda")]
+pub fn cuda_backend() -> Option<optc::runtime::Backend> {
+    use optc::runtime::device::Device;
+    use optc::runtime::Backend;
+    if optc::runtime::cuda::driver_present().is_ok() && Device::open(0).is_ok() {
+        return Some(Backend::Cuda { device: 0 });
+    }
+    assert!(
+        std::env::var("OPTC_REQUIRE_GPU").as_deref() != Ok("1"),
+        "OPTC_REQUIRE_GPU=1 but no GPU"
+    );
+    match Device::emulator() {
+        Ok(_) => Some(Backend::CudaEmulator),
+        Err(e) => {
+            assert!(
+                std::env::var("OPTC_SKIP_CUDA_RUNTIME").as_deref() == Ok("1"),
+                "no GPU and no CUDA emulator ({e}); set OPTC_SKIP_CUDA_RUNTIME=1 to skip"
+            );
+            println!("skipping the CUDA backend: {e}");
+            None
+        }
+    }
 }
