@@ -111,6 +111,13 @@ pub enum Backend {
         /// Worker threads.
         threads: usize,
     },
+    /// The fastest CPU engine that works on this machine, on `threads` threads:
+    /// [`Backend::Native`] where a C compiler builds its kernels, else [`Backend::Cranelift`]
+    /// (saying so once per process on stderr). The two give the same bits.
+    Auto {
+        /// Worker threads.
+        threads: usize,
+    },
     /// CUDA kernels on GPU `device` (compiled by NVRTC for its architecture); params (when
     /// owned), state and outputs in device memory. See [`crate::engine::cuda`].
     #[cfg(feature = "cuda")]
@@ -127,6 +134,21 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// What [`Backend::Auto`] stands for on this machine (every other backend is itself).
+    pub fn resolved(self) -> Backend {
+        match self {
+            Backend::Auto { threads } => match crate::engine::native::Toolchain::find() {
+                Ok(_) => Backend::Native { threads },
+                Err(e) => {
+                    static SAID: std::sync::Once = std::sync::Once::new();
+                    SAID.call_once(|| eprintln!("optc: {e}; using the cranelift backend"));
+                    Backend::Cranelift { threads }
+                }
+            },
+            b => b,
+        }
+    }
+
     /// Whether this backend runs on a CUDA device ([`Backend::Cuda`] or the emulator).
     pub fn is_cuda(self) -> bool {
         #[cfg(feature = "cuda")]

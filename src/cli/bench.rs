@@ -118,35 +118,71 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// The in-place update `a[i] += s * b[i]` over arrays of `n` floats on `threads` threads: the
-/// ceiling for a memory-bound step that reads two arrays and writes one of them back.
-fn inplace_ceiling(n: usize, threads: usize, runs: usize) -> Result<f64, Fail> {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()?;
-    let mut a = filled(n, 1.0)?;
-    let b = filled(n, 0.5)?;
-    let chunk = n.div_ceil(threads * 8).max(1 << 14);
+/// Times `steps` steps of a rule (after `warm` has run the first step and a warm-up), each
+/// followed by one run of each ceiling, so that a busy machine slows them alike: the rule's
+/// step times and each ceiling's median bandwidth in GB/s.
+fn interleaved(
+    steps: usize,
+    mut step: impl FnMut() -> Result<(), Fail>,
+    ceilings: &mut [Ceiling],
+) -> Result<(Vec<f64>, Vec<f64>), Fail> {
+    for c in ceilings.iter_mut() {
+        c.run();
+    }
     let mut times = Vec::new();
-    for r in 0..runs + 1 {
-        let s = 1e-3 * (r as f32 + 1.0);
+    let mut ctimes = vec![Vec::new(); ceilings.len()];
+    for _ in 0..steps.max(1) {
         let start = std::time::Instant::now();
-        pool.install(|| {
-            use rayon::prelude::*;
-            a.par_chunks_mut(chunk)
-                .zip(b.par_chunks(chunk))
-                .for_each(|(x, y)| {
-                    for (x, y) in x.iter_mut().zip(y) {
-                        *x += s * y;
-                    }
-                })
-        });
-        if r > 0 {
-            times.push(start.elapsed().as_secs_f64());
+        step()?;
+        times.push(start.elapsed().as_secs_f64());
+        for (c, t) in ceilings.iter_mut().zip(&mut ctimes) {
+            let start = std::time::Instant::now();
+            c.run();
+            t.push(start.elapsed().as_secs_f64());
         }
     }
-    std::hint::black_box(&a);
-    Ok((3 * n * 4) as f64 / median(times) / 1e9)
+    let gbs = ceilings
+        .iter()
+        .zip(ctimes)
+        .map(|(c, t)| c.bytes() as f64 / median(t) / 1e9)
+        .collect();
+    Ok((times, gbs))
+}
+
+/// The two ceilings of a CPU bench, over `elems` elements on `threads` threads: the rule's own
+/// access pattern (`passes`) and the in-place update `a += s * b` (one read and one in-place
+/// f32 stream). Refused when their buffers do not fit in the available memory.
+fn ceilings(passes: &[Streams], elems: usize, threads: usize) -> Result<Vec<Ceiling>, Fail> {
+    let axpy = Streams {
+        read: vec![4],
+        inplace: vec![4],
+        write: vec![],
+    };
+    let bytes: usize = passes
+        .iter()
+        .chain([&axpy])
+        .map(|s| {
+            (s.read
+                .iter()
+                .chain(&s.inplace)
+                .chain(&s.write)
+                .sum::<usize>())
+                * elems
+        })
+        .sum();
+    if let Some(avail) = available_memory() {
+        if bytes as u64 > avail {
+            return Err(Fail(format!(
+                "error: --elems {elems}: the ceiling kernels need {:.1} GB beside the rule's buffers, but only {:.1} GB of memory is available",
+                bytes as f64 / 1e9,
+                avail as f64 / 1e9
+            )));
+        }
+    }
+    Ok(vec![
+        Ceiling::of_passes(passes, elems, threads)?,
+        Ceiling::new(&axpy, elems, threads)?,
+    ])
 }
 
 /// `n` copies of `v`, or an error when the memory cannot be had.
@@ -166,7 +202,8 @@ fn filled(n: usize, v: f32) -> Result<Vec<f32>, Fail> {
 /// inputs, state, outputs) and the ceiling's two arrays, in f32, against the memory the system
 /// says is available (`MemAvailable` in /proc/meminfo, where there is one).
 fn check_memory(info: &optc::compiler::ir::RuleInfo, elems: usize) -> Result<(), Fail> {
-    let arrays = info.buffers.len() + 2;
+    // The rule's buffers, its access pattern's (about as many) and `a += s * b`'s two.
+    let arrays = 2 * info.buffers.len() + 2;
     let bytes = elems
         .checked_mul(4)
         .and_then(|b| b.checked_mul(arrays))
@@ -279,18 +316,25 @@ pub(crate) fn command(args: &BenchArgs) -> Result<(), Fail> {
     }
     opt.step(&inputs)?; // the first step (its own variant), then a warm-up
     opt.step(&inputs)?;
-    let mut times = Vec::new();
+    let mut ceils = ceilings(
+        &Streams::passes(opt.active_program(), |_| 4),
+        args.elems,
+        threads,
+    )?;
     // What each step moved: work that is off on a step (`t % I == 0` false) moves nothing.
     let mut per_step: std::collections::BTreeMap<(usize, usize, usize), usize> =
         std::collections::BTreeMap::new();
-    for _ in 0..args.steps.max(1) {
-        let start = std::time::Instant::now();
-        opt.step(&inputs)?;
-        times.push(start.elapsed().as_secs_f64());
-        *per_step
-            .entry(traffic(opt.active_program(), args.elems, |_| 4))
-            .or_default() += 1;
-    }
+    let (times, cgbs) = interleaved(
+        args.steps,
+        || {
+            opt.step(&inputs)?;
+            *per_step
+                .entry(traffic(opt.active_program(), args.elems, |_| 4))
+                .or_default() += 1;
+            Ok(())
+        },
+        &mut ceils,
+    )?;
     let nsteps = times.len();
     let mean_time = times.iter().sum::<f64>() / nsteps as f64;
     let t = median(times);
@@ -308,10 +352,7 @@ pub(crate) fn command(args: &BenchArgs) -> Result<(), Fail> {
             );
         }
     }
-    let streams = Streams::of(opt.active_program(), |_| 4);
     drop(opt);
-    let ceiling = inplace_ceiling(args.elems, threads, 5)?;
-    let pattern = Ceiling::new(&streams, args.elems, threads)?.measure(5);
     let gbs = must as f64 / t_bw / 1e9;
     println!(
         "rule {} on {:?}: {} elements in {} tensor(s) per param",
@@ -328,21 +369,42 @@ pub(crate) fn command(args: &BenchArgs) -> Result<(), Fail> {
         moved as f64 / 1e6
     );
     println!("  effective bandwidth        {gbs:>10.2} GB/s");
-    print_ceilings(gbs, ceiling, pattern, &streams);
+    print_ceilings(gbs, t_bw, &ceils, &cgbs);
     Ok(())
 }
 
-/// The ceilings' lines of a CPU bench: `a += s * b` and the rule's own access pattern.
-fn print_ceilings(gbs: f64, ceiling: f64, pattern: f64, streams: &Streams) {
-    println!("  in-place ceiling a+=s*b    {ceiling:>10.2} GB/s   (same threads, same size)");
-    println!("  ratio                      {:>10.3}", gbs / ceiling);
+/// The ceilings' lines of a CPU bench: `a += s * b` and the rule's own access pattern (whose
+/// ratio is the pattern's time over the step's: how close the step comes to moving its
+/// passes' bytes at the memory's speed).
+fn print_ceilings(gbs: f64, step_time: f64, ceils: &[Ceiling], cgbs: &[f64]) {
+    let (pattern, axpy) = (&ceils[0], cgbs[1]);
+    println!("  in-place ceiling a+=s*b    {axpy:>10.2} GB/s   (same threads, same size)");
+    println!("  ratio                      {:>10.3}", gbs / axpy);
+    let streams = pattern.streams();
+    let shape: Vec<String> = streams
+        .iter()
+        .map(|s| {
+            format!(
+                "{} read, {} in-place, {} written",
+                s.read.len(),
+                s.inplace.len(),
+                s.write.len()
+            )
+        })
+        .collect();
     println!(
-        "  its access pattern         {pattern:>10.2} GB/s   (a trivial kernel over {} read, {} in-place, {} written stream(s))",
-        streams.read.len(),
-        streams.inplace.len(),
-        streams.write.len()
+        "  its access pattern         {:>10.2} GB/s   ({} pass(es) of a trivial kernel over {} stream(s); {})",
+        cgbs[0],
+        streams.len(),
+        shape.join(", then "),
+        pattern.how()
     );
-    println!("  ratio to the pattern       {:>10.3}", gbs / pattern);
+    let pattern_time = pattern.bytes() as f64 / (cgbs[0] * 1e9);
+    println!(
+        "  ratio to the pattern       {:>10.3}   (the pattern's time {:.3} ms over the step's)",
+        pattern_time / step_time,
+        pattern_time * 1e3
+    );
 }
 
 /// The key of `--rounding stochastic`.
@@ -415,24 +477,21 @@ fn bench_mixed<S: Storage>(
     step(&mut opt)?; // the first step (its own variant), then a warm-up
     step(&mut opt)?;
     let steps = args.steps.max(1);
-    let mut times = Vec::new();
-    for _ in 0..steps {
-        let start = std::time::Instant::now();
-        step(&mut opt)?;
-        times.push(start.elapsed().as_secs_f64());
-    }
+    let map = opt.storage_map().unwrap_or_default();
+    let bytes = |b| map.of(b).bytes(compiler::backend::clif::Precision::F32);
+    let mut ceils = ceilings(
+        &Streams::passes(opt.inner().active_program(), bytes),
+        args.elems,
+        threads,
+    )?;
+    let (times, cgbs) = interleaved(steps, || step(&mut opt), &mut ceils)?;
     let t = median(times);
     // The bytes the fused kernels move, at each buffer's storage size.
     let active = opt.inner().active_program();
-    let map = opt.storage_map().unwrap_or_default();
-    let bytes = |b| map.of(b).bytes(compiler::backend::clif::Precision::F32);
     let (must, moved, passes) = traffic(active, args.elems, bytes);
-    let streams = Streams::of(active, bytes);
     let fused = opt.is_fused();
     drop(opt);
     drop(params);
-    let ceiling = inplace_ceiling(args.elems, threads, 5)?;
-    let pattern = Ceiling::new(&streams, args.elems, threads)?.measure(5);
     let gbs = must as f64 / t / 1e9;
     let how = if fused {
         "conversions fused into the kernels"
@@ -462,7 +521,7 @@ fn bench_mixed<S: Storage>(
         moved as f64 / 1e6
     );
     println!("  effective bandwidth        {gbs:>10.2} GB/s");
-    print_ceilings(gbs, ceiling, pattern, &streams);
+    print_ceilings(gbs, t, &ceils, &cgbs);
     Ok(())
 }
 

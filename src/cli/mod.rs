@@ -165,7 +165,10 @@ impl PrecisionArg {
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
 pub(crate) enum BackendArg {
-    /// Cranelift machine code (the default).
+    /// The fastest CPU engine that works here (the default): native where a C compiler
+    /// works, else Cranelift (saying so in one line).
+    Auto,
+    /// Cranelift machine code (no C compiler needed; compiles in milliseconds).
     Cranelift,
     /// Kernels as C built by the system C compiler for this machine (wide vectors); falls back
     /// to Cranelift, saying so, where no C compiler works.
@@ -181,8 +184,8 @@ pub(crate) enum BackendArg {
 /// Which engine runs the kernels.
 #[derive(clap::Args, Debug, Clone, Copy)]
 pub(crate) struct ExecArgs {
-    /// The backend.
-    #[arg(long, value_enum, default_value = "cranelift")]
+    /// The engine that runs the kernels (`--engine` is the same option).
+    #[arg(long, alias = "engine", value_enum, default_value = "auto")]
     pub(crate) backend: BackendArg,
     /// Worker threads for the Cranelift and native backends (default: all cores).
     #[arg(long)]
@@ -247,15 +250,8 @@ impl ExecArgs {
         Ok(match self.backend {
             BackendArg::Interp => Backend::Interpreter,
             BackendArg::Cranelift => Backend::Cranelift { threads },
-            BackendArg::Native => match optc::runtime::engine::native::Toolchain::find() {
-                Ok(_) => Backend::Native { threads },
-                Err(e) => {
-                    // Said once per process: the toolchain is looked for once.
-                    static SAID: std::sync::Once = std::sync::Once::new();
-                    SAID.call_once(|| eprintln!("optc: {e}; using the cranelift backend"));
-                    Backend::Cranelift { threads }
-                }
-            },
+            // Native where a C compiler works, else Cranelift, saying so once.
+            BackendArg::Native | BackendArg::Auto => Backend::Auto { threads }.resolved(),
             #[cfg(feature = "cuda")]
             BackendArg::Cuda => Backend::Cuda {
                 device: self.device,

@@ -768,7 +768,7 @@ impl<T: Float + Default> Engine<T> for Cranelift<T> {
         // pointer was chosen by its storage above); inputs are only read; the kernel writes only
         // its store slots, which are distinct buffers (lent params are distinct `&mut` slices),
         // and nothing else touches them during the call.
-        Ok(unsafe {
+        let r = unsafe {
             run_kernel_stored(
                 jk,
                 io.program,
@@ -778,7 +778,8 @@ impl<T: Float + Default> Engine<T> for Cranelift<T> {
                 key,
                 self.pool.as_deref(),
             )
-        })
+        };
+        Ok(r)
     }
 
     fn end_stage(

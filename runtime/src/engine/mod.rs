@@ -196,10 +196,12 @@ pub fn open<T: Float + Default>(
     current: Option<&dyn Engine<T>>,
 ) -> Result<Box<dyn Engine<T>>, Error> {
     let _ = &current; // only the CUDA engine reuses the current one
-    match backend {
+    match backend.resolved() {
         Backend::Interpreter => Ok(Box::new(interp::Interp)),
         Backend::Cranelift { threads } => Ok(Box::new(cranelift::Cranelift::<T>::new(threads)?)),
         Backend::Native { threads } => Ok(Box::new(cranelift::Cranelift::<T>::native(threads)?)),
+        // `resolved` never returns `Auto`.
+        Backend::Auto { threads } => Ok(Box::new(cranelift::Cranelift::<T>::new(threads)?)),
         #[cfg(feature = "cuda")]
         Backend::Cuda { .. } | Backend::CudaEmulator => cuda::Cuda::open(backend, current),
     }

@@ -382,3 +382,117 @@ pub fn compile(
         compile_time: start.elapsed(),
     })
 }
+
+/// One stream of a [`StreamKernel`]: its elements, 4 or 2 bytes each.
+#[derive(Debug)]
+enum StreamBuf {
+    F32(Vec<f32>),
+    Bits(Vec<u16>),
+}
+
+impl StreamBuf {
+    fn new(bytes: usize, n: usize, v: f32) -> StreamBuf {
+        if bytes == 2 {
+            StreamBuf::Bits(vec![(v.to_bits() >> 16) as u16; n])
+        } else {
+            StreamBuf::F32(vec![v; n])
+        }
+    }
+
+    fn ptr(&mut self) -> *mut u8 {
+        match self {
+            StreamBuf::F32(v) => v.as_mut_ptr().cast(),
+            StreamBuf::Bits(v) => v.as_mut_ptr().cast(),
+        }
+    }
+}
+
+/// The function of a stream kernel: `fn(bufs, start, end) -> bits` (what a pass that only
+/// reads computed).
+type StreamFn = unsafe extern "C" fn(*const *mut u8, u64, u64) -> u32;
+
+/// A trivial kernel over some streams of `n` elements each, built by the native toolchain with
+/// the kernels' flags ([`c::stream_kernel`]): the memory-bandwidth ceiling of an access pattern
+/// (`optc bench`). It owns its streams; [`StreamKernel::run`] runs one pass over them.
+pub struct StreamKernel {
+    _lib: libloading::Library,
+    func: StreamFn,
+    bufs: Vec<StreamBuf>,
+    n: usize,
+    bytes: usize,
+}
+
+impl std::fmt::Debug for StreamKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StreamKernel({} streams of {})", self.bufs.len(), self.n)
+    }
+}
+
+/// Elements per task of a stream kernel.
+const STREAM_TASK: usize = 1 << 16;
+
+impl StreamKernel {
+    /// The kernel of streams of these element sizes (4 or 2 bytes) over `n` elements.
+    pub fn new(
+        tc: &Toolchain,
+        read: &[usize],
+        inplace: &[usize],
+        write: &[usize],
+        n: usize,
+    ) -> Result<StreamKernel, NativeError> {
+        let source = c::stream_kernel(read, inplace, write);
+        let dir = build_dir(&std::env::temp_dir(), "streams")
+            .map_err(|e| NativeError::Build(format!("cannot create a build folder: {e}")))?;
+        let lib = (|| {
+            let path = tc.build(&dir, &source).map_err(NativeError::Build)?;
+            // SAFETY: the library was just built from `source`, which has no initializers.
+            unsafe { libloading::Library::new(&path) }
+                .map_err(|e| NativeError::Build(format!("cannot load the stream kernel: {e}")))
+        })();
+        let _ = std::fs::remove_dir_all(&dir);
+        let lib = lib?;
+        let name = format!("{}\0", c::STREAM_KERNEL);
+        // SAFETY: the generated source defines the symbol with this signature.
+        let func = *unsafe { lib.get::<StreamFn>(name.as_bytes()) }
+            .map_err(|e| NativeError::Build(e.to_string()))?;
+        let mut bufs = Vec::new();
+        for (v, x) in [(read, 1e-3), (inplace, 0.5), (write, 0.0)] {
+            bufs.extend(v.iter().map(|&b| StreamBuf::new(b, n, x)));
+        }
+        let per: usize =
+            read.iter().chain(write).sum::<usize>() + 2 * inplace.iter().sum::<usize>();
+        Ok(StreamKernel {
+            _lib: lib,
+            func,
+            bufs,
+            n,
+            bytes: per * n,
+        })
+    }
+
+    /// Bytes one pass moves (in-place streams twice).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// One pass over the streams on `pool`'s threads, in tasks of a fixed size.
+    pub fn run(&mut self, pool: &rayon::ThreadPool) {
+        struct Ptrs(Vec<*mut u8>);
+        // SAFETY: the tasks write disjoint element ranges of the buffers, which outlive the
+        // pass (`self` is borrowed mutably throughout).
+        unsafe impl Sync for Ptrs {}
+        let ptrs = Ptrs(self.bufs.iter_mut().map(StreamBuf::ptr).collect());
+        let (n, func) = (self.n, self.func);
+        let ptrs = &ptrs;
+        pool.install(|| {
+            use rayon::prelude::*;
+            (0..n.div_ceil(STREAM_TASK)).into_par_iter().for_each(|t| {
+                let start = t * STREAM_TASK;
+                let end = (start + STREAM_TASK).min(n);
+                // SAFETY: every buffer holds `n` elements of the type the kernel was generated
+                // for; this task alone touches `start..end`.
+                std::hint::black_box(unsafe { func(ptrs.0.as_ptr(), start as u64, end as u64) });
+            })
+        });
+    }
+}
