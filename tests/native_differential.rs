@@ -573,3 +573,177 @@ fn has_sample_axis(p: &optc::compiler::ir::Program) -> bool {
         .as_ref()
         .is_some_and(|(a, _)| a.info.axis == Some(optc::compiler::ir::Axis::Samples))
 }
+
+#[test]
+fn the_cache_evicts_the_least_recently_used_entries() {
+    if !have_cc() {
+        return;
+    }
+    let tc = Toolchain::find().expect("toolchain");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cache = NativeCache::in_dir(dir.path()).with_max_entries(2);
+    let map = StorageMap::default();
+    let rule = |n: &str| optc::stdlib_rule(n).expect(n);
+    let entry = |p: &Program| {
+        let m = optc::compiler::backend::c::module(p, Precision::F32, &map).expect("source");
+        cache
+            .path(&native::cache_key(&m.source, &tc))
+            .expect("a cache folder")
+    };
+    let (adam, sgd, lion) = (rule("adam"), rule("sgd"), rule("lion"));
+    let pause = || std::thread::sleep(std::time::Duration::from_millis(30));
+    native::compile(&adam, Precision::F32, &map, &tc, &cache).expect("adam");
+    pause();
+    native::compile(&sgd, Precision::F32, &map, &tc, &cache).expect("sgd");
+    pause();
+    // A load from the cache marks adam used: sgd is now the least recently used.
+    native::compile(&adam, Precision::F32, &map, &tc, &cache).expect("adam again");
+    pause();
+    native::compile(&lion, Precision::F32, &map, &tc, &cache).expect("lion");
+    assert!(entry(&adam).exists(), "adam was used last but one");
+    assert!(entry(&lion).exists(), "lion was just built");
+    assert!(!entry(&sgd).exists(), "sgd was evicted");
+    let libs = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".so"))
+        .count();
+    assert_eq!(libs, 2);
+    // An evicted entry is rebuilt on demand.
+    native::compile(&sgd, Precision::F32, &map, &tc, &cache).expect("sgd rebuilt");
+    assert!(entry(&sgd).exists());
+}
+
+#[test]
+fn the_cache_survives_concurrent_builds() {
+    if !have_cc() {
+        return;
+    }
+    let tc = Toolchain::find().expect("toolchain");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cache = NativeCache::in_dir(dir.path());
+    let map = StorageMap::default();
+    let lamb = optc::stdlib_rule("lamb").expect("lamb");
+    // Four threads build the same library into an empty cache at once, and two processes of
+    // optc run the same rule with the same cache at the same time.
+    let procs: Vec<std::process::Child> = (0..2)
+        .map(|_| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_optc"))
+                .args([
+                    "bench", "lamb", "--elems", "5000", "--steps", "1", "--engine", "native",
+                ])
+                .env("OPTC_CACHE_DIR", dir.path())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("optc runs")
+        })
+        .collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| native::compile(&lamb, Precision::F32, &map, &tc, &cache)))
+            .collect();
+        for h in handles {
+            let k = h.join().expect("no panic").expect("built or loaded");
+            assert_eq!(k.kernels[1].len(), lamb.variants[1].stages.len());
+        }
+    });
+    for p in procs {
+        let out = p.wait_with_output().expect("optc ends");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Whole entries only, and no build folders left behind.
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names
+            .iter()
+            .all(|n| n.ends_with(".so") && !n.starts_with('.')),
+        "{names:?}"
+    );
+    let m = optc::compiler::backend::c::module(&lamb, Precision::F32, &map).expect("source");
+    let entry = cache.path(&native::cache_key(&m.source, &tc)).unwrap();
+    assert!(entry.exists());
+    // The cached library loads and computes lamb as Cranelift does.
+    let sizes = [3usize, 130, 17];
+    let nat: Run<f32> = run(&lamb, &sizes, Backend::Native { threads: 2 }, &[], 3);
+    let jit: Run<f32> = run(&lamb, &sizes, Backend::Cranelift { threads: 2 }, &[], 3);
+    same_bits("lamb", &jit, &nat).unwrap();
+}
+
+/// The access-pattern ceiling's stream kernel computes what it says, over sizes that are not a
+/// multiple of its task or vector width, with f32 and bf16 streams.
+#[test]
+fn the_stream_kernel_computes_its_pattern() {
+    if !have_cc() {
+        return;
+    }
+    let tc = Toolchain::find().expect("toolchain");
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    for n in [0usize, 1, 15, 17, 65_536 + 3, 200_001] {
+        let mut k = native::StreamKernel::new(&tc, &[4, 2], &[4, 2], &[4, 2], n).expect("built");
+        assert_eq!(k.bytes(), (4 + 2 + 2 * (4 + 2) + 4 + 2) * n);
+        k.run(&pool);
+        let bf = |x: f32| f32::from_bits(x.to_bits() & 0xffff_0000);
+        let s = 1e-3f32 + bf(1e-3);
+        let want = [1e-3, bf(1e-3), 0.5 * 0.5 + s, bf(0.5 * 0.5 + s), s, bf(s)];
+        for (j, w) in want.iter().enumerate() {
+            let v = k.values(j).expect("stream");
+            assert_eq!(v.len(), n);
+            assert!(
+                v.iter().all(|x| x == w),
+                "n {n} stream {j}: {:?} != {w}",
+                v.first()
+            );
+        }
+        // A second pass updates the in-place streams again.
+        k.run(&pool);
+        let again = k.values(2).unwrap();
+        assert!(again.iter().all(|&x| x == 0.5 * (0.5 * 0.5 + s) + s));
+    }
+    // A pass that only reads still reads (its result is not dead code): it runs and changes
+    // nothing.
+    let mut k = native::StreamKernel::new(&tc, &[4, 4], &[], &[], 1000).expect("built");
+    k.run(&pool);
+    assert!(k.values(0).unwrap().iter().all(|&x| x == 1e-3));
+}
+
+#[test]
+fn bench_reports_the_access_pattern_of_each_pass() {
+    if !have_cc() {
+        return;
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_optc"))
+        .args(["bench", "lamb", "--elems", "50000", "--steps", "2"])
+        .output()
+        .expect("optc runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("on Native"), "auto picks native: {text}");
+    assert!(
+        text.contains("2 pass(es) of a trivial kernel over 2 read, 2 in-place, 0 written, then 2 read, 1 in-place, 0 written"),
+        "{text}"
+    );
+    assert!(text.contains("built by the C compiler"), "{text}");
+    let ratio: f64 = text
+        .lines()
+        .find(|l| l.contains("ratio to the pattern"))
+        .and_then(|l| l.split_whitespace().nth(4))
+        .and_then(|v| v.parse().ok())
+        .expect("a ratio");
+    assert!(ratio > 0.0 && ratio.is_finite(), "{text}");
+}

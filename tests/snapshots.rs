@@ -88,6 +88,36 @@ fn clif_with_16_bit_storage() {
     }
 }
 
+/// The native engine's C (`optc compile --emit c`): every stdlib rule in f32 (kernels with and
+/// without reductions, random draws), adam in f64, and adam with bf16 params and state rounded
+/// stochastically; and the stream kernel of `optc bench`'s access-pattern ceiling.
+#[test]
+fn c_for_the_native_engine() {
+    use optc::compiler::backend::c;
+    use optc::compiler::backend::clif::Precision;
+    use optc::compiler::storage::{Storage, StorageMap};
+    let native = StorageMap::default();
+    for (name, _) in optc::stdlib::RULES {
+        let p = optc::stdlib_rule(name).expect("compiles");
+        let m = c::module(&p, Precision::F32, &native).expect("f32 module");
+        insta::assert_snapshot!(format!("stdlib_{name}_c"), m.source);
+    }
+    let adam = optc::stdlib_rule("adam").expect("compiles");
+    let m = c::module(&adam, Precision::F64, &native).expect("f64 module");
+    insta::assert_snapshot!("stdlib_adam_c_f64", m.source);
+    let map = StorageMap::mixed(&adam, Storage::Bf16, true, true);
+    let m = c::module(&adam, Precision::F32, &map).expect("bf16 module");
+    insta::assert_snapshot!("stdlib_adam_c_bf16_stochastic", m.source);
+    insta::assert_snapshot!(
+        "stream_kernel",
+        format!(
+            "{}\n{}",
+            c::stream_kernel(&[4, 2], &[4, 2], &[4]),
+            c::stream_kernel(&[4, 4], &[], &[])
+        )
+    );
+}
+
 #[test]
 fn stdlib_rules_have_no_warnings_but_the_documented_ones() {
     for (name, src) in optc::stdlib::RULES {

@@ -63,6 +63,9 @@ pub const C_FLAGS: &[&str] = &[
 /// Elements whose random bits a stochastically rounding kernel computes at a time.
 pub const CHUNK: usize = 512;
 
+/// Elements a kernel with reductions computes at a time before adding their terms up.
+pub const SUPER: usize = 128;
+
 /// A function a kernel calls, imported from the runtime at load time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Import {
@@ -683,8 +686,15 @@ impl Gen<'_> {
     }
 
     /// The statements of one element at index expression `ix`; each reduction's value goes
-    /// into accumulator `acc(ri)`.
-    fn element(&self, out: &mut String, ix: &str, acc: &dyn Fn(usize) -> String, ind: &str) {
+    /// into accumulator `acc(ri)`, or, with `terms`, is written to `acc(ri)` (to be added later).
+    fn element(
+        &self,
+        out: &mut String,
+        ix: &str,
+        acc: &dyn Fn(usize) -> String,
+        terms: bool,
+        ind: &str,
+    ) {
         for &n in &self.k.body {
             let rhs = match self.p.graph.node(n) {
                 Node::Load { buf, .. } => {
@@ -714,6 +724,10 @@ impl Gen<'_> {
         for (ri, &(r, a)) in self.k.reductions.iter().enumerate() {
             let x = self.num(a);
             let target = acc(ri);
+            if terms {
+                let _ = writeln!(out, "{ind}{target} = {x};");
+                continue;
+            }
             let _ = match self.acc_kind(r) {
                 AccKind::Sum => writeln!(out, "{ind}{target} += (double){x};"),
                 AccKind::Zeros => writeln!(out, "{ind}{target} += {x};"),
@@ -739,13 +753,42 @@ impl Gen<'_> {
         let nred = self.k.reductions.len();
         if nred == 0 {
             let _ = writeln!(out, "{ind}for (int64_t i = {from}; i < {to}; i++) {{");
-            self.element(out, "i", &|_| String::new(), &format!("{ind}    "));
+            self.element(out, "i", &|_| String::new(), false, &format!("{ind}    "));
             let _ = writeln!(out, "{ind}}}");
             return;
         }
         let lanes = self.prec.lanes();
         let block = lanes * super::clif::UNROLL;
         let _ = writeln!(out, "{ind}int64_t i = {from};");
+        // Runs of SUPER elements: a plain loop (which vectorizes at the machine's width) writes
+        // each element's reduction terms to an array, then the terms are added block by block,
+        // element `k` of a block into accumulator `k`: the order of the loops below.
+        let _ = writeln!(out, "{ind}for (; i + {SUPER} <= {to}; i += {SUPER}) {{");
+        for ri in 0..nred {
+            let _ = writeln!(out, "{ind}    {} r{ri}[{SUPER}];", self.t());
+        }
+        let _ = writeln!(out, "{ind}    for (int k = 0; k < {SUPER}; k++) {{");
+        self.element(
+            out,
+            "i + k",
+            &|ri| format!("r{ri}[k]"),
+            true,
+            &format!("{ind}        "),
+        );
+        let _ = writeln!(out, "{ind}    }}");
+        for (ri, &(r, _)) in self.k.reductions.iter().enumerate() {
+            let (a, x) = (format!("a{ri}[k]"), format!("r{ri}[j + k]"));
+            let add = match self.acc_kind(r) {
+                AccKind::Sum => format!("{a} += (double){x};"),
+                AccKind::Zeros => format!("{a} += {x};"),
+                AccKind::Max => format!("{a} = optc_max({a}, {x});"),
+            };
+            let _ = writeln!(
+                out,
+                "{ind}    for (int j = 0; j < {SUPER}; j += {block}) for (int k = 0; k < {block}; k++) {add}"
+            );
+        }
+        let _ = writeln!(out, "{ind}}}");
         for width in [block, lanes] {
             let _ = writeln!(
                 out,
@@ -755,12 +798,19 @@ impl Gen<'_> {
                 out,
                 "i + k",
                 &|ri| format!("a{ri}[k]"),
+                false,
                 &format!("{ind}        "),
             );
             let _ = writeln!(out, "{ind}    }}\n{ind}}}");
         }
         let _ = writeln!(out, "{ind}for (; i < {to}; i++) {{");
-        self.element(out, "i", &|ri| format!("a{ri}_s"), &format!("{ind}    "));
+        self.element(
+            out,
+            "i",
+            &|ri| format!("a{ri}_s"),
+            false,
+            &format!("{ind}    "),
+        );
         let _ = writeln!(out, "{ind}}}");
     }
 

@@ -13,7 +13,8 @@
 //! happen in a folder of their own beside the cache entries and are renamed into place, so
 //! concurrent builds are safe and an entry is whole or absent. An entry is used only after it
 //! loaded and its `optc_module_key` symbol holds its key and its kernel count matches; anything
-//! else (a corrupt file, another library) is refused and rebuilt.
+//! else (a corrupt file, another library) is refused and rebuilt. It keeps at most
+//! `$OPTC_NATIVE_CACHE_ENTRIES` (default 1024) libraries, evicting the least recently used.
 
 #![allow(unsafe_code)] // loading and calling machine code the C compiler built
 
@@ -176,22 +177,82 @@ impl Toolchain {
 
 /// Where built libraries are kept. A cache that cannot be read or written is skipped: it only
 /// saves time.
+///
+/// **Eviction.** The cache holds at most [`NativeCache::max_entries`] libraries: after a build
+/// adds one, the least recently used entries beyond that are removed (a load from the cache
+/// marks an entry used by setting its modification time). Removing the file of a library some
+/// process has loaded is safe: the loaded copy stays mapped until that process unloads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NativeCache {
     dir: Option<PathBuf>,
+    max_entries: usize,
 }
+
+/// The environment variable bounding the number of cached libraries.
+pub const CACHE_ENTRIES_ENV: &str = "OPTC_NATIVE_CACHE_ENTRIES";
+
+/// Cached libraries kept by default (each a few tens of kilobytes).
+pub const DEFAULT_CACHE_ENTRIES: usize = 1024;
 
 impl NativeCache {
     /// A cache in `dir`.
     pub fn in_dir(dir: impl Into<PathBuf>) -> NativeCache {
         NativeCache {
             dir: Some(dir.into()),
+            max_entries: DEFAULT_CACHE_ENTRIES,
         }
     }
 
     /// No cache: every compile builds.
     pub fn disabled() -> NativeCache {
-        NativeCache { dir: None }
+        NativeCache {
+            dir: None,
+            max_entries: DEFAULT_CACHE_ENTRIES,
+        }
+    }
+
+    /// The same cache holding at most `n` libraries (at least 1).
+    pub fn with_max_entries(mut self, n: usize) -> NativeCache {
+        self.max_entries = n.max(1);
+        self
+    }
+
+    /// How many libraries it keeps.
+    pub fn max_entries(&self) -> usize {
+        self.max_entries
+    }
+
+    /// Marks an entry used now (for eviction); best effort.
+    fn touch(path: &Path) {
+        if let Ok(f) = std::fs::File::options().append(true).open(path) {
+            let _ = f.set_modified(std::time::SystemTime::now());
+        }
+    }
+
+    /// Removes the least recently used entries beyond [`NativeCache::max_entries`], never
+    /// `keep` (the entry just added); best effort (another process may evict at the same time).
+    fn evict(&self, keep: &Path) {
+        let Some(dir) = &self.dir else { return };
+        let Ok(read) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let mut entries: Vec<(std::time::SystemTime, PathBuf)> = read
+            .filter_map(Result::ok)
+            .filter(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                name.len() == 35 && name.ends_with(".so") && !name.starts_with('.')
+            })
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        if entries.len() <= self.max_entries {
+            return;
+        }
+        entries.sort();
+        let excess = entries.len() - self.max_entries;
+        for (_, path) in entries.into_iter().filter(|(_, p)| p != keep).take(excess) {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     /// `$OPTC_CACHE_DIR`, else `$XDG_CACHE_HOME/optc/native`, else `$HOME/.cache/optc/native`.
@@ -204,7 +265,12 @@ impl NativeCache {
         let dir = var(CACHE_DIR_ENV)
             .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("optc").join("native")))
             .or_else(|| var("HOME").map(|d| d.join(".cache").join("optc").join("native")));
-        NativeCache { dir }
+        let max_entries = std::env::var(CACHE_ENTRIES_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(DEFAULT_CACHE_ENTRIES)
+            .max(1);
+        NativeCache { dir, max_entries }
     }
 
     /// The folder, if any.
@@ -310,6 +376,7 @@ fn library(
     let key = cache_key(&module.source, tc);
     if let Some(path) = cache.path(&key).filter(|p| p.exists()) {
         if let Ok(found) = load(&path, &key, module) {
+            NativeCache::touch(&path);
             return Ok(found);
         }
         // A corrupt or foreign entry: refused, and replaced below.
@@ -329,7 +396,9 @@ fn library(
         let found = load(&built, &key, module)
             .map_err(|e| NativeError::Build(format!("cannot load the built kernels: {e}")))?;
         if let Some(path) = cache.path(&key) {
-            let _ = std::fs::rename(&built, path);
+            if std::fs::rename(&built, &path).is_ok() {
+                cache.evict(&path);
+            }
         }
         Ok(found)
     })();
@@ -467,6 +536,17 @@ impl StreamKernel {
             bufs,
             n,
             bytes: per * n,
+        })
+    }
+
+    /// Stream `j` (read, then in-place, then written streams), widened to f32.
+    pub fn values(&self, j: usize) -> Option<Vec<f32>> {
+        Some(match self.bufs.get(j)? {
+            StreamBuf::F32(v) => v.clone(),
+            StreamBuf::Bits(v) => v
+                .iter()
+                .map(|&h| f32::from_bits(u32::from(h) << 16))
+                .collect(),
         })
     }
 
