@@ -13,8 +13,10 @@ threads (torch.set_num_threads and OMP_NUM_THREADS):
 
 optc's figures come from `optc bench` (a subprocess of this script, run right after the peer it
 is compared with), which reports the median step time and the rule's own access-pattern ceiling.
-Every row prints medians of --steps steps after two warm-up steps, and the ratio
-peer time / optc time (above 1: optc is faster).
+The peer and optc take turns --rounds times (default 3), each time the median of --steps steps
+after two warm-up steps; a row prints the medians of the rounds and the ratio peer time / optc
+time (above 1: optc is faster). On a shared machine single runs vary by tens of percent, hence
+the rounds.
 
 Run through scripts/peers.sh, which sets up the virtual environment and builds optc.
 """
@@ -93,10 +95,13 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=9)
     ap.add_argument("--engine", default="native", help="optc's engine (native or cranelift)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="times each peer and optc take turns (medians of the rounds)")
     ap.add_argument("--no-deepspeed", action="store_true", help="leave DeepSpeedCPUAdam out")
     args = ap.parse_args()
 
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import importlib.metadata
     import torch
     import pytorch_optimizer as po
 
@@ -112,40 +117,48 @@ def main():
 
     rows = []
 
-    def row(name, peer_ms, rule, extra=()):
-        ms, pattern = optc_bench(args.optc, rule, args, extra)
+    def row(name, peer, rule, extra=()):
+        # Peer and optc take turns, --rounds times each; medians of the rounds' medians.
+        peer_ms, mine = [], []
+        for _ in range(args.rounds):
+            peer_ms.append(peer())
+            mine.append(optc_bench(args.optc, rule, args, extra))
+        peer_ms = statistics.median(peer_ms)
+        ms = statistics.median(m[0] for m in mine)
+        pattern = statistics.median(m[1] for m in mine)
+        rule = os.path.basename(rule)
         rows.append((name, peer_ms, ms, pattern))
         print(f"{name:<44} {peer_ms:9.2f} ms   optc {rule:<10} {ms:9.2f} ms   "
               f"peer/optc {peer_ms / ms:5.2f}   optc/its pattern {pattern:5.3f}", flush=True)
 
     print(f"{n} f32 elements, {args.threads} threads, medians of {steps} steps; "
-          f"torch {torch.__version__}, pytorch-optimizer {po.__version__}, optc engine {args.engine}",
+          f"torch {torch.__version__}, pytorch-optimizer {importlib.metadata.version('pytorch-optimizer')}, optc engine {args.engine}",
           flush=True)
     lr = 1e-3
     row("torch.optim.Adam(fused=True)",
-        torch_case(torch, lambda ps: torch.optim.Adam(ps, lr=lr, fused=True), n, steps), "adam")
+        lambda: torch_case(torch, lambda ps: torch.optim.Adam(ps, lr=lr, fused=True), n, steps), "adam")
     row("torch.optim.AdamW(fused=True)",
-        torch_case(torch, lambda ps: torch.optim.AdamW(ps, lr=lr, fused=True), n, steps), "adamw")
+        lambda: torch_case(torch, lambda ps: torch.optim.AdamW(ps, lr=lr, fused=True), n, steps), "adamw")
     row("torch.optim.SGD(momentum=0.9, fused=True)",
-        torch_case(torch, lambda ps: torch.optim.SGD(ps, lr=lr, momentum=0.9, fused=True), n, steps),
+        lambda: torch_case(torch, lambda ps: torch.optim.SGD(ps, lr=lr, momentum=0.9, fused=True), n, steps),
         "sgd", ["--set", "momentum=0.9"])
     if ds is not None:
         row("DeepSpeedCPUAdam(adamw_mode=False)",
-            torch_case(torch, lambda ps: ds(ps, lr=lr, adamw_mode=False), n, steps), "adam")
+            lambda: torch_case(torch, lambda ps: ds(ps, lr=lr, adamw_mode=False), n, steps), "adam")
         row("DeepSpeedCPUAdam(adamw_mode=True)",
-            torch_case(torch, lambda ps: ds(ps, lr=lr, adamw_mode=True), n, steps), "adamw")
+            lambda: torch_case(torch, lambda ps: ds(ps, lr=lr, adamw_mode=True), n, steps), "adamw")
         row("DeepSpeedCPUAdam, bf16 params, f32 state",
-            torch_case(torch, lambda ps: ds(ps, lr=lr, adamw_mode=False), n, steps,
+            lambda: torch_case(torch, lambda ps: ds(ps, lr=lr, adamw_mode=False), n, steps,
                        dtype=torch.bfloat16),
             "adam", ["--storage", "bf16"])
     row("pytorch_optimizer.Adan",
-        torch_case(torch, lambda ps: po.Adan(ps, lr=lr), n, steps), "adan")
+        lambda: torch_case(torch, lambda ps: po.Adan(ps, lr=lr), n, steps), "adan")
     row("pytorch_optimizer.DiffGrad",
-        torch_case(torch, lambda ps: po.DiffGrad(ps, lr=lr), n, steps), "diffgrad")
+        lambda: torch_case(torch, lambda ps: po.DiffGrad(ps, lr=lr), n, steps), "diffgrad")
     row("pytorch_optimizer.Lion",
-        torch_case(torch, lambda ps: po.Lion(ps, lr=1e-4), n, steps), "lion")
+        lambda: torch_case(torch, lambda ps: po.Lion(ps, lr=1e-4), n, steps), "lion")
     row("clip_grad_norm_ + AdamW(fused=True)",
-        torch_case(torch, lambda ps: torch.optim.AdamW(ps, lr=lr, fused=True), n, steps, clip=1.0),
+        lambda: torch_case(torch, lambda ps: torch.optim.AdamW(ps, lr=lr, fused=True), n, steps, clip=1.0),
         clip_rule)
     print()
     print("| peer | peer ms | optc ms | peer / optc | optc / its access pattern |")
