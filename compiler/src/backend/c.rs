@@ -672,6 +672,15 @@ impl Gen<'_> {
         }
     }
 
+    /// The statement adding term `x` of reduction `r` into accumulator `target`.
+    fn accumulate(&self, r: NodeId, target: &str, x: &str) -> String {
+        match self.acc_kind(r) {
+            AccKind::Sum => format!("{target} += (double){x};"),
+            AccKind::Zeros => format!("{target} += {x};"),
+            AccKind::Max => format!("{target} = optc_max({target}, {x});"),
+        }
+    }
+
     fn stochastic(&self, buf: BufId) -> bool {
         self.ck.rounding_key && self.storage.stochastic_at(buf)
     }
@@ -728,11 +737,7 @@ impl Gen<'_> {
                 let _ = writeln!(out, "{ind}{target} = {x};");
                 continue;
             }
-            let _ = match self.acc_kind(r) {
-                AccKind::Sum => writeln!(out, "{ind}{target} += (double){x};"),
-                AccKind::Zeros => writeln!(out, "{ind}{target} += {x};"),
-                AccKind::Max => writeln!(out, "{ind}{target} = optc_max({target}, {x});"),
-            };
+            let _ = writeln!(out, "{ind}{}", self.accumulate(r, &target, &x));
         }
         for &(buf, v) in &self.k.stores {
             let s = self.slot(buf);
@@ -777,12 +782,7 @@ impl Gen<'_> {
         );
         let _ = writeln!(out, "{ind}    }}");
         for (ri, &(r, _)) in self.k.reductions.iter().enumerate() {
-            let (a, x) = (format!("a{ri}[k]"), format!("r{ri}[j + k]"));
-            let add = match self.acc_kind(r) {
-                AccKind::Sum => format!("{a} += (double){x};"),
-                AccKind::Zeros => format!("{a} += {x};"),
-                AccKind::Max => format!("{a} = optc_max({a}, {x});"),
-            };
+            let add = self.accumulate(r, &format!("a{ri}[k]"), &format!("r{ri}[j + k]"));
             let _ = writeln!(
                 out,
                 "{ind}    for (int j = 0; j < {SUPER}; j += {block}) for (int k = 0; k < {block}; k++) {add}"
