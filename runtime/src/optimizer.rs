@@ -805,6 +805,17 @@ impl<T: Float + Default> Optimizer<T> {
         }
     }
 
+    /// The hyperparameters that cannot differ between parameter groups: those the rule's scalar
+    /// state reads (scalar state is shared by every tensor), in declaration order.
+    pub fn shared_hypers(&self) -> Vec<&str> {
+        let fixed = scalar_state_hypers(&self.program);
+        let info = &self.program.info;
+        (0..info.hypers.len())
+            .filter(|&h| fixed.contains(&(h as u16)))
+            .map(|h| info.hypers[h].name.as_str())
+            .collect()
+    }
+
     /// The number of parameter groups, group 0 included.
     pub fn group_count(&self) -> usize {
         self.hp.groups.len() + 1
