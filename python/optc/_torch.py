@@ -87,6 +87,7 @@ class Optimizer(torch.optim.Optimizer):
         self._pushed: List[Dict[str, float]] = []
         self._shared: List[str] = []
         super().__init__(params, defaults)
+        self._build()
 
     # --- groups ----------------------------------------------------------------------------
 
@@ -101,7 +102,9 @@ class Optimizer(torch.optim.Optimizer):
                 raise ConfigError(f"parameter group: rule `{self._rule.name}` has no param "
                                   f"`{space}` (its params: {', '.join(self._rule.spaces)})")
         super().add_param_group(param_group)
-        self._binding = None
+        if getattr(self, "_binding", None) is not None:
+            self._binding = None
+            self._build()
 
     @property
     def rule(self):
