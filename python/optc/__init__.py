@@ -144,6 +144,12 @@ class _Tensors:
     def device(self, t) -> str: ...
     def is_tensor(self, t) -> bool: ...
 
+    def fast_addrs(self, items, attr: Optional[str], dtype: str, device: str,
+                   shapes: List[Tuple[int, ...]]) -> Optional[List[int]]:
+        """The addresses of `items` (of `item.<attr>`), when every one is present and of this
+        dtype, device and shape and contiguous; None to take the checks that say what is wrong."""
+        return None
+
 
 class _Binding:
     """A rule bound to the host's parameter tensors through a session: resolves inputs (the
@@ -211,6 +217,10 @@ class _Binding:
 
     def param_addrs(self) -> List[List[int]]:
         k = self.kind
+        fast = [k.fast_addrs(ps, None, self.dtype, self.device, shapes)
+                for ps, shapes in zip(self.spaces, self.shapes)]
+        if all(a is not None for a in fast):
+            return fast
         out = []
         i = 0
         for ps, numels in zip(self.spaces, self.numels):
@@ -274,13 +284,12 @@ class _Binding:
                 raise ConfigError(f"input `{name}`[{j}] has shape {got}; its parameter has shape {shape}")
         return given, samples
 
-    def run(self, inputs: Optional[Dict[str, Any]], stage: Optional[int], grads) -> None:
-        """Runs the rest of the step (stage None) or one stage. `grads(space)` gives the
-        gradients of a space's tensors (None where there is none), for the one input of each
-        space that `inputs` does not name."""
+    def run(self, inputs: Optional[Dict[str, Any]], stage: Optional[int],
+            grad_attr: Optional[str] = None) -> None:
+        """Runs the rest of the step (stage None) or one stage. The one per-element input of
+        each space that `inputs` does not name is each parameter's `grad_attr` (torch: `grad`)."""
         inputs = dict(inputs or {})
-        tensors: List[Tuple[str, List[Tuple[int, int]]]] = []
-        device_tensors: List[Tuple[str, List[int]]] = []
+        tensors: List[Tuple[str, List[int]]] = []
         scalars: List[Tuple[str, float]] = []
         particles: List[Tuple[str, List[float]]] = []
         samples = None
@@ -302,30 +311,41 @@ class _Binding:
                               f"(its inputs: {', '.join(known) or 'none'})")
         for space in range(len(self.spaces)):
             missing = [n for n, s, per in self.inputs if s == space and not per and n not in inputs]
-            if len(missing) == 1 and self.spaces[space]:
-                gs = grads(space)
-                present = [g is not None for g in gs]
-                if all(present):
-                    inputs[missing[0]] = gs
-                elif any(present):
-                    i = present.index(False)
-                    raise ConfigError(
-                        f"parameter {i} of `{self.rule.spaces[space]}` has no gradient (.grad is None) "
-                        "while others have one: optc steps every parameter of an optimizer "
-                        "together; leave it out of the optimizer or give it a gradient")
+            ps = self.spaces[space]
+            if len(missing) != 1 or not ps or grad_attr is None:
+                continue
+            addrs = k.fast_addrs(ps, grad_attr, self.dtype, self.device, self.shapes[space])
+            if addrs is not None:
+                tensors.append((missing[0], addrs))
+                continue
+            gs = [getattr(p, grad_attr) for p in ps]
+            present = [g is not None for g in gs]
+            if all(present):
+                inputs[missing[0]] = gs
+            elif any(present):
+                i = present.index(False)
+                raise ConfigError(
+                    f"parameter {i} of `{self.rule.spaces[space]}` has no gradient (.grad is None) "
+                    "while others have one: optc steps every parameter of an optimizer "
+                    "together; leave it out of the optimizer or give it a gradient")
         for name, space, per_sample in self.inputs:
             if name not in inputs:
                 continue
-            ts, n = self._input_tensors(name, space, per_sample, inputs[name])
+            given = inputs[name]
+            if not per_sample and not k.is_tensor(given):
+                given = list(given)
+                addrs = k.fast_addrs(given, None, self.dtype, self.device, self.shapes[space])
+                if addrs is not None:
+                    keep.append(given)
+                    tensors.append((name, addrs))
+                    continue
+            ts, n = self._input_tensors(name, space, per_sample, given)
             if n is not None:
                 if samples is not None and n != samples:
                     raise ConfigError(f"the per-sample inputs hold different numbers of samples ({samples} and {n})")
                 samples = n
             keep.append(ts)
-            if self.device == "cpu":
-                tensors.append((name, [(k.addr(t), k.numel(t)) for t in ts]))
-            else:
-                device_tensors.append((name, [k.addr(t) for t in ts]))
+            tensors.append((name, [k.addr(t) for t in ts]))
         params = self.param_addrs()
         if self.device == "cpu":
             self.session.step(params, tensors, scalars, particles, stage=stage, samples=samples)
@@ -337,7 +357,7 @@ class _Binding:
             # The engine works on the legacy default stream: wait for torch's current stream
             # before the step and make torch's work after it wait for the step.
             torch.cuda.current_stream(dev).synchronize()
-            self.session.step_device(params, device_tensors, scalars, samples=samples)
+            self.session.step_device(params, tensors, scalars, samples=samples)
             torch.cuda.synchronize(dev)
         del keep
 
@@ -446,12 +466,12 @@ class ArrayOptimizer:
 
     def step(self, inputs: Optional[Dict[str, Any]] = None) -> None:
         """Runs a step (the rest of it, after :meth:`run_stage`)."""
-        self._b.run(inputs, None, lambda space: [None] * len(self._b.spaces[space]))
+        self._b.run(inputs, None)
 
     def run_stage(self, stage: Union[int, str], inputs: Optional[Dict[str, Any]] = None):
         """Runs one stage; returns its per-element outputs (lists of arrays) by name."""
         k = self._b.stage_index(stage)
-        self._b.run(inputs, k, lambda space: [None] * len(self._b.spaces[space]))
+        self._b.run(inputs, k)
         return {n: self._b.read(n) for n in self.rule.stage_outputs(k)}
 
     def state(self, name: str):

@@ -7,7 +7,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 
-from . import _Binding, _GROUP_KEYS, _Tensors, _normalize, _number, _spaces_of, rule as _rule
+from . import _optc, _Binding, _GROUP_KEYS, _Tensors, _normalize, _number, _spaces_of, rule as _rule
 from ._errors import CheckpointError, ConfigError
 
 _DTYPES = {
@@ -40,6 +40,15 @@ class _TorchKind(_Tensors):
 
     def is_tensor(self, t) -> bool:
         return isinstance(t, torch.Tensor)
+
+    _TORCH = {v: k for k, v in _DTYPES.items()}
+
+    def fast_addrs(self, items, attr, dtype, device, shapes):
+        td = self._TORCH.get(dtype)
+        if td is None:
+            return None
+        dev = None if device == "cpu" else torch.device(device)
+        return _optc.torch_addrs(items, attr, td, dev, shapes)
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -174,13 +183,10 @@ class Optimizer(torch.optim.Optimizer):
 
     # --- steps -----------------------------------------------------------------------------
 
-    def _grads(self, space: int):
-        return [p.grad for p in self._binding.spaces[space]]
-
     def _run(self, inputs, stage) -> None:
         b = self._build()
         self._sync()
-        b.run(inputs, stage, self._grads)
+        b.run(inputs, stage, "grad")
         torch.autograd.graph.increment_version([p for ps in b.spaces for p in ps])
 
     @torch.no_grad()

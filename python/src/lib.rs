@@ -102,6 +102,52 @@ fn stdlib_names() -> Vec<&'static str> {
     optc::stdlib::names().collect()
 }
 
+/// The data addresses of torch tensors (`item.<attr>` when `attr` is given), or None when one
+/// is missing (None), or is not of `dtype`, on `device` (None: the CPU), of its shape in
+/// `shapes`, or contiguous: the caller then finds which and says why. Checks a tensor in a few
+/// attribute lookups, without the interpreter's overhead.
+#[pyfunction]
+#[pyo3(signature = (items, attr, dtype, device, shapes))]
+fn torch_addrs(
+    py: Python<'_>,
+    items: Vec<Bound<'_, PyAny>>,
+    attr: Option<&str>,
+    dtype: &Bound<'_, PyAny>,
+    device: Option<&Bound<'_, PyAny>>,
+    shapes: Vec<Bound<'_, PyAny>>,
+) -> PyResult<Option<Vec<usize>>> {
+    if items.len() != shapes.len() {
+        return Ok(None);
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for (item, shape) in items.iter().zip(&shapes) {
+        let t = match attr {
+            Some(a) => item.getattr(a)?,
+            None => item.clone(),
+        };
+        if t.is_none() || !t.getattr(pyo3::intern!(py, "dtype"))?.is(dtype) {
+            return Ok(None);
+        }
+        let on_device = match device {
+            None => t.getattr(pyo3::intern!(py, "is_cpu"))?.is_truthy()?,
+            Some(d) => t.getattr(pyo3::intern!(py, "device"))?.eq(d)?,
+        };
+        if !on_device
+            || !t.getattr(pyo3::intern!(py, "shape"))?.eq(shape)?
+            || !t
+                .call_method0(pyo3::intern!(py, "is_contiguous"))?
+                .is_truthy()?
+        {
+            return Ok(None);
+        }
+        out.push(
+            t.call_method0(pyo3::intern!(py, "data_ptr"))?
+                .extract::<usize>()?,
+        );
+    }
+    Ok(Some(out))
+}
+
 /// A compiled rule: its interface (hyperparameters, params, inputs, state, stages).
 #[pyclass(frozen, module = "optc._optc")]
 #[derive(Debug)]
@@ -312,11 +358,12 @@ macro_rules! with_hp_mut {
     };
 }
 
-/// A tensor the host passes: its address and number of elements.
-type Addr = (usize, usize);
+/// The per-element inputs of a step: name, the address of one tensor per param tensor of its
+/// space.
+type TensorInputs = Vec<(String, Vec<usize>)>;
 
-/// The per-element inputs of a step: name, one tensor per param tensor of its space.
-type TensorInputs = Vec<(String, Vec<Addr>)>;
+/// The per-element inputs of a step with the number of elements of each tensor.
+type SizedInputs = Vec<(String, Vec<(usize, usize)>)>;
 
 /// A rule bound to the host's tensors (registered by name and shape), with its state.
 #[pyclass(module = "optc._optc")]
@@ -333,6 +380,8 @@ struct Session {
     checked: Vec<(usize, usize)>,
     /// The params' addresses at the last step.
     last: Vec<Vec<usize>>,
+    /// Per-element inputs by name: their space, and whether they hold samples.
+    inputs: std::collections::HashMap<String, (usize, bool)>,
 }
 
 fn backend_of(engine: &str, threads: usize) -> Result<Backend, String> {
@@ -382,11 +431,12 @@ unsafe fn slice_mut<'a, T>(addr: usize, n: usize) -> &'a mut [T] {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // one per part of a step; a struct would only rename them
 fn host_step<T: Float + Default>(
     o: &mut Optimizer<T>,
     lens: &[Vec<usize>],
     params: &[Vec<usize>],
-    tensors: &TensorInputs,
+    tensors: &SizedInputs,
     scalars: &[(String, f64)],
     particles: &[(String, Vec<f64>)],
     stage: Option<usize>,
@@ -443,7 +493,7 @@ fn mixed_step<S: Storage>(
     m: &mut MixedOptimizer<S>,
     lens: &[Vec<usize>],
     params: &[Vec<usize>],
-    tensors: &TensorInputs,
+    tensors: &SizedInputs,
     scalars: &[(String, f64)],
     particles: &[(String, Vec<f64>)],
 ) -> Result<(), Error> {
@@ -587,6 +637,12 @@ impl Session {
             state_elem,
             checked: Vec::new(),
             last: Vec::new(),
+            inputs: rule
+                .buffers()
+                .into_iter()
+                .filter(|b| b.1 == "input")
+                .map(|(name, _, space, per_sample)| (name, (space, per_sample)))
+                .collect(),
         };
         if let Some(seed) = seed {
             with_hp_mut!(s.inner.hp_mut(), o => o.set_seed(seed));
@@ -689,6 +745,7 @@ impl Session {
         stage: Option<usize>,
         samples: Option<usize>,
     ) -> PyResult<()> {
+        let tensors = self.sized(tensors, samples).map_err(|e| config(py, e))?;
         self.check(&params, &tensors).map_err(|e| config(py, e))?;
         let lens = &self.lens;
         let r = py.detach(|| match &mut self.inner {
@@ -810,7 +867,46 @@ impl Session {
 impl Session {
     /// Checks the addresses of a step: counts, non-null and aligned addresses, and that no
     /// param overlaps another param or an input.
-    fn check(&mut self, params: &[Vec<usize>], tensors: &TensorInputs) -> Result<(), String> {
+    /// The inputs with each tensor's number of elements: its param tensor's, times the number
+    /// of samples for a per-sample input.
+    fn sized(&self, tensors: TensorInputs, samples: Option<usize>) -> Result<SizedInputs, String> {
+        tensors
+            .into_iter()
+            .map(|(name, addrs)| {
+                let Some(&(space, per_sample)) = self.inputs.get(&name) else {
+                    // Unknown names are the runtime's to report; they have no tensors to size.
+                    return Ok((name, addrs.into_iter().map(|a| (a, 0)).collect()));
+                };
+                let times = if per_sample {
+                    samples.ok_or_else(|| {
+                        format!("per-sample input `{name}` given without its number of samples")
+                    })?
+                } else {
+                    1
+                };
+                let lens = &self.lens[space];
+                if addrs.len() != lens.len() {
+                    return Err(format!(
+                        "input `{name}`: expected {} tensors, got {}",
+                        lens.len(),
+                        addrs.len()
+                    ));
+                }
+                let sized = addrs
+                    .into_iter()
+                    .zip(lens)
+                    .map(|(a, &n)| {
+                        n.checked_mul(times)
+                            .map(|n| (a, n))
+                            .ok_or_else(|| format!("input `{name}` is too large"))
+                    })
+                    .collect::<Result<_, String>>()?;
+                Ok((name, sized))
+            })
+            .collect()
+    }
+
+    fn check(&mut self, params: &[Vec<usize>], tensors: &SizedInputs) -> Result<(), String> {
         if params.len() != self.lens.len() {
             return Err(format!(
                 "expected tensors for {} param(s), got {}",
@@ -828,7 +924,7 @@ impl Session {
             }
         }
         let align = |addr: usize, n: usize, elem: usize, what: &str| {
-            if n > 0 && (addr == 0 || addr % elem != 0) {
+            if n > 0 && (addr == 0 || !addr.is_multiple_of(elem)) {
                 Err(format!(
                     "{what} is at a null or misaligned address {addr:#x}"
                 ))
@@ -884,6 +980,7 @@ fn _optc(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(compile, m)?)?;
     m.add_function(wrap_pyfunction!(stdlib_source, m)?)?;
     m.add_function(wrap_pyfunction!(stdlib_names, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_addrs, m)?)?;
     m.add_class::<Rule>()?;
     m.add_class::<Session>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
