@@ -183,6 +183,9 @@ class _Binding:
                 raise ConfigError(f"engine `{engine}` runs on the CPU; the parameters are on {self.device}")
         elif self.device != "cpu":
             raise ConfigError(f"parameters on {self.device} are not supported (cpu, cuda)")
+        # Device addresses go through the CUDA engine's step_device: on a GPU, or on the CUDA
+        # emulator, whose device memory is the host's (the same code path, testable anywhere).
+        self.device_path = self.device.startswith("cuda") or engine == "cuda-emulator"
         for i, p in enumerate(tensors):
             self._check_param(i, p)
         self.shapes = [[tuple(kind.shape(p)) for p in ps] for ps in spaces]
@@ -347,15 +350,19 @@ class _Binding:
             keep.append(ts)
             tensors.append((name, [k.addr(t) for t in ts]))
         params = self.param_addrs()
-        if self.device == "cpu":
+        if not self.device_path:
             self.session.step(params, tensors, scalars, particles, stage=stage, samples=samples)
+        elif self.device == "cpu":  # the CUDA emulator
+            if stage is not None or particles:
+                raise ConfigError("on the CUDA engine, optc runs whole steps without per-particle inputs")
+            self.session.step_device(params, tensors, scalars, samples=samples)
         else:
             if stage is not None or particles:
-                raise ConfigError("on CUDA, optc runs whole steps without per-particle inputs")
+                raise ConfigError("on the CUDA engine, optc runs whole steps without per-particle inputs")
             import torch
             dev = torch.device(self.device)
             # The engine works on the legacy default stream: wait for torch's current stream
-            # before the step and make torch's work after it wait for the step.
+            # before the step, and for the step before torch's next work.
             torch.cuda.current_stream(dev).synchronize()
             self.session.step_device(params, tensors, scalars, samples=samples)
             torch.cuda.synchronize(dev)

@@ -18,6 +18,10 @@ _DTYPES = {
 }
 
 
+#: torch.optim's implementation switches (which loop runs, not what it computes).
+_TORCH_FLAGS = ("foreach", "fused", "capturable", "differentiable")
+
+
 class _TorchKind(_Tensors):
     def dtype(self, t) -> str:
         return _DTYPES.get(t.dtype, str(t.dtype).replace("torch.", ""))
@@ -81,6 +85,12 @@ class Optimizer(torch.optim.Optimizer):
                  master_weights: bool = False, bf16_state: bool = False,
                  stochastic_rounding: bool = False, **hypers):
         r = _rule(rule)
+        rule_names = {h[0] for h in r.hypers}
+        # torch's implementation switches: optc always runs its fused kernels, and these do
+        # not change the numbers, so they are accepted and ignored.
+        for flag in _TORCH_FLAGS:
+            if flag not in rule_names:
+                hypers.pop(flag, None)
         hypers = _normalize(r, hypers, "Optimizer")
         unknown = [k for k in hypers if k in _GROUP_KEYS]
         if unknown:

@@ -115,3 +115,17 @@ def test_compile_and_rule_interface():
     assert "adamw" in optc.stdlib_names()
     with pytest.raises(optc.ConfigError):
         optc.compile("rule a() { param w\n input g\n w = g }\nrule b() { param w\n input g\n w = g }")
+
+
+def test_rule_from_a_file_and_torch_switches(tmp_path):
+    path = tmp_path / "halve.opt"
+    path.write_text("rule halve(lr = 0.5) {\n  param w\n  input g\n  w = w - lr * g\n}\n")
+    for spec in (path, str(path)):
+        w = torch.nn.Parameter(torch.ones(2))
+        opt = optc.Optimizer([w], spec, lr=0.25, foreach=False, fused=None)
+        w.grad = torch.ones(2)
+        opt.step()
+        assert torch.equal(w.detach(), torch.full((2,), 0.75))
+    assert optc.rule(path).name == "halve"
+    with pytest.raises(FileNotFoundError):
+        optc.rule(tmp_path / "missing.opt")
