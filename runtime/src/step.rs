@@ -8,7 +8,7 @@ use crate::engine::{Given, KernelAt, Lent, StageIo};
 use crate::io::{DeviceInputs, GivenTensor, Inputs};
 use crate::{Error, NonFinite, Optimizer};
 use optc_compiler::backend::interp::{StepEnv, StepRun};
-use optc_compiler::ir::{BufRole, NodeId};
+use optc_compiler::ir::{BufRole, Kind, NodeId};
 use optc_compiler::ops::Float;
 use optc_compiler::passes::unroll::copy_name;
 use std::collections::HashMap;
@@ -328,14 +328,33 @@ impl<T: Float + Default> Optimizer<T> {
         for (pi, ph) in stage.phases.iter().enumerate() {
             for (ki, kern) in ph.kernels.iter().enumerate() {
                 let space = kern.space as usize;
-                let uniforms: Vec<Vec<T>> = (0..io.lens[space].len())
-                    .map(|j| {
-                        kern.uniforms
-                            .iter()
-                            .map(|&u| T::from_f64(run.uniform(&env, u, space, j)))
-                            .collect()
-                    })
-                    .collect();
+                let per_tensor = kern
+                    .uniforms
+                    .iter()
+                    .any(|&u| prog.graph.kind(u) != Kind::Scalar);
+                let mut eval = |j: usize| -> Vec<T> {
+                    kern.uniforms
+                        .iter()
+                        .map(|&u| T::from_f64(run.uniform(&env, u, space, j)))
+                        .collect()
+                };
+                let uniforms: Vec<Vec<T>> = if per_tensor {
+                    (0..io.lens[space].len()).map(eval).collect()
+                } else {
+                    // Once per step values depend on the tensor's group only: evaluated once
+                    // per group (many small tensors cost a copy each, not an evaluation).
+                    let groups = &self.hp.tensor_groups[space];
+                    let mut by_group: Vec<Option<Vec<T>>> = Vec::new();
+                    (0..io.lens[space].len())
+                        .map(|j| {
+                            let g = groups.get(j).copied().unwrap_or(0);
+                            if by_group.len() <= g {
+                                by_group.resize(g + 1, None);
+                            }
+                            by_group[g].get_or_insert_with(|| eval(j)).clone()
+                        })
+                        .collect()
+                };
                 let at = KernelAt {
                     variant,
                     stage: k,
