@@ -248,6 +248,15 @@ class Optimizer(torch.optim.Optimizer):
         return self._binding.session.skipped_steps if self._binding is not None else 0
 
     @property
+    def seed(self) -> int:
+        """The seed of the rule's random draws (saved in the state dict)."""
+        return self._build().session.seed
+
+    @seed.setter
+    def seed(self, value: int) -> None:
+        self._build().session.seed = int(value)
+
+    @property
     def engine(self) -> str:
         """The engine that runs the kernels."""
         return self._build().session.engine

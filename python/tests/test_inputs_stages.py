@@ -57,6 +57,11 @@ def test_per_sample_inputs_dp_sgd_seeded():
         opt.step(inputs={"G": G})
         return [w.detach().clone() for w in ws]
     a, b, c = run(1), run(1), run(2)
+    ws = [torch.nn.Parameter(torch.randn(5))]
+    opt = optc.Optimizer(ws, "dp_sgd", seed=5)
+    assert opt.seed == 5
+    opt.seed = 9
+    assert opt.seed == 9
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
     with pytest.raises(optc.ConfigError, match="samples"):
