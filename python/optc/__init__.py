@@ -93,6 +93,12 @@ def rule(spec: Union[str, "os.PathLike[str]", Rule]) -> Rule:
 
 _BETAS = ("beta1", "beta2", "beta3")
 
+#: The reference implementations' names for hyperparameters a standard-library rule names
+#: otherwise (rule -> reference name -> optc name), accepted as aliases.
+_ALIASES = {
+    "adan": {"weight_decouple": "no_prox"},  # pytorch_optimizer.Adan
+}
+
 #: Keys a parameter group may hold besides the rule's hyperparameters.
 _GROUP_KEYS = {"params", "space", "name", "initial_lr"}
 
@@ -106,6 +112,11 @@ def _normalize(r: Rule, values: Dict[str, Any], where: str, strict: bool = True)
     unknown names refused (``strict``)."""
     names = _hyper_names(r)
     out = dict(values)
+    for alias, name in _ALIASES.get(r.name, {}).items():
+        if alias in out and alias not in names:
+            if name in out:
+                raise ConfigError(f"{where}: `{alias}` and `{name}` are the same hyperparameter of `{r.name}`")
+            out[name] = out.pop(alias)
     if "betas" in out:
         betas = tuple(out.pop("betas"))
         wanted = [b for b in _BETAS if b in names]

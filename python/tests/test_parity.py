@@ -78,3 +78,21 @@ def test_engines_agree_bit_for_bit(engine):
     want = trajectory("interpreter")
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+def test_reference_names_are_aliases():
+    """pytorch_optimizer.Adan's `weight_decouple` is the rule's `no_prox`."""
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(9))]
+    b = [torch.nn.Parameter(a[0].detach().clone())]
+    ours = optc.Optimizer(a, "adan", lr=0.01, weight_decay=0.05, weight_decouple=True)
+    assert ours.param_groups[0]["no_prox"] is True
+    ref = MF.po.Adan(b, lr=0.01, weight_decay=0.05, weight_decouple=True)
+    for _ in range(10):
+        g = torch.randn(9)
+        a[0].grad, b[0].grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    assert_close(a[0], b[0], "adan with weight_decouple")
+    with pytest.raises(optc.ConfigError, match="same hyperparameter"):
+        optc.Optimizer(a, "adan", weight_decouple=True, no_prox=False)
