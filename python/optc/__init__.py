@@ -299,9 +299,10 @@ class _Binding:
         return given, samples
 
     def run(self, inputs: Optional[Dict[str, Any]], stage: Optional[int],
-            grad_attr: Optional[str] = None) -> None:
+            grad_attr: Optional[str] = None) -> bool:
         """Runs the rest of the step (stage None) or one stage. The one per-element input of
-        each space that `inputs` does not name is each parameter's `grad_attr` (torch: `grad`)."""
+        each space that `inputs` does not name is each parameter's `grad_attr` (torch: `grad`).
+        Returns False, having done nothing, for a whole step where no parameter has one."""
         inputs = dict(inputs or {})
         tensors: List[Tuple[str, List[int]]] = []
         scalars: List[Tuple[str, float]] = []
@@ -323,10 +324,17 @@ class _Binding:
             known = sorted(input_names | set(self.scalar_inputs))
             raise ConfigError(f"rule `{self.rule.name}` has no input `{name}` "
                               f"(its inputs: {', '.join(known) or 'none'})")
+        given_tensors = any(n in inputs for n in input_names)
+        auto_spaces = 0
+        gradless_spaces = 0
         for space in range(len(self.spaces)):
             missing = [n for n, s, per in self.inputs if s == space and not per and n not in inputs]
             ps = self.spaces[space]
             if len(missing) != 1 or not ps or grad_attr is None:
+                continue
+            auto_spaces += 1
+            if all(getattr(p, grad_attr) is None for p in ps):
+                gradless_spaces += 1
                 continue
             addrs = k.fast_addrs(ps, grad_attr, self.dtype, self.device, self.shapes[space])
             if addrs is not None:
@@ -342,6 +350,9 @@ class _Binding:
                     f"parameter {i} of `{self.rule.spaces[space]}` has no gradient (.grad is None) "
                     "while others have one: optc steps every parameter of an optimizer "
                     "together; leave it out of the optimizer or give it a gradient")
+        if stage is None and auto_spaces and gradless_spaces == auto_spaces and not given_tensors:
+            # No parameter has a gradient: as torch's optimizers do, the step does nothing.
+            return False
         for name, space, per_sample in self.inputs:
             if name not in inputs:
                 continue
@@ -378,6 +389,7 @@ class _Binding:
             self.session.step_device(params, tensors, scalars, samples=samples)
             torch.cuda.synchronize(dev)
         del keep
+        return True
 
     def stage_index(self, stage: Union[int, str]) -> int:
         if isinstance(stage, int):

@@ -196,14 +196,15 @@ class Optimizer(torch.optim.Optimizer):
     def _run(self, inputs, stage) -> None:
         b = self._build()
         self._sync()
-        b.run(inputs, stage, "grad")
-        torch.autograd.graph.increment_version([p for ps in b.spaces for p in ps])
+        if b.run(inputs, stage, "grad"):
+            torch.autograd.graph.increment_version([p for ps in b.spaces for p in ps])
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None, inputs: Optional[Dict[str, Any]] = None):
         """Runs a step (the rest of one, after :meth:`run_stage`). ``closure`` re-evaluates
         the model and returns the loss, which is returned; ``inputs`` names the inputs other
-        than the gradients."""
+        than the gradients. As with torch's optimizers, a step where no parameter has a
+        gradient does nothing."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -262,6 +263,11 @@ class Optimizer(torch.optim.Optimizer):
         return self._build().session.engine
 
     # --- state -----------------------------------------------------------------------------
+
+    def __getstate__(self):
+        raise TypeError("an optc.Optimizer holds compiled kernels and the addresses of its "
+                        "tensors, so it cannot be pickled or copied: save its state_dict() and "
+                        "load it into a new optc.Optimizer")
 
     def state_dict(self) -> Dict[str, Any]:
         """torch's layout: ``state`` maps each parameter's index to its ``step`` and the rule's

@@ -164,3 +164,17 @@ def test_engine_errors_are_config_or_engine_errors():
     assert issubclass(optc.CheckpointError, ValueError)
     assert all(issubclass(c, optc.OptcError) for c in (
         optc.RuleError, optc.ConfigError, optc.CheckpointError, optc.NonFiniteError, optc.EngineError))
+
+
+def test_step_without_any_gradient_does_nothing_as_in_torch():
+    ps = [torch.nn.Parameter(torch.randn(5)) for _ in range(2)]
+    opt = optc.Optimizer(ps, "adam")
+    before = [p.detach().clone() for p in ps]
+    versions = [p._version for p in ps]
+    opt.step()
+    assert opt.steps == 0
+    assert all(torch.equal(p.detach(), b) for p, b in zip(ps, before))
+    assert [p._version for p in ps] == versions
+    ps[0].grad = torch.ones(5)  # one has a gradient, the other not: an error
+    with pytest.raises(optc.ConfigError, match="no gradient"):
+        opt.step()

@@ -250,3 +250,13 @@ def test_add_param_group_before_first_step():
     assert torch.equal(a[3], before[3])  # lr 0 in the second group
     with pytest.raises(optc.ConfigError):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))]})
+
+
+def test_pickling_says_to_use_state_dict():
+    import copy
+    import pickle
+    opt = optc.Optimizer(params(), "adam")
+    with pytest.raises(TypeError, match="state_dict"):
+        pickle.dumps(opt)
+    with pytest.raises(TypeError, match="state_dict"):
+        copy.deepcopy(opt)
