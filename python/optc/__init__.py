@@ -303,6 +303,8 @@ class _Binding:
         """Runs the rest of the step (stage None) or one stage. The one per-element input of
         each space that `inputs` does not name is each parameter's `grad_attr` (torch: `grad`).
         Returns False, having done nothing, for a whole step where no parameter has one."""
+        if grad_attr is not None and not any(self.spaces):
+            return False  # every parameter was left out (frozen): nothing to step, as in torch
         inputs = dict(inputs or {})
         tensors: List[Tuple[str, List[int]]] = []
         scalars: List[Tuple[str, float]] = []

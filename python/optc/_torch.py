@@ -131,17 +131,25 @@ class Optimizer(torch.optim.Optimizer):
         return self._rule
 
     def _build(self) -> _Binding:
-        """Binds the rule to the groups' tensors (at the first step)."""
+        """Binds the rule to the groups' tensors. As torch's optimizers skip parameters
+        without a gradient, `nn.Parameter`s that do not require one (frozen) are left out where
+        the rule's gradient input would be their gradient; each step checks they still have
+        none. Plain tensors are always stepped (their inputs may come from elsewhere)."""
         if self._binding is not None:
             return self._binding
         r = self._rule
+        inputs = [(space, per) for _, role, space, per in r.buffers if role == "input"]
+        grad_space = {r.spaces[s]: sum(1 for sp, per in inputs if sp == s and not per) == 1
+                      for s in range(len(r.spaces))}
         spaces: Dict[str, List[Any]] = {s: [] for s in r.spaces}
-        order = []
+        self._frozen = []
         for gi, g in enumerate(self.param_groups):
             space = g.get("space", r.spaces[0])
             for p in g["params"]:
-                spaces[space].append(p)
-                order.append((space, gi))
+                if grad_space[space] and isinstance(p, torch.nn.Parameter) and not p.requires_grad:
+                    self._frozen.append(p)
+                else:
+                    spaces[space].append(p)
         # Tensors are named by their place in the param groups (torch's state_dict index); a
         # rule with several params keeps each param's tensors together.
         binding = _Binding(r, _spaces_of(r, spaces) if len(r.spaces) > 1 else [spaces[r.spaces[0]]],
@@ -152,8 +160,8 @@ class Optimizer(torch.optim.Optimizer):
         for p in flat:
             index[id(p)] = str(k)
             k += 1
-        self._names = [[index[id(p)] for p in g["params"]] for g in self.param_groups]
-        self._order = [index[id(p)] for g in self.param_groups for p in g["params"]]
+        self._names = [[index[id(p)] for p in g["params"] if id(p) in index] for g in self.param_groups]
+        self._order = [index.get(id(p)) for g in self.param_groups for p in g["params"]]
         self._shared = list(binding.session.shared_hypers())
         hyper_names = [h[0] for h in r.hypers]
         self._pushed = []
@@ -195,6 +203,12 @@ class Optimizer(torch.optim.Optimizer):
 
     def _run(self, inputs, stage) -> None:
         b = self._build()
+        for p in self._frozen:
+            if p.grad is not None:
+                raise ConfigError(
+                    f"a parameter of shape {tuple(p.shape)} did not require a gradient when the "
+                    "optimizer was made, so optc left it out, and now it has one: make a new "
+                    "optimizer after unfreezing parameters")
         self._sync()
         if b.run(inputs, stage, "grad"):
             torch.autograd.graph.increment_version([p for ps in b.spaces for p in ps])
@@ -291,6 +305,8 @@ class Optimizer(torch.optim.Optimizer):
             flat_pos = {name: i for i, name in enumerate(self._order)}
             per_tensor = [p for ps in b.spaces for p in ps]
             for i, name in enumerate(self._order):
+                if name is None:  # left out (frozen): no state, as in torch
+                    continue
                 j = int(name)
                 entry: Dict[str, torch.Tensor] = {"step": steps.clone()}
                 space, idx = b._space_of(j), b._index_of(j)

@@ -260,3 +260,50 @@ def test_pickling_says_to_use_state_dict():
         pickle.dumps(opt)
     with pytest.raises(TypeError, match="state_dict"):
         copy.deepcopy(opt)
+
+
+def test_frozen_parameters_are_left_out_as_in_torch():
+    torch.manual_seed(0)
+    a = params()
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    for ps in (a, b):
+        ps[1].requires_grad_(False)
+    ours = optc.Optimizer(a, "adamw", lr=0.01)
+    ref = torch.optim.AdamW(b, lr=0.01, foreach=False)
+    frozen = a[1].detach().clone()
+    for step in range(5):
+        g = torch.Generator().manual_seed(step)
+        for p, q in zip(a, b):
+            if p.requires_grad:
+                p.grad = torch.randn(p.shape, generator=g)
+                q.grad = p.grad.clone()
+        ours.step()
+        ref.step()
+    assert torch.equal(a[1].detach(), frozen)
+    for x, y in zip(a, b):
+        assert_close(x, y, "adamw with a frozen parameter")
+    sd = ours.state_dict()
+    assert set(sd["state"]) == {0, 2, 3}  # no state for the frozen one, as torch
+    assert set(ref.state_dict()["state"]) == {0, 2, 3}
+    a[1].requires_grad_(True)
+    a[1].grad = torch.ones_like(a[1])
+    with pytest.raises(optc.ConfigError, match="unfreezing"):
+        ours.step()
+    # every parameter frozen: steps do nothing
+    c = [torch.nn.Parameter(torch.ones(2), requires_grad=False)]
+    only_frozen = optc.Optimizer(c, "adam")
+    only_frozen.step()
+    assert only_frozen.steps == 0 and torch.equal(c[0].detach(), torch.ones(2))
+    # a plain tensor (not an nn.Parameter) is stepped with gradients given by name
+    w = torch.ones(2)
+    manual = optc.Optimizer([w], "sgd", lr=0.5)
+    manual.step(inputs={"g": [torch.ones(2)]})
+    assert torch.equal(w, torch.full((2,), 0.5))
+
+
+def test_zeroth_order_rules_keep_parameters_without_requires_grad():
+    """spsa has no gradient input: its parameters need no requires_grad."""
+    w = torch.zeros(4)  # a plain tensor
+    opt = optc.Optimizer([w], "spsa", lr=0.1, eps=0.01)
+    opt.run_stage("plus")
+    assert not torch.equal(w, torch.zeros(4))
