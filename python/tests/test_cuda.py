@@ -46,8 +46,8 @@ def test_cuda_tensors_match_cpu():
         assert_close(a, b, "adamw on the GPU", rtol=1e-6, atol=1e-7)
 
 
-def test_cuda_engine_for_cpu_tensors_is_an_error_without_a_gpu():
+def test_cuda_engine_without_a_gpu_is_an_engine_error():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    with pytest.raises(optc.OptcError):
+    with pytest.raises(optc.EngineError):
         trajectory("cuda")

@@ -1,5 +1,7 @@
 """Every error class, and that a failing call changes no parameter and no state."""
 
+import os
+
 import pytest
 import torch
 
@@ -159,6 +161,22 @@ def test_engine_errors_are_config_or_engine_errors():
     w = [torch.nn.Parameter(torch.ones(2))]
     with pytest.raises(optc.ConfigError, match="unknown engine"):
         optc.Optimizer(w, "sgd", engine="gpu9").step()
+    # the native engine without a working C compiler (in a fresh process: the compiler a
+    # process found is kept)
+    import subprocess
+    import sys
+    code = ("import torch, optc\n"
+            "try:\n"
+            "    optc.Optimizer([torch.nn.Parameter(torch.ones(2))], 'sgd', engine='native')\n"
+            "except optc.EngineError as e:\n"
+            "    print('EngineError:', e)\n")
+    env = {**os.environ, "OPTC_CC": "/nonexistent/cc"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert "EngineError: native backend: no working C compiler" in out.stdout, out.stderr
+    if not torch.cuda.is_available():
+        with pytest.raises(optc.EngineError, match="CUDA driver"):
+            optc.Optimizer(w, "sgd", engine="cuda")
     assert issubclass(optc.EngineError, RuntimeError)
     assert issubclass(optc.ConfigError, ValueError)
     assert issubclass(optc.CheckpointError, ValueError)
