@@ -26,6 +26,7 @@ mod hypers;
 mod io;
 mod optimizer;
 pub mod schedule;
+pub mod shard;
 pub mod specialize;
 mod step;
 pub mod storage;
@@ -35,6 +36,7 @@ pub use error::Error;
 pub use io::{DeviceInputs, Inputs, TensorSpec};
 pub use optimizer::{Backend, NonFinite, Optimizer, DEFAULT_SEED};
 pub use schedule::Schedule;
+pub use shard::{Collective, LocalGroup, ShardLayout, ShardedOptimizer};
 pub use specialize::StageNeeds;
 pub use storage::mixed;
 

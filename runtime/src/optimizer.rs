@@ -55,6 +55,8 @@ pub struct Optimizer<T: Float> {
     /// The key of stochastic rounding.
     pub(crate) seed: u64,
     pub(crate) policy: NonFinite,
+    /// One rank's share of a sharded optimizer ([`crate::shard`]): the whole tensors' view.
+    pub(crate) shard: Option<Arc<crate::shard::ShardCtx>>,
 }
 
 impl<T: Float> Clone for Optimizer<T> {
@@ -77,6 +79,7 @@ impl<T: Float> Clone for Optimizer<T> {
             storage: Arc::clone(&self.storage),
             seed: self.seed,
             policy: self.policy,
+            shard: self.shard.clone(),
         }
     }
 }
@@ -322,6 +325,7 @@ impl<T: Float + Default> Optimizer<T> {
             storage,
             seed: DEFAULT_SEED,
             policy: NonFinite::Proceed,
+            shard: None,
         })
     }
 

@@ -296,17 +296,24 @@ impl<T: Float + Default> Optimizer<T> {
         let scalar_given: Vec<bool> = (0..info.scalar_inputs.len())
             .map(|i| scalars.contains_key(&(i as u16)))
             .collect();
+        // A shard computes host values over the whole tensors (their lengths, groups and
+        // reductions); its engine runs over its pieces.
+        let shard = self.shard.clone();
+        let (whole_lens, tensor_groups) = match &shard {
+            Some(sh) => (sh.layout.lens.clone(), &sh.groups),
+            None => (self.lens.clone(), &self.hp.tensor_groups),
+        };
         let env = StepEnv {
             hypers: &self.hp.effective,
             groups: &self.hp.effective_groups,
-            tensor_groups: &self.hp.tensor_groups,
+            tensor_groups,
             t: (self.st.steps + 1) as f64,
             scalar_states: &self.st.scalar_states,
             scalar_inputs: &scalar_inputs,
             scalar_given: &scalar_given,
             seed: self.seed,
         };
-        let mut run = StepRun::new(&prog, self.st.steps == 0, self.lens.clone())
+        let mut run = StepRun::new(&prog, self.st.steps == 0, whole_lens)
             .with_reductions(std::mem::take(&mut self.st.pending));
         let variant = run.variant();
         let mut io = StageIo {
@@ -321,6 +328,8 @@ impl<T: Float + Default> Optimizer<T> {
             storage: &self.storage,
             seed: self.seed,
             t: self.st.steps + 1,
+            raw_partials: shard.is_some(),
+            bases: shard.as_ref().map(|sh| sh.bases.as_slice()),
         };
         let engine = &mut self.engine;
         engine.begin_stage(&mut io)?;
@@ -332,10 +341,12 @@ impl<T: Float + Default> Optimizer<T> {
                     .uniforms
                     .iter()
                     .any(|&u| prog.graph.kind(u) != Kind::Scalar);
+                // The whole tensor each of the engine's tensors is (itself, or a shard's piece).
+                let whole = |j: usize| shard.as_ref().map_or(j, |sh| sh.orig[space][j]);
                 let mut eval = |j: usize| -> Vec<T> {
                     kern.uniforms
                         .iter()
-                        .map(|&u| T::from_f64(run.uniform(&env, u, space, j)))
+                        .map(|&u| T::from_f64(run.uniform(&env, u, space, whole(j))))
                         .collect()
                 };
                 let uniforms: Vec<Vec<T>> = if per_tensor {
@@ -343,11 +354,11 @@ impl<T: Float + Default> Optimizer<T> {
                 } else {
                     // Once per step values depend on the tensor's group only: evaluated once
                     // per group (many small tensors cost a copy each, not an evaluation).
-                    let groups = &self.hp.tensor_groups[space];
+                    let groups = &tensor_groups[space];
                     let mut by_group: Vec<Option<Vec<T>>> = Vec::new();
                     (0..io.lens[space].len())
                         .map(|j| {
-                            let g = groups.get(j).copied().unwrap_or(0);
+                            let g = groups.get(whole(j)).copied().unwrap_or(0);
                             if by_group.len() <= g {
                                 by_group.resize(g + 1, None);
                             }
@@ -362,6 +373,22 @@ impl<T: Float + Default> Optimizer<T> {
                     kernel: ki,
                 };
                 let results = engine.run_kernel(&active.compiled, at, kern, &uniforms, &mut io)?;
+                let results = match &shard {
+                    // Every rank's task partials, combined in global task order.
+                    Some(sh) if !results.is_empty() => {
+                        let local: Vec<Vec<f64>> = results.iter().map(|(_, v)| v.clone()).collect();
+                        let all = sh.gather(space, &local)?;
+                        let ids: Vec<NodeId> = results.iter().map(|(r, _)| *r).collect();
+                        crate::engine::cranelift::combine_partials(
+                            &prog,
+                            &ids,
+                            sh.layout.lens[space].len(),
+                            &sh.owner[space],
+                            |ri, ti| all[ri][ti],
+                        )
+                    }
+                    _ => results,
+                };
                 for (r, v) in results {
                     run.set_reduction(r, v);
                 }

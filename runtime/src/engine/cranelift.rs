@@ -436,6 +436,25 @@ pub unsafe fn run_kernel_stored<T: Float>(
     key: RoundingKey<'_>,
     pool: Option<&rayon::ThreadPool>,
 ) -> Vec<(optc_compiler::ir::NodeId, Vec<f64>)> {
+    // SAFETY: the caller's guarantees.
+    unsafe { run_tasks(k, program, lens, ptrs, uniforms, key, pool, false) }
+}
+
+/// [`run_kernel_stored`]; with `raw`, each reduction's partials of every task, uncombined.
+///
+/// # Safety
+/// As [`run_kernel_stored`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_tasks<T: Float>(
+    k: &JitKernel,
+    program: &Program,
+    lens: &[usize],
+    ptrs: &[Vec<*mut u8>],
+    uniforms: &[Vec<T>],
+    key: RoundingKey<'_>,
+    pool: Option<&rayon::ThreadPool>,
+    raw: bool,
+) -> Vec<(optc_compiler::ir::NodeId, Vec<f64>)> {
     assert!(
         !k.rounding_key || key.bases.len() == lens.len(),
         "stochastic rounding needs one base index per tensor"
@@ -489,6 +508,23 @@ pub unsafe fn run_kernel_stored<T: Float>(
             pool.install(|| batches.par_iter().for_each(run));
         }
         _ => batches.iter().for_each(run),
+    }
+    if raw {
+        // Every task's partials, uncombined, in task order.
+        return k
+            .abi
+            .reductions
+            .iter()
+            .enumerate()
+            .map(|(ri, &r)| {
+                (
+                    r,
+                    (0..owner.len())
+                        .map(|ti| partials[ti * nred + ri])
+                        .collect(),
+                )
+            })
+            .collect();
     }
     // Combine partials in task order.
     combine_partials(program, &k.abi.reductions, lens.len(), &owner, |ri, ti| {
@@ -752,10 +788,10 @@ impl<T: Float + Default> Engine<T> for Cranelift<T> {
             }
             ptrs.push(row);
         }
-        let bases = if jk.rounding_key {
-            tensor_bases(lens)
-        } else {
-            Vec::new()
+        let bases = match (jk.rounding_key, io.bases) {
+            (false, _) => Vec::new(),
+            (true, Some(b)) => b[jk.space as usize].clone(),
+            (true, None) => tensor_bases(lens),
         };
         let key = RoundingKey {
             bases: &bases,
@@ -769,7 +805,7 @@ impl<T: Float + Default> Engine<T> for Cranelift<T> {
         // its store slots, which are distinct buffers (lent params are distinct `&mut` slices),
         // and nothing else touches them during the call.
         let r = unsafe {
-            run_kernel_stored(
+            run_tasks(
                 jk,
                 io.program,
                 lens,
@@ -777,6 +813,7 @@ impl<T: Float + Default> Engine<T> for Cranelift<T> {
                 uniforms,
                 key,
                 self.pool.as_deref(),
+                io.raw_partials,
             )
         };
         Ok(r)

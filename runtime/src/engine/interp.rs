@@ -61,6 +61,11 @@ impl<T: Float + Default> Engine<T> for Interp {
         uniforms: &[Vec<T>],
         io: &mut StageIo<'_, '_, '_, '_, T>,
     ) -> Result<Reductions, Error> {
+        if io.raw_partials || io.bases.is_some() {
+            return Err(Error::Params(
+                "a sharded optimizer runs on the cranelift or native engine".into(),
+            ));
+        }
         let lens = &io.lens[kernel.space as usize];
         let key = DrawKey {
             seed: io.seed,

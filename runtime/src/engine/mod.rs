@@ -122,6 +122,14 @@ pub struct StageIo<'a, 's, 'p, 'i, T> {
     pub seed: u64,
     /// The step being taken (`t`, 1 on the first step).
     pub t: u64,
+    /// A shard of a sharded optimizer ([`crate::shard`]): `run_kernel` returns every task's
+    /// reduction partials, uncombined, in task order (tensors in order, each cut into
+    /// [`cranelift::TASK_ELEMS`]-element tasks from its start). Only the CPU engines do.
+    pub raw_partials: bool,
+    /// A shard's tensors are pieces of larger ones: per space, the index of each piece's
+    /// element 0 among all elements of the whole tensors (the key of random draws and
+    /// stochastic rounding). `None`: the running sum of `lens`.
+    pub bases: Option<&'a [Vec<u64>]>,
 }
 
 /// A kernel runner over its own memory. See the module documentation.

@@ -191,6 +191,11 @@ impl<T: Float + Default> Engine<T> for Cuda<T> {
         uniforms: &[Vec<T>],
         io: &mut StageIo<'_, '_, '_, '_, T>,
     ) -> Result<Reductions, Error> {
+        if io.raw_partials || io.bases.is_some() {
+            return Err(Error::Params(
+                "a sharded optimizer runs on the cranelift or native engine".into(),
+            ));
+        }
         let gp = compiled
             .downcast_ref::<GpuProgram>()
             .ok_or_else(|| Error::Params("the rule is not compiled for the GPU".into()))?;

@@ -1,0 +1,592 @@
+//! Sharded optimizer state (ZeRO stage 1): each rank of a group of processes (or threads) owns
+//! a contiguous slice of every param space and keeps state only for it, and the results are
+//! bit-identical to one optimizer over the whole tensors, for any number of ranks.
+//!
+//! Ranks talk only where the rule's phases meet: reductions. A slice is cut on task
+//! boundaries ([`TASK_ELEMS`]-element tasks from each tensor's start, as the CPU engines cut
+//! work), so each rank computes exactly the single optimizer's task partials for its tasks;
+//! a [`Collective`] gathers every rank's partials, and every rank combines them in global task
+//! order — global and per-tensor reductions, a tensor split across ranks included, come out
+//! as one optimizer computes them. Random draws and stochastic rounding are keyed by the
+//! element's index in the whole tensors. Scalar state is computed identically on every rank.
+//!
+//! [`ShardedOptimizer`] wraps an [`Optimizer`] over the rank's pieces (at most one per tensor:
+//! a contiguous slice of a space meets each tensor in one range); the step driver reads the
+//! shard's view ([`ShardCtx`]) for the whole tensors' lengths and groups and combines the
+//! gathered partials. The CPU engines (Cranelift, native) run shards.
+//!
+//! ```
+//! use optc_runtime::{Backend, Inputs, LocalGroup, ShardedOptimizer, TensorSpec};
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! # let src = "rule sgd(lr = 0.5) { param theta\n input g\n theta = theta - lr * g }";
+//! # let program = Arc::new(optc_compiler::compile(src).programs.remove(0));
+//! let n = 40_000; // three tasks of 16384 elements: two ranks share them
+//! let ranks: Vec<_> = LocalGroup::members(2, Duration::from_secs(10))
+//!     .into_iter()
+//!     .map(|member| {
+//!         let program = Arc::clone(&program);
+//!         std::thread::spawn(move || {
+//!             let tensors = vec![vec![TensorSpec::new("w", &[n])]];
+//!             let cpu = Backend::Cranelift { threads: 1 };
+//!             let mut opt = ShardedOptimizer::<f32>::new(program, tensors, member, cpu)?;
+//!             let (mut w, g) = (vec![1.0f32; n], vec![1.0f32; n]);
+//!             opt.step_with(&mut [vec![&mut w[..]]], &Inputs::default().tensor("g", vec![&g]))?;
+//!             Ok::<_, optc_runtime::Error>((opt.pieces(0).to_vec(), w))
+//!         })
+//!     })
+//!     .collect();
+//! let mut updated = 0;
+//! for rank in ranks {
+//!     let (pieces, w) = rank.join().expect("rank")?;
+//!     for p in pieces {
+//!         // each rank updated its own piece of the whole tensor
+//!         assert!(w[p.start..p.start + p.len].iter().all(|&x| x == 0.5));
+//!         updated += p.len;
+//!     }
+//! }
+//! assert_eq!(updated, n);
+//! # Ok::<(), optc_runtime::Error>(())
+//! ```
+
+use crate::engine::cranelift::TASK_ELEMS;
+use crate::{Backend, Error, Inputs, Optimizer, TensorSpec};
+use optc_compiler::ops::Float;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+/// How the ranks of a sharded optimizer exchange reduction partials.
+pub trait Collective: Send + Sync + std::fmt::Debug {
+    /// This rank's number, `0..size`.
+    fn rank(&self) -> usize;
+    /// The number of ranks.
+    fn size(&self) -> usize;
+    /// Every rank's `local` (lengths may differ), in rank order. Every rank calls it the same
+    /// number of times in the same order; a rank that fails or does not come makes it an error
+    /// on every other rank (no hang).
+    fn all_gather(&self, local: &[f64]) -> Result<Vec<Vec<f64>>, Error>;
+}
+
+/// A contiguous range of one tensor held by one rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    /// The tensor's index in its space.
+    pub tensor: usize,
+    /// Its first element within the tensor (a multiple of [`TASK_ELEMS`]).
+    pub start: usize,
+    /// Its number of elements.
+    pub len: usize,
+}
+
+/// Where every rank's share of every space lies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardLayout {
+    /// The whole tensors' lengths, `[space][tensor]`.
+    pub lens: Vec<Vec<usize>>,
+    /// `[space][rank]`: the rank's pieces, in tensor order.
+    pub pieces: Vec<Vec<Vec<Piece>>>,
+}
+
+impl ShardLayout {
+    /// Cuts every space into `ranks` contiguous slices of about equal size, on task boundaries.
+    pub fn new(lens: Vec<Vec<usize>>, ranks: usize) -> ShardLayout {
+        let ranks = ranks.max(1);
+        let pieces = lens
+            .iter()
+            .map(|ls| {
+                let total: usize = ls.iter().sum();
+                let mut out: Vec<Vec<Piece>> = vec![Vec::new(); ranks];
+                let mut at = 0usize; // elements of the space before this task
+                for (j, &n) in ls.iter().enumerate() {
+                    let mut s = 0;
+                    while s < n {
+                        let e = (s + TASK_ELEMS).min(n);
+                        // The rank whose share [r N / R, (r + 1) N / R) holds the task's start.
+                        let r = ((at as u128 * ranks as u128) / total.max(1) as u128) as usize;
+                        let r = r.min(ranks - 1);
+                        match out[r].last_mut() {
+                            Some(p) if p.tensor == j && p.start + p.len == s => p.len += e - s,
+                            _ => out[r].push(Piece {
+                                tensor: j,
+                                start: s,
+                                len: e - s,
+                            }),
+                        }
+                        at += e - s;
+                        s = e;
+                    }
+                }
+                out
+            })
+            .collect();
+        ShardLayout { lens, pieces }
+    }
+
+    /// The number of ranks.
+    pub fn ranks(&self) -> usize {
+        self.pieces.first().map_or(1, Vec::len)
+    }
+
+    /// Elements rank `rank` holds, over every space.
+    pub fn elements(&self, rank: usize) -> usize {
+        self.pieces
+            .iter()
+            .map(|rs| rs[rank].iter().map(|p| p.len).sum::<usize>())
+            .sum()
+    }
+}
+
+fn tasks(n: usize) -> usize {
+    n.div_ceil(TASK_ELEMS)
+}
+
+/// What the step driver of a shard reads: the whole tensors' view and the collective.
+#[derive(Debug, Clone)]
+pub(crate) struct ShardCtx {
+    pub(crate) collective: Arc<dyn Collective>,
+    pub(crate) layout: ShardLayout,
+    /// Per space, per piece of this rank: the tensor it is part of.
+    pub(crate) orig: Vec<Vec<usize>>,
+    /// Per space, per piece: the index of its element 0 among all elements of the space.
+    pub(crate) bases: Vec<Vec<u64>>,
+    /// Per space: the tensor of every task of every rank, in global task order.
+    pub(crate) owner: Vec<Vec<usize>>,
+    /// Per space, per rank: its number of tasks.
+    pub(crate) rank_tasks: Vec<Vec<usize>>,
+    /// The group of every whole tensor, `[space][tensor]`.
+    pub(crate) groups: Vec<Vec<usize>>,
+}
+
+impl ShardCtx {
+    fn new(collective: Arc<dyn Collective>, layout: ShardLayout) -> ShardCtx {
+        let rank = collective.rank();
+        let orig = layout
+            .pieces
+            .iter()
+            .map(|rs| rs[rank].iter().map(|p| p.tensor).collect())
+            .collect();
+        let bases = layout
+            .pieces
+            .iter()
+            .zip(&layout.lens)
+            .map(|(rs, ls)| {
+                let starts = crate::engine::cranelift::tensor_bases(ls);
+                rs[rank]
+                    .iter()
+                    .map(|p| starts[p.tensor] + p.start as u64)
+                    .collect()
+            })
+            .collect();
+        let owner = layout
+            .pieces
+            .iter()
+            .map(|rs| {
+                rs.iter()
+                    .flatten()
+                    .flat_map(|p| std::iter::repeat_n(p.tensor, tasks(p.len)))
+                    .collect()
+            })
+            .collect();
+        let rank_tasks = layout
+            .pieces
+            .iter()
+            .map(|rs| {
+                rs.iter()
+                    .map(|ps| ps.iter().map(|p| tasks(p.len)).sum())
+                    .collect()
+            })
+            .collect();
+        let groups = layout.lens.iter().map(|ls| vec![0; ls.len()]).collect();
+        ShardCtx {
+            collective,
+            layout,
+            orig,
+            bases,
+            owner,
+            rank_tasks,
+            groups,
+        }
+    }
+
+    /// Gathers every rank's task partials of a kernel over `space` (`local[reduction]`, one
+    /// value per local task) and returns, per reduction, every task's partial in global order.
+    pub(crate) fn gather(&self, space: usize, local: &[Vec<f64>]) -> Result<Vec<Vec<f64>>, Error> {
+        let flat: Vec<f64> = local.iter().flatten().copied().collect();
+        let all = self.collective.all_gather(&flat)?;
+        let nred = local.len();
+        let mut out = vec![Vec::with_capacity(self.owner[space].len()); nred];
+        for (r, part) in all.iter().enumerate() {
+            let n = self.rank_tasks[space].get(r).copied().unwrap_or(0);
+            if part.len() != n * nred {
+                return Err(Error::Params(format!(
+                    "rank {r} sent {} reduction partials where {} were expected: the ranks \
+                     disagree on the layout or the rule",
+                    part.len(),
+                    n * nred
+                )));
+            }
+            for (ri, o) in out.iter_mut().enumerate() {
+                o.extend_from_slice(&part[ri * n..(ri + 1) * n]);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One rank of a sharded optimizer: the rule's state for this rank's share of every space.
+///
+/// Every rank is made with the same rule, the same whole tensors and its own [`Collective`];
+/// every rank then calls the same methods in the same order (hyperparameters, groups,
+/// steps). A step takes the whole tensors of params and inputs (as data-parallel ranks hold
+/// them) and updates this rank's share of the params; the other ranks update theirs.
+#[derive(Debug)]
+pub struct ShardedOptimizer<T: Float> {
+    inner: Optimizer<T>,
+    names: Vec<Vec<String>>,
+}
+
+impl<T: Float + Default> ShardedOptimizer<T> {
+    /// This rank's share of `tensors` (`[space]`: every param's whole tensors, named), run on
+    /// `backend` (Cranelift or native, or `Auto`).
+    pub fn new(
+        program: Arc<optc_compiler::ir::Program>,
+        tensors: Vec<Vec<TensorSpec>>,
+        collective: Arc<dyn Collective>,
+        backend: Backend,
+    ) -> Result<Self, Error> {
+        if program.axis_form.is_some() {
+            return Err(Error::Policy(format!(
+                "rule `{}` has a sample or particle axis, which sharding does not support",
+                program.info.name
+            )));
+        }
+        match backend.resolved() {
+            Backend::Cranelift { .. } | Backend::Native { .. } => {}
+            other => {
+                return Err(Error::Policy(format!(
+                    "a sharded optimizer runs on the cranelift or native engine, not {other:?}"
+                )))
+            }
+        }
+        if collective.rank() >= collective.size() {
+            return Err(Error::Params(format!(
+                "rank {} of a group of {}",
+                collective.rank(),
+                collective.size()
+            )));
+        }
+        let lens: Vec<Vec<usize>> = tensors
+            .iter()
+            .map(|ts| ts.iter().map(TensorSpec::numel).collect())
+            .collect();
+        let layout = ShardLayout::new(lens, collective.size());
+        let rank = collective.rank();
+        let pieces: Vec<Vec<TensorSpec>> = layout
+            .pieces
+            .iter()
+            .zip(&tensors)
+            .map(|(rs, ts)| {
+                rs[rank]
+                    .iter()
+                    .map(|p| {
+                        TensorSpec::new(format!("{}@{}", ts[p.tensor].name, p.start), &[p.len])
+                    })
+                    .collect()
+            })
+            .collect();
+        let names = tensors
+            .iter()
+            .map(|ts| ts.iter().map(|t| t.name.clone()).collect())
+            .collect();
+        let mut inner = Optimizer::lending(program, pieces)?.with_backend(backend)?;
+        inner.shard = Some(Arc::new(ShardCtx::new(collective, layout)));
+        Ok(ShardedOptimizer { inner, names })
+    }
+
+    /// The layout of every rank's share.
+    pub fn layout(&self) -> &ShardLayout {
+        &self.ctx().layout
+    }
+
+    fn ctx(&self) -> &ShardCtx {
+        self.inner
+            .shard
+            .as_deref()
+            .expect("a sharded optimizer has a shard")
+    }
+
+    /// This rank's pieces of space `space`.
+    pub fn pieces(&self, space: usize) -> &[Piece] {
+        let ctx = self.ctx();
+        &ctx.layout.pieces[space][ctx.collective.rank()]
+    }
+
+    /// The optimizer over this rank's pieces (steps, scalar state, state of the pieces).
+    pub fn inner(&self) -> &Optimizer<T> {
+        &self.inner
+    }
+
+    /// Sets a hyperparameter (as [`Optimizer::set_hyper`]).
+    pub fn set_hyper(&mut self, name: &str, value: f64) -> Result<(), Error> {
+        self.inner.set_hyper(name, value)
+    }
+
+    /// Starts a parameter group of the named whole tensors (as [`Optimizer::add_group`]).
+    pub fn add_group(&mut self, tensors: &[&str], values: &[(&str, f64)]) -> Result<usize, Error> {
+        let mut places = Vec::new();
+        for &name in tensors {
+            let place = self
+                .names
+                .iter()
+                .enumerate()
+                .find_map(|(s, ns)| ns.iter().position(|n| n == name).map(|j| (s, j)))
+                .ok_or_else(|| Error::UnknownTensor(name.to_string()))?;
+            places.push(place);
+        }
+        let ctx = self.ctx();
+        let rank = ctx.collective.rank();
+        let mine: Vec<String> = places
+            .iter()
+            .filter_map(|&(s, j)| {
+                ctx.layout.pieces[s][rank]
+                    .iter()
+                    .find(|p| p.tensor == j)
+                    .map(|p| format!("{}@{}", self.names[s][j], p.start))
+            })
+            .collect();
+        let mine: Vec<&str> = mine.iter().map(String::as_str).collect();
+        let g = self.inner.add_group(&mine, values)?;
+        let ctx = Arc::make_mut(self.inner.shard.as_mut().expect("shard"));
+        for (s, j) in places {
+            ctx.groups[s][j] = g;
+        }
+        Ok(g)
+    }
+
+    /// Runs a step: `params[space]` and every input are the whole tensors; this rank's share
+    /// of the params is updated in place. Checked first: on an error nothing changes.
+    pub fn step_with(
+        &mut self,
+        params: &mut [Vec<&mut [T]>],
+        inputs: &Inputs<'_, T>,
+    ) -> Result<(), Error> {
+        let ctx = Arc::clone(self.inner.shard.as_ref().expect("shard"));
+        let rank = ctx.collective.rank();
+        let lens = &ctx.layout.lens;
+        if params.len() != lens.len() {
+            return Err(Error::Spaces {
+                rule: self.inner.program().info.name.clone(),
+                expected: lens.len(),
+                got: params.len(),
+            });
+        }
+        for (s, (ps, ls)) in params.iter().zip(lens).enumerate() {
+            if ps.len() != ls.len() {
+                return Err(Error::Length {
+                    what: format!(
+                        "param `{}` (number of tensors)",
+                        self.inner.program().info.spaces[s]
+                    ),
+                    expected: ls.len(),
+                    got: ps.len(),
+                });
+            }
+            for (j, (p, &n)) in ps.iter().zip(ls).enumerate() {
+                if p.len() != n {
+                    return Err(Error::Length {
+                        what: format!("param tensor `{}`", self.names[s][j]),
+                        expected: n,
+                        got: p.len(),
+                    });
+                }
+            }
+        }
+        let info = &self.inner.program().info;
+        let mut piece_inputs = Inputs {
+            scalars: inputs.scalars.clone(),
+            samples: inputs.samples,
+            ..Inputs::default()
+        };
+        for (name, ts) in &inputs.tensors {
+            let Some(b) = info.buffer(name) else {
+                return Err(Error::UnknownInput {
+                    rule: info.name.clone(),
+                    name: name.clone(),
+                });
+            };
+            let space = info.buffers[b as usize].space as usize;
+            if ts.len() != lens[space].len() {
+                return Err(Error::Length {
+                    what: format!("input `{name}` (number of tensors)"),
+                    expected: lens[space].len(),
+                    got: ts.len(),
+                });
+            }
+            let mut out = Vec::new();
+            for p in &ctx.layout.pieces[space][rank] {
+                let t = ts[p.tensor];
+                if t.len() != lens[space][p.tensor] {
+                    return Err(Error::Length {
+                        what: format!(
+                            "input `{name}` for tensor `{}`",
+                            self.names[space][p.tensor]
+                        ),
+                        expected: lens[space][p.tensor],
+                        got: t.len(),
+                    });
+                }
+                out.push(&t[p.start..p.start + p.len]);
+            }
+            piece_inputs.tensors.insert(name.clone(), out);
+        }
+        let mut pieces: Vec<Vec<&mut [T]>> = params
+            .iter_mut()
+            .zip(&ctx.layout.pieces)
+            .map(|(ps, rs)| {
+                let mine = &rs[rank];
+                let mut k = 0;
+                let mut out = Vec::with_capacity(mine.len());
+                for (j, t) in ps.iter_mut().enumerate() {
+                    if let Some(p) = mine.get(k).filter(|p| p.tensor == j) {
+                        out.push(&mut t[p.start..p.start + p.len]);
+                        k += 1;
+                    }
+                }
+                out
+            })
+            .collect();
+        self.inner.step_with(&mut pieces, &piece_inputs)
+    }
+}
+
+/// A [`Collective`] between threads of one process: its members,
+/// one per rank ([`LocalGroup::members`]). A member that does not come within the timeout makes
+/// the others fail.
+#[derive(Debug)]
+pub struct LocalGroup {
+    size: usize,
+    timeout: Duration,
+    round: Mutex<Round>,
+    cv: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Round {
+    slots: Vec<Option<Vec<f64>>>,
+    filled: usize,
+    result: Option<Arc<Vec<Vec<f64>>>>,
+    taken: usize,
+    broken: bool,
+}
+
+/// One rank of a [`LocalGroup`].
+#[derive(Debug, Clone)]
+pub struct LocalMember {
+    group: Arc<LocalGroup>,
+    rank: usize,
+}
+
+impl LocalGroup {
+    /// The members of a group of `size` ranks; a gather waits at most `timeout` for the others.
+    pub fn members(size: usize, timeout: Duration) -> Vec<Arc<LocalMember>> {
+        let group = Arc::new(LocalGroup {
+            size,
+            timeout,
+            round: Mutex::new(Round {
+                slots: vec![None; size],
+                ..Round::default()
+            }),
+            cv: Condvar::new(),
+        });
+        (0..size)
+            .map(|rank| {
+                Arc::new(LocalMember {
+                    group: Arc::clone(&group),
+                    rank,
+                })
+            })
+            .collect()
+    }
+}
+
+impl LocalGroup {
+    /// Waits for a change of the round, at most the timeout.
+    fn wait<'a>(
+        &'a self,
+        st: std::sync::MutexGuard<'a, Round>,
+    ) -> Result<std::sync::MutexGuard<'a, Round>, Error> {
+        let broken = || Error::Params("a rank of the group failed or timed out".into());
+        let (st, t) = self
+            .cv
+            .wait_timeout(st, self.timeout)
+            .map_err(|_| broken())?;
+        if t.timed_out() {
+            Err(broken())
+        } else {
+            Ok(st)
+        }
+    }
+}
+
+impl Collective for LocalMember {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.group.size
+    }
+
+    fn all_gather(&self, local: &[f64]) -> Result<Vec<Vec<f64>>, Error> {
+        let g = &self.group;
+        let broken = || Error::Params("a rank of the group failed or timed out".into());
+        let lock_err = |_| broken();
+        let mut st = g.round.lock().map_err(lock_err)?;
+        // The previous round is still being read.
+        while st.result.is_some() && !st.broken {
+            st = g.wait(st)?;
+        }
+        if st.broken {
+            return Err(broken());
+        }
+        st.slots[self.rank] = Some(local.to_vec());
+        st.filled += 1;
+        if st.filled == g.size {
+            let all: Vec<Vec<f64>> = st
+                .slots
+                .iter_mut()
+                .map(|s| s.take().unwrap_or_default())
+                .collect();
+            st.result = Some(Arc::new(all));
+            st.filled = 0;
+            g.cv.notify_all();
+        }
+        while st.result.is_none() && !st.broken {
+            st = match g.wait(st) {
+                Ok(st) => st,
+                Err(e) => {
+                    if let Ok(mut s) = g.round.lock() {
+                        s.broken = true;
+                    }
+                    g.cv.notify_all();
+                    return Err(e);
+                }
+            };
+        }
+        if st.broken {
+            return Err(broken());
+        }
+        let out = st
+            .result
+            .as_ref()
+            .map(|r| r.as_ref().clone())
+            .unwrap_or_default();
+        st.taken += 1;
+        if st.taken == g.size {
+            st.result = None;
+            st.taken = 0;
+            g.cv.notify_all();
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,420 @@
+//! Sharded optimizer state: every standard-library rule (without a sample or particle axis),
+//! sharded over 1 to 4 ranks (threads with a `LocalGroup`), gives bit for bit what one optimizer
+//! over the whole tensors gives — params, per-element state and scalar state — with default and
+//! all-options hyperparameters, tensors split across ranks (global and per-tensor reductions
+//! over pieces), empty tensors and ranks that hold nothing; parameter groups; a rank that does
+//! not come makes the others fail instead of hanging.
+
+use optc::compiler::ir::{BufRole, Program};
+use optc::runtime::{
+    Backend, Collective, Inputs, LocalGroup, Optimizer, ShardLayout, ShardedOptimizer, TensorSpec,
+};
+use std::sync::Arc;
+use std::time::Duration;
+
+mod common;
+use common::{fill, scalar_input, OPTIONS};
+
+/// Tensors split across ranks at every world size (the task size is 16384), empty ones, small
+/// ones.
+const SIZES: &[usize] = &[1, 2 * 16384 + 5, 0, 17, 16384 + 3, 129, 3 * 16384];
+const STEPS: usize = 3;
+const BACKEND: Backend = Backend::Cranelift { threads: 2 };
+
+fn specs(program: &Program) -> Vec<Vec<TensorSpec>> {
+    program
+        .info
+        .spaces
+        .iter()
+        .map(|s| {
+            SIZES
+                .iter()
+                .enumerate()
+                .map(|(j, &n)| TensorSpec::new(format!("{s}{j}"), &[n]))
+                .collect()
+        })
+        .collect()
+}
+
+fn init(program: &Program) -> Vec<Vec<Vec<f32>>> {
+    (0..program.info.spaces.len())
+        .map(|s| {
+            SIZES
+                .iter()
+                .enumerate()
+                .map(|(j, &n)| fill(1000 * s as u64 + j as u64, n))
+                .collect()
+        })
+        .collect()
+}
+
+/// Every per-element input's whole tensors at `step`, by name.
+fn input_data(program: &Program, step: usize) -> Vec<(String, Vec<Vec<f32>>)> {
+    program
+        .info
+        .buffers
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.role == BufRole::Input)
+        .map(|(bi, b)| {
+            let ts = SIZES
+                .iter()
+                .enumerate()
+                .map(|(j, &n)| fill((step * 7919 + bi * 104729 + j) as u64 + 17, n))
+                .collect();
+            (b.name.clone(), ts)
+        })
+        .collect()
+}
+
+fn inputs<'a>(
+    program: &Program,
+    data: &'a [(String, Vec<Vec<f32>>)],
+    step: usize,
+) -> Inputs<'a, f32> {
+    let mut inputs = Inputs::default();
+    for (name, ts) in data {
+        inputs = inputs.tensor(name, ts.iter().map(Vec::as_slice).collect());
+    }
+    for name in &program.info.scalar_inputs {
+        inputs = inputs.scalar(name, scalar_input(step as f64, STEPS as f64));
+    }
+    inputs
+}
+
+/// What a run ends with: params, per-element state and scalar state.
+#[derive(Debug, PartialEq)]
+struct End {
+    params: Vec<Vec<Vec<u32>>>,
+    state: Vec<(String, Vec<Vec<u32>>)>,
+    scalars: Vec<u64>,
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Asserts two bit patterns are equal, naming the first element that differs.
+fn same(got: &[u32], want: &[u32], what: impl Fn() -> String) {
+    assert_eq!(got.len(), want.len(), "{}: lengths", what());
+    if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
+        panic!(
+            "{}: element {i} is {} where one optimizer gives {}",
+            what(),
+            f32::from_bits(got[i]),
+            f32::from_bits(want[i])
+        );
+    }
+}
+
+/// Group 1: the odd tensors of every space, with their own values.
+fn group(program: &Program) -> Vec<String> {
+    specs(program)
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter(|(i, _)| i % 2 == 1)
+        .map(|(_, t)| t.name.clone())
+        .collect()
+}
+
+fn group_values(program: &Program, shared: &[&str]) -> Vec<(&'static str, f64)> {
+    [("lr", 0.5e-3), ("weight_decay", 0.03)]
+        .into_iter()
+        .filter(|(h, _)| program.info.hyper(h).is_some() && !shared.contains(h))
+        .collect()
+}
+
+fn single(program: &Arc<Program>, hypers: &[(&str, f64)], groups: bool) -> End {
+    let mut opt = Optimizer::<f32>::lending(Arc::clone(program), specs(program))
+        .expect("bind")
+        .with_backend(BACKEND)
+        .expect("backend");
+    for (h, v) in hypers {
+        if program.info.hyper(h).is_some() {
+            opt.set_hyper(h, *v).expect("hyper");
+        }
+    }
+    if groups {
+        let names = group(program);
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let shared: Vec<&str> = opt.shared_hypers();
+        let values = group_values(program, &shared);
+        opt.add_group(&names, &values).expect("group");
+    }
+    let mut params = init(program);
+    for step in 0..STEPS {
+        let data = input_data(program, step);
+        let mut lent: Vec<Vec<&mut [f32]>> = params
+            .iter_mut()
+            .map(|ts| ts.iter_mut().map(Vec::as_mut_slice).collect())
+            .collect();
+        opt.step_with(&mut lent, &inputs(program, &data, step))
+            .expect("step");
+    }
+    let info = &program.info;
+    End {
+        params: params
+            .iter()
+            .map(|ts| ts.iter().map(|t| bits(t)).collect())
+            .collect(),
+        state: info
+            .buffers
+            .iter()
+            .filter(|b| b.role == BufRole::State)
+            .map(|b| {
+                let ts = opt.buffer(&b.name).expect("state");
+                (b.name.clone(), ts.iter().map(|t| bits(t)).collect())
+            })
+            .collect(),
+        scalars: info
+            .scalar_states
+            .iter()
+            .map(|n| opt.scalar_state(n).expect("scalar").to_bits())
+            .collect(),
+    }
+}
+
+/// One rank's run; returns its params (whole tensors, only its pieces updated), its pieces of
+/// every state buffer and its scalar state.
+fn rank(
+    program: &Arc<Program>,
+    hypers: &[(&str, f64)],
+    groups: bool,
+    member: Arc<dyn Collective>,
+) -> (Vec<Vec<Vec<f32>>>, ShardedOptimizer<f32>) {
+    let mut opt =
+        ShardedOptimizer::<f32>::new(Arc::clone(program), specs(program), member, BACKEND)
+            .expect("shard");
+    for (h, v) in hypers {
+        if program.info.hyper(h).is_some() {
+            opt.set_hyper(h, *v).expect("hyper");
+        }
+    }
+    if groups {
+        let names = group(program);
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let shared: Vec<String> = opt
+            .inner()
+            .shared_hypers()
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let shared: Vec<&str> = shared.iter().map(String::as_str).collect();
+        let values = group_values(program, &shared);
+        opt.add_group(&names, &values).expect("group");
+    }
+    let mut params = init(program);
+    for step in 0..STEPS {
+        let data = input_data(program, step);
+        let mut lent: Vec<Vec<&mut [f32]>> = params
+            .iter_mut()
+            .map(|ts| ts.iter_mut().map(Vec::as_mut_slice).collect())
+            .collect();
+        opt.step_with(&mut lent, &inputs(program, &data, step))
+            .expect("step");
+    }
+    (params, opt)
+}
+
+/// Runs `world` ranks in threads and checks each rank's share against the single run.
+fn check(name: &str, program: &Arc<Program>, hypers: &[(&str, f64)], groups: bool, world: usize) {
+    let want = single(program, hypers, groups);
+    let members = LocalGroup::members(world, Duration::from_secs(60));
+    let handles: Vec<_> = members
+        .into_iter()
+        .map(|m| {
+            let program = Arc::clone(program);
+            let hypers: Vec<(String, f64)> =
+                hypers.iter().map(|(h, v)| (h.to_string(), *v)).collect();
+            std::thread::spawn(move || {
+                let hypers: Vec<(&str, f64)> =
+                    hypers.iter().map(|(h, v)| (h.as_str(), *v)).collect();
+                rank(&program, &hypers, groups, m)
+            })
+        })
+        .collect();
+    let mut covered: Vec<Vec<usize>> = program
+        .info
+        .spaces
+        .iter()
+        .map(|_| vec![0; SIZES.len()])
+        .collect();
+    for (r, h) in handles.into_iter().enumerate() {
+        let (params, opt) = h.join().expect("rank thread");
+        let info = &program.info;
+        for (s, pieces) in opt.layout().pieces.iter().enumerate() {
+            for (k, p) in pieces[r].iter().enumerate() {
+                covered[s][p.tensor] += p.len;
+                let got = bits(&params[s][p.tensor][p.start..p.start + p.len]);
+                same(
+                    &got,
+                    &want.params[s][p.tensor][p.start..p.start + p.len],
+                    || {
+                        format!(
+                            "{name}: world {world}, rank {r}: param {s} tensor {} from {}",
+                            p.tensor, p.start
+                        )
+                    },
+                );
+                for (b, (sname, whole)) in info
+                    .buffers
+                    .iter()
+                    .filter(|b| b.role == BufRole::State)
+                    .zip(&want.state)
+                {
+                    if b.space as usize != s {
+                        continue;
+                    }
+                    let mine = &opt.inner().buffer(sname).expect("state")[k];
+                    same(
+                        &bits(mine),
+                        &whole[p.tensor][p.start..p.start + p.len],
+                        || {
+                            format!(
+                                "{name}: world {world}, rank {r}: state {sname} of tensor {}",
+                                p.tensor
+                            )
+                        },
+                    );
+                }
+            }
+        }
+        let scalars: Vec<u64> = info
+            .scalar_states
+            .iter()
+            .map(|n| opt.inner().scalar_state(n).expect("scalar").to_bits())
+            .collect();
+        assert_eq!(
+            scalars, want.scalars,
+            "{name}: world {world}, rank {r}: scalar state"
+        );
+        assert_eq!(opt.inner().steps(), STEPS as u64);
+    }
+    for (s, c) in covered.iter().enumerate() {
+        assert_eq!(
+            c.as_slice(),
+            SIZES,
+            "{name}: world {world}: space {s} is covered once"
+        );
+    }
+}
+
+fn rules() -> Vec<(&'static str, Arc<Program>)> {
+    optc::stdlib::names()
+        .filter_map(|n| {
+            let p = optc::stdlib_rule(n).expect("stdlib");
+            p.axis_form.is_none().then(|| (n, Arc::new(p)))
+        })
+        .collect()
+}
+
+#[test]
+fn every_rule_sharded_equals_one_optimizer_bit_for_bit() {
+    let rules = rules();
+    assert!(rules.len() >= 20, "{} rules", rules.len());
+    for (name, program) in &rules {
+        for world in 1..=4 {
+            check(name, program, &[], false, world);
+            check(name, program, OPTIONS, false, world);
+        }
+    }
+}
+
+#[test]
+fn parameter_groups_follow_whole_tensors() {
+    for name in ["adamw", "lamb", "sgd", "adagrad_norm", "lion"] {
+        let program = Arc::new(optc::stdlib_rule(name).expect("stdlib"));
+        for world in [2, 3] {
+            check(name, &program, OPTIONS, true, world);
+        }
+    }
+}
+
+#[test]
+fn layout_cuts_on_task_boundaries_and_balances() {
+    let lens = vec![SIZES.to_vec()];
+    let total: usize = SIZES.iter().sum();
+    for world in 1..=6 {
+        let l = ShardLayout::new(lens.clone(), world);
+        assert_eq!(l.ranks(), world);
+        let mut next = vec![0usize; SIZES.len()];
+        for r in 0..world {
+            let mut last_tensor = None;
+            for p in &l.pieces[0][r] {
+                assert_eq!(p.start % 16384, 0, "a piece starts on a task boundary");
+                assert_eq!(p.start, next[p.tensor], "pieces are in order, without gaps");
+                assert!(
+                    Some(p.tensor) > last_tensor,
+                    "one piece per tensor per rank"
+                );
+                last_tensor = Some(p.tensor);
+                next[p.tensor] += p.len;
+            }
+            // no rank holds more than its share plus one task
+            assert!(
+                l.elements(r) <= total / world + 16384,
+                "rank {r} of {world}: {}",
+                l.elements(r)
+            );
+        }
+        assert_eq!(next, SIZES);
+    }
+}
+
+#[test]
+fn a_missing_rank_is_an_error_not_a_hang() {
+    let program = Arc::new(optc::stdlib_rule("lamb").expect("stdlib"));
+    let members = LocalGroup::members(2, Duration::from_millis(300));
+    let mut opt = ShardedOptimizer::<f32>::new(
+        Arc::clone(&program),
+        specs(&program),
+        Arc::clone(&members[0]) as Arc<dyn Collective>,
+        BACKEND,
+    )
+    .expect("shard");
+    let mut params = init(&program);
+    let data = input_data(&program, 0);
+    let mut lent: Vec<Vec<&mut [f32]>> = params
+        .iter_mut()
+        .map(|ts| ts.iter_mut().map(Vec::as_mut_slice).collect())
+        .collect();
+    // rank 1 never steps: lamb's norms need its partials
+    let err = opt
+        .step_with(&mut lent, &inputs(&program, &data, 0))
+        .expect_err("rank 1 is missing");
+    assert!(err.to_string().contains("timed out"), "{err}");
+}
+
+#[test]
+fn bad_whole_tensors_are_refused_before_anything_runs() {
+    let program = Arc::new(optc::stdlib_rule("adam").expect("stdlib"));
+    let members = LocalGroup::members(1, Duration::from_secs(5));
+    let mut opt = ShardedOptimizer::<f32>::new(
+        Arc::clone(&program),
+        specs(&program),
+        Arc::clone(&members[0]) as Arc<dyn Collective>,
+        BACKEND,
+    )
+    .expect("shard");
+    let mut params = init(&program);
+    params[0][3].pop();
+    let data = input_data(&program, 0);
+    let mut lent: Vec<Vec<&mut [f32]>> = params
+        .iter_mut()
+        .map(|ts| ts.iter_mut().map(Vec::as_mut_slice).collect())
+        .collect();
+    let err = opt
+        .step_with(&mut lent, &inputs(&program, &data, 0))
+        .expect_err("short tensor");
+    assert!(err.to_string().contains("theta3"), "{err}");
+    assert_eq!(opt.inner().steps(), 0);
+    let err = ShardedOptimizer::<f32>::new(
+        Arc::clone(&program),
+        specs(&program),
+        Arc::clone(&members[0]) as Arc<dyn Collective>,
+        Backend::Interpreter,
+    )
+    .expect_err("interpreter");
+    assert!(err.to_string().contains("cranelift or native"), "{err}");
+}
