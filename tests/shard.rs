@@ -217,6 +217,69 @@ fn rank(
     (params, opt)
 }
 
+/// Checks one rank's share (its params and optimizer after the run) against the single run;
+/// adds the elements it holds to `covered`.
+#[allow(clippy::too_many_arguments)]
+fn compare(
+    name: &str,
+    program: &Program,
+    want: &End,
+    world: usize,
+    r: usize,
+    params: &[Vec<Vec<f32>>],
+    opt: &ShardedOptimizer<f32>,
+    covered: &mut [Vec<usize>],
+) {
+    let info = &program.info;
+    for (s, pieces) in opt.layout().pieces.iter().enumerate() {
+        for (k, p) in pieces[r].iter().enumerate() {
+            covered[s][p.tensor] += p.len;
+            let got = bits(&params[s][p.tensor][p.start..p.start + p.len]);
+            same(
+                &got,
+                &want.params[s][p.tensor][p.start..p.start + p.len],
+                || {
+                    format!(
+                        "{name}: world {world}, rank {r}: param {s} tensor {} from {}",
+                        p.tensor, p.start
+                    )
+                },
+            );
+            for (b, (sname, whole)) in info
+                .buffers
+                .iter()
+                .filter(|b| b.role == BufRole::State)
+                .zip(&want.state)
+            {
+                if b.space as usize != s {
+                    continue;
+                }
+                let mine = &opt.inner().buffer(sname).expect("state")[k];
+                same(
+                    &bits(mine),
+                    &whole[p.tensor][p.start..p.start + p.len],
+                    || {
+                        format!(
+                            "{name}: world {world}, rank {r}: state {sname} of tensor {}",
+                            p.tensor
+                        )
+                    },
+                );
+            }
+        }
+    }
+    let scalars: Vec<u64> = info
+        .scalar_states
+        .iter()
+        .map(|n| opt.inner().scalar_state(n).expect("scalar").to_bits())
+        .collect();
+    assert_eq!(
+        scalars, want.scalars,
+        "{name}: world {world}, rank {r}: scalar state"
+    );
+    assert_eq!(opt.inner().steps(), STEPS as u64);
+}
+
 /// Runs `world` ranks in threads and checks each rank's share against the single run.
 fn check(name: &str, program: &Arc<Program>, hypers: &[(&str, f64)], groups: bool, world: usize) {
     let want = single(program, hypers, groups);
@@ -242,54 +305,7 @@ fn check(name: &str, program: &Arc<Program>, hypers: &[(&str, f64)], groups: boo
         .collect();
     for (r, h) in handles.into_iter().enumerate() {
         let (params, opt) = h.join().expect("rank thread");
-        let info = &program.info;
-        for (s, pieces) in opt.layout().pieces.iter().enumerate() {
-            for (k, p) in pieces[r].iter().enumerate() {
-                covered[s][p.tensor] += p.len;
-                let got = bits(&params[s][p.tensor][p.start..p.start + p.len]);
-                same(
-                    &got,
-                    &want.params[s][p.tensor][p.start..p.start + p.len],
-                    || {
-                        format!(
-                            "{name}: world {world}, rank {r}: param {s} tensor {} from {}",
-                            p.tensor, p.start
-                        )
-                    },
-                );
-                for (b, (sname, whole)) in info
-                    .buffers
-                    .iter()
-                    .filter(|b| b.role == BufRole::State)
-                    .zip(&want.state)
-                {
-                    if b.space as usize != s {
-                        continue;
-                    }
-                    let mine = &opt.inner().buffer(sname).expect("state")[k];
-                    same(
-                        &bits(mine),
-                        &whole[p.tensor][p.start..p.start + p.len],
-                        || {
-                            format!(
-                                "{name}: world {world}, rank {r}: state {sname} of tensor {}",
-                                p.tensor
-                            )
-                        },
-                    );
-                }
-            }
-        }
-        let scalars: Vec<u64> = info
-            .scalar_states
-            .iter()
-            .map(|n| opt.inner().scalar_state(n).expect("scalar").to_bits())
-            .collect();
-        assert_eq!(
-            scalars, want.scalars,
-            "{name}: world {world}, rank {r}: scalar state"
-        );
-        assert_eq!(opt.inner().steps(), STEPS as u64);
+        compare(name, program, &want, world, r, &params, &opt, &mut covered);
     }
     for (s, c) in covered.iter().enumerate() {
         assert_eq!(
@@ -298,6 +314,91 @@ fn check(name: &str, program: &Arc<Program>, hypers: &[(&str, f64)], groups: boo
             "{name}: world {world}: space {s} is covered once"
         );
     }
+}
+
+/// Across processes: this test runs itself under `mpirun -n 1..4` (Open MPI, oversubscribed);
+/// in each process every rule without an axis, default and all options, is sharded over the
+/// MPI ranks and each rank's share is checked against one optimizer run in that process.
+/// Without `mpirun` it says so and passes, unless `OPTC_REQUIRE_MPI=1`.
+#[cfg(feature = "mpi")]
+#[test]
+fn sharded_over_mpi_processes_equals_one_process() {
+    const CHILD: &str = "OPTC_SHARD_MPI_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        mpi_rank();
+        return;
+    }
+    let have = std::process::Command::new("mpirun")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        assert!(
+            std::env::var("OPTC_REQUIRE_MPI").as_deref() != Ok("1"),
+            "OPTC_REQUIRE_MPI=1 but there is no mpirun"
+        );
+        eprintln!(
+            "skipped: no mpirun (install Open MPI: apt-get install openmpi-bin libopenmpi-dev)"
+        );
+        return;
+    }
+    let exe = std::env::current_exe().expect("test binary");
+    for n in 1..=4 {
+        let out = std::process::Command::new("mpirun")
+            .args(["--oversubscribe", "-n", &n.to_string()])
+            .arg(&exe)
+            .args([
+                "--exact",
+                "sharded_over_mpi_processes_equals_one_process",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD, "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .output()
+            .expect("mpirun");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "mpirun -n {n} failed:\n{stdout}\n{stderr}"
+        );
+        let ok = stdout
+            .lines()
+            .filter(|l| l.contains("match one process"))
+            .count();
+        assert_eq!(
+            ok, n,
+            "mpirun -n {n}: every rank reports:\n{stdout}\n{stderr}"
+        );
+    }
+}
+
+/// One MPI rank of `sharded_over_mpi_processes_equals_one_process`.
+#[cfg(feature = "mpi")]
+fn mpi_rank() {
+    use optc::runtime::mpi::traits::Communicator;
+    use optc::runtime::MpiCollective;
+    let universe =
+        optc::runtime::mpi::initialize_with_threading(optc::runtime::mpi::Threading::Serialized)
+            .expect("MPI")
+            .0;
+    let world = universe.world().size() as usize;
+    let r = universe.world().rank() as usize;
+    let mut n = 0;
+    for (name, program) in rules() {
+        for hypers in [&[][..], OPTIONS] {
+            let want = single(&program, hypers, false);
+            let member: Arc<dyn Collective> = Arc::new(MpiCollective::new(universe.world()));
+            let (params, opt) = rank(&program, hypers, false, member);
+            let mut covered: Vec<Vec<usize>> =
+                vec![vec![0; SIZES.len()]; program.info.spaces.len()];
+            compare(name, &program, &want, world, r, &params, &opt, &mut covered);
+            n += 1;
+        }
+    }
+    println!("rank {r} of {world}: {n} rule configurations match one process");
 }
 
 fn rules() -> Vec<(&'static str, Arc<Program>)> {

@@ -39,6 +39,9 @@ pub use schedule::Schedule;
 pub use shard::{Collective, LocalGroup, ShardLayout, ShardedOptimizer};
 pub use specialize::StageNeeds;
 pub use storage::mixed;
+/// MPI (cargo feature `mpi`): the `mpi` crate, for initializing it, and its [`Collective`].
+#[cfg(feature = "mpi")]
+pub use {mpi, shard::mpi_collective::MpiCollective};
 
 /// The CUDA engine's driver side (devices, device memory, loaded programs).
 #[cfg(feature = "cuda")]

@@ -590,3 +590,88 @@ impl Collective for LocalMember {
         Ok(out)
     }
 }
+
+/// A [`Collective`] over MPI (cargo feature `mpi`): the ranks of a communicator.
+#[cfg(feature = "mpi")]
+pub mod mpi_collective {
+    #![allow(unsafe_code)] // Send and Sync for the communicator handle
+
+    use super::Collective;
+    use crate::Error;
+    use mpi::datatype::PartitionMut;
+    use mpi::topology::SimpleCommunicator;
+    use mpi::traits::*;
+    use mpi::Count;
+
+    /// The ranks of an MPI communicator as a [`Collective`]. MPI must be initialized with at
+    /// least `Threading::Serialized` (`mpi::initialize_with_threading`): the optimizer calls it
+    /// from whichever thread steps it, one call at a time.
+    pub struct MpiCollective {
+        comm: SimpleCommunicator,
+        rank: usize,
+        size: usize,
+    }
+
+    impl std::fmt::Debug for MpiCollective {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(
+                f,
+                "MpiCollective {{ rank: {}, size: {} }}",
+                self.rank, self.size
+            )
+        }
+    }
+
+    // SAFETY: the handle is only used through `&self` by `all_gather`, which a sharded
+    // optimizer calls from the thread stepping it, never from two threads at once (the
+    // optimizer is `&mut` while it steps); MPI initialized with `Threading::Serialized` or
+    // higher allows calls from any thread as long as they do not overlap.
+    unsafe impl Send for MpiCollective {}
+    // SAFETY: as for `Send`.
+    unsafe impl Sync for MpiCollective {}
+
+    impl MpiCollective {
+        /// The ranks of `comm` (typically `universe.world()`).
+        pub fn new(comm: SimpleCommunicator) -> MpiCollective {
+            let rank = comm.rank() as usize;
+            let size = comm.size() as usize;
+            MpiCollective { comm, rank, size }
+        }
+    }
+
+    impl Collective for MpiCollective {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+
+        fn size(&self) -> usize {
+            self.size
+        }
+
+        fn all_gather(&self, local: &[f64]) -> Result<Vec<Vec<f64>>, Error> {
+            let n = Count::try_from(local.len())
+                .map_err(|_| Error::Params("too many partials for one MPI message".into()))?;
+            let mut counts = vec![0 as Count; self.size];
+            self.comm.all_gather_into(&n, &mut counts[..]);
+            let displs: Vec<Count> = counts
+                .iter()
+                .scan(0 as Count, |acc, &c| {
+                    let d = *acc;
+                    *acc += c;
+                    Some(d)
+                })
+                .collect();
+            let total: usize = counts.iter().map(|&c| c as usize).sum();
+            let mut buf = vec![0f64; total];
+            {
+                let mut part = PartitionMut::new(&mut buf[..], counts.clone(), &displs[..]);
+                self.comm.all_gather_varcount_into(local, &mut part);
+            }
+            Ok(counts
+                .iter()
+                .zip(&displs)
+                .map(|(&c, &d)| buf[d as usize..(d + c) as usize].to_vec())
+                .collect())
+        }
+    }
+}
