@@ -519,3 +519,170 @@ fn bad_whole_tensors_are_refused_before_anything_runs() {
     .expect_err("interpreter");
     assert!(err.to_string().contains("cranelift or native"), "{err}");
 }
+
+/// Whole params, `[space][tensor]`.
+type Params = Vec<Vec<Vec<f32>>>;
+
+/// Runs steps `from..to` of `opt` over the whole `params`.
+fn steps(
+    program: &Program,
+    opt: &mut ShardedOptimizer<f32>,
+    params: &mut [Vec<Vec<f32>>],
+    from: usize,
+    to: usize,
+) {
+    for step in from..to {
+        let data = input_data(program, step);
+        let mut lent: Vec<Vec<&mut [f32]>> = params
+            .iter_mut()
+            .map(|ts| ts.iter_mut().map(Vec::as_mut_slice).collect())
+            .collect();
+        opt.step_with(&mut lent, &inputs(program, &data, step))
+            .expect("step");
+    }
+}
+
+/// `world` ranks in threads, each running `f(rank optimizer, whole params)`; returns what they
+/// return, in rank order.
+fn ranks<R: Send + 'static>(
+    program: &Arc<Program>,
+    world: usize,
+    f: impl Fn(&mut ShardedOptimizer<f32>, &mut Vec<Vec<Vec<f32>>>) -> R + Send + Sync + 'static,
+) -> Vec<(R, Params, ShardedOptimizer<f32>)> {
+    let f = Arc::new(f);
+    let handles: Vec<_> = LocalGroup::members(world, Duration::from_secs(60))
+        .into_iter()
+        .map(|m| {
+            let program = Arc::clone(program);
+            let f = Arc::clone(&f);
+            std::thread::spawn(move || {
+                let mut opt =
+                    ShardedOptimizer::<f32>::new(Arc::clone(&program), specs(&program), m, BACKEND)
+                        .expect("shard");
+                for (h, v) in OPTIONS {
+                    if program.info.hyper(h).is_some() {
+                        opt.set_hyper(h, *v).expect("hyper");
+                    }
+                }
+                let names = group(&program);
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                let shared: Vec<String> = opt
+                    .inner()
+                    .shared_hypers()
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
+                let shared: Vec<&str> = shared.iter().map(String::as_str).collect();
+                opt.add_group(&names, &group_values(&program, &shared))
+                    .expect("group");
+                let mut params = init(&program);
+                let r = f(&mut opt, &mut params);
+                (r, params, opt)
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("rank"))
+        .collect()
+}
+
+#[test]
+fn checkpoints_per_rank_reshard_to_any_world_size() {
+    for name in ["lamb", "adan", "adagrad_norm", "spsa"] {
+        let program = Arc::new(optc::stdlib_rule(name).expect("stdlib"));
+        let want = single(&program, OPTIONS, true);
+        for (before, after) in [(4, 2), (4, 1), (2, 4), (3, 3), (1, 3)] {
+            // `before` ranks take two steps and save; their pieces of the params are the params.
+            let p = Arc::clone(&program);
+            let saved = ranks(&program, before, move |opt, params| {
+                steps(&p, opt, params, 0, 2);
+                opt.checkpoint_bytes().expect("save")
+            });
+            let mut params = init(&program);
+            let mut files = Vec::new();
+            for (r, (file, ps, opt)) in saved.into_iter().enumerate() {
+                for (s, pieces) in opt.layout().pieces.iter().enumerate() {
+                    for piece in &pieces[r] {
+                        let range = piece.start..piece.start + piece.len;
+                        params[s][piece.tensor][range.clone()]
+                            .copy_from_slice(&ps[s][piece.tensor][range]);
+                    }
+                }
+                files.push(file);
+            }
+            // `after` ranks load every file and take the last step.
+            let files = Arc::new(files);
+            let whole = Arc::new(params);
+            let p = Arc::clone(&program);
+            let resumed = ranks(&program, after, move |opt, params| {
+                *params = (*whole).clone();
+                let refs: Vec<&[u8]> = files.iter().map(Vec::as_slice).collect();
+                opt.load_checkpoints(&refs).expect("load");
+                assert_eq!(opt.inner().steps(), 2);
+                steps(&p, opt, params, 2, 3);
+            });
+            let mut covered: Vec<Vec<usize>> = program
+                .info
+                .spaces
+                .iter()
+                .map(|_| vec![0; SIZES.len()])
+                .collect();
+            for (r, ((), params, opt)) in resumed.into_iter().enumerate() {
+                let what = format!("{name} saved at {before} ranks, resumed at {after}");
+                compare(
+                    &what,
+                    &program,
+                    &want,
+                    after,
+                    r,
+                    &params,
+                    &opt,
+                    &mut covered,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_partial_or_foreign_set_of_checkpoints_changes_nothing() {
+    let program = Arc::new(optc::stdlib_rule("lamb").expect("stdlib"));
+    let p = Arc::clone(&program);
+    let saved = ranks(&program, 2, move |opt, params| {
+        steps(&p, opt, params, 0, 1);
+        opt.checkpoint_bytes().expect("save")
+    });
+    let files: Vec<Vec<u8>> = saved.into_iter().map(|(f, _, _)| f).collect();
+    let adam = Arc::new(optc::stdlib_rule("adam").expect("stdlib"));
+    let members = LocalGroup::members(1, Duration::from_secs(5));
+    let mut opt = ShardedOptimizer::<f32>::new(
+        Arc::clone(&program),
+        specs(&program),
+        Arc::clone(&members[0]) as Arc<dyn Collective>,
+        BACKEND,
+    )
+    .expect("shard");
+    // one rank's file of two: elements are missing
+    let err = opt.load_checkpoints(&[&files[0]]).expect_err("partial");
+    assert!(err.to_string().contains("pass every rank's file"), "{err}");
+    // a damaged file
+    let mut bad = files[1].clone();
+    let at = bad.len() - 3;
+    bad[at] ^= 1;
+    let err = opt
+        .load_checkpoints(&[&files[0], &bad])
+        .expect_err("damaged");
+    assert!(err.to_string().contains("checksum"), "{err}");
+    assert_eq!(opt.inner().steps(), 0);
+    // another rule's optimizer
+    let mut other = ShardedOptimizer::<f32>::new(
+        Arc::clone(&adam),
+        specs(&adam),
+        Arc::clone(&members[0]) as Arc<dyn Collective>,
+        BACKEND,
+    )
+    .expect("shard");
+    assert!(other.load_checkpoints(&[&files[0], &files[1]]).is_err());
+    assert_eq!(other.inner().steps(), 0);
+}

@@ -98,11 +98,11 @@ pub enum FailPoint {
     Commit,
 }
 
-fn err(msg: impl Into<String>) -> Error {
+pub(crate) fn err(msg: impl Into<String>) -> Error {
     Error::Checkpoint(msg.into())
 }
 
-fn dtype_of<T: Float>() -> Dtype {
+pub(crate) fn dtype_of<T: Float>() -> Dtype {
     if T::BYTES == 4 {
         Dtype::F32
     } else {

@@ -459,6 +459,277 @@ impl<T: Float + Default> ShardedOptimizer<T> {
     }
 }
 
+/// Checkpoints: one file per rank, and re-sharding from any number of ranks' files.
+impl<T: Float + Default> ShardedOptimizer<T> {
+    /// This rank's checkpoint: an optimizer checkpoint of its pieces (state tensors named
+    /// `state.<buffer>.<tensor>@<first element>`), with the step, scalar state, seed,
+    /// hyperparameters, schedules and groups, plus the groups of the whole tensors. Every
+    /// rank's file together is the whole state; [`ShardedOptimizer::load_checkpoints`] reads
+    /// them back at any number of ranks.
+    pub fn checkpoint_bytes(&self) -> Result<Vec<u8>, Error> {
+        let bytes = self.inner.checkpoint_bytes()?;
+        let ctx = self.ctx();
+        let extra = serde_json::json!({
+            "rank": ctx.collective.rank(),
+            "ranks": ctx.collective.size(),
+            "tensors": self.names,
+            "groups": ctx.groups,
+        });
+        rebuild(&bytes, |meta| {
+            meta.insert("optc_shard".into(), extra.to_string());
+        })
+    }
+
+    /// Loads the state from every rank's [`ShardedOptimizer::checkpoint_bytes`] of an earlier
+    /// run, at any number of ranks then and now (every rank passes all the files). Checked
+    /// first — the same rule and whole tensors, files that agree on everything but their
+    /// pieces, every element of this rank's share present, checksums — so on an error nothing
+    /// changes.
+    pub fn load_checkpoints(&mut self, files: &[&[u8]]) -> Result<(), Error> {
+        use crate::checkpoint::{checksum, err};
+        use safetensors::tensor::{SafeTensors, TensorView};
+        let corrupt = |e: &dyn std::fmt::Display| err(format!("not a valid shard checkpoint: {e}"));
+        if files.is_empty() {
+            return Err(err("no shard checkpoints given"));
+        }
+        // (buffer, whole tensor) -> (first element, values) of every saved piece
+        let mut saved: std::collections::HashMap<(String, String), Vec<SavedPiece>> =
+            std::collections::HashMap::new();
+        let mut base: Option<serde_json::Map<String, serde_json::Value>> = None;
+        let mut whole_groups: Option<Vec<Vec<usize>>> = None;
+        for (i, bytes) in files.iter().enumerate() {
+            let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| corrupt(&e))?;
+            let meta = header.metadata().clone().unwrap_or_default();
+            let record = meta
+                .get("optc")
+                .ok_or_else(|| err(format!("file {i} is not an optc checkpoint")))?;
+            let shard = meta.get("optc_shard").ok_or_else(|| {
+                err(format!(
+                    "file {i} is not a shard checkpoint (no `optc_shard`)"
+                ))
+            })?;
+            let mut record: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(record).map_err(|e| corrupt(&e))?;
+            let shard: serde_json::Value = serde_json::from_str(shard).map_err(|e| corrupt(&e))?;
+            let stored = record
+                .remove("record_checksum")
+                .and_then(|v| v.as_str().map(String::from))
+                .ok_or_else(|| err(format!("file {i} has no record checksum")))?;
+            if stored
+                != checksum(
+                    serde_json::Value::Object(record.clone())
+                        .to_string()
+                        .as_bytes(),
+                )
+            {
+                return Err(err(format!(
+                    "file {i}: the record does not match its checksum"
+                )));
+            }
+            let names: Vec<Vec<String>> =
+                serde_json::from_value(shard["tensors"].clone()).map_err(|e| corrupt(&e))?;
+            if names != self.names {
+                return Err(err(format!(
+                    "file {i} is for other tensors than this optimizer's"
+                )));
+            }
+            let groups: Vec<Vec<usize>> =
+                serde_json::from_value(shard["groups"].clone()).map_err(|e| corrupt(&e))?;
+            // Everything but the pieces must agree between the files.
+            let mut common = record.clone();
+            for k in ["tensor_lengths", "groups", "checksums"] {
+                common.remove(k);
+            }
+            match &base {
+                None => {
+                    base = Some(common);
+                    whole_groups = Some(groups);
+                }
+                Some(b) => {
+                    if *b != common || whole_groups.as_ref() != Some(&groups) {
+                        return Err(err(format!(
+                            "file {i} disagrees with file 0 (another step, rule or setting)"
+                        )));
+                    }
+                }
+            }
+            let sums = record
+                .get("checksums")
+                .and_then(|c| c.as_object())
+                .ok_or_else(|| err(format!("file {i} has no checksums")))?;
+            let st = SafeTensors::deserialize(bytes).map_err(|e| corrupt(&e))?;
+            for (name, view) in st.tensors() {
+                if sums.get(&name).and_then(|c| c.as_str()) != Some(&checksum(view.data())) {
+                    return Err(err(format!(
+                        "file {i}: tensor `{name}` does not match its checksum"
+                    )));
+                }
+                let rest = name
+                    .strip_prefix("state.")
+                    .ok_or_else(|| err(format!("file {i}: unexpected tensor `{name}`")))?;
+                let (piece, start) = rest
+                    .rsplit_once('@')
+                    .ok_or_else(|| err(format!("file {i}: `{name}` is not a piece")))?;
+                let start: usize = start
+                    .parse()
+                    .map_err(|_| err(format!("file {i}: `{name}` is not a piece")))?;
+                let (buffer, tensor) = self
+                    .inner
+                    .program()
+                    .info
+                    .buffers
+                    .iter()
+                    .filter(|b| b.role == optc_compiler::ir::BufRole::State)
+                    .find_map(|b| {
+                        piece
+                            .strip_prefix(&format!("{}.", b.name))
+                            .map(|t| (b.name.clone(), t.to_string()))
+                    })
+                    .ok_or_else(|| err(format!("file {i}: `{name}` is no state of this rule")))?;
+                saved
+                    .entry((buffer, tensor))
+                    .or_default()
+                    .push((start, view.data().to_vec()));
+            }
+        }
+        let mut record = base.expect("one file at least");
+        let whole_groups = whole_groups.expect("one file at least");
+        // This rank's pieces, assembled from the saved ones.
+        let ctx = Arc::clone(self.inner.shard.as_ref().expect("shard"));
+        let rank = ctx.collective.rank();
+        let info = &self.inner.program().info;
+        let bytes_per = T::BYTES;
+        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for b in info
+            .buffers
+            .iter()
+            .filter(|b| b.role == optc_compiler::ir::BufRole::State)
+        {
+            let space = b.space as usize;
+            for p in &ctx.layout.pieces[space][rank] {
+                let whole = &self.names[space][p.tensor];
+                let mut data = vec![0u8; p.len * bytes_per];
+                let mut have = 0usize;
+                for (start, values) in saved
+                    .get(&(b.name.clone(), whole.clone()))
+                    .into_iter()
+                    .flatten()
+                {
+                    let n = values.len() / bytes_per;
+                    let lo = (*start).max(p.start);
+                    let hi = (start + n).min(p.start + p.len);
+                    if lo < hi {
+                        data[(lo - p.start) * bytes_per..(hi - p.start) * bytes_per]
+                            .copy_from_slice(
+                                &values[(lo - start) * bytes_per..(hi - start) * bytes_per],
+                            );
+                        have += hi - lo;
+                    }
+                }
+                if have != p.len {
+                    return Err(err(format!(
+                        "the files hold {have} of the {} elements of `{}` of tensor `{whole}` this rank needs: pass every rank's file",
+                        p.len, b.name
+                    )));
+                }
+                tensors.push((
+                    format!("state.{}.{whole}@{}", b.name, p.start),
+                    vec![p.len],
+                    data,
+                ));
+            }
+        }
+        // The record of this rank's pieces.
+        let piece_name = |s: usize, j: usize| {
+            ctx.layout.pieces[s][rank]
+                .iter()
+                .find(|p| p.tensor == j)
+                .map(|p| format!("{}@{}", self.names[s][j], p.start))
+        };
+        let old_groups = files
+            .first()
+            .and_then(|f| SafeTensors::read_metadata(f).ok())
+            .and_then(|(_, h)| h.metadata().clone())
+            .and_then(|m| m.get("optc").cloned())
+            .and_then(|r| serde_json::from_str::<serde_json::Value>(&r).ok())
+            .and_then(|r| r.get("groups").cloned())
+            .unwrap_or(serde_json::Value::Array(Vec::new()));
+        let groups: Vec<serde_json::Value> = old_groups
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .map(|(g, old)| {
+                let mine: Vec<String> = whole_groups
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(s, gs)| {
+                        gs.iter()
+                            .enumerate()
+                            .filter(move |(_, &tg)| tg == g + 1)
+                            .map(move |(j, _)| (s, j))
+                    })
+                    .filter_map(|(s, j)| piece_name(s, j))
+                    .collect();
+                serde_json::json!({ "tensors": mine, "hyperparameters": old["hyperparameters"].clone() })
+            })
+            .collect();
+        let lens: Vec<Vec<usize>> = ctx
+            .layout
+            .pieces
+            .iter()
+            .map(|rs| rs[rank].iter().map(|p| p.len).collect())
+            .collect();
+        record.insert("tensor_lengths".into(), serde_json::json!(lens));
+        record.insert("groups".into(), serde_json::Value::Array(groups));
+        let sums: serde_json::Map<String, serde_json::Value> = tensors
+            .iter()
+            .map(|(n, _, d)| (n.clone(), serde_json::Value::String(checksum(d))))
+            .collect();
+        record.insert("checksums".into(), serde_json::Value::Object(sums));
+        let sum = checksum(
+            serde_json::Value::Object(record.clone())
+                .to_string()
+                .as_bytes(),
+        );
+        record.insert("record_checksum".into(), serde_json::Value::String(sum));
+        let views: Vec<(String, TensorView<'_>)> = tensors
+            .iter()
+            .map(|(n, shape, d)| {
+                TensorView::new(crate::checkpoint::dtype_of::<T>(), shape.clone(), d)
+                    .map(|v| (n.clone(), v))
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e| err(e.to_string()))?;
+        let meta = std::collections::HashMap::from([(
+            "optc".to_string(),
+            serde_json::Value::Object(record).to_string(),
+        )]);
+        let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| err(e.to_string()))?;
+        self.inner.load_checkpoint_bytes(&bytes)?;
+        Arc::make_mut(self.inner.shard.as_mut().expect("shard")).groups = whole_groups;
+        Ok(())
+    }
+}
+
+/// A saved piece of a state buffer: its first element in the tensor and its bytes.
+type SavedPiece = (usize, Vec<u8>);
+
+/// A safetensors file with its metadata changed by `edit`.
+fn rebuild(
+    bytes: &[u8],
+    edit: impl FnOnce(&mut std::collections::HashMap<String, String>),
+) -> Result<Vec<u8>, Error> {
+    use safetensors::tensor::SafeTensors;
+    let bad = |e: &dyn std::fmt::Display| crate::checkpoint::err(e.to_string());
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| bad(&e))?;
+    let mut meta = header.metadata().clone().unwrap_or_default();
+    edit(&mut meta);
+    let st = SafeTensors::deserialize(bytes).map_err(|e| bad(&e))?;
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = st.tensors();
+    safetensors::serialize(views, Some(meta)).map_err(|e| bad(&e))
+}
+
 /// A [`Collective`] between threads of one process: its members,
 /// one per rank ([`LocalGroup::members`]). A member that does not come within the timeout makes
 /// the others fail.
