@@ -686,3 +686,66 @@ fn a_partial_or_foreign_set_of_checkpoints_changes_nothing() {
     assert!(other.load_checkpoints(&[&files[0], &files[1]]).is_err());
     assert_eq!(other.inner().steps(), 0);
 }
+
+#[test]
+fn a_rank_failing_its_checks_fails_every_rank_with_nothing_changed() {
+    let program = Arc::new(optc::stdlib_rule("lamb").expect("stdlib"));
+    // rank 1 gives a short tensor (the shard's own checks); rank 2 an input the rule does not
+    // have (the optimizer's checks); rank 0 is fine.
+    let handles: Vec<_> = LocalGroup::members(3, Duration::from_secs(30))
+        .into_iter()
+        .enumerate()
+        .map(|(r, m)| {
+            let program = Arc::clone(&program);
+            std::thread::spawn(move || {
+                let mut opt =
+                    ShardedOptimizer::<f32>::new(Arc::clone(&program), specs(&program), m, BACKEND)
+                        .expect("shard");
+                let mut params = init(&program);
+                let before = params.clone();
+                let mut data = input_data(&program, 0);
+                if r == 1 {
+                    data[0].1[1].pop();
+                }
+                let mut inputs = inputs(&program, &data, 0);
+                if r == 2 {
+                    inputs = inputs.tensor("nope", vec![&[][..]; SIZES.len()]);
+                }
+                let mut lent: Vec<Vec<&mut [f32]>> = params
+                    .iter_mut()
+                    .map(|ts| ts.iter_mut().map(Vec::as_mut_slice).collect())
+                    .collect();
+                let err = opt.step_with(&mut lent, &inputs).expect_err("refused");
+                assert_eq!(params, before, "rank {r}: params unchanged");
+                assert_eq!(opt.inner().steps(), 0);
+                for b in program
+                    .info
+                    .buffers
+                    .iter()
+                    .filter(|b| b.role == BufRole::State)
+                {
+                    let zero = opt
+                        .inner()
+                        .buffer(&b.name)
+                        .expect("state")
+                        .iter()
+                        .flatten()
+                        .all(|&x| x == 0.0);
+                    assert!(zero, "rank {r}: state {} unchanged", b.name);
+                }
+                err.to_string()
+            })
+        })
+        .collect();
+    let errs: Vec<String> = handles
+        .into_iter()
+        .map(|h| h.join().expect("rank"))
+        .collect();
+    assert!(
+        errs[0].contains("rank(s) 1, 2 refused the step"),
+        "{}",
+        errs[0]
+    );
+    assert!(errs[1].contains("g"), "{}", errs[1]);
+    assert!(errs[2].contains("nope"), "{}", errs[2]);
+}

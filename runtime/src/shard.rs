@@ -208,6 +208,26 @@ impl ShardCtx {
         }
     }
 
+    /// Whether every rank passed its checks (`ok`): an error naming the ranks that did not,
+    /// on every rank, before anything runs.
+    pub(crate) fn agree(&self, ok: bool) -> Result<(), Error> {
+        let all = self.collective.all_gather(&[if ok { 1.0 } else { 0.0 }])?;
+        let failed: Vec<String> = all
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.first() != Some(&1.0))
+            .map(|(r, _)| r.to_string())
+            .collect();
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Params(format!(
+                "rank(s) {} refused the step: no rank changed anything",
+                failed.join(", ")
+            )))
+        }
+    }
+
     /// Gathers every rank's task partials of a kernel over `space` (`local[reduction]`, one
     /// value per local task) and returns, per reduction, every task's partial in global order.
     pub(crate) fn gather(&self, space: usize, local: &[Vec<f64>]) -> Result<Vec<Vec<f64>>, Error> {
@@ -371,6 +391,24 @@ impl<T: Float + Default> ShardedOptimizer<T> {
         inputs: &Inputs<'_, T>,
     ) -> Result<(), Error> {
         let ctx = Arc::clone(self.inner.shard.as_ref().expect("shard"));
+        match self.pieces_of(&ctx, params, inputs) {
+            Ok((mut pieces, piece_inputs)) => self.inner.step_with(&mut pieces, &piece_inputs),
+            Err(e) => {
+                // The other ranks are waiting to agree that every rank passed its checks.
+                let _ = ctx.agree(false);
+                Err(e)
+            }
+        }
+    }
+
+    /// This rank's pieces of the whole params and inputs of a step, checked.
+    #[allow(clippy::type_complexity)]
+    fn pieces_of<'a, 'i>(
+        &self,
+        ctx: &ShardCtx,
+        params: &'a mut [Vec<&mut [T]>],
+        inputs: &Inputs<'i, T>,
+    ) -> Result<(Vec<Vec<&'a mut [T]>>, Inputs<'i, T>), Error> {
         let rank = ctx.collective.rank();
         let lens = &ctx.layout.lens;
         if params.len() != lens.len() {
@@ -422,24 +460,23 @@ impl<T: Float + Default> ShardedOptimizer<T> {
                     got: ts.len(),
                 });
             }
-            let mut out = Vec::new();
-            for p in &ctx.layout.pieces[space][rank] {
-                let t = ts[p.tensor];
-                if t.len() != lens[space][p.tensor] {
+            // Every whole tensor is checked, held here or not: all ranks refuse the same input.
+            for (j, t) in ts.iter().enumerate() {
+                if t.len() != lens[space][j] {
                     return Err(Error::Length {
-                        what: format!(
-                            "input `{name}` for tensor `{}`",
-                            self.names[space][p.tensor]
-                        ),
-                        expected: lens[space][p.tensor],
+                        what: format!("input `{name}` for tensor `{}`", self.names[space][j]),
+                        expected: lens[space][j],
                         got: t.len(),
                     });
                 }
-                out.push(&t[p.start..p.start + p.len]);
             }
+            let out: Vec<&[T]> = ctx.layout.pieces[space][rank]
+                .iter()
+                .map(|p| &ts[p.tensor][p.start..p.start + p.len])
+                .collect();
             piece_inputs.tensors.insert(name.clone(), out);
         }
-        let mut pieces: Vec<Vec<&mut [T]>> = params
+        let pieces: Vec<Vec<&mut [T]>> = params
             .iter_mut()
             .zip(&ctx.layout.pieces)
             .map(|(ps, rs)| {
@@ -455,7 +492,7 @@ impl<T: Float + Default> ShardedOptimizer<T> {
                 out
             })
             .collect();
-        self.inner.step_with(&mut pieces, &piece_inputs)
+        Ok((pieces, piece_inputs))
     }
 }
 

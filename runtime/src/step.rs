@@ -127,9 +127,28 @@ impl<T: Float + Default> Optimizer<T> {
     /// The one stage loop: checks every stage the call runs before any runs, then runs them.
     fn drive(
         &mut self,
+        params: Lent<'_, '_, T>,
+        inputs: Given<'_, '_, T>,
+        stages: Stages,
+    ) -> Result<(), Error> {
+        let mut agreed = false;
+        let r = self.drive_agreed(params, inputs, stages, &mut agreed);
+        // A shard that fails its checks tells the other ranks, which are waiting to agree
+        // (none of them has changed anything).
+        if let (Err(_), false, Some(sh)) = (&r, agreed, &self.shard) {
+            let _ = sh.agree(false);
+        }
+        r
+    }
+
+    /// [`Optimizer::drive`]; a shard's ranks agree after their checks that every one passed
+    /// (`agreed` then set) before anything runs.
+    fn drive_agreed(
+        &mut self,
         mut params: Lent<'_, '_, T>,
         inputs: Given<'_, '_, T>,
         stages: Stages,
+        agreed: &mut bool,
     ) -> Result<(), Error> {
         let (lend, own) = match &params {
             Lent::Device(_) => ("pass their device addresses", "pass None"),
@@ -229,6 +248,10 @@ impl<T: Float + Default> Optimizer<T> {
                 .any(|(_, s)| s.values().any(|v| !v.is_finite()))
         {
             return self.not_taken();
+        }
+        if let Some(sh) = &self.shard {
+            *agreed = true;
+            sh.agree(true)?;
         }
         for (k, scalars) in checked {
             if !self.run_stage_checked(k, &mut params, inputs, scalars)? {
