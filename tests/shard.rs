@@ -214,6 +214,12 @@ fn rank(
         opt.step_with(&mut lent, &inputs(program, &data, step))
             .expect("step");
     }
+    // Every rank's share back into this rank's whole params.
+    let mut lent: Vec<Vec<&mut [f32]>> = params
+        .iter_mut()
+        .map(|ts| ts.iter_mut().map(Vec::as_mut_slice).collect())
+        .collect();
+    opt.gather_params(&mut lent).expect("gather");
     (params, opt)
 }
 
@@ -229,8 +235,18 @@ fn compare(
     params: &[Vec<Vec<f32>>],
     opt: &ShardedOptimizer<f32>,
     covered: &mut [Vec<usize>],
+    gathered: bool,
 ) {
     let info = &program.info;
+    if gathered {
+        for (s, ts) in params.iter().enumerate() {
+            for (j, t) in ts.iter().enumerate() {
+                same(&bits(t), &want.params[s][j], || {
+                    format!("{name}: world {world}, rank {r}: gathered param {s} tensor {j}")
+                });
+            }
+        }
+    }
     for (s, pieces) in opt.layout().pieces.iter().enumerate() {
         for (k, p) in pieces[r].iter().enumerate() {
             covered[s][p.tensor] += p.len;
@@ -305,7 +321,17 @@ fn check(name: &str, program: &Arc<Program>, hypers: &[(&str, f64)], groups: boo
         .collect();
     for (r, h) in handles.into_iter().enumerate() {
         let (params, opt) = h.join().expect("rank thread");
-        compare(name, program, &want, world, r, &params, &opt, &mut covered);
+        compare(
+            name,
+            program,
+            &want,
+            world,
+            r,
+            &params,
+            &opt,
+            &mut covered,
+            true,
+        );
     }
     for (s, c) in covered.iter().enumerate() {
         assert_eq!(
@@ -394,7 +420,17 @@ fn mpi_rank() {
             let (params, opt) = rank(&program, hypers, false, member);
             let mut covered: Vec<Vec<usize>> =
                 vec![vec![0; SIZES.len()]; program.info.spaces.len()];
-            compare(name, &program, &want, world, r, &params, &opt, &mut covered);
+            compare(
+                name,
+                &program,
+                &want,
+                world,
+                r,
+                &params,
+                &opt,
+                &mut covered,
+                true,
+            );
             n += 1;
         }
     }
@@ -639,6 +675,7 @@ fn checkpoints_per_rank_reshard_to_any_world_size() {
                     &params,
                     &opt,
                     &mut covered,
+                    false,
                 );
             }
         }

@@ -401,6 +401,65 @@ impl<T: Float + Default> ShardedOptimizer<T> {
         }
     }
 
+    /// Brings every rank's share of the params into this rank's whole `params` (after a step,
+    /// each rank updated only its own): an all-gather of the pieces, exact for f32 and f64.
+    /// Every rank calls it; a rank whose tensors do not fit makes every rank fail, with
+    /// nothing changed.
+    pub fn gather_params(&self, params: &mut [Vec<&mut [T]>]) -> Result<(), Error> {
+        let ctx = self.ctx();
+        let rank = ctx.collective.rank();
+        let lens = &ctx.layout.lens;
+        let fits = params.len() == lens.len()
+            && params.iter().zip(lens).all(|(ps, ls)| {
+                ps.len() == ls.len() && ps.iter().zip(ls).all(|(p, &n)| p.len() == n)
+            });
+        ctx.agree(fits)?;
+        let mut local = Vec::new();
+        for (s, rs) in ctx.layout.pieces.iter().enumerate() {
+            for p in &rs[rank] {
+                local.extend(
+                    params[s][p.tensor][p.start..p.start + p.len]
+                        .iter()
+                        .map(|x| x.to_f64()),
+                );
+            }
+        }
+        let all = ctx.collective.all_gather(&local)?;
+        // Check every rank's count before writing anything.
+        for (r, values) in all.iter().enumerate() {
+            let n: usize = ctx
+                .layout
+                .pieces
+                .iter()
+                .map(|rs| rs[r].iter().map(|p| p.len).sum::<usize>())
+                .sum();
+            if values.len() != n {
+                return Err(Error::Params(format!(
+                    "rank {r} sent {} parameter values where its share holds {n}",
+                    values.len()
+                )));
+            }
+        }
+        for (r, values) in all.iter().enumerate() {
+            if r == rank {
+                continue;
+            }
+            let mut at = 0;
+            for (s, rs) in ctx.layout.pieces.iter().enumerate() {
+                for p in &rs[r] {
+                    for (d, &v) in params[s][p.tensor][p.start..p.start + p.len]
+                        .iter_mut()
+                        .zip(&values[at..at + p.len])
+                    {
+                        *d = T::from_f64(v);
+                    }
+                    at += p.len;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// This rank's pieces of the whole params and inputs of a step, checked.
     #[allow(clippy::type_complexity)]
     fn pieces_of<'a, 'i>(
