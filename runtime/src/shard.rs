@@ -12,7 +12,7 @@
 //!
 //! [`ShardedOptimizer`] wraps an [`Optimizer`] over the rank's pieces (at most one per tensor:
 //! a contiguous slice of a space meets each tensor in one range); the step driver reads the
-//! shard's view ([`ShardCtx`]) for the whole tensors' lengths and groups and combines the
+//! shard's view (`ShardCtx`) for the whole tensors' lengths and groups and combines the
 //! gathered partials. The CPU engines (Cranelift, native) run shards.
 //!
 //! ```
