@@ -16,7 +16,7 @@ use optc::runtime::{Backend, Inputs, Optimizer, TensorSpec};
 use std::sync::Arc;
 
 mod common;
-use common::{fill, ulps, OPTIONS};
+use common::{fill, input_data, ulps, OPTIONS};
 
 /// Prints past the test harness's capture (to stderr).
 macro_rules! say {
@@ -87,27 +87,6 @@ impl Elem for f64 {
 }
 
 /// `steps` steps of a rule on a backend; every tensor of every space has the sizes given.
-/// Every per-element input's tensors at step `step`, by name.
-fn input_data(
-    info: &optc::compiler::ir::RuleInfo,
-    sizes: &[usize],
-    step: usize,
-) -> Vec<(String, Vec<Vec<f32>>)> {
-    info.buffers
-        .iter()
-        .enumerate()
-        .filter(|(_, b)| b.role == BufRole::Input)
-        .map(|(bi, b)| {
-            let ts = sizes
-                .iter()
-                .enumerate()
-                .map(|(j, &n)| fill((step * 7919 + bi * 104729 + j) as u64 + 17, n))
-                .collect();
-            (b.name.clone(), ts)
-        })
-        .collect()
-}
-
 fn run<T: Elem>(
     program: &Program,
     sizes: &[usize],

@@ -50,21 +50,7 @@ fn init(program: &Program) -> Vec<Vec<Vec<f32>>> {
 
 /// Every per-element input's whole tensors at `step`, by name.
 fn input_data(program: &Program, step: usize) -> Vec<(String, Vec<Vec<f32>>)> {
-    program
-        .info
-        .buffers
-        .iter()
-        .enumerate()
-        .filter(|(_, b)| b.role == BufRole::Input)
-        .map(|(bi, b)| {
-            let ts = SIZES
-                .iter()
-                .enumerate()
-                .map(|(j, &n)| fill((step * 7919 + bi * 104729 + j) as u64 + 17, n))
-                .collect();
-            (b.name.clone(), ts)
-        })
-        .collect()
+    common::input_data(&program.info, SIZES, step)
 }
 
 fn inputs<'a>(
@@ -145,10 +131,7 @@ fn single(program: &Arc<Program>, hypers: &[(&str, f64)], groups: bool) -> End {
     let mut params = init(program);
     for step in 0..STEPS {
         let data = input_data(program, step);
-        let mut lent: Vec<Vec<&mut [f32]>> = params
-            .iter_mut()
-            .map(|ts| ts.iter_mut().map(Vec::as_mut_slice).collect())
-            .collect();
+        let mut lent = lend(&mut params);
         opt.step_with(&mut lent, &inputs(program, &data, step))
             .expect("step");
     }
@@ -207,18 +190,12 @@ fn rank(
     let mut params = init(program);
     for step in 0..STEPS {
         let data = input_data(program, step);
-        let mut lent: Vec<Vec<&mut [f32]>> = params
-            .iter_mut()
-            .map(|ts| ts.iter_mut().map(Vec::as_mut_slice).collect())
-            .collect();
+        let mut lent = lend(&mut params);
         opt.step_with(&mut lent, &inputs(program, &data, step))
             .expect("step");
     }
     // Every rank's share back into this rank's whole params.
-    let mut lent: Vec<Vec<&mut [f32]>> = params
-        .iter_mut()
-        .map(|ts| ts.iter_mut().map(Vec::as_mut_slice).collect())
-        .collect();
+    let mut lent = lend(&mut params);
     opt.gather_params(&mut lent).expect("gather");
     (params, opt)
 }
@@ -512,10 +489,7 @@ fn a_missing_rank_is_an_error_not_a_hang() {
     .expect("shard");
     let mut params = init(&program);
     let data = input_data(&program, 0);
-    let mut lent: Vec<Vec<&mut [f32]>> = params
-        .iter_mut()
-        .map(|ts| ts.iter_mut().map(Vec::as_mut_slice).collect())
-        .collect();
+    let mut lent = lend(&mut params);
     // rank 1 never steps: lamb's norms need its partials
     let err = opt
         .step_with(&mut lent, &inputs(&program, &data, 0))
@@ -537,10 +511,7 @@ fn bad_whole_tensors_are_refused_before_anything_runs() {
     let mut params = init(&program);
     params[0][3].pop();
     let data = input_data(&program, 0);
-    let mut lent: Vec<Vec<&mut [f32]>> = params
-        .iter_mut()
-        .map(|ts| ts.iter_mut().map(Vec::as_mut_slice).collect())
-        .collect();
+    let mut lent = lend(&mut params);
     let err = opt
         .step_with(&mut lent, &inputs(&program, &data, 0))
         .expect_err("short tensor");
@@ -559,6 +530,14 @@ fn bad_whole_tensors_are_refused_before_anything_runs() {
 /// Whole params, `[space][tensor]`.
 type Params = Vec<Vec<Vec<f32>>>;
 
+/// The whole params as the slices a step borrows.
+fn lend(params: &mut [Vec<Vec<f32>>]) -> Vec<Vec<&mut [f32]>> {
+    params
+        .iter_mut()
+        .map(|ts| ts.iter_mut().map(Vec::as_mut_slice).collect())
+        .collect()
+}
+
 /// Runs steps `from..to` of `opt` over the whole `params`.
 fn steps(
     program: &Program,
@@ -569,10 +548,7 @@ fn steps(
 ) {
     for step in from..to {
         let data = input_data(program, step);
-        let mut lent: Vec<Vec<&mut [f32]>> = params
-            .iter_mut()
-            .map(|ts| ts.iter_mut().map(Vec::as_mut_slice).collect())
-            .collect();
+        let mut lent = lend(params);
         opt.step_with(&mut lent, &inputs(program, &data, step))
             .expect("step");
     }
@@ -748,10 +724,7 @@ fn a_rank_failing_its_checks_fails_every_rank_with_nothing_changed() {
                 if r == 2 {
                     inputs = inputs.tensor("nope", vec![&[][..]; SIZES.len()]);
                 }
-                let mut lent: Vec<Vec<&mut [f32]>> = params
-                    .iter_mut()
-                    .map(|ts| ts.iter_mut().map(Vec::as_mut_slice).collect())
-                    .collect();
+                let mut lent = lend(&mut params);
                 let err = opt.step_with(&mut lent, &inputs).expect_err("refused");
                 assert_eq!(params, before, "rank {r}: params unchanged");
                 assert_eq!(opt.inner().steps(), 0);

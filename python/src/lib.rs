@@ -431,6 +431,52 @@ unsafe fn slice_mut<'a, T>(addr: usize, n: usize) -> &'a mut [T] {
     }
 }
 
+/// The host's params and inputs of a step as slices, with its scalar inputs.
+///
+/// # Safety
+/// `Session::check` verified that each address is non-null and aligned and that no param
+/// overlaps another param or an input; the Python caller keeps the tensors alive and untouched
+/// for the call; lengths are the registered ones (params) or the tensor's own (inputs).
+unsafe fn lend<'a, T>(
+    lens: &[Vec<usize>],
+    params: &[Vec<usize>],
+    tensors: &SizedInputs,
+    scalars: &[(String, f64)],
+    particles: &[(String, Vec<f64>)],
+    samples: Option<usize>,
+) -> (Vec<Vec<&'a mut [T]>>, Inputs<'a, T>) {
+    let ps = params
+        .iter()
+        .zip(lens)
+        .map(|(ps, ls)| {
+            ps.iter()
+                .zip(ls)
+                // SAFETY: the caller's contract.
+                .map(|(&p, &n)| unsafe { slice_mut::<T>(p, n) })
+                .collect()
+        })
+        .collect();
+    let mut inputs = Inputs::default();
+    for (name, ts) in tensors {
+        // SAFETY: the caller's contract.
+        let data = ts
+            .iter()
+            .map(|&(p, n)| unsafe { slice::<T>(p, n) })
+            .collect();
+        inputs = inputs.tensor(name, data);
+    }
+    for (name, v) in scalars {
+        inputs = inputs.scalar(name, *v);
+    }
+    for (name, vs) in particles {
+        inputs = inputs.per_particle(name, vs);
+    }
+    if let Some(n) = samples {
+        inputs = inputs.with_samples(n);
+    }
+    (ps, inputs)
+}
+
 #[allow(clippy::too_many_arguments)] // one per part of a step; a struct would only rename them
 fn host_step<T: Float + Default>(
     o: &mut Optimizer<T>,
@@ -442,51 +488,12 @@ fn host_step<T: Float + Default>(
     stage: Option<usize>,
     samples: Option<usize>,
 ) -> Result<(), Error> {
-    // SAFETY (every slice below): `Session::check` verified that each address is non-null and
-    // aligned, that no param overlaps another param or an input, and the Python caller keeps
-    // the tensors alive and untouched for the call; lengths are the registered ones (params) or
-    // the tensor's own (inputs).
-    let mut ps: Vec<Vec<&mut [T]>> = params
-        .iter()
-        .zip(lens)
-        .map(|(ps, ls)| {
-            ps.iter()
-                .zip(ls)
-                .map(|(&p, &n)| unsafe { slice_mut::<T>(p, n) })
-                .collect()
-        })
-        .collect();
-    let mut inputs = Inputs::default();
-    for (name, ts) in tensors {
-        let data = ts
-            .iter()
-            .map(|&(p, n)| unsafe { slice::<T>(p, n) })
-            .collect();
-        inputs = inputs.tensor(name, data);
-    }
-    inputs = with_scalars(inputs, scalars, particles, samples);
+    // SAFETY: `Session::step` checked the addresses (see `lend`).
+    let (mut ps, inputs) = unsafe { lend::<T>(lens, params, tensors, scalars, particles, samples) };
     match stage {
         None => o.step_with(&mut ps, &inputs),
         Some(k) => o.run_stage_with(k, &mut ps, &inputs),
     }
-}
-
-fn with_scalars<'a, T>(
-    mut inputs: Inputs<'a, T>,
-    scalars: &[(String, f64)],
-    particles: &[(String, Vec<f64>)],
-    samples: Option<usize>,
-) -> Inputs<'a, T> {
-    for (name, v) in scalars {
-        inputs = inputs.scalar(name, *v);
-    }
-    for (name, vs) in particles {
-        inputs = inputs.per_particle(name, vs);
-    }
-    if let Some(n) = samples {
-        inputs = inputs.with_samples(n);
-    }
-    inputs
 }
 
 fn mixed_step<S: Storage>(
@@ -497,26 +504,8 @@ fn mixed_step<S: Storage>(
     scalars: &[(String, f64)],
     particles: &[(String, Vec<f64>)],
 ) -> Result<(), Error> {
-    // SAFETY: as in `host_step`.
-    let mut ps: Vec<Vec<&mut [S]>> = params
-        .iter()
-        .zip(lens)
-        .map(|(ps, ls)| {
-            ps.iter()
-                .zip(ls)
-                .map(|(&p, &n)| unsafe { slice_mut::<S>(p, n) })
-                .collect()
-        })
-        .collect();
-    let mut inputs: Inputs<'_, S> = Inputs::default();
-    for (name, ts) in tensors {
-        let data = ts
-            .iter()
-            .map(|&(p, n)| unsafe { slice::<S>(p, n) })
-            .collect();
-        inputs = inputs.tensor(name, data);
-    }
-    inputs = with_scalars(inputs, scalars, particles, None);
+    // SAFETY: `Session::step` checked the addresses (see `lend`).
+    let (mut ps, inputs) = unsafe { lend::<S>(lens, params, tensors, scalars, particles, None) };
     m.step_with(&mut ps, &inputs)
 }
 

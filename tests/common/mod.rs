@@ -130,3 +130,24 @@ pub fn cuda_backend() -> Option<optc::runtime::Backend> {
         }
     }
 }
+
+/// Every per-element input's tensors (of `sizes`) at step `step`, by name: deterministic fills.
+pub fn input_data(
+    info: &optc::compiler::ir::RuleInfo,
+    sizes: &[usize],
+    step: usize,
+) -> Vec<(String, Vec<Vec<f32>>)> {
+    info.buffers
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.role == optc::compiler::ir::BufRole::Input)
+        .map(|(bi, b)| {
+            let ts = sizes
+                .iter()
+                .enumerate()
+                .map(|(j, &n)| fill((step * 7919 + bi * 104729 + j) as u64 + 17, n))
+                .collect();
+            (b.name.clone(), ts)
+        })
+        .collect()
+}
